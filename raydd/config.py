@@ -1,0 +1,364 @@
+"""Typed configuration: one dataclass per component, presets as YAML, `key=value` overrides.
+
+A run's config is resolved in this order (later wins):
+    dataclass defaults -> preset YAML (raydd/presets/<name>.yaml) -> preset's `smoke:` section
+    (with --smoke) -> command-line `key=value` overrides.
+Keys are dotted paths: `ipc=10`, `data.image_size=16`, `eval.students=[convnet_d3,resnet18]`,
+and a method's own fields under its name: `igds.beta=0.1`. Unknown keys and invalid values raise
+ConfigError naming the key and the allowed keys / values, before any heavy work starts.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+PRESET_DIR = Path(__file__).parent / "presets"
+
+
+class ConfigError(ValueError):
+    """A configuration key or value is invalid; the message names the allowed values."""
+
+
+# --------------------------------------------------------------------------------------------
+# Component configs
+# --------------------------------------------------------------------------------------------
+@dataclass
+class DataConfig:
+    dataset: str = "digits"        # "digits" (scikit-learn, built in) | "imagefolder"
+    root: str = ""                 # imagefolder: dir with train/<class>/... and optionally val/<class>/...
+    classes: str = ""              # imagefolder: subset name (imagenette, imagewoof, imageidc, imagenet100,
+                                   # imagenet1k), a comma list of class dir names, or "" = every dir in root
+    image_size: int = 16           # side length images are resized to (digits: 8x8 upsampled)
+    channels: int = 1              # 1 (grayscale) or 3 (RGB)
+    val_fraction: float = 0.15     # digits / imagefolder without val/: stratified fractions per class
+    test_fraction: float = 0.25    # digits only (an imagefolder's val/ is its test split)
+    split_seed: int = 0            # the split is a deterministic function of this seed
+    max_train_per_class: int = 0   # cap on real train images per class (0 = all)
+
+
+@dataclass
+class BackboneConfig:
+    source: str = "tiny"           # "tiny" (trained on first use, cached) | hub id | diffusers dir | .pt/.safetensors
+    checkpoint: str = ""           # optional weights applied on top (original DiT .pt, maybe `ema`-nested)
+    vae: str = "identity"          # "identity" (pixel space) | hub id | local AutoencoderKL dir
+    vae_scale: float = 0.18215     # SD VAE latent scale
+    latent_size: int = 32          # non-tiny backbones: latent side (256 px / 8)
+    # tiny DiT (digits): trained with the DiT recipe (L_simple + L_vlb, learned-range variance)
+    hidden_size: int = 128
+    depth: int = 4
+    heads: int = 4
+    patch_size: int = 2
+    train_steps: int = 3000
+    train_batch: int = 128
+    train_lr: float = 1e-3         # (label dropout to the null class is diffusers' fixed 10%)
+
+
+@dataclass
+class SamplerConfig:
+    scheduler: str = "ddpm"        # "ddpm" (ancestral, learned-range variance) | "ddim" (eta = 0)
+    steps: int = 50                # respaced from train_timesteps
+    train_timesteps: int = 1000    # linear beta schedule length
+    beta_start: float = 1e-4
+    beta_end: float = 0.02
+    cfg_scale: float = 4.0         # classifier-free guidance scale (1.0 = off)
+    cfg_first3_quirk: bool = False # original DiT code: CFG on the first 3 channels only
+    clip_x0: bool = False          # clip x0_hat to [-1, 1] (pixel-space backbones)
+
+
+@dataclass
+class ComputeConfig:
+    ray_address: str = ""          # "" = start a local Ray (or join RAY_ADDRESS if set)
+    num_cpus: int = 0              # local Ray only: CPUs to give it (0 = all)
+    num_actors: int = 1            # sampling actors (Ray Data ActorPoolStrategy size)
+    cpus_per_actor: float = 1.0
+    gpus_per_actor: float = 0.0
+    batch_size: int = 32           # samples per sampling batch (a batch mixes classes)
+    train_workers: int = 1         # Ray Train workers per training job
+    cpus_per_worker: float = 1.0
+    gpus_per_worker: float = 0.0
+    parallel_jobs: int = 0         # evaluation jobs run side by side (0 = as resources allow)
+    precision: str = "fp32"        # "fp32" | "bf16" (autocast on CUDA)
+    fail_actor_after: int = -1     # fault injection: one actor exits once after N batches (-1 = off)
+
+
+@dataclass
+class EvalConfig:
+    students: list = field(default_factory=lambda: ["convnet_d3"])  # timm names or convnet_dN / resnetap10
+    protocol: str = "hard"         # "hard" (IDC/Minimax) | "soft" (RDED teacher relabelling)
+    seeds: int = 3                 # repeats; report mean +- std
+    epochs_by_ipc: list = field(default_factory=lambda: [[1, 3000], [10, 2000], [50, 1500], [200, 1000]])
+    epochs: int = 0                # > 0 overrides epochs_by_ipc
+    soft_epochs: int = 300
+    batch_size: int = 64
+    lr: float = 0.01               # hard: SGD
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    soft_lr: float = 1e-3          # soft: AdamW
+    soft_weight_decay: float = 0.01
+    temperature: float = 20.0
+    cosine_half_quirk: bool = True # soft: cosine schedule ends at lr/2 (reference code)
+    cutmix_beta: float = 1.0
+    rrc_scale_min: float = 0.5     # RandomResizedCrop scale (min, 1)
+    flip: bool = True              # random horizontal flip (off for digits: a flipped digit is another glyph)
+    eval_every: int = 0            # epochs between test evaluations (0 = ~20 times per run)
+    split: str = "test"            # "test" | "val" (sweeps tune on val)
+    teacher: str = ""              # soft: teacher checkpoint (safetensors); "" = train one (cached)
+    teacher_arch: str = "convnet_d3"
+    teacher_epochs: int = 100
+    ranking: bool = True           # DD-Ranking HLR/IOR/LRS (trains real + random references, cached)
+
+
+@dataclass
+class TrackingConfig:
+    uri: str = ""                  # "" = $MLFLOW_TRACKING_URI or sqlite:///mlflow.db
+    experiment: str = "raydd"
+    log_images: bool = True
+
+
+@dataclass
+class Config:
+    method: str = "dit"
+    preset: str = "digits"
+    ipc: int = 10                  # images per class
+    seed: int = 0                  # run seed: every sample's noise derives from (seed, class, slot)
+    out_dir: str = "outputs"       # distilled sets go to <out_dir>/<run_name>/
+    run_name: str = ""             # "" = <preset>-<method>-ipc<ipc>-s<seed>
+    cache_dir: str = ""            # "" = $RAYDD_CACHE or ~/.cache/raydd (backbones, teachers, references)
+    smoke: bool = False
+    data: DataConfig = field(default_factory=DataConfig)
+    backbone: BackboneConfig = field(default_factory=BackboneConfig)
+    sampler: SamplerConfig = field(default_factory=SamplerConfig)
+    compute: ComputeConfig = field(default_factory=ComputeConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    methods: dict = field(default_factory=dict)  # method name -> {field: value} (validated by the method)
+
+    # ---- derived helpers --------------------------------------------------------------------
+    def resolved_run_name(self) -> str:
+        return self.run_name or f"{self.preset}-{self.method}-ipc{self.ipc}-s{self.seed}"
+
+    def resolved_cache_dir(self) -> Path:
+        d = self.cache_dir or os.environ.get("RAYDD_CACHE") or "~/.cache/raydd"
+        return Path(d).expanduser().resolve()
+
+    def output_dir(self) -> Path:
+        return Path(self.out_dir).expanduser().resolve() / self.resolved_run_name()
+
+
+ALLOWED = {
+    "data.dataset": ("digits", "imagefolder"),
+    "data.channels": (1, 3),
+    "sampler.scheduler": ("ddpm", "ddim"),
+    "compute.precision": ("fp32", "bf16"),
+    "eval.protocol": ("hard", "soft"),
+    "eval.split": ("test", "val"),
+}
+
+
+# --------------------------------------------------------------------------------------------
+# Loading, overrides, validation
+# --------------------------------------------------------------------------------------------
+def list_presets() -> list[str]:
+    return sorted(p.stem for p in PRESET_DIR.glob("*.yaml"))
+
+
+def load_config(preset: str = "digits", overrides: list[str] | None = None, smoke: bool = False,
+                method: str | None = None) -> Config:
+    """Resolve defaults <- preset <- smoke section <- overrides, then validate."""
+    if preset not in list_presets():
+        raise ConfigError(f"unknown preset {preset!r}; allowed: {', '.join(list_presets())}")
+    raw = yaml.safe_load((PRESET_DIR / f"{preset}.yaml").read_text()) or {}
+    smoke_section = raw.pop("smoke", {}) or {}
+    cfg = Config(preset=preset)
+    apply_dict(cfg, raw)
+    if smoke:
+        apply_dict(cfg, smoke_section)
+        cfg.smoke = True
+    if method is not None:
+        cfg.method = method
+    for item in overrides or []:
+        key, value = parse_override(item)
+        set_key(cfg, key, value)
+    validate(cfg)
+    return cfg
+
+
+def parse_override(item: str) -> tuple[str, Any]:
+    if "=" not in item:
+        raise ConfigError(f"override {item!r} is not of the form key=value (e.g. ipc=10, data.image_size=16)")
+    key, text = item.split("=", 1)
+    try:
+        value = yaml.safe_load(text) if text != "" else ""
+    except yaml.YAMLError as e:
+        raise ConfigError(f"override {item!r}: cannot parse value: {e}") from None
+    return key.strip(), value
+
+
+def apply_dict(cfg: Config, d: dict, prefix: str = "") -> None:
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict) and k != "methods" and not _is_method_section(cfg, key):
+            apply_dict(cfg, v, prefix=f"{key}.")
+        elif k == "methods" and not prefix:
+            for m, fields in (v or {}).items():
+                for fk, fv in (fields or {}).items():
+                    set_key(cfg, f"{m}.{fk}", fv)
+        else:
+            set_key(cfg, key, v)
+
+
+def _is_method_section(cfg: Config, key: str) -> bool:
+    return "." not in key and key not in {f.name for f in dataclasses.fields(cfg)}
+
+
+def set_key(cfg: Config, key: str, value: Any) -> None:
+    parts = key.split(".")
+    top = {f.name: f for f in dataclasses.fields(cfg)}
+    if parts[0] not in top or parts[0] == "methods":
+        if len(parts) == 2:  # <method>.<field>: validated against the method's Config later
+            cfg.methods.setdefault(parts[0], {})[parts[1]] = value
+            return
+        allowed = [n for n in top if n != "methods"]
+        raise ConfigError(f"unknown config key {key!r}; allowed top-level keys: {', '.join(allowed)} "
+                          f"(or <method>.<field> for a method's own settings)")
+    obj, name = cfg, parts[0]
+    for p in parts[1:]:
+        sub = getattr(obj, name)
+        if not dataclasses.is_dataclass(sub):
+            raise ConfigError(f"config key {key!r}: {name!r} has no sub-keys")
+        fields = {f.name for f in dataclasses.fields(sub)}
+        if p not in fields:
+            raise ConfigError(f"unknown config key {key!r}; allowed keys under {name!r}: {', '.join(sorted(fields))}")
+        obj, name = sub, p
+    if len(parts) == 1 and dataclasses.is_dataclass(getattr(cfg, name)):
+        raise ConfigError(f"config key {key!r} is a section; set one of its fields, e.g. {key}.<field>=...")
+    setattr(obj, name, coerce(key, value, _field_type(obj, name)))
+
+
+def _field_type(obj: Any, name: str) -> Any:
+    hints = typing.get_type_hints(type(obj))
+    return hints[name]
+
+
+def coerce(key: str, value: Any, typ: Any) -> Any:
+    """Check and convert a value to the field's type, naming the key on failure."""
+    origin = typing.get_origin(typ) or typ
+    try:
+        if typ is bool:
+            if isinstance(value, bool):
+                return value
+            if isinstance(value, str) and value.lower() in ("true", "false"):
+                return value.lower() == "true"
+            raise TypeError
+        if typ is int:
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or int(value) != value:
+                raise TypeError
+            return int(value)
+        if typ is float:
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                raise TypeError
+            return float(value)
+        if typ is str:
+            return "" if value is None else str(value)
+        if origin is list:
+            if isinstance(value, str):
+                value = [v.strip() for v in value.split(",") if v.strip()]
+            if not isinstance(value, (list, tuple)):
+                raise TypeError
+            return list(value)
+        if origin is dict:
+            if not isinstance(value, dict):
+                raise TypeError
+            return dict(value)
+    except (TypeError, ValueError):
+        pass
+    else:
+        return value
+    tname = getattr(typ, "__name__", str(typ))
+    raise ConfigError(f"config key {key!r}: expected {tname}, got {value!r}")
+
+
+def validate(cfg: Config) -> None:
+    for key, allowed in ALLOWED.items():
+        value = get_key(cfg, key)
+        if value not in allowed:
+            raise ConfigError(f"{key}={value!r} is not allowed; allowed: {', '.join(map(str, allowed))}")
+    checks = [
+        (cfg.ipc >= 1, f"ipc={cfg.ipc} must be >= 1"),
+        (cfg.data.image_size >= 4, f"data.image_size={cfg.data.image_size} must be >= 4"),
+        (0 <= cfg.data.val_fraction < 1 and 0 <= cfg.data.test_fraction < 1
+         and cfg.data.val_fraction + cfg.data.test_fraction < 1,
+         "data.val_fraction and data.test_fraction must be in [0, 1) and sum to < 1"),
+        (cfg.data.dataset != "imagefolder" or cfg.data.root, "data.root must be set when data.dataset=imagefolder"),
+        (1 <= cfg.sampler.steps <= cfg.sampler.train_timesteps,
+         f"sampler.steps={cfg.sampler.steps} must be in [1, sampler.train_timesteps={cfg.sampler.train_timesteps}]"),
+        (0 < cfg.sampler.beta_start < cfg.sampler.beta_end < 1, "need 0 < sampler.beta_start < sampler.beta_end < 1"),
+        (cfg.sampler.cfg_scale >= 1.0, f"sampler.cfg_scale={cfg.sampler.cfg_scale} must be >= 1 (1 = no guidance)"),
+        (cfg.compute.num_actors >= 1, f"compute.num_actors={cfg.compute.num_actors} must be >= 1"),
+        (cfg.compute.batch_size >= 1, f"compute.batch_size={cfg.compute.batch_size} must be >= 1"),
+        (cfg.compute.train_workers >= 1, "compute.train_workers must be >= 1"),
+        (cfg.eval.seeds >= 1, f"eval.seeds={cfg.eval.seeds} must be >= 1"),
+        (len(cfg.eval.students) >= 1, "eval.students must name at least one student"),
+        (cfg.backbone.hidden_size % cfg.backbone.heads == 0, "backbone.hidden_size must be divisible by backbone.heads"),
+        (cfg.data.image_size % cfg.backbone.patch_size == 0 or cfg.backbone.source != "tiny",
+         "data.image_size must be divisible by backbone.patch_size"),
+    ]
+    for ok, msg in checks:
+        if not ok:
+            raise ConfigError(msg)
+    from raydd.students import list_students  # local import: students imports timm
+    unknown = [s for s in cfg.eval.students if s not in list_students()]
+    if unknown:
+        raise ConfigError(f"unknown student(s) {unknown}; allowed: {', '.join(list_students())}")
+
+
+def get_key(cfg: Config, key: str) -> Any:
+    obj = cfg
+    for p in key.split("."):
+        obj = getattr(obj, p)
+    return obj
+
+
+def to_dict(cfg: Any) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def flatten(d: dict, prefix: str = "") -> dict[str, Any]:
+    """{'a': {'b': 1}} -> {'a.b': 1}; lists become JSON strings (MLflow params are strings)."""
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(flatten(v, prefix=f"{key}."))
+        elif isinstance(v, (list, tuple)):
+            out[key] = json.dumps(v)
+        else:
+            out[key] = v
+    return out
+
+
+def config_hash(*parts: Any, length: int = 12) -> str:
+    """Stable hash of JSON-able parts (dataclasses allowed) for cache keys."""
+    norm = [dataclasses.asdict(p) if dataclasses.is_dataclass(p) else p for p in parts]
+    blob = json.dumps(norm, sort_keys=True, default=str).encode()
+    return hashlib.sha256(blob).hexdigest()[:length]
+
+
+def make_method_config(method_cls: type, values: dict, method: str) -> Any:
+    """Build a method's Config dataclass from `<method>.<field>` values, with errors that list fields."""
+    cfg = method_cls()
+    fields = {f.name for f in dataclasses.fields(cfg)}
+    for k, v in (values or {}).items():
+        if k not in fields:
+            raise ConfigError(f"unknown config key '{method}.{k}'; allowed: "
+                              f"{', '.join(f'{method}.{f}' for f in sorted(fields)) or '(none)'}")
+        setattr(cfg, k, coerce(f"{method}.{k}", v, _field_type(cfg, k)))
+    return cfg

@@ -1,0 +1,222 @@
+"""Real data: scikit-learn digits (built in, offline) and ImageFolder roots with ImageNet subsets.
+
+Everything is held as uint8 tensors [N, C, H, W] at `image_size`, with int64 labels whose order is
+the class list's order (ImageNet subsets: the order of the files in raydd/imagenet/, not sorted).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from raydd.config import DataConfig
+
+SUBSET_DIR = Path(__file__).parent / "imagenet"
+SUBSETS = ("imagenette", "imagewoof", "imageidc", "imagenet100", "imagenet1k")
+IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".JPEG")
+
+
+class DataError(ValueError):
+    """Bad data input: unknown/duplicate classes, unreadable images (named by path), empty splits."""
+
+
+@dataclass
+class Split:
+    x: torch.Tensor   # uint8 [N, C, H, W]
+    y: torch.Tensor   # int64 [N]
+
+    def __len__(self) -> int:
+        return len(self.y)
+
+
+@dataclass
+class RealData:
+    train: Split
+    val: Split
+    test: Split
+    class_names: list[str]
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)
+
+    def backbone_class_ids(self) -> list[int]:
+        """Label -> the backbone's class id: ImageNet wnids map to their index in the sorted 1000-wnid
+        list (imagenette label 1 is DiT class 217); any other class list maps to 0..C-1."""
+        wnids = subset_classes("imagenet1k")
+        if all(c in wnids for c in self.class_names):
+            index = {w: i for i, w in enumerate(wnids)}
+            return [index[c] for c in self.class_names]
+        return list(range(self.num_classes))
+
+    def split(self, name: str) -> Split:
+        return {"train": self.train, "val": self.val, "test": self.test}[name]
+
+
+def subset_classes(name: str) -> list[str]:
+    """wnids of an ImageNet subset, in label order."""
+    file = "imagenet1k_wnids" if name == "imagenet1k" else name
+    if name not in SUBSETS:
+        raise DataError(f"unknown class subset {name!r}; allowed: {', '.join(SUBSETS)}")
+    return (SUBSET_DIR / f"{file}.txt").read_text().split()
+
+
+def resolve_classes(spec: str, available: list[str] | None = None) -> list[str]:
+    """'' -> all available (sorted); a subset name; or a comma list. Unknown/duplicate -> DataError."""
+    if not spec:
+        if available is None:
+            raise DataError("data.classes is empty and there is no directory to list classes from")
+        return sorted(available)
+    names = subset_classes(spec) if spec in SUBSETS else [c.strip() for c in spec.split(",") if c.strip()]
+    dupes = sorted({c for c in names if names.count(c) > 1})
+    if dupes:
+        raise DataError(f"data.classes has duplicate classes: {dupes}")
+    if available is not None:
+        missing = [c for c in names if c not in available]
+        if missing:
+            raise DataError(f"data.classes names {len(missing)} class(es) not found as directories: "
+                            f"{missing[:10]}{' ...' if len(missing) > 10 else ''}; available: "
+                            f"{sorted(available)[:20]}{' ...' if len(available) > 20 else ''}")
+    return names
+
+
+def resize_uint8(x: torch.Tensor, size: int) -> torch.Tensor:
+    """uint8 [N,C,h,w] -> uint8 [N,C,size,size] (bilinear, antialiased when shrinking)."""
+    if x.shape[-1] == size and x.shape[-2] == size:
+        return x
+    y = F.interpolate(x.float(), size=(size, size), mode="bilinear", align_corners=False,
+                      antialias=x.shape[-1] > size)
+    return y.round().clamp(0, 255).to(torch.uint8)
+
+
+def stratified_split(y: np.ndarray, fractions: tuple[float, float], seed: int) -> tuple[np.ndarray, ...]:
+    """Per class: shuffle with `seed`, first val_fraction -> val, next test_fraction -> test, rest train.
+    Returns index arrays (train, val, test), each sorted."""
+    rng = np.random.RandomState(seed)
+    val_f, test_f = fractions
+    parts: tuple[list, list, list] = ([], [], [])
+    for c in np.unique(y):
+        idx = np.flatnonzero(y == c)
+        idx = idx[rng.permutation(len(idx))]
+        n_val, n_test = int(round(val_f * len(idx))), int(round(test_f * len(idx)))
+        parts[1].extend(idx[:n_val])
+        parts[2].extend(idx[n_val:n_val + n_test])
+        parts[0].extend(idx[n_val + n_test:])
+    return tuple(np.sort(np.array(p, dtype=np.int64)) for p in parts)
+
+
+def _cap_per_class(split: Split, cap: int) -> Split:
+    if cap <= 0:
+        return split
+    keep = np.concatenate([np.flatnonzero(split.y.numpy() == c)[:cap] for c in split.y.unique().tolist()])
+    keep.sort()
+    return Split(split.x[keep], split.y[keep])
+
+
+def load_digits_data(cfg: DataConfig) -> RealData:
+    from sklearn.datasets import load_digits
+
+    d = load_digits()
+    x = torch.from_numpy(np.round(d.images * (255.0 / 16.0)).astype(np.uint8))[:, None]  # [1797,1,8,8]
+    x = resize_uint8(x, cfg.image_size)
+    if cfg.channels == 3:
+        x = x.repeat(1, 3, 1, 1)
+    y = torch.from_numpy(d.target.astype(np.int64))
+    tr, va, te = stratified_split(d.target, (cfg.val_fraction, cfg.test_fraction), cfg.split_seed)
+    train = _cap_per_class(Split(x[tr], y[tr]), cfg.max_train_per_class)
+    return RealData(train, Split(x[va], y[va]), Split(x[te], y[te]), [str(i) for i in range(10)])
+
+
+def read_image(path: Path, size: int, channels: int) -> torch.Tensor:
+    """One image file -> uint8 [C, size, size] (short side resized, centre crop). DataError on failure."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as im:
+            im = im.convert("L" if channels == 1 else "RGB")
+            w, h = im.size
+            s = size / min(w, h)
+            im = im.resize((max(size, round(w * s)), max(size, round(h * s))), Image.BICUBIC)
+            w, h = im.size
+            left, top = (w - size) // 2, (h - size) // 2
+            im = im.crop((left, top, left + size, top + size))
+            arr = np.asarray(im, dtype=np.uint8)
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as e:
+        raise DataError(f"unreadable image {path}: {e}") from None
+    return torch.from_numpy(arr.copy()).reshape(size, size, channels).permute(2, 0, 1)
+
+
+def list_image_files(class_dir: Path) -> list[Path]:
+    return sorted(p for p in class_dir.iterdir() if p.suffix in IMAGE_EXTS or p.suffix.lower() in IMAGE_EXTS)
+
+
+def load_image_folder(root: Path, class_names: list[str], size: int, channels: int, cap: int = 0,
+                      folder_names: list[str] | None = None) -> Split:
+    """root/<folder>/<images> -> Split with label = position in class_names. Every unreadable file
+    is collected and reported together (by path) before anything else happens."""
+    xs, ys, bad = [], [], []
+    for label, folder in enumerate(folder_names or class_names):
+        files = list_image_files(root / folder)
+        if cap > 0:
+            files = files[:cap]
+        for f in files:
+            try:
+                xs.append(read_image(f, size, channels))
+                ys.append(label)
+            except DataError as e:
+                bad.append(str(e))
+    if bad:
+        raise DataError(f"{len(bad)} unreadable image(s) under {root}:\n  " + "\n  ".join(bad[:20]))
+    if not xs:
+        raise DataError(f"no images found under {root} for classes {class_names[:5]}...")
+    return Split(torch.stack(xs), torch.tensor(ys, dtype=torch.int64))
+
+
+def load_imagefolder_data(cfg: DataConfig) -> RealData:
+    root = Path(cfg.root).expanduser()
+    train_dir = root / "train" if (root / "train").is_dir() else root
+    if not train_dir.is_dir():
+        raise DataError(f"data.root {root} is not a directory")
+    available = [p.name for p in train_dir.iterdir() if p.is_dir()]
+    classes = resolve_classes(cfg.classes, available)
+    full = load_image_folder(train_dir, classes, cfg.image_size, cfg.channels)
+    if (root / "val").is_dir():  # ImageNet convention: val/ is the held-out test split
+        test = load_image_folder(root / "val", classes, cfg.image_size, cfg.channels)
+        tr, va, _ = stratified_split(full.y.numpy(), (cfg.val_fraction, 0.0), cfg.split_seed)
+    else:
+        tr, va, te = stratified_split(full.y.numpy(), (cfg.val_fraction, cfg.test_fraction), cfg.split_seed)
+        test = Split(full.x[te], full.y[te])
+    train = _cap_per_class(Split(full.x[tr], full.y[tr]), cfg.max_train_per_class)
+    return RealData(train, Split(full.x[va], full.y[va]), test, classes)
+
+
+def load_real(cfg: DataConfig) -> RealData:
+    if cfg.dataset == "digits":
+        return load_digits_data(cfg)
+    return load_imagefolder_data(cfg)
+
+
+def load_distilled_folder(path: str | Path, class_names: list[str], size: int, channels: int) -> Split:
+    """A distilled ImageFolder (ours or another repo's): <path>/<class>/*.png. Folder names must be the
+    preset's class names (e.g. wnids, or '0'..'9' for digits) or class indices (0, 1, ... / 00000)."""
+    root = Path(path).expanduser()
+    if not root.is_dir():
+        raise DataError(f"distilled set {root} is not a directory")
+    folders = sorted(p.name for p in root.iterdir() if p.is_dir())
+    if not folders:
+        raise DataError(f"distilled set {root} has no class directories")
+    if all(f in class_names for f in folders):
+        names = [c for c in class_names if c in folders]
+        labels = [class_names.index(c) for c in names]
+    elif all(f.isdigit() and int(f) < len(class_names) for f in folders):
+        names, labels = folders, [int(f) for f in folders]
+    else:
+        unknown = [f for f in folders if f not in class_names][:10]
+        raise DataError(f"distilled set {root}: class folders {unknown} are neither the preset's class names "
+                        f"({class_names[:10]}{' ...' if len(class_names) > 10 else ''}) nor class indices")
+    split = load_image_folder(root, names, size, channels, folder_names=names)
+    split.y = torch.tensor(labels, dtype=torch.int64)[split.y]
+    return split

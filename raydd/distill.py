@@ -1,0 +1,189 @@
+"""python -m raydd.distill --method <name> [--preset digits] [--smoke] [key=value ...]
+
+One distillation end to end:
+  config -> checks (method, MLflow, data) -> Ray -> backbone (tiny: trained once, cached)
+  -> method.run (sharded sampling on Ray Data, jobs on Ray Train) -> write parquet + ImageFolder
+  -> evaluate students x seeds (Ray Train) -> one MLflow run with params, metrics, image grid, output.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import resource
+import shutil
+import sys
+import time
+from pathlib import Path
+
+from raydd.config import Config, ConfigError, config_hash, flatten, list_presets, load_config, make_method_config
+from raydd.data import RealData, load_real
+from raydd.generate import BackboneSpec
+
+
+def log(msg: str) -> None:
+    print(f"[raydd] {msg}", flush=True)
+
+
+def peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+# --------------------------------------------------------------------------------------------
+def check_method(cfg: Config):
+    """The method and its own settings, validated before anything heavy."""
+    from raydd.methods import get_method, list_methods
+
+    try:
+        method = get_method(cfg.method)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    unknown = [m for m in cfg.methods if m not in list_methods()]
+    if unknown:
+        raise ConfigError(f"settings given for unknown method(s) {unknown}; methods: {', '.join(list_methods())}")
+    return method, make_method_config(method.Config, cfg.methods.get(cfg.method, {}), cfg.method)
+
+
+def ensure_backbone(cfg: Config, data: RealData, runner) -> BackboneSpec:
+    """The frozen backbone's spec. 'tiny': trained with Ray Train on first use, cached by config hash."""
+    from raydd.finetune import tiny_backbone_config, train_tiny_backbone
+
+    b = cfg.backbone
+    if b.source == "tiny":
+        train_cfg = tiny_backbone_config(b, cfg.sampler, cfg.data, seed=0)
+        key = config_hash(train_cfg)
+        path = cfg.resolved_cache_dir() / "backbones" / key
+        if not (path / "transformer" / "config.json").exists():
+            log(f"training the tiny DiT backbone ({b.train_steps} steps, cached as {path}) ...")
+            t0 = time.time()
+            result = runner.train(train_tiny_backbone, train_cfg, name=f"backbone-{key}")
+            tmp = path.with_name(path.name + ".partial")
+            shutil.rmtree(tmp, ignore_errors=True)
+            shutil.copytree(Path(result.checkpoint_dir) / "transformer", tmp / "transformer")
+            (tmp / "train_metrics.json").write_text(json.dumps(result.metrics))
+            shutil.rmtree(path, ignore_errors=True)
+            tmp.rename(path)
+            log(f"backbone trained in {time.time() - t0:.0f}s: {result.metrics}")
+        b = dataclasses.replace(b, source=str(path / "transformer"))
+    return BackboneSpec(b, num_classes=data.num_classes, channels=cfg.data.channels,
+                        image_size=cfg.data.image_size, class_ids=data.backbone_class_ids())
+
+
+def distill(cfg: Config) -> dict:
+    """Run one distillation; returns the summary that is also logged to MLflow."""
+    from raydd.context import Context
+    from raydd.distributed.cluster import cluster_cpus, init_ray
+    from raydd.distributed.runner import RayRunner
+    from raydd.eval_jobs import evaluate_set
+    from raydd.outputs import image_grid, write_distilled
+    from raydd.tracking import Tracker, check_reachable, find_run
+
+    t_start = time.time()
+    method, mcfg = check_method(cfg)
+    check_reachable(cfg.tracking)                                  # fail in seconds, not after sampling
+    data = load_real(cfg.data)                                     # unknown classes / corrupt images fail here
+    log(f"{cfg.method} on {cfg.preset}: {data.num_classes} classes, {len(data.train)} train / "
+        f"{len(data.val)} val / {len(data.test)} test images, IPC {cfg.ipc}")
+    out_dir = cfg.output_dir()
+    scratch = out_dir.parent / f".{out_dir.name}.work"
+    scratch.mkdir(parents=True, exist_ok=True)
+
+    run_name = cfg.resolved_run_name()
+    tracker = Tracker(cfg.tracking, run_name, run_id=find_run(cfg.tracking, run_name),
+                      tags={"raydd_run": run_name, "method": cfg.method, "preset": cfg.preset})
+    try:
+        tracker.log_params(flatten(dataclasses.asdict(cfg)) | flatten({cfg.method: dataclasses.asdict(mcfg)}))
+        init_ray(cfg.compute)
+        runner = RayRunner(cfg, scratch)
+        t0 = time.time()
+        spec = ensure_backbone(cfg, data, runner)
+        t_backbone = time.time() - t0
+
+        ctx = Context(cfg=cfg, data=data, spec=spec, runner=runner, tracker=tracker, scratch=scratch)
+        log(f"distilling with {cfg.method} ({cfg.compute.num_actors} sampling actor(s)) ...")
+        t0 = time.time()
+        distilled = method.run(ctx, mcfg)
+        t_distill = time.time() - t0
+        if len(distilled) != cfg.ipc * data.num_classes:
+            raise RuntimeError(f"{cfg.method} returned {len(distilled)} images, expected "
+                               f"{cfg.ipc} x {data.num_classes}")
+        write_distilled(distilled, out_dir, data.class_names,
+                        extra={"method": cfg.method, "ipc": cfg.ipc, "seed": cfg.seed, "preset": cfg.preset})
+        log(f"wrote {len(distilled)} images to {out_dir} in {t_distill:.1f}s")
+        tracker.log_images("distilled_grid", image_grid(distilled.images, distilled.labels))
+
+        log(f"evaluating: {cfg.eval.students} x {cfg.eval.seeds} seed(s), {cfg.eval.protocol}-label protocol ...")
+        t0 = time.time()
+        max_workers = int(cluster_cpus() // max(cfg.compute.cpus_per_worker, 1e-9))
+        summary = evaluate_set(cfg, {"kind": "parquet", "path": str(out_dir)}, runner, max_workers=max_workers)
+        t_eval = time.time() - t0
+
+        metrics = {"time_backbone_s": t_backbone, "time_distill_s": t_distill, "time_eval_s": t_eval,
+                   "time_total_s": time.time() - t_start, "images_per_s": len(distilled) / max(t_distill, 1e-9),
+                   "driver_peak_rss_mb": peak_rss_mb()}
+        for s, r in summary["students"].items():
+            metrics |= {f"acc_mean/{s}": r["acc_mean"], f"acc_std/{s}": r["acc_std"],
+                        f"student_images_per_s/{s}": r["images_per_s"]}
+            metrics |= {f"{k}/{s}": v for k, v in summary["ranking"].get(s, {}).items()}
+        tracker.log_metrics(metrics)
+        tracker.set_tags({"output_dir": str(out_dir)})
+        tracker.log_dict({"output_dir": str(out_dir), "summary": summary, "metrics": metrics}, "result.json")
+        tracker.end("FINISHED")
+    except BaseException:
+        tracker.end("FAILED")
+        raise
+    shutil.rmtree(scratch, ignore_errors=True)
+    result = {"run_id": tracker.run_id, "output_dir": str(out_dir), "summary": summary, "metrics": metrics}
+    report(cfg, result)
+    return result
+
+
+def report(cfg: Config, result: dict) -> None:
+    log(f"done: output {result['output_dir']}  (MLflow run {result['run_id']})")
+    for s, r in result["summary"]["students"].items():
+        rk = result["summary"]["ranking"].get(s, {})
+        extra = "  ".join(f"{k}={v:.3f}" for k, v in rk.items())
+        log(f"  {s:16s} {r['protocol']}-label acc {100 * r['acc_mean']:.1f} +- {100 * r['acc_std']:.1f} "
+            f"({len(r['accs'])} seeds)  {extra}")
+    m = result["metrics"]
+    log(f"  time {m['time_total_s']:.0f}s (backbone {m['time_backbone_s']:.0f}s, distill {m['time_distill_s']:.0f}s, "
+        f"eval {m['time_eval_s']:.0f}s), {m['images_per_s']:.1f} images/s, driver peak RSS {m['driver_peak_rss_mb']:.0f} MB")
+
+
+# --------------------------------------------------------------------------------------------
+def build_parser(prog: str, description: str) -> argparse.ArgumentParser:
+    from raydd.methods import list_methods
+
+    p = argparse.ArgumentParser(prog=prog, description=description, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                epilog="overrides: key=value of the typed config, e.g. ipc=1 eval.seeds=5 "
+                                       "sampler.cfg_scale=2.0 compute.num_actors=2 data.root=/data/imagenet; "
+                                       "a method's own fields as <method>.<field>=value.\n"
+                                       f"methods: {', '.join(list_methods())}\npresets: {', '.join(list_presets())}")
+    p.add_argument("--preset", default="digits", help="preset YAML (default: digits, built in)")
+    p.add_argument("--smoke", action="store_true", help="the same code path shrunk to finish in about a minute")
+    p.add_argument("overrides", nargs="*", metavar="key=value")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    from raydd.methods import list_methods
+
+    p = build_parser("python -m raydd.distill", __doc__.split("\n\n")[1])
+    p.add_argument("--method", required=True, help=f"one of: {', '.join(list_methods())}")
+    args = p.parse_args(argv)
+    try:
+        cfg = load_config(args.preset, args.overrides, smoke=args.smoke, method=args.method)
+        check_method(cfg)
+        distill(cfg)
+    except (ConfigError, FileNotFoundError, ValueError, RuntimeError) as e:
+        print(f"raydd: error: {e}", file=sys.stderr)
+        return 2
+    finally:
+        from raydd.distributed.cluster import shutdown
+
+        shutdown()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

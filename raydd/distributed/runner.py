@@ -1,0 +1,29 @@
+"""RayRunner: how a method's Context generates (Ray Data) and trains (Ray Train) on the cluster."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from raydd.config import Config
+from raydd.distributed.data import generate_ray
+from raydd.distributed.train import fit
+from raydd.generate import BackboneSpec, DistilledSet, GuidanceFactory
+from raydd.train_hooks import TrainHooks
+
+
+class RayRunner:
+    def __init__(self, cfg: Config, scratch: Path):
+        self.cfg, self.scratch = cfg, scratch
+
+    def generate(self, spec: BackboneSpec, rows: dict[str, np.ndarray],
+                 guidance_factory: GuidanceFactory | None = None) -> DistilledSet:
+        return generate_ray(spec, self.cfg.sampler, rows, self.cfg.compute, guidance_factory, scratch=self.scratch)
+
+    def train(self, loop: Callable[[dict, TrainHooks], None], config: dict, name: str,
+              num_workers: int | None = None):
+        c = self.cfg.compute
+        return fit(loop, config, name=name, storage=self.cfg.resolved_cache_dir() / "ray_train",
+                   num_workers=num_workers or c.train_workers, cpus_per_worker=c.cpus_per_worker,
+                   gpus_per_worker=c.gpus_per_worker)

@@ -1,0 +1,78 @@
+"""Ray Train: one wrapper that runs any plain raydd training loop `loop(config, hooks)` as a
+TorchTrainer — the tiny backbone, teachers, reference models and every student evaluation."""
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+from typing import Any, Callable
+
+import ray.train
+import ray.train.torch
+import torch
+
+from raydd.train_hooks import TrainHooks, TrainResult
+
+
+class RayHooks(TrainHooks):
+    """TrainHooks backed by Ray Train inside a worker."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        ctx = ray.train.get_context()
+        self.world_rank, self.world_size = ctx.get_world_rank(), ctx.get_world_size()
+        ckpt = ray.train.get_checkpoint()
+        self._restore_ckpt = ckpt
+        self._restore = None
+
+    @property
+    def device(self) -> torch.device:
+        return ray.train.torch.get_device()
+
+    def prepare_model(self, model: torch.nn.Module) -> torch.nn.Module:
+        return ray.train.torch.prepare_model(model)  # DDP when world_size > 1
+
+    def report(self, metrics: dict, checkpoint_dir: str | None = None) -> None:
+        ckpt = ray.train.Checkpoint.from_directory(checkpoint_dir) if checkpoint_dir else None
+        ray.train.report(metrics, checkpoint=ckpt)
+
+    def restore_dir(self) -> str | None:
+        if self._restore_ckpt is None:
+            return None
+        if self._restore is None:  # materialise once, locally
+            self._restore = tempfile.mkdtemp(prefix="raydd-restore-")
+            self._restore_ckpt.to_directory(self._restore)
+        return self._restore
+
+    def all_gather(self, obj: Any) -> list[Any]:
+        if self.world_size == 1:
+            return [obj]
+        out: list[Any] = [None] * self.world_size
+        torch.distributed.all_gather_object(out, obj)
+        return out
+
+
+def _worker(config: dict) -> None:
+    loop = config.pop("__loop__")
+    loop(config, RayHooks())
+
+
+def fit(loop: Callable[[dict, TrainHooks], None], config: dict, *, name: str, storage: str | Path,
+        num_workers: int = 1, cpus_per_worker: float = 1.0, gpus_per_worker: float = 0.0,
+        max_failures: int = 2) -> TrainResult:
+    """Run `loop` on `num_workers` Ray Train workers; restarts from the last checkpoint on worker
+    failure (up to max_failures times)."""
+    use_gpu = gpus_per_worker > 0
+    resources = {"CPU": cpus_per_worker} | ({"GPU": gpus_per_worker} if use_gpu else {})
+    trainer = ray.train.torch.TorchTrainer(
+        _worker,
+        train_loop_config={**config, "__loop__": loop},
+        scaling_config=ray.train.ScalingConfig(num_workers=num_workers, use_gpu=use_gpu,
+                                               resources_per_worker=resources),
+        run_config=ray.train.RunConfig(
+            name=name, storage_path=str(Path(storage).resolve()),
+            failure_config=ray.train.FailureConfig(max_failures=max_failures),
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
+        ),
+    )
+    result = trainer.fit()
+    return TrainResult(dict(result.metrics or {}), result.checkpoint.path if result.checkpoint else None)

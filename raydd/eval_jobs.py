@@ -1,0 +1,178 @@
+"""Evaluating a distilled set: (student x seed) jobs, plus the DD-Ranking references (the same
+students trained on the full real data with hard labels, and on random real subsets at the same
+IPC under the same protocol), run as one training job whose workers split the job list.
+
+`eval_loop` is a plain training loop (raydd.train_hooks): under Ray Train each worker takes
+jobs[rank::world_size] and the results are gathered to rank 0. References and soft-label teachers
+are cached by config hash under <cache_dir>, so repeated runs only train the distilled set's students.
+"""
+from __future__ import annotations
+
+import json
+import statistics
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+
+from raydd.config import Config, DataConfig, EvalConfig, config_hash
+from raydd.data import RealData, load_distilled_folder, load_real
+from raydd.evaluation import dd_ranking, epochs_for, train_student, train_teacher
+from raydd.train_hooks import TrainHooks
+
+
+def load_set(source: dict, data: RealData, dcfg: DataConfig):
+    """source: {"kind": "parquet", "path"} (ours) or {"kind": "folder", "path"} (any ImageFolder)."""
+    if source["kind"] == "parquet":
+        from raydd.outputs import read_distilled
+
+        s = read_distilled(source["path"])
+        return s.images, s.labels
+    split = load_distilled_folder(source["path"], data.class_names, dcfg.image_size, dcfg.channels)
+    return split.x, split.y
+
+
+def load_teacher(path: str, arch: str, data: RealData, dcfg: DataConfig) -> torch.nn.Module:
+    from safetensors.torch import load_file
+
+    from raydd.students import create_student
+
+    model = create_student(arch, data.num_classes, dcfg.channels, dcfg.image_size)
+    model.load_state_dict(load_file(path))
+    return model.eval().requires_grad_(False)
+
+
+def eval_loop(config: dict, hooks: TrainHooks) -> None:
+    """config: {"data", "eval", "jobs": [{kind, student, seed, protocol, ipc}], "source", "teacher"}."""
+    from raydd.methods.random import random_subset
+
+    dcfg, ecfg = DataConfig(**config["data"]), EvalConfig(**config["eval"])
+    data = load_real(dcfg)
+    target = data.split(ecfg.split)
+    syn = load_set(config["source"], data, dcfg) if config.get("source") else None
+    teacher = load_teacher(config["teacher"], ecfg.teacher_arch, data, dcfg) if config.get("teacher") else None
+    device = hooks.device
+    results = []
+    for job in config["jobs"][hooks.world_rank::hooks.world_size]:
+        if job["kind"] == "syn":
+            x, y = syn
+        elif job["kind"] == "real":
+            x, y = data.train.x, data.train.y
+        else:  # "random": a fresh random real subset per repeat
+            r = random_subset(data.train, job["ipc"], seed=job["seed"])
+            x, y = r.images, r.labels
+        soft = job["protocol"] == "soft"
+        ipc = job["ipc"] if job["kind"] != "real" else len(data.train) // data.num_classes
+        tag = f"[{job['kind']} {job['student']} {job['protocol']} seed {job['seed']}]"
+        res = train_student(x, y, target.x, target.y, student=job["student"], num_classes=data.num_classes,
+                            cfg=ecfg, epochs=epochs_for(ipc, ecfg, soft=soft), seed=job["seed"],
+                            protocol=job["protocol"], teacher=teacher if soft else None, device=device,
+                            log=lambda line, tag=tag: print(tag, line, flush=True))
+        results.append({**job, **{k: res[k] for k in ("best_acc", "final_acc", "images_per_s", "train_s", "epochs")}})
+    gathered = [r for part in hooks.all_gather(results) for r in part]
+    # results travel in the checkpoint (Ray Train keeps a report's metrics only with a checkpoint)
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as d:
+        if hooks.world_rank == 0:
+            Path(d, "results.json").write_text(json.dumps(gathered))
+        hooks.report({"jobs": len(gathered)}, checkpoint_dir=d if hooks.world_rank == 0 else None)
+
+
+def teacher_loop(config: dict, hooks: TrainHooks) -> None:
+    import tempfile
+
+    from safetensors.torch import save_file
+
+    dcfg, ecfg = DataConfig(**config["data"]), EvalConfig(**config["eval"])
+    data = load_real(dcfg)
+    model = train_teacher(data.train.x, data.train.y, arch=ecfg.teacher_arch, num_classes=data.num_classes,
+                          cfg=ecfg, epochs=ecfg.teacher_epochs, seed=config["seed"], device=hooks.device,
+                          log=lambda line: print("[teacher]", line, flush=True))
+    with tempfile.TemporaryDirectory() as d:
+        save_file({k: v.contiguous().cpu() for k, v in model.state_dict().items()}, f"{d}/teacher.safetensors")
+        hooks.report({"done": 1}, checkpoint_dir=d)
+
+
+def _ref_key(kind: str, student: str, cfg: Config, protocol: str) -> str:
+    e = asdict(cfg.eval)
+    relevant = {k: e[k] for k in e if k not in ("students", "ranking", "teacher")}
+    ipc = cfg.ipc if kind == "random" else 0
+    return config_hash(kind, student, protocol, ipc, cfg.data, relevant)
+
+
+def ensure_teacher(cfg: Config, runner) -> str:
+    """The soft protocol's teacher: the user's checkpoint, or one trained on the real train split (cached)."""
+    if cfg.eval.teacher:
+        if not Path(cfg.eval.teacher).exists():
+            raise FileNotFoundError(f"eval.teacher={cfg.eval.teacher} does not exist")
+        return cfg.eval.teacher
+    e = cfg.eval
+    path = cfg.resolved_cache_dir() / "teachers" / config_hash(cfg.data, e.teacher_arch, e.teacher_epochs, e.lr,
+                                                              e.batch_size, e.rrc_scale_min, e.flip) / "teacher.safetensors"
+    if not path.exists():
+        result = runner.train(teacher_loop, {"data": asdict(cfg.data), "eval": asdict(cfg.eval), "seed": 0},
+                              name=f"teacher-{path.parent.name}", num_workers=1)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp")
+        tmp.write_bytes((Path(result.checkpoint_dir) / "teacher.safetensors").read_bytes())
+        tmp.replace(path)
+    return str(path)
+
+
+def evaluate_set(cfg: Config, source: dict, runner, max_workers: int = 1) -> dict:
+    """Train every (student, seed) on the distilled set and summarise; add DD-Ranking references.
+    Returns {"students": {name: {"acc_mean","acc_std","accs",...}}, "ranking": {...}, "jobs": [...]}"""
+    e = cfg.eval
+    jobs = [{"kind": "syn", "student": s, "seed": r, "protocol": e.protocol, "ipc": cfg.ipc}
+            for s in e.students for r in range(e.seeds)]
+    refs_dir = cfg.resolved_cache_dir() / "references"
+    cached: dict[tuple, list] = {}
+    if e.ranking:
+        for s in e.students:
+            for kind, protocol in (("real", "hard"), ("random", "hard"), ("random", e.protocol)):
+                f = refs_dir / f"{_ref_key(kind, s, cfg, protocol)}.json"
+                if (kind, s, protocol) in cached:
+                    continue
+                if f.exists():
+                    cached[(kind, s, protocol)] = json.loads(f.read_text())
+                else:
+                    cached[(kind, s, protocol)] = []
+                    jobs += [{"kind": kind, "student": s, "seed": r, "protocol": protocol, "ipc": cfg.ipc}
+                             for r in range(e.seeds)]
+    teacher = ensure_teacher(cfg, runner) if any(j["protocol"] == "soft" for j in jobs) else ""
+    config = {"data": asdict(cfg.data), "eval": asdict(e), "jobs": jobs, "source": source, "teacher": teacher}
+    p = cfg.compute.parallel_jobs
+    workers = max(1, min(len(jobs), max_workers if p <= 0 else p))
+    result = runner.train(eval_loop, config, name=f"eval-{cfg.resolved_run_name()}", num_workers=workers)
+    results = json.loads(Path(result.checkpoint_dir, "results.json").read_text())
+    for r in results:
+        key = (r["kind"], r["student"], r["protocol"])
+        if r["kind"] != "syn":
+            cached[key].append(r)
+    refs_dir.mkdir(parents=True, exist_ok=True)
+    for (kind, s, protocol), rs in cached.items():
+        f = refs_dir / f"{_ref_key(kind, s, cfg, protocol)}.json"
+        if rs and not f.exists():
+            f.write_text(json.dumps(rs))
+    summary: dict = {"students": {}, "ranking": {}, "jobs": results}
+    for s in e.students:
+        accs = [r["best_acc"] for r in results if r["kind"] == "syn" and r["student"] == s]
+        summary["students"][s] = {"acc_mean": statistics.mean(accs), "acc_std": statistics.pstdev(accs),
+                                  "accs": accs, "protocol": e.protocol,
+                                  "images_per_s": statistics.mean(r["images_per_s"] for r in results
+                                                                  if r["kind"] == "syn" and r["student"] == s)}
+        if e.ranking:
+            mean = lambda rs: statistics.mean(r["best_acc"] for r in rs)  # noqa: E731
+            real_hard = mean(cached[("real", s, "hard")])
+            rand_hard, rand_proto = mean(cached[("random", s, "hard")]), mean(cached[("random", s, e.protocol)])
+            syn = summary["students"][s]["acc_mean"]
+            # HLR needs the synthetic set's hard-label accuracy: equal to `syn` under the hard protocol
+            syn_hard = syn if e.protocol == "hard" else float("nan")
+            rank = {"acc_real_hard": real_hard, "acc_random": rand_proto, "acc_random_hard": rand_hard}
+            if e.protocol == "hard":
+                rank.update(dd_ranking(real_hard, syn_hard, syn, rand_proto))
+            else:
+                rank["IOR"] = syn - rand_proto
+            summary["ranking"][s] = rank
+    return summary

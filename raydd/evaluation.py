@@ -1,0 +1,360 @@
+"""Student evaluation protocols for distilled sets (plain PyTorch; no Ray, no MLflow here).
+
+Two protocols (METHODS.md, "Evaluation protocols"):
+
+* hard-label (IDC / Minimax): train a fresh student on the distilled images with their class
+  labels; SGD + MultiStepLR, RandomResizedCrop + flip + CutMix on every batch, λ-mixed CE.
+* soft-label (RDED): a frozen teacher relabels every augmented + CutMix'ed batch; the student
+  matches the teacher's temperature-softened distribution with a KL loss; AdamW + cosine.
+
+Top-1 accuracy on the evaluation split is measured every few epochs; the best and the final
+accuracy are reported (fractions in [0, 1]). DD-Ranking's HLR / IOR / LRS summarise a set
+against the real-data and random-subset references (`dd_ranking`).
+
+Images travel as uint8 [N, C, H, W]; `to_float` is the single normalisation that every raydd
+classifier (students, teachers, selectors) is trained and evaluated with.
+"""
+from __future__ import annotations
+
+import math
+import time
+from typing import Callable
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from raydd.config import EvalConfig
+from raydd.students import create_student
+
+# uint8 -> [-1, 1]: (x / 255 - NORM_MEAN) / NORM_STD, identical for every channel
+NORM_MEAN = 0.5
+NORM_STD = 0.5
+
+
+def to_float(x_uint8: torch.Tensor) -> torch.Tensor:
+    """THE raydd classifier normalisation: uint8 [N, C, H, W] in [0, 255] -> float32 in [-1, 1].
+
+    Students, teachers and selectors all see images through this function, so a classifier
+    trained in one place can score images produced in another.
+    """
+    if x_uint8.dtype != torch.uint8:
+        raise TypeError(f"to_float expects a uint8 tensor, got {x_uint8.dtype}")
+    return (x_uint8.float() / 255.0 - NORM_MEAN) / NORM_STD
+
+
+# --------------------------------------------------------------------------------------------
+# Schedules
+# --------------------------------------------------------------------------------------------
+def epochs_for(ipc: int, cfg: EvalConfig, soft: bool = False) -> int:
+    """Training epochs for a distilled set with `ipc` images per class.
+
+    `cfg.epochs > 0` overrides everything; the soft protocol uses `cfg.soft_epochs`; otherwise the
+    first row [max_ipc, epochs] of `cfg.epochs_by_ipc` (ascending max_ipc) with ipc <= max_ipc,
+    or the last row when ipc exceeds every max_ipc.
+    """
+    if cfg.epochs > 0:
+        return int(cfg.epochs)
+    if soft:
+        return int(cfg.soft_epochs)
+    rows = sorted(([int(r[0]), int(r[1])] for r in cfg.epochs_by_ipc), key=lambda r: r[0])
+    if not rows:
+        raise ValueError("eval.epochs_by_ipc is empty and eval.epochs is 0: no epoch count to use")
+    for max_ipc, epochs in rows:
+        if ipc <= max_ipc:
+            return epochs
+    return rows[-1][1]
+
+
+def eval_epochs(epochs: int, eval_every: int) -> list[int]:
+    """Epochs (1-based) after which the student is evaluated; always includes the last one.
+
+    eval_every > 0: every `eval_every` epochs; 0: about 20 evaluations spread evenly over the run.
+    """
+    if eval_every > 0:
+        marks = set(range(eval_every, epochs + 1, eval_every))
+    else:
+        marks = {max(1, round(k * epochs / 20)) for k in range(1, 21)}
+    marks.add(epochs)
+    return sorted(m for m in marks if 1 <= m <= epochs)
+
+
+def cosine_factor(step: int, total_steps: int, half_quirk: bool) -> float:
+    """LR multiplier of the soft protocol's per-step cosine schedule.
+
+    Standard: 0.5 (1 + cos(π t / T)), 1 -> 0. The RDED reference code divides the phase by a
+    further 2, 0.5 (1 + cos(π t / 2T)), so the schedule only decays to half the lr; `half_quirk`
+    reproduces that.
+    """
+    period = total_steps * (2 if half_quirk else 1)
+    return 0.5 * (1.0 + math.cos(math.pi * min(step, total_steps) / max(1, period)))
+
+
+# --------------------------------------------------------------------------------------------
+# Batched augmentation (whole batch at once, driven by a torch.Generator)
+# --------------------------------------------------------------------------------------------
+def random_resized_crop_flip(x: torch.Tensor, generator: torch.Generator,
+                             scale: tuple[float, float] = (0.5, 1.0),
+                             ratio: tuple[float, float] = (3 / 4, 4 / 3),
+                             flip_p: float = 0.5) -> torch.Tensor:
+    """RandomResizedCrop (output size = input size) + random horizontal flip for a whole batch.
+
+    Per image: crop area fraction a ~ U(scale), aspect ratio r = w/h log-uniform in `ratio`,
+    crop side fractions w = sqrt(a r), h = sqrt(a / r) (clamped to 1 where they overflow, instead
+    of torchvision's rejection loop), crop centre uniform such that the crop stays inside the
+    image; flipped with probability flip_p. One affine grid per image, one grid_sample per batch.
+    The random numbers come from `generator` (a CPU generator), so a fixed seed gives fixed crops.
+
+    x: float [B, C, H, W] -> float [B, C, H, W]
+    """
+    b = x.shape[0]
+    u = torch.rand(b, 5, generator=generator, device=generator.device)           # [B, 5]
+    area = scale[0] + (scale[1] - scale[0]) * u[:, 0]                              # [B]
+    log_r = math.log(ratio[0]) + (math.log(ratio[1]) - math.log(ratio[0])) * u[:, 1]
+    r = torch.exp(log_r)                                                           # [B]
+    w = torch.sqrt(area * r).clamp(max=1.0)    # crop width, fraction of the image width
+    h = torch.sqrt(area / r).clamp(max=1.0)    # crop height, fraction of the image height
+    # in affine_grid's normalised coordinates the image spans [-1, 1]: the crop's half-extent is
+    # w (resp. h), so its centre may move within [-(1 - w), 1 - w]
+    cx = (1.0 - w) * (2.0 * u[:, 2] - 1.0)
+    cy = (1.0 - h) * (2.0 * u[:, 3] - 1.0)
+    sign = 1.0 - 2.0 * (u[:, 4] < flip_p).float()   # -1 mirrors the x axis (horizontal flip)
+    theta = torch.zeros(b, 2, 3, device=u.device)                                  # [B, 2, 3]
+    theta[:, 0, 0] = w * sign
+    theta[:, 0, 2] = cx
+    theta[:, 1, 1] = h
+    theta[:, 1, 2] = cy
+    theta = theta.to(device=x.device, dtype=x.dtype)
+    # align_corners=False: output pixel centres map onto input pixel centres, so the identity crop
+    # (a = r = 1) reproduces x exactly and sign = -1 reproduces torch.flip(x, dims=[3])
+    grid = F.affine_grid(theta, list(x.shape), align_corners=False)                # [B, H, W, 2]
+    return F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
+
+
+def cutmix(x: torch.Tensor, y: torch.Tensor, generator: torch.Generator, beta: float = 1.0
+           ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, float]:
+    """CutMix (Yun et al. 2019) on a whole batch: one box, one λ, a random pairing.
+
+    λ ~ Beta(beta, beta); a box of side fractions sqrt(1 - λ) centred uniformly (clipped at the
+    border) is pasted from the permuted batch; λ is then recomputed from the clipped box area.
+    beta <= 0 disables mixing (λ = 1).
+
+    x: [B, C, H, W], y: [B] -> (mixed x [B, C, H, W], y_a = y [B], y_b = y[perm] [B], λ)
+    so that the target is λ·y_a + (1 − λ)·y_b.
+    """
+    b, _, hgt, wid = x.shape
+    if beta <= 0:
+        return x, y, y, 1.0
+    # torch has no generator-driven Beta sampler: seed a numpy generator from the torch one
+    np_seed = int(torch.randint(0, 2 ** 62, (1,), generator=generator, device=generator.device))
+    lam = float(np.random.default_rng(np_seed).beta(beta, beta))
+    perm = torch.randperm(b, generator=generator, device=generator.device).to(x.device)   # [B]
+    cut = math.sqrt(1.0 - lam)
+    ch, cw = int(hgt * cut), int(wid * cut)
+    cyx = torch.rand(2, generator=generator, device=generator.device)
+    cy, cx = int(cyx[0] * hgt), int(cyx[1] * wid)
+    y0, y1 = max(cy - ch // 2, 0), min(cy + ch // 2, hgt)
+    x0, x1 = max(cx - cw // 2, 0), min(cx + cw // 2, wid)
+    mixed = x.clone()
+    mixed[:, :, y0:y1, x0:x1] = x[perm, :, y0:y1, x0:x1]
+    lam = 1.0 - (y1 - y0) * (x1 - x0) / float(hgt * wid)
+    return mixed, y, y[perm], lam
+
+
+# --------------------------------------------------------------------------------------------
+# Training and evaluation
+# --------------------------------------------------------------------------------------------
+@torch.no_grad()
+def accuracy(model: nn.Module, x_uint8: torch.Tensor, y: torch.Tensor, batch_size: int = 512,
+             device: str | torch.device = "cpu") -> float:
+    """Top-1 accuracy (fraction in [0, 1]) of `model` on uint8 images [N, C, H, W] with labels [N]."""
+    was_training = model.training
+    model.eval()
+    correct = 0
+    for i in range(0, len(x_uint8), batch_size):
+        xb = to_float(x_uint8[i:i + batch_size].to(device))       # [b, C, H, W]
+        pred = model(xb).argmax(dim=1)                            # [b]
+        correct += int((pred.cpu() == y[i:i + batch_size].cpu()).sum())
+    model.train(was_training)
+    return correct / max(1, len(x_uint8))
+
+
+def build_student(student: str | nn.Module, num_classes: int, in_chans: int, image_size: int) -> nn.Module:
+    """A fresh student from its name (see raydd.students.list_students), or a given module as is."""
+    if isinstance(student, nn.Module):
+        return student
+    return create_student(student, num_classes=num_classes, in_chans=in_chans, image_size=image_size)
+
+
+def train_student(train_x: torch.Tensor, train_y: torch.Tensor,
+                  eval_x: torch.Tensor | None, eval_y: torch.Tensor | None, *,
+                  student: str | nn.Module, num_classes: int, cfg: EvalConfig, epochs: int, seed: int,
+                  protocol: str = "hard", teacher: nn.Module | None = None,
+                  device: str | torch.device = "cpu", log: Callable[[str], None] | None = None,
+                  return_model: bool = False) -> dict:
+    """Train a fresh student on (train_x, train_y) and track top-1 on (eval_x, eval_y).
+
+    train_x, eval_x: uint8 [N, C, H, W]; train_y, eval_y: int64 [N]. `student` is a name from
+    raydd.students.list_students() (or an nn.Module, used as is). protocol "hard" or "soft"
+    (soft needs `teacher`, a classifier over the same classes in the same order, fed `to_float`
+    images). eval_x = None skips evaluation (best_acc / final_acc are then None).
+
+    Returns {"best_acc", "final_acc", "curve": [(epoch, acc), ...], "images_per_s", "epochs",
+    "train_s"} plus "model" (in eval mode) when return_model. Deterministic for a seed on CPU:
+    model init draws from torch's global RNG seeded with `seed` inside a forked RNG state (the
+    caller's RNG is untouched); batch order, crops, flips and CutMix come from a seeded Generator.
+    """
+    if protocol not in ("hard", "soft"):
+        raise ValueError(f"protocol={protocol!r}; allowed: hard, soft")
+    if protocol == "soft" and teacher is None:
+        raise ValueError("the soft protocol needs a teacher (a trained classifier over the same classes)")
+    if train_x.dtype != torch.uint8 or train_x.dim() != 4:
+        raise ValueError(f"train_x must be uint8 [N, C, H, W]; got {train_x.dtype} {tuple(train_x.shape)}")
+    if len(train_x) != len(train_y) or len(train_x) == 0:
+        raise ValueError(f"train_x ({len(train_x)}) and train_y ({len(train_y)}) must be equally long and non-empty")
+    if epochs < 1:
+        raise ValueError(f"epochs={epochs} must be >= 1")
+    if train_x.shape[2] != train_x.shape[3]:
+        raise ValueError(f"students expect square images; got {train_x.shape[2]}x{train_x.shape[3]}")
+    if (eval_x is None) != (eval_y is None):
+        raise ValueError("pass both eval_x and eval_y, or neither")
+    device = torch.device(device)
+    n, in_chans, image_size = train_x.shape[0], train_x.shape[1], train_x.shape[2]
+
+    fork_devices = [device.index or 0] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=fork_devices):
+        torch.manual_seed(seed)
+        model = build_student(student, num_classes, in_chans, image_size).to(device)
+        model.train()
+        gen = torch.Generator().manual_seed(seed)   # batch order + augmentation + CutMix
+        train_x, train_y = train_x.to(device), train_y.to(device=device, dtype=torch.long)
+
+        bs = min(cfg.batch_size, n)
+        # batch boundaries of an epoch; a trailing batch of one image is dropped (BatchNorm students
+        # cannot train on a single image and one image is noise for a batch statistic anyway)
+        starts = [s for s in range(0, n, bs) if not (n - s == 1 and s > 0)]
+        steps_per_epoch = len(starts)
+
+        if protocol == "hard":
+            opt = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum,
+                                  weight_decay=cfg.weight_decay)
+            # IDC: lr x0.2 at 2/3 and at 5/6 of the epochs (stepped once per epoch); a milestone of 0
+            # would already apply at construction, hence max(1, .) for very short runs
+            sched = torch.optim.lr_scheduler.MultiStepLR(
+                opt, milestones=[max(1, 2 * epochs // 3), max(1, 5 * epochs // 6)], gamma=0.2)
+        else:
+            opt = torch.optim.AdamW(model.parameters(), lr=cfg.soft_lr, weight_decay=cfg.soft_weight_decay)
+            total = epochs * steps_per_epoch
+            sched = torch.optim.lr_scheduler.LambdaLR(
+                opt, lambda step: cosine_factor(step, total, cfg.cosine_half_quirk))   # stepped per batch
+            teacher = teacher.to(device).eval()
+        temp = float(cfg.temperature)
+
+        marks = set(eval_epochs(epochs, cfg.eval_every))   # evaluation (or, without eval_x, log) epochs
+        curve: list[tuple[int, float]] = []
+        images_seen, train_s = 0, 0.0
+        for epoch in range(1, epochs + 1):
+            t0 = time.perf_counter()
+            perm = torch.randperm(n, generator=gen).to(device)                   # [N]
+            loss_sum = torch.zeros((), device=device)   # summed on device: no per-step sync
+            for s in starts:
+                idx = perm[s:s + bs]
+                xb = to_float(train_x[idx])                                      # [b, C, H, W]
+                yb = train_y[idx]                                                # [b]
+                xb = random_resized_crop_flip(xb, gen, scale=(cfg.rrc_scale_min, 1.0))
+                xb, ya, yb2, lam = cutmix(xb, yb, gen, cfg.cutmix_beta)
+                logits = model(xb)                                               # [b, K]
+                if protocol == "hard":
+                    # CutMix target λ·onehot(y_a) + (1 − λ)·onehot(y_b) == λ-mixed CE
+                    loss = lam * F.cross_entropy(logits, ya) + (1.0 - lam) * F.cross_entropy(logits, yb2)
+                else:
+                    with torch.no_grad():
+                        t_logits = teacher(xb)                                   # [b, K]
+                    if t_logits.shape[1] != num_classes:
+                        raise ValueError(f"teacher outputs {t_logits.shape[1]} classes, student {num_classes}")
+                    # RDED: KL(softmax(teacher/T) || softmax(student/T)), batch mean. No T² factor,
+                    # as in the reference code: AdamW's update is (up to eps) invariant to a constant
+                    # loss scale, so T² would only change the logged loss value.
+                    loss = F.kl_div(F.log_softmax(logits / temp, dim=1), F.softmax(t_logits / temp, dim=1),
+                                    reduction="batchmean")
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                if protocol == "soft":
+                    sched.step()
+                loss_sum += loss.detach()
+                images_seen += len(idx)
+            if protocol == "hard":
+                sched.step()
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            train_s += time.perf_counter() - t0
+
+            if epoch in marks:
+                line = (f"[{protocol}] epoch {epoch}/{epochs} loss {float(loss_sum) / steps_per_epoch:.4g} "
+                        f"lr {opt.param_groups[0]['lr']:.2e}")
+                if eval_x is not None:
+                    acc = accuracy(model, eval_x, eval_y, device=device)
+                    curve.append((epoch, acc))
+                    line += f" acc {acc:.4f}"
+                if log is not None:
+                    log(line)
+
+    result = {
+        "best_acc": max(a for _, a in curve) if curve else None,
+        "final_acc": curve[-1][1] if curve else None,
+        "curve": curve,
+        "images_per_s": images_seen / max(train_s, 1e-9),
+        "epochs": epochs,
+        "train_s": train_s,
+    }
+    if return_model:
+        result["model"] = model.eval()
+    return result
+
+
+def train_teacher(real_x: torch.Tensor, real_y: torch.Tensor, *, arch: str, num_classes: int,
+                  cfg: EvalConfig, epochs: int, seed: int, device: str | torch.device = "cpu",
+                  log: Callable[[str], None] | None = None) -> nn.Module:
+    """A hard-label classifier trained on real data (the soft protocol's teacher), frozen, eval mode.
+
+    Same recipe as the hard protocol (SGD, MultiStepLR, RRC + flip + CutMix, λ-mixed CE).
+    """
+    res = train_student(real_x, real_y, None, None, student=arch, num_classes=num_classes, cfg=cfg,
+                        epochs=epochs, seed=seed, protocol="hard", device=device, log=log,
+                        return_model=True)
+    model = res["model"].eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    if log is not None:
+        log(f"[teacher] {arch}: train top-1 {accuracy(model, real_x, real_y, device=device):.4f} "
+            f"after {epochs} epochs ({res['images_per_s']:.0f} img/s)")
+    return model
+
+
+# --------------------------------------------------------------------------------------------
+# DD-Ranking
+# --------------------------------------------------------------------------------------------
+def dd_ranking(acc_real_hard: float, acc_syn_hard: float, acc_syn: float, acc_random: float) -> dict:
+    """DD-Ranking scores from accuracies given as fractions in [0, 1].
+
+    HLR = acc(real, hard) − acc(syn, hard)      (hard-label recovery: lower is better)
+    IOR = acc(syn) − acc(random)                (improvement over random: higher is better)
+    α   = ½·IOR − ½·HLR ∈ [−1, 1]
+    LRS = (e^α − e^−1) / (e − e^−1) ∈ [0, 1]    (label-robust score)
+
+    The DD-Ranking reference code feeds percentages (0–100) into the exponential, which makes
+    LRS meaningless (e^±50); we insist on fractions and reject anything outside [0, 1].
+    """
+    accs = {"acc_real_hard": acc_real_hard, "acc_syn_hard": acc_syn_hard,
+            "acc_syn": acc_syn, "acc_random": acc_random}
+    for name, v in accs.items():
+        if not (0.0 <= float(v) <= 1.0):
+            raise ValueError(f"dd_ranking: {name}={v} is outside [0, 1]; pass accuracies as fractions, "
+                             f"not percentages")
+    hlr = float(acc_real_hard) - float(acc_syn_hard)
+    ior = float(acc_syn) - float(acc_random)
+    alpha = 0.5 * ior - 0.5 * hlr
+    lrs = (math.exp(alpha) - math.exp(-1.0)) / (math.e - math.exp(-1.0))
+    return {"HLR": hlr, "IOR": ior, "LRS": lrs}

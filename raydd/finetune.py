@@ -1,0 +1,170 @@
+"""Training and fine-tuning losses for the DiT, and the tiny backbone's training loop.
+
+Loss (improved DDPM / DiT, "hybrid"): L = L_simple + L_vlb
+  L_simple = || eps - eps_theta(x_t, t, y) ||^2                       (mean over dims)
+  L_vlb    = KL( q(x_{t-1} | x_t, x0) || p_theta(x_{t-1} | x_t) )    (t > 0, bits per dim)
+           = -log p_theta(x0 | x1)  (discretised Gaussian)           (t = 0)
+with the mean in L_vlb built from a stop-gradient eps, so L_vlb trains only the variance.
+"""
+from __future__ import annotations
+
+import math
+import tempfile
+import time
+from dataclasses import asdict
+from typing import Callable
+
+import numpy as np
+import torch
+
+from raydd.config import BackboneConfig, DataConfig, SamplerConfig
+from raydd.sampling import Schedule, make_schedule
+from raydd.train_hooks import TrainHooks
+
+Predict = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor | None]]
+
+
+def _gather(arr: np.ndarray, t: torch.Tensor, ndim: int) -> torch.Tensor:
+    """Per-sample coefficients arr[t] shaped [B, 1, 1, 1]."""
+    v = torch.as_tensor(arr, dtype=torch.float32, device=t.device)[t]
+    return v.reshape(-1, *([1] * (ndim - 1)))
+
+
+def normal_kl(mean1, logvar1, mean2, logvar2):
+    return 0.5 * (-1.0 + logvar2 - logvar1 + torch.exp(logvar1 - logvar2) + (mean1 - mean2) ** 2 * torch.exp(-logvar2))
+
+
+def _std_normal_cdf(x):
+    return 0.5 * (1.0 + torch.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * x ** 3)))
+
+
+def discretized_gaussian_nll(x, mean, log_scale):
+    """-log p(x) for x in [-1, 1] quantised to 256 bins, under N(mean, exp(log_scale)^2)."""
+    centered = x - mean
+    inv = torch.exp(-log_scale)
+    cdf_plus = _std_normal_cdf(inv * (centered + 1.0 / 255.0))
+    cdf_min = _std_normal_cdf(inv * (centered - 1.0 / 255.0))
+    log_cdf_plus = torch.log(cdf_plus.clamp(min=1e-12))
+    log_one_minus_cdf_min = torch.log((1.0 - cdf_min).clamp(min=1e-12))
+    log_probs = torch.where(x < -0.999, log_cdf_plus,
+                            torch.where(x > 0.999, log_one_minus_cdf_min, torch.log((cdf_plus - cdf_min).clamp(min=1e-12))))
+    return -log_probs
+
+
+def q_sample(x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor, s: Schedule) -> torch.Tensor:
+    """x_t = sqrt(abar_t) x0 + sqrt(1 - abar_t) eps."""
+    ab = _gather(s.alphas_cumprod, t, x0.dim())
+    return ab.sqrt() * x0 + (1 - ab).sqrt() * noise
+
+
+def diffusion_losses(predict: Predict, x0: torch.Tensor, y: torch.Tensor, t: torch.Tensor, noise: torch.Tensor,
+                     s: Schedule) -> dict[str, torch.Tensor]:
+    """Per-sample losses [B]: {'loss', 'mse', 'vb', 'x0_hat'(batch)}; s is the full (unrespaced) schedule."""
+    nd = x0.dim()
+    x_t = q_sample(x0, t, noise, s)
+    eps, var = predict(x_t, t, y)
+    dims = tuple(range(1, nd))
+    mse = ((noise - eps) ** 2).mean(dim=dims)
+    ab = _gather(s.alphas_cumprod, t, nd)
+    x0_hat = (x_t - (1 - ab).sqrt() * eps) / ab.sqrt()
+    out = {"mse": mse, "x0_hat": x0_hat}
+    if var is None:
+        out["vb"] = torch.zeros_like(mse)
+    else:
+        c1, c2 = _gather(s.posterior_mean_coef1, t, nd), _gather(s.posterior_mean_coef2, t, nd)
+        true_mean = c1 * x0 + c2 * x_t
+        true_logvar = _gather(s.posterior_log_variance_clipped, t, nd)
+        x0_frozen = (x_t - (1 - ab).sqrt() * eps.detach()) / ab.sqrt()     # stop-grad: vb trains variance only
+        model_mean = c1 * x0_frozen + c2 * x_t
+        min_log, max_log = true_logvar, _gather(np.log(s.betas), t, nd)
+        frac = (var + 1) / 2
+        model_logvar = frac * max_log + (1 - frac) * min_log
+        kl = normal_kl(true_mean, true_logvar, model_mean, model_logvar).mean(dim=dims) / math.log(2.0)
+        nll = discretized_gaussian_nll(x0, model_mean, 0.5 * model_logvar).mean(dim=dims) / math.log(2.0)
+        out["vb"] = torch.where(t == 0, nll, kl)
+    out["loss"] = out["mse"] + out["vb"]
+    return out
+
+
+def split_output(model_out: torch.Tensor, channels: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """DiT output [B, C or 2C, H, W] -> (eps, var_values | None)."""
+    if model_out.shape[1] == 2 * channels:
+        return model_out[:, :channels], model_out[:, channels:]
+    return model_out, None
+
+
+def transformer_predict(model, channels: int) -> Predict:
+    """Predict function over a (possibly DDP-wrapped) diffusers DiTTransformer2DModel."""
+    def predict(x_t, t, y):
+        return split_output(model(x_t, timestep=t, class_labels=y, return_dict=False)[0], channels)
+    return predict
+
+
+# --------------------------------------------------------------------------------------------
+# The tiny backbone: trained with the DiT recipe on the real train split (Ray Train loop)
+# --------------------------------------------------------------------------------------------
+def tiny_backbone_config(backbone: BackboneConfig, sampler: SamplerConfig, data: DataConfig, seed: int) -> dict:
+    """The training job's config (also its cache key): only what changes the trained weights."""
+    schedule = SamplerConfig(train_timesteps=sampler.train_timesteps, beta_start=sampler.beta_start,
+                             beta_end=sampler.beta_end)
+    return {"backbone": asdict(backbone), "sampler": asdict(schedule), "data": asdict(data), "seed": seed}
+
+
+def train_tiny_backbone(config: dict, hooks: TrainHooks) -> None:
+    """Train a tiny DiT on the real train split; report a diffusers model dir as the checkpoint.
+    Data-parallel when hooks.world_size > 1 (each rank draws its own batches)."""
+    from raydd.backbone import save_transformer, tiny_dit
+    from raydd.data import load_real
+    from raydd.evaluation import to_float
+
+    bcfg, scfg, dcfg = BackboneConfig(**config["backbone"]), SamplerConfig(**config["sampler"]), DataConfig(**config["data"])
+    torch.manual_seed(config["seed"])
+    data = load_real(dcfg)
+    x_all = to_float(data.train.x)                                         # [N,C,H,W] in [-1,1]
+    y_all = data.train.y
+    model = tiny_dit(data.num_classes, dcfg.channels, dcfg.image_size, bcfg.hidden_size, bcfg.depth,
+                     bcfg.heads, bcfg.patch_size, learned_sigma=True)
+    ema = tiny_dit(data.num_classes, dcfg.channels, dcfg.image_size, bcfg.hidden_size, bcfg.depth,
+                   bcfg.heads, bcfg.patch_size, learned_sigma=True)
+    ema.load_state_dict(model.state_dict())
+    ema.requires_grad_(False)
+    opt = torch.optim.AdamW(model.parameters(), lr=bcfg.train_lr, weight_decay=0.0)
+    start = 0
+    if hooks.restore_dir():                                                # resume after a worker failure
+        state = torch.load(f"{hooks.restore_dir()}/state.pt", map_location="cpu", weights_only=True)
+        model.load_state_dict(state["model"]), ema.load_state_dict(state["ema"]), opt.load_state_dict(state["opt"])
+        start = int(state["step"])
+    net = hooks.prepare_model(model)
+    device = hooks.device
+    x_all, y_all, ema = x_all.to(device), y_all.to(device), ema.to(device)
+    schedule = make_schedule(scfg, steps=scfg.train_timesteps)
+    predict = transformer_predict(net, dcfg.channels)
+    gen = torch.Generator().manual_seed(config["seed"] * 1000 + hooks.world_rank)
+    net.train()                                                           # label dropout to the null class is on
+    t0, seen, log_every = time.time(), 0, max(1, bcfg.train_steps // 20)
+    for step in range(start, bcfg.train_steps):
+        idx = torch.randint(0, len(y_all), (bcfg.train_batch,), generator=gen)
+        t = torch.randint(0, scfg.train_timesteps, (bcfg.train_batch,), generator=gen).to(device)
+        noise = torch.randn(x_all[idx].shape, generator=gen).to(device)
+        losses = diffusion_losses(predict, x_all[idx.to(device)], y_all[idx.to(device)], t, noise, schedule)
+        loss = losses["loss"].mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(net.parameters(), 1.0)
+        opt.step()
+        with torch.no_grad():                                             # EMA of the weights (DiT: 0.9999)
+            decay = min(0.999, (1 + step) / (10 + step))
+            for pe, pm in zip(ema.parameters(), model.parameters()):
+                pe.mul_(decay).add_(pm.detach(), alpha=1 - decay)
+        seen += bcfg.train_batch
+        last = step == bcfg.train_steps - 1
+        if (step + 1) % log_every == 0 or last:
+            metrics = {"step": step + 1, "loss": float(loss), "mse": float(losses["mse"].mean()),
+                       "vb": float(losses["vb"].mean()), "images_per_s": seen / (time.time() - t0)}
+            with tempfile.TemporaryDirectory() as d:
+                if hooks.world_rank == 0:
+                    torch.save({"model": model.state_dict(), "ema": ema.state_dict(), "opt": opt.state_dict(),
+                                "step": step + 1}, f"{d}/state.pt")
+                    if last:
+                        save_transformer(ema.cpu(), f"{d}/transformer")
+                hooks.report(metrics, checkpoint_dir=d if hooks.world_rank == 0 else None)

@@ -1,0 +1,99 @@
+"""Writing and reading a distilled set.
+
+Layout of <out>/ (written to <out>.partial-<pid>/ first, then renamed: a set that exists is complete):
+  parquet/class_idx=<c>/part-0.parquet   columns slot, seed?, image (raw uint8 bytes), image_shape,
+                                         latent (raw float16 bytes, may be null), latent_shape, score
+  images/<class_name>/<slot>.png         the ImageFolder every reference repo's evaluation reads
+  manifest.json                          classes, ipc, counts — written last
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+from PIL import Image
+
+from raydd.generate import DistilledSet
+
+
+def to_pil(img: np.ndarray) -> Image.Image:
+    """uint8 [C,H,W] -> PIL image (L or RGB)."""
+    return Image.fromarray(img[0]) if img.shape[0] == 1 else Image.fromarray(np.transpose(img, (1, 2, 0)))
+
+
+def write_distilled(ds: DistilledSet, out: str | Path, class_names: list[str], extra: dict | None = None) -> Path:
+    out = Path(out)
+    tmp = out.parent / f"{out.name}.partial-{os.getpid()}"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    ds = ds.sorted()
+    images = ds.images.numpy()
+    for c in ds.labels.unique().tolist():
+        m = (ds.labels == c).numpy()
+        idx = np.flatnonzero(m)
+        cols = {
+            "slot": pa.array(ds.slots.numpy()[idx]),
+            "image": pa.array([images[i].tobytes() for i in idx], type=pa.binary()),
+            "image_shape": pa.array([list(images[i].shape) for i in idx]),
+            "score": pa.array(ds.scores.numpy()[idx] if ds.scores is not None else np.full(len(idx), np.nan, np.float32)),
+        }
+        if ds.latents is not None:
+            lat = ds.latents.numpy()
+            cols["latent"] = pa.array([lat[i].tobytes() for i in idx], type=pa.binary())
+            cols["latent_shape"] = pa.array([list(lat[i].shape) for i in idx])
+        part = tmp / "parquet" / f"class_idx={c}"
+        part.mkdir(parents=True)
+        pq.write_table(pa.table(cols), part / "part-0.parquet")
+        img_dir = tmp / "images" / class_names[c]
+        img_dir.mkdir(parents=True)
+        for i in idx:
+            to_pil(images[i]).save(img_dir / f"{int(ds.slots[i])}.png")
+    counts = torch.bincount(ds.labels, minlength=len(class_names)).tolist()
+    manifest = {"classes": class_names, "counts": counts, "num_images": len(ds), **(extra or {})}
+    (tmp / "manifest.json").write_text(json.dumps(manifest, indent=1))
+    if out.exists():
+        shutil.rmtree(out)
+    os.replace(tmp, out)
+    return out
+
+
+def read_distilled(out: str | Path) -> DistilledSet:
+    """Read back what write_distilled wrote (canonical (label, slot) order)."""
+    root = Path(out) / "parquet"
+    if not (Path(out) / "manifest.json").exists():
+        raise FileNotFoundError(f"{out} is not a complete distilled set (no manifest.json)")
+    imgs, labels, slots, lats, scores = [], [], [], [], []
+    for part in sorted(root.glob("class_idx=*"), key=lambda p: int(p.name.split("=")[1])):
+        c = int(part.name.split("=")[1])
+        t = pq.read_table(part / "part-0.parquet").to_pydict()
+        for k in range(len(t["slot"])):
+            imgs.append(np.frombuffer(t["image"][k], np.uint8).reshape(t["image_shape"][k]))
+            if "latent" in t and t["latent"][k] is not None:
+                lats.append(np.frombuffer(t["latent"][k], np.float16).reshape(t["latent_shape"][k]))
+            labels.append(c)
+            slots.append(t["slot"][k])
+            scores.append(t["score"][k])
+    ds = DistilledSet(torch.from_numpy(np.stack(imgs)), torch.tensor(labels), torch.tensor(slots),
+                      torch.from_numpy(np.stack(lats)) if len(lats) == len(imgs) else None,
+                      torch.tensor(scores, dtype=torch.float32))
+    return ds.sorted()
+
+
+def image_grid(images: torch.Tensor, labels: torch.Tensor, per_class: int = 10, scale: int = 4) -> np.ndarray:
+    """uint8 [N,C,H,W] -> one RGB grid [rows*H*scale, cols*W*scale, 3]: a row per class, up to
+    `per_class` images each (at most 20 classes shown)."""
+    classes = labels.unique().tolist()[:20]
+    c, h, w = images.shape[1:]
+    grid = np.full((len(classes) * h, per_class * w, 3), 255, np.uint8)
+    for r, cls in enumerate(classes):
+        for k, i in enumerate(torch.nonzero(labels == cls).flatten()[:per_class].tolist()):
+            img = images[i].numpy()
+            img = np.repeat(img, 3, 0) if c == 1 else img
+            grid[r * h:(r + 1) * h, k * w:(k + 1) * w] = np.transpose(img, (1, 2, 0))
+    return np.kron(grid, np.ones((scale, scale, 1), np.uint8)) if scale > 1 else grid

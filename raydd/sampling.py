@@ -1,0 +1,261 @@
+"""Diffusion schedule, the two schedulers, classifier-free guidance, the one guidance helper and
+the visible denoising loop.
+
+Conventions (as in DiT / improved DDPM):
+  * a linear beta schedule of `train_timesteps` (1000) steps, respaced to `steps` (50) evenly
+    spaced TRUE timesteps; the DiT always receives true timesteps in [0, 1000);
+  * eps_hat = eps_phi(x_t, t, y);  x0_hat = (x_t - sqrt(1 - abar_t) * eps_hat) / sqrt(abar_t);
+  * the scheduler only steps: step(eps, i, x_t) -> (x_prev, x0_hat); the loop in `sample`
+    joins backbone, guidance and scheduler and stays readable top to bottom.
+"""
+from __future__ import annotations
+
+import hashlib
+import math
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import numpy as np
+import torch
+
+from raydd.config import SamplerConfig
+
+
+class GuidanceError(RuntimeError):
+    """A guidance objective produced NaN/Inf: the run stops (no sample is silently re-drawn)."""
+
+
+# --------------------------------------------------------------------------------------------
+# Schedule
+# --------------------------------------------------------------------------------------------
+@dataclass
+class Schedule:
+    """Coefficients at the S respaced steps, index i = 0 (cleanest) .. S-1 (noisiest). float64."""
+    timesteps: np.ndarray            # [S] true timesteps, ascending
+    alphas_cumprod: np.ndarray       # [S] abar at each respaced step
+    alphas_cumprod_prev: np.ndarray  # [S] abar at the previous respaced step (1.0 for i = 0)
+    betas: np.ndarray                # [S] respaced betas: 1 - abar_i / abar_{i-1}
+    posterior_variance: np.ndarray   # [S] beta_tilde
+    posterior_log_variance_clipped: np.ndarray  # [S] log beta_tilde, with i = 0 clipped to i = 1
+    posterior_mean_coef1: np.ndarray # [S] coefficient of x0 in the posterior mean
+    posterior_mean_coef2: np.ndarray # [S] coefficient of x_t in the posterior mean
+
+    def __len__(self) -> int:
+        return len(self.timesteps)
+
+
+def respaced_timesteps(train_timesteps: int, steps: int) -> np.ndarray:
+    """`steps` evenly spaced true timesteps including 0 and T-1 (DiT's space_timesteps(T, "S"))."""
+    if steps == train_timesteps:
+        return np.arange(train_timesteps)
+    stride = (train_timesteps - 1) / max(steps - 1, 1)
+    return np.array(sorted({round(i * stride) for i in range(steps)}), dtype=np.int64)
+
+
+def make_schedule(cfg: SamplerConfig, steps: int | None = None) -> Schedule:
+    """Linear betas over cfg.train_timesteps, respaced to `steps` (default cfg.steps)."""
+    steps = cfg.steps if steps is None else steps
+    base_betas = np.linspace(cfg.beta_start, cfg.beta_end, cfg.train_timesteps, dtype=np.float64)
+    base_abar = np.cumprod(1.0 - base_betas)
+    ts = respaced_timesteps(cfg.train_timesteps, steps)
+    abar = base_abar[ts]
+    abar_prev = np.append(1.0, abar[:-1])
+    betas = 1.0 - abar / abar_prev
+    post_var = betas * (1.0 - abar_prev) / (1.0 - abar)
+    # log(0) at i = 0: clip to the next value, as improved DDPM does
+    post_logvar = np.log(np.append(post_var[1], post_var[1:])) if len(post_var) > 1 else np.log(betas)
+    return Schedule(
+        timesteps=ts, alphas_cumprod=abar, alphas_cumprod_prev=abar_prev, betas=betas,
+        posterior_variance=post_var, posterior_log_variance_clipped=post_logvar,
+        posterior_mean_coef1=betas * np.sqrt(abar_prev) / (1.0 - abar),
+        posterior_mean_coef2=(1.0 - abar_prev) * np.sqrt(1.0 - betas) / (1.0 - abar),
+    )
+
+
+def _at(arr: np.ndarray, i: int, ref: torch.Tensor) -> torch.Tensor:
+    """Scalar coefficient i as a tensor broadcastable to ref [B,C,H,W] (computed in float64)."""
+    return torch.tensor(float(arr[i]), dtype=ref.dtype, device=ref.device)
+
+
+def predict_x0(x_t: torch.Tensor, eps: torch.Tensor, abar: float) -> torch.Tensor:
+    """x0_hat = (x_t - sqrt(1 - abar) eps) / sqrt(abar)."""
+    return (x_t - math.sqrt(1.0 - abar) * eps) / math.sqrt(abar)
+
+
+# --------------------------------------------------------------------------------------------
+# Schedulers: step(eps, i, x_t) -> (x_prev, x0_hat)
+# --------------------------------------------------------------------------------------------
+class DDPMScheduler:
+    """Ancestral DDPM with learned-range variance (improved DDPM / DiT)."""
+
+    def __init__(self, schedule: Schedule, clip_x0: bool = False):
+        self.s = schedule
+        self.clip_x0 = clip_x0
+
+    def log_variance(self, i: int, var_values: torch.Tensor | None, ref: torch.Tensor) -> torch.Tensor:
+        """Learned range: log var = f * log beta_i + (1 - f) * log beta_tilde_i, f = (v + 1) / 2.
+        Without a learned variance: the fixed posterior variance (log beta_tilde_i)."""
+        min_log = _at(self.s.posterior_log_variance_clipped, i, ref)
+        if var_values is None:
+            return min_log.expand_as(ref)
+        max_log = _at(np.log(self.s.betas), i, ref)
+        frac = (var_values + 1.0) / 2.0
+        return frac * max_log + (1.0 - frac) * min_log
+
+    def step(self, eps: torch.Tensor, i: int, x_t: torch.Tensor, var_values: torch.Tensor | None = None,
+             noise: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        x0 = predict_x0(x_t, eps, float(self.s.alphas_cumprod[i]))
+        if self.clip_x0:
+            x0 = x0.clamp(-1, 1)
+        # posterior mean of q(x_{i-1} | x_i, x0)
+        mean = _at(self.s.posterior_mean_coef1, i, x_t) * x0 + _at(self.s.posterior_mean_coef2, i, x_t) * x_t
+        if i == 0:
+            return mean, x0  # no noise at the last step
+        log_var = self.log_variance(i, var_values, x_t)
+        return mean + torch.exp(0.5 * log_var) * noise, x0
+
+
+class DDIMScheduler:
+    """Deterministic DDIM (eta = 0) on the same respaced schedule."""
+
+    def __init__(self, schedule: Schedule, clip_x0: bool = False):
+        self.s = schedule
+        self.clip_x0 = clip_x0
+
+    def step(self, eps: torch.Tensor, i: int, x_t: torch.Tensor, var_values: torch.Tensor | None = None,
+             noise: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        x0 = predict_x0(x_t, eps, float(self.s.alphas_cumprod[i]))
+        if self.clip_x0:
+            x0 = x0.clamp(-1, 1)
+            eps = (x_t - math.sqrt(self.s.alphas_cumprod[i]) * x0) / math.sqrt(1 - self.s.alphas_cumprod[i])
+        abar_prev = float(self.s.alphas_cumprod_prev[i])
+        return math.sqrt(abar_prev) * x0 + math.sqrt(1.0 - abar_prev) * eps, x0
+
+
+def make_scheduler(cfg: SamplerConfig, schedule: Schedule):
+    return {"ddpm": DDPMScheduler, "ddim": DDIMScheduler}[cfg.scheduler](schedule, clip_x0=cfg.clip_x0)
+
+
+# --------------------------------------------------------------------------------------------
+# Classifier-free guidance: cond and uncond in one forward
+# --------------------------------------------------------------------------------------------
+def predict_eps(backbone, x_t: torch.Tensor, t: torch.Tensor, y: torch.Tensor, cfg_scale: float,
+                first3_quirk: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """eps_cfg = eps_u + s (eps_c - eps_u); variance values from the conditional half.
+    x_t [B,C,H,W], t [B] true timesteps, y [B] labels -> eps [B,C,H,W], var [B,C,H,W] | None."""
+    if cfg_scale == 1.0:
+        return backbone(x_t, t, y)
+    null = torch.full_like(y, backbone.num_classes)
+    eps2, var2 = backbone(torch.cat([x_t, x_t]), torch.cat([t, t]), torch.cat([y, null]))  # [2B,...]
+    eps_c, eps_u = eps2.chunk(2)
+    eps = eps_u + cfg_scale * (eps_c - eps_u)
+    if first3_quirk:  # original DiT code guides only channels 0..2; the rest stay conditional
+        eps = torch.cat([eps[:, :3], eps_c[:, 3:]], dim=1)
+    return eps, (var2.chunk(2)[0] if var2 is not None else None)
+
+
+# --------------------------------------------------------------------------------------------
+# The one guidance helper
+# --------------------------------------------------------------------------------------------
+Objective = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, Any], torch.Tensor]
+
+
+@dataclass
+class Guidance:
+    """Steer sampling toward higher J(x0_hat, t, y, state) -> [B] (maximised).
+
+    eps_tilde = eps_hat - scale * rho_t * g,  g = grad_{x_t} J,
+    rho_t = sqrt(1 - abar_t) * ||eps_hat|| / ||g||  (per sample),
+    applied only at respaced steps i with window[0] <= i <= window[1] (i = 0 cleanest, S-1 noisiest).
+    mode "full": g through the DiT; "x0": eps_hat treated as constant (cheaper, g = grad_x0 J / sqrt(abar)).
+    on_images: decode x0_hat through the VAE before J (objectives on pixels, e.g. classifiers).
+    """
+    objective: Objective
+    scale: float
+    window: tuple[int, int] = (0, 10**9)
+    mode: str = "full"
+    on_images: bool = False
+    state: Any = None
+
+    def active(self, i: int) -> bool:
+        return self.scale != 0 and self.window[0] <= i <= self.window[1]
+
+
+def guided_eps(backbone, guidance: Guidance, x_t: torch.Tensor, t: torch.Tensor, y: torch.Tensor,
+               abar: float, cfg: SamplerConfig) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
+    """One guided prediction -> (eps_tilde, var_values, J [B]). Raises GuidanceError on NaN/Inf."""
+    if guidance.mode not in ("full", "x0"):
+        raise ValueError(f"guidance mode {guidance.mode!r}; allowed: full, x0")
+    x_in = x_t.detach().requires_grad_(True)
+    with torch.enable_grad():
+        if guidance.mode == "full":
+            eps, var = predict_eps(backbone, x_in, t, y, cfg.cfg_scale, cfg.cfg_first3_quirk)
+        else:
+            with torch.no_grad():
+                eps, var = predict_eps(backbone, x_t, t, y, cfg.cfg_scale, cfg.cfg_first3_quirk)
+        x0_hat = predict_x0(x_in, eps, abar)
+        target = backbone.vae.decode(x0_hat) if guidance.on_images else x0_hat
+        J = guidance.objective(target, t, y, guidance.state)  # [B]
+        (g,) = torch.autograd.grad(J.sum(), x_in)
+    eps = eps.detach()
+    if not (torch.isfinite(g).all() and torch.isfinite(J).all()):
+        bad = (~torch.isfinite(g).flatten(1).all(1) | ~torch.isfinite(J)).nonzero().flatten().tolist()
+        raise GuidanceError(f"guidance objective gave NaN/Inf at timestep {int(t[0])} for batch rows {bad} "
+                            f"(labels {y[bad].tolist()}); the run stops rather than write corrupt samples")
+    dims = tuple(range(1, eps.dim()))
+    rho = math.sqrt(1.0 - abar) * eps.norm(dim=dims, keepdim=True) / g.norm(dim=dims, keepdim=True).clamp_min(1e-12)
+    return eps - guidance.scale * rho * g, (var.detach() if var is not None else None), J.detach()
+
+
+# --------------------------------------------------------------------------------------------
+# Per-sample randomness: a function of (run seed, class, slot) only
+# --------------------------------------------------------------------------------------------
+def sample_seed(run_seed: int, class_idx: int, slot: int, stream: str = "") -> int:
+    blob = f"{run_seed}:{class_idx}:{slot}:{stream}".encode()
+    return int.from_bytes(hashlib.sha256(blob).digest()[:8], "little") & (2**63 - 1)
+
+
+class NoiseStreams:
+    """One CPU generator per sample, so a sample's noise never depends on its batch-mates."""
+
+    def __init__(self, seeds: list[int], shape: tuple[int, ...], device):
+        self.gens = [torch.Generator().manual_seed(int(s)) for s in seeds]
+        self.shape, self.device = shape, device
+
+    def next(self) -> torch.Tensor:  # [B, *shape]
+        return torch.stack([torch.randn(self.shape, generator=g) for g in self.gens]).to(self.device)
+
+
+# --------------------------------------------------------------------------------------------
+# The denoising loop
+# --------------------------------------------------------------------------------------------
+@torch.no_grad()
+def sample(backbone, y: torch.Tensor, seeds: list[int], cfg: SamplerConfig, guidance: Guidance | None = None,
+           device: str | torch.device = "cpu", autocast_dtype: torch.dtype | None = None,
+           on_step: Callable[[int, torch.Tensor, torch.Tensor], None] | None = None) -> dict[str, torch.Tensor]:
+    """Denoise one batch. y [B] labels, seeds [B] per-sample seeds.
+    Returns {"z0": final latents [B,C,H,W] float32, "J": last guidance objective [B] (NaN if none)}."""
+    schedule = make_schedule(cfg)
+    scheduler = make_scheduler(cfg, schedule)
+    y = y.to(device)
+    noise = NoiseStreams(seeds, backbone.latent_shape, device)
+    x = noise.next()                                        # x_T ~ N(0, I)   [B,C,H,W]
+    J = torch.full((len(seeds),), float("nan"), device=device)
+    for i in reversed(range(len(schedule))):                # i = S-1 (noisiest) .. 0
+        t = torch.full((len(seeds),), int(schedule.timesteps[i]), device=device, dtype=torch.long)
+        with torch.autocast(device_type=torch.device(device).type, dtype=autocast_dtype or torch.float32,
+                            enabled=autocast_dtype is not None):
+            if guidance is not None and guidance.active(i):
+                eps, var, J = guided_eps(backbone, guidance, x, t, y, float(schedule.alphas_cumprod[i]), cfg)
+            else:
+                eps, var = predict_eps(backbone, x, t, y, cfg.cfg_scale, cfg.cfg_first3_quirk)
+        step_noise = noise.next() if i > 0 else None
+        x, x0_hat = scheduler.step(eps.float(), i, x, None if var is None else var.float(), step_noise)
+        if on_step is not None:
+            on_step(i, x, x0_hat)
+    return {"z0": x.float(), "J": J.float()}
+
+
+def to_uint8(images: torch.Tensor) -> torch.Tensor:
+    """Images in [-1, 1] [B,C,H,W] float -> uint8 [B,C,H,W]."""
+    return ((images.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)

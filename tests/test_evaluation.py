@@ -1,0 +1,178 @@
+"""Evaluation protocols: schedules, augmentation, DD-Ranking, and short real trainings on digits."""
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from sklearn.datasets import load_digits
+
+from raydd.config import EvalConfig
+from raydd.evaluation import (accuracy, cosine_factor, cutmix, dd_ranking, epochs_for, eval_epochs,
+                              random_resized_crop_flip, to_float, train_student, train_teacher)
+
+
+# --------------------------------------------------------------------------------------------
+# Pure functions
+# --------------------------------------------------------------------------------------------
+def test_to_float_maps_to_minus_one_one():
+    x = torch.tensor([0, 51, 255], dtype=torch.uint8).view(1, 1, 1, 3)
+    assert torch.allclose(to_float(x).flatten(), torch.tensor([-1.0, -0.6, 1.0]))
+    with pytest.raises(TypeError):
+        to_float(x.float())
+
+
+def test_dd_ranking_hand_computed():
+    r = dd_ranking(acc_real_hard=0.9, acc_syn_hard=0.5, acc_syn=0.7, acc_random=0.4)
+    # HLR = 0.9 - 0.5 = 0.4; IOR = 0.7 - 0.4 = 0.3; alpha = 0.15 - 0.2 = -0.05
+    # LRS = (e^-0.05 - e^-1) / (e - e^-1) = (0.951229 - 0.367879) / (2.718282 - 0.367879) = 0.248192
+    assert r["HLR"] == pytest.approx(0.4)
+    assert r["IOR"] == pytest.approx(0.3)
+    assert r["LRS"] == pytest.approx(0.248192, abs=1e-6)
+    # extremes: perfect (alpha = 1) -> 1, worst (alpha = -1) -> 0
+    assert dd_ranking(0.0, 1.0, 1.0, 0.0)["LRS"] == pytest.approx(1.0)
+    assert dd_ranking(1.0, 0.0, 0.0, 1.0)["LRS"] == pytest.approx(0.0)
+
+
+def test_dd_ranking_rejects_percentages():
+    with pytest.raises(ValueError, match="fractions"):
+        dd_ranking(90.0, 50.0, 70.0, 40.0)
+    with pytest.raises(ValueError, match="acc_random"):
+        dd_ranking(0.9, 0.5, 0.7, -0.1)
+
+
+def test_epochs_for_picks_row():
+    cfg = EvalConfig()   # [[1, 3000], [10, 2000], [50, 1500], [200, 1000]]
+    assert [epochs_for(i, cfg) for i in (1, 2, 10, 11, 50, 51, 200)] == [3000, 2000, 2000, 1500, 1500, 1000, 1000]
+    assert epochs_for(500, cfg) == 1000          # beyond the last row: last row
+    assert epochs_for(10, cfg, soft=True) == 300
+    assert epochs_for(10, EvalConfig(epochs=7), soft=True) == 7
+    assert epochs_for(3, EvalConfig(epochs_by_ipc=[[50, 5], [2, 9]])) == 5   # rows sorted first
+
+
+def test_eval_epochs_and_cosine():
+    assert eval_epochs(7, 3) == [3, 6, 7]
+    marks = eval_epochs(1000, 0)
+    assert len(marks) == 20 and marks[-1] == 1000 and marks[0] == 50
+    assert eval_epochs(5, 0) == [1, 2, 3, 4, 5]
+    assert cosine_factor(0, 100, True) == pytest.approx(1.0)
+    assert cosine_factor(100, 100, True) == pytest.approx(0.5)   # RDED quirk: ends at lr / 2
+    assert cosine_factor(100, 100, False) == pytest.approx(0.0)
+    assert cosine_factor(50, 100, False) == pytest.approx(0.5)
+
+
+# --------------------------------------------------------------------------------------------
+# Augmentation
+# --------------------------------------------------------------------------------------------
+def test_random_resized_crop_shape_and_determinism():
+    x = torch.randn(6, 3, 16, 16)
+    a = random_resized_crop_flip(x, torch.Generator().manual_seed(3))
+    b = random_resized_crop_flip(x, torch.Generator().manual_seed(3))
+    c = random_resized_crop_flip(x, torch.Generator().manual_seed(4))
+    assert a.shape == x.shape
+    assert torch.equal(a, b)
+    assert not torch.allclose(a, c)
+    assert not torch.allclose(a, x)
+
+
+def test_flip_really_flips_and_identity_is_identity():
+    x = torch.randn(4, 2, 8, 12)
+    g = torch.Generator().manual_seed(0)
+    flipped = random_resized_crop_flip(x, g, scale=(1.0, 1.0), ratio=(1.0, 1.0), flip_p=1.0)
+    assert torch.allclose(flipped, torch.flip(x, dims=[3]), atol=1e-5)
+    same = random_resized_crop_flip(x, g, scale=(1.0, 1.0), ratio=(1.0, 1.0), flip_p=0.0)
+    assert torch.allclose(same, x, atol=1e-5)
+
+
+def test_crop_zooms_in():
+    # a horizontal ramp over [-1, 1]: a square crop of a quarter of the area is half as wide, so
+    # across its width the ramp rises by half its full range (2 / 2 = 1), wherever the crop sits
+    ramp = torch.linspace(-1, 1, 32).view(1, 1, 1, 32).expand(8, 1, 32, 32).contiguous()
+    out = random_resized_crop_flip(ramp, torch.Generator().manual_seed(0), scale=(0.25, 0.25),
+                                   ratio=(1.0, 1.0), flip_p=0.0)
+    span = out[:, 0, 0, -1] - out[:, 0, 0, 0]          # [8]
+    assert torch.allclose(span, torch.ones(8), atol=0.05)
+
+
+def test_cutmix_lambda_matches_pasted_area():
+    b, h, w = 8, 16, 16
+    x = torch.arange(b, dtype=torch.float32).view(b, 1, 1, 1).expand(b, 3, h, w).contiguous()  # image i == i
+    y = torch.arange(b)
+    mixed, ya, yb, lam = cutmix(x, y, torch.Generator().manual_seed(1), beta=1.0)
+    assert mixed.shape == x.shape and torch.equal(ya, y)
+    assert 0.0 <= lam <= 1.0
+    for i in range(b):
+        own = (mixed[i, 0] == i).float().mean().item()
+        if yb[i] != i:   # pixels not from image i came from its partner, in proportion 1 - lambda
+            assert own == pytest.approx(lam)
+            assert ((mixed[i, 0] == i) | (mixed[i, 0] == float(yb[i]))).all()
+    again = cutmix(x, y, torch.Generator().manual_seed(1), beta=1.0)
+    assert torch.equal(again[0], mixed) and again[3] == lam
+    # over many draws some boxes are non-empty
+    lams = [cutmix(x, y, torch.Generator().manual_seed(s))[3] for s in range(20)]
+    assert min(lams) < 0.9
+
+
+# --------------------------------------------------------------------------------------------
+# Training on scikit-learn digits (8x8 upsampled to 16x16), 10 images per class
+# --------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def digits():
+    d = load_digits()
+    x = torch.tensor(d.images, dtype=torch.float32)[:, None] * (255.0 / 16.0)     # [1797, 1, 8, 8]
+    x = F.interpolate(x, size=16, mode="bilinear", align_corners=False)
+    x = x.round().clamp(0, 255).to(torch.uint8)                                   # [1797, 1, 16, 16]
+    y = torch.tensor(d.target, dtype=torch.long)
+    rng = np.random.default_rng(0)
+    train = np.concatenate([rng.permutation(np.flatnonzero(d.target == c))[:10] for c in range(10)])
+    test = rng.permutation(np.setdiff1d(np.arange(len(y)), train))[:500]   # 500 held-out images keep eval cheap
+    return x[train], y[train], x[test], y[test]
+
+
+CFG = EvalConfig(eval_every=5)
+
+
+def test_train_student_hard_beats_chance(digits):
+    tx, ty, ex, ey = digits
+    lines = []
+    res = train_student(tx, ty, ex, ey, student="convnet_d2", num_classes=10, cfg=CFG, epochs=15,
+                        seed=0, log=lines.append)
+    assert res["best_acc"] > 0.5                     # chance is 0.1
+    assert 0.0 <= res["final_acc"] <= res["best_acc"] <= 1.0
+    assert [e for e, _ in res["curve"]] == [5, 10, 15]
+    assert res["epochs"] == 15 and res["images_per_s"] > 0
+    assert len(lines) == 3 and "epoch 15/15" in lines[-1] and "acc" in lines[-1]
+
+
+def test_train_student_is_deterministic(digits):
+    tx, ty, ex, ey = digits
+    cfg = EvalConfig(eval_every=1)
+    runs = [train_student(tx, ty, ex[:200], ey[:200], student="convnet_d2", num_classes=10, cfg=cfg,
+                          epochs=3, seed=7) for _ in range(2)]
+    assert runs[0]["best_acc"] == runs[1]["best_acc"]
+    assert runs[0]["curve"] == runs[1]["curve"]
+    other = train_student(tx, ty, ex[:200], ey[:200], student="convnet_d2", num_classes=10, cfg=cfg,
+                          epochs=3, seed=8)
+    assert other["curve"] != runs[0]["curve"]
+
+
+def test_soft_protocol_with_teacher_beats_chance(digits):
+    tx, ty, ex, ey = digits
+    teacher = train_teacher(tx, ty, arch="convnet_d2", num_classes=10, cfg=CFG, epochs=15, seed=1)
+    assert not teacher.training and not any(p.requires_grad for p in teacher.parameters())
+    assert accuracy(teacher, ex, ey) > 0.5
+    res = train_student(tx, ty, ex, ey, student="convnet_d2", num_classes=10, cfg=CFG, epochs=10,
+                        seed=0, protocol="soft", teacher=teacher, return_model=True)
+    assert res["best_acc"] > 0.5
+    assert accuracy(res["model"], ex, ey) == pytest.approx(res["final_acc"])
+
+
+def test_train_student_argument_errors(digits):
+    tx, ty, ex, ey = digits
+    with pytest.raises(ValueError, match="teacher"):
+        train_student(tx, ty, ex, ey, student="convnet_d2", num_classes=10, cfg=CFG, epochs=1, seed=0,
+                      protocol="soft")
+    with pytest.raises(ValueError, match="hard, soft"):
+        train_student(tx, ty, ex, ey, student="convnet_d2", num_classes=10, cfg=CFG, epochs=1, seed=0,
+                      protocol="kd")
+    with pytest.raises(ValueError, match="uint8"):
+        train_student(to_float(tx), ty, ex, ey, student="convnet_d2", num_classes=10, cfg=CFG, epochs=1, seed=0)
