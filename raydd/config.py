@@ -34,8 +34,8 @@ class ConfigError(ValueError):
 class DataConfig:
     dataset: str = "digits"        # "digits" (scikit-learn, built in) | "imagefolder"
     root: str = ""                 # imagefolder: dir with train/<class>/... and optionally val/<class>/...
-    classes: str = ""              # imagefolder: subset name (imagenette, imagewoof, imageidc, imagenet100,
-                                   # imagenet1k), a comma list of class dir names, or "" = every dir in root
+    classes: str = ""              # subset name (imagenette, imagewoof, imageidc, imagenet100, imagenet1k),
+                                   # a comma list of class names (digits: "0,3,8"), or "" = all classes
     image_size: int = 16           # side length images are resized to (digits: 8x8 upsampled)
     channels: int = 1              # 1 (grayscale) or 3 (RGB)
     val_fraction: float = 0.15     # digits / imagefolder without val/: stratified fractions per class

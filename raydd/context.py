@@ -6,6 +6,7 @@ The verbs go to a runner: `LocalRunner` (in-process, plain PyTorch: unit tests, 
 """
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -22,20 +23,58 @@ class LocalRunner:
     def __init__(self, cfg: Config):
         self.cfg = cfg
 
+    def max_cpus_per_worker(self) -> float:
+        import os
+
+        return float(os.cpu_count() or 1)
+
     def generate(self, spec: BackboneSpec, rows: dict[str, np.ndarray],
                  guidance_factory: GuidanceFactory | None = None) -> DistilledSet:
         return generate_local(spec, self.cfg.sampler, rows, guidance_factory)
 
-    def train(self, loop: Callable[[dict, TrainHooks], None], config: dict, name: str, num_workers: int | None = None):
+    def map(self, udf: type, udf_kwargs: dict, columns: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        fn = udf(**udf_kwargs)
+        outs = [fn({k: v[columns["unit"] == u] for k, v in columns.items()}) for u in np.unique(columns["unit"])]
+        return {k: np.concatenate([o[k] for o in outs]) for k in outs[0]}
+
+    def train(self, loop: Callable[[dict, TrainHooks], None], config: dict, name: str, num_workers: int | None = None,
+              cpus_per_worker: float | None = None):
         hooks = run_local(loop, config)
         return TrainResult(hooks.reports[-1] if hooks.reports else {}, hooks.checkpoint_dir)
+
+
+def train_cached(runner, cache_dir: Path, kind: str, loop: Callable[[dict, TrainHooks], None], config: dict,
+                 cpus_per_worker: float | None = None, log: Callable[[str], None] = print) -> Path:
+    """Run a training job once per config: its final checkpoint directory is kept at
+    <cache_dir>/<kind>/<config hash>/ (copied to a temp name, then renamed: a cached entry is complete)."""
+    import shutil
+    import time
+
+    from raydd.config import config_hash
+
+    path = Path(cache_dir) / kind / config_hash(config)
+    if not (path / ".complete").exists():
+        log(f"training {kind} (cached as {path}) ...")
+        t0 = time.time()
+        result = runner.train(loop, config, name=f"{kind}-{path.name}", cpus_per_worker=cpus_per_worker)
+        if result.checkpoint_dir is None:
+            raise RuntimeError(f"training job {kind} reported no checkpoint")
+        tmp = path.with_name(path.name + ".partial")
+        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.copytree(result.checkpoint_dir, tmp)
+        (tmp / "metrics.json").write_text(json.dumps(result.metrics, default=str))
+        (tmp / ".complete").write_text("")
+        shutil.rmtree(path, ignore_errors=True)
+        tmp.rename(path)
+        log(f"{kind} trained in {time.time() - t0:.0f}s: {result.metrics}")
+    return path
 
 
 class NullTracker:
     def log_metrics(self, metrics: dict, step: int | None = None) -> None:
         pass
 
-    def log_images(self, name: str, images, labels, class_names=None) -> None:
+    def log_images(self, name: str, grid) -> None:
         pass
 
     def log_dict(self, d: dict, name: str) -> None:
@@ -46,10 +85,17 @@ class NullTracker:
 class Context:
     cfg: Config
     data: RealData
-    spec: BackboneSpec
+    backbone: BackboneSpec | Callable[[], BackboneSpec]  # a spec, or how to get one (trains the tiny DiT once)
     runner: Any = None
     tracker: Any = field(default_factory=NullTracker)
     scratch: Path = Path(".")
+
+    @property
+    def spec(self) -> BackboneSpec:
+        """The frozen backbone; built on first use, so methods that never sample (random) never train it."""
+        if callable(self.backbone):
+            self.backbone = self.backbone()
+        return self.backbone
 
     def rows(self, per_class: int, stream: str = "", by_class: bool = False,
              classes: list[int] | None = None) -> dict[str, np.ndarray]:
@@ -61,8 +107,19 @@ class Context:
     def generate(self, rows: dict[str, np.ndarray], guidance_factory: GuidanceFactory | None = None) -> DistilledSet:
         return self.runner.generate(self.spec, rows, guidance_factory)
 
-    def train(self, loop: Callable[[dict, TrainHooks], None], config: dict, name: str, num_workers: int | None = None):
-        return self.runner.train(loop, config, name, num_workers)
+    def map(self, udf: type, udf_kwargs: dict, columns: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """Any callable class over rows grouped by `unit` on the actor pool (e.g. latent optimisation):
+        the constructor loads models once per actor, __call__ maps numpy columns to numpy columns."""
+        return self.runner.map(udf, udf_kwargs, columns)
+
+    def train(self, loop: Callable[[dict, TrainHooks], None], config: dict, name: str, num_workers: int | None = None,
+              cpus_per_worker: float | None = None):
+        return self.runner.train(loop, config, name, num_workers, cpus_per_worker)
+
+    def train_cached(self, kind: str, loop: Callable[[dict, TrainHooks], None], config: dict,
+                     cpus_per_worker: float | None = None) -> Path:
+        """A training job run once per config (reference models, estimators, selectors, fine-tunes)."""
+        return train_cached(self.runner, self.cfg.resolved_cache_dir(), kind, loop, config, cpus_per_worker)
 
     def log_metrics(self, metrics: dict, step: int | None = None) -> None:
         self.tracker.log_metrics(metrics, step)

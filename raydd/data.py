@@ -124,10 +124,13 @@ def load_digits_data(cfg: DataConfig) -> RealData:
     x = resize_uint8(x, cfg.image_size)
     if cfg.channels == 3:
         x = x.repeat(1, 3, 1, 1)
-    y = torch.from_numpy(d.target.astype(np.int64))
-    tr, va, te = stratified_split(d.target, (cfg.val_fraction, cfg.test_fraction), cfg.split_seed)
+    names = resolve_classes(cfg.classes, [str(i) for i in range(10)]) if cfg.classes else [str(i) for i in range(10)]
+    keep = np.isin(d.target, [int(n) for n in names])
+    x, target = x[torch.from_numpy(keep)], d.target[keep]
+    y = torch.from_numpy(np.array([names.index(str(t)) for t in target], dtype=np.int64))  # label = list position
+    tr, va, te = stratified_split(y.numpy(), (cfg.val_fraction, cfg.test_fraction), cfg.split_seed)
     train = _cap_per_class(Split(x[tr], y[tr]), cfg.max_train_per_class)
-    return RealData(train, Split(x[va], y[va]), Split(x[te], y[te]), [str(i) for i in range(10)])
+    return RealData(train, Split(x[va], y[va]), Split(x[te], y[te]), names)
 
 
 def read_image(path: Path, size: int, channels: int) -> torch.Tensor:

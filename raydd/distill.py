@@ -9,14 +9,13 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import resource
 import shutil
 import sys
 import time
 from pathlib import Path
 
-from raydd.config import Config, ConfigError, config_hash, flatten, list_presets, load_config, make_method_config
+from raydd.config import Config, ConfigError, flatten, list_presets, load_config, make_method_config
 from raydd.data import RealData, load_real
 from raydd.generate import BackboneSpec
 
@@ -46,24 +45,14 @@ def check_method(cfg: Config):
 
 def ensure_backbone(cfg: Config, data: RealData, runner) -> BackboneSpec:
     """The frozen backbone's spec. 'tiny': trained with Ray Train on first use, cached by config hash."""
+    from raydd.context import train_cached
     from raydd.finetune import tiny_backbone_config, train_tiny_backbone
 
     b = cfg.backbone
     if b.source == "tiny":
-        train_cfg = tiny_backbone_config(b, cfg.sampler, cfg.data, seed=0)
-        key = config_hash(train_cfg)
-        path = cfg.resolved_cache_dir() / "backbones" / key
-        if not (path / "transformer" / "config.json").exists():
-            log(f"training the tiny DiT backbone ({b.train_steps} steps, cached as {path}) ...")
-            t0 = time.time()
-            result = runner.train(train_tiny_backbone, train_cfg, name=f"backbone-{key}")
-            tmp = path.with_name(path.name + ".partial")
-            shutil.rmtree(tmp, ignore_errors=True)
-            shutil.copytree(Path(result.checkpoint_dir) / "transformer", tmp / "transformer")
-            (tmp / "train_metrics.json").write_text(json.dumps(result.metrics))
-            shutil.rmtree(path, ignore_errors=True)
-            tmp.rename(path)
-            log(f"backbone trained in {time.time() - t0:.0f}s: {result.metrics}")
+        path = train_cached(runner, cfg.resolved_cache_dir(), "backbones", train_tiny_backbone,
+                            tiny_backbone_config(b, cfg.sampler, cfg.data, seed=0),
+                            cpus_per_worker=runner.max_cpus_per_worker(), log=log)  # one job: all of a node
         b = dataclasses.replace(b, source=str(path / "transformer"))
     return BackboneSpec(b, num_classes=data.num_classes, channels=cfg.data.channels,
                         image_size=cfg.data.image_size, class_ids=data.backbone_class_ids())
@@ -95,15 +84,20 @@ def distill(cfg: Config) -> dict:
         tracker.log_params(flatten(dataclasses.asdict(cfg)) | flatten({cfg.method: dataclasses.asdict(mcfg)}))
         init_ray(cfg.compute)
         runner = RayRunner(cfg, scratch)
-        t0 = time.time()
-        spec = ensure_backbone(cfg, data, runner)
-        t_backbone = time.time() - t0
+        timer = {"backbone": 0.0}
 
-        ctx = Context(cfg=cfg, data=data, spec=spec, runner=runner, tracker=tracker, scratch=scratch)
+        def backbone() -> BackboneSpec:
+            t = time.time()
+            spec = ensure_backbone(cfg, data, runner)
+            timer["backbone"] = time.time() - t
+            return spec
+
+        ctx = Context(cfg=cfg, data=data, backbone=backbone, runner=runner, tracker=tracker, scratch=scratch)
         log(f"distilling with {cfg.method} ({cfg.compute.num_actors} sampling actor(s)) ...")
         t0 = time.time()
         distilled = method.run(ctx, mcfg)
-        t_distill = time.time() - t0
+        t_backbone = timer["backbone"]
+        t_distill = time.time() - t0 - t_backbone
         if len(distilled) != cfg.ipc * data.num_classes:
             raise RuntimeError(f"{cfg.method} returned {len(distilled)} images, expected "
                                f"{cfg.ipc} x {data.num_classes}")
@@ -161,7 +155,6 @@ def build_parser(prog: str, description: str) -> argparse.ArgumentParser:
                                        f"methods: {', '.join(list_methods())}\npresets: {', '.join(list_presets())}")
     p.add_argument("--preset", default="digits", help="preset YAML (default: digits, built in)")
     p.add_argument("--smoke", action="store_true", help="the same code path shrunk to finish in about a minute")
-    p.add_argument("overrides", nargs="*", metavar="key=value")
     return p
 
 
@@ -170,6 +163,7 @@ def main(argv: list[str] | None = None) -> int:
 
     p = build_parser("python -m raydd.distill", __doc__.split("\n\n")[1])
     p.add_argument("--method", required=True, help=f"one of: {', '.join(list_methods())}")
+    p.add_argument("overrides", nargs="*", metavar="key=value")
     args = p.parse_args(argv)
     try:
         cfg = load_config(args.preset, args.overrides, smoke=args.smoke, method=args.method)

@@ -107,16 +107,11 @@ def ensure_teacher(cfg: Config, runner) -> str:
         if not Path(cfg.eval.teacher).exists():
             raise FileNotFoundError(f"eval.teacher={cfg.eval.teacher} does not exist")
         return cfg.eval.teacher
+    from raydd.context import train_cached
+
     e = cfg.eval
-    path = cfg.resolved_cache_dir() / "teachers" / config_hash(cfg.data, e.teacher_arch, e.teacher_epochs, e.lr,
-                                                              e.batch_size, e.rrc_scale_min, e.flip) / "teacher.safetensors"
-    if not path.exists():
-        result = runner.train(teacher_loop, {"data": asdict(cfg.data), "eval": asdict(cfg.eval), "seed": 0},
-                              name=f"teacher-{path.parent.name}", num_workers=1)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".tmp")
-        tmp.write_bytes((Path(result.checkpoint_dir) / "teacher.safetensors").read_bytes())
-        tmp.replace(path)
+    config = {"data": asdict(cfg.data), "eval": asdict(e) | {"students": [], "seeds": 0, "teacher": ""}, "seed": 0}
+    path = train_cached(runner, cfg.resolved_cache_dir(), "teachers", teacher_loop, config) / "teacher.safetensors"
     return str(path)
 
 

@@ -262,7 +262,7 @@ def train_student(train_x: torch.Tensor, train_y: torch.Tensor,
                 idx = perm[s:s + bs]
                 xb = to_float(train_x[idx])                                      # [b, C, H, W]
                 yb = train_y[idx]                                                # [b]
-                xb = random_resized_crop_flip(xb, gen, scale=(cfg.rrc_scale_min, 1.0))
+                xb = random_resized_crop_flip(xb, gen, scale=(cfg.rrc_scale_min, 1.0), flip_p=0.5 if cfg.flip else 0.0)
                 xb, ya, yb2, lam = cutmix(xb, yb, gen, cfg.cutmix_beta)
                 logits = model(xb)                                               # [b, K]
                 if protocol == "hard":

@@ -168,3 +168,109 @@ def train_tiny_backbone(config: dict, hooks: TrainHooks) -> None:
                     if last:
                         save_transformer(ema.cpu(), f"{d}/transformer")
                 hooks.report(metrics, checkpoint_dir=d if hooks.world_rank == 0 else None)
+
+
+# --------------------------------------------------------------------------------------------
+# Fine-tuning a DiT backbone (IMS3, RSM): one entry point, several objectives
+# --------------------------------------------------------------------------------------------
+# Extra loss terms added to L_simple + L_vlb, registered by the files that define them
+# (raydd/objectives/*.py). Each is
+#   term(predict, x0, y, t, x_t, noise, out, schedule, options) -> per-sample loss [B]
+# where `out` is diffusion_losses' dict (mse, vb, x0_hat) and `options` the term's own settings.
+LOSS_TERMS: dict[str, Callable] = {}
+
+
+def register_loss_term(name: str):
+    def deco(fn: Callable) -> Callable:
+        LOSS_TERMS[name] = fn
+        return fn
+    return deco
+
+
+def peft_parameters(model: torch.nn.Module, mode: str) -> list[str]:
+    """Names of the parameters that train. "full": all. "difffit" (DiffFit-style PEFT): biases, norm
+    parameters, scale factors and the class embedding; everything else stays bit-identical."""
+    if mode == "full":
+        return [n for n, _ in model.named_parameters()]
+    if mode != "difffit":
+        raise ValueError(f"peft mode {mode!r}; allowed: difffit, full")
+    keep = ("bias", "norm", "scale", "gamma", "class_embedder")
+    return [n for n, _ in model.named_parameters() if any(k in n for k in keep)]
+
+
+def finetune_config(backbone_source: str, data: DataConfig, sampler: SamplerConfig, *, steps: int, batch: int,
+                    lr: float, peft: str, terms: dict[str, float], term_options: dict | None = None,
+                    seed: int = 0, weight_decay: float = 0.0, latent_size: int = 32, vae: str = "identity",
+                    vae_scale: float = 0.18215) -> dict:
+    schedule = SamplerConfig(train_timesteps=sampler.train_timesteps, beta_start=sampler.beta_start,
+                             beta_end=sampler.beta_end)
+    return {"backbone_source": backbone_source, "vae": vae, "vae_scale": vae_scale, "latent_size": latent_size,
+            "data": asdict(data), "sampler": asdict(schedule), "steps": steps, "batch": batch, "lr": lr,
+            "weight_decay": weight_decay, "peft": peft, "terms": dict(terms), "term_options": term_options or {},
+            "seed": seed}
+
+
+def finetune_loop(config: dict, hooks: TrainHooks) -> None:
+    """Fine-tune a DiT on the real train split: L = L_simple + L_vlb + sum_k lambda_k * term_k.
+    Data-parallel across workers (DDP via hooks.prepare_model); reports a diffusers model dir
+    `transformer/` as the final checkpoint, loadable with backbone.source=<dir>/transformer."""
+    from raydd.backbone import load_transformer, load_vae, save_transformer
+    from raydd.data import load_real
+    from raydd.evaluation import to_float
+
+    unknown = [k for k in config["terms"] if k not in LOSS_TERMS]
+    if unknown:
+        raise ValueError(f"unknown fine-tuning loss term(s) {unknown}; registered: {sorted(LOSS_TERMS)}")
+    dcfg, scfg = DataConfig(**config["data"]), SamplerConfig(**config["sampler"])
+    torch.manual_seed(config["seed"])
+    data = load_real(dcfg)
+    model = load_transformer(config["backbone_source"])
+    trainable = set(peft_parameters(model, config["peft"]))
+    for n, p in model.named_parameters():
+        p.requires_grad_(n in trainable)
+    vae = load_vae(config["vae"], config["vae_scale"])
+    with torch.no_grad():                                                  # latents once: [N, c, h, w]
+        z_all = torch.cat([vae.encode(to_float(x)) for x in data.train.x.split(64)])
+    y_all = torch.tensor(data.backbone_class_ids())[data.train.y]
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=config["lr"],
+                            weight_decay=config["weight_decay"])
+    start = 0
+    if hooks.restore_dir():
+        state = torch.load(f"{hooks.restore_dir()}/state.pt", map_location="cpu", weights_only=True)
+        model.load_state_dict(state["model"]), opt.load_state_dict(state["opt"])
+        start = int(state["step"])
+    net = hooks.prepare_model(model)
+    device = hooks.device
+    z_all, y_all = z_all.to(device), y_all.to(device)
+    schedule = make_schedule(scfg, steps=scfg.train_timesteps)
+    channels = z_all.shape[1]
+    predict = transformer_predict(net, channels)
+    gen = torch.Generator().manual_seed(config["seed"] * 1000 + hooks.world_rank)
+    net.train()
+    B, log_every = config["batch"], max(1, config["steps"] // 20)
+    for step in range(start, config["steps"]):
+        idx = torch.randint(0, len(y_all), (B,), generator=gen).to(device)
+        t = torch.randint(0, scfg.train_timesteps, (B,), generator=gen).to(device)
+        noise = torch.randn(z_all[idx].shape, generator=gen).to(device)
+        x0 = z_all[idx]
+        out = diffusion_losses(predict, x0, y_all[idx], t, noise, schedule)
+        loss, parts = out["loss"], {"mse": float(out["mse"].mean()), "vb": float(out["vb"].mean())}
+        x_t = q_sample(x0, t, noise, schedule)
+        for name, lam in config["terms"].items():
+            term = LOSS_TERMS[name](predict, x0, y_all[idx], t, x_t, noise, out, schedule,
+                                    config["term_options"].get(name, {}))
+            loss = loss + lam * term
+            parts[name] = float(term.mean())
+        loss = loss.mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        last = step == config["steps"] - 1
+        if (step + 1) % log_every == 0 or last:
+            with tempfile.TemporaryDirectory() as d:
+                if hooks.world_rank == 0:
+                    torch.save({"model": model.state_dict(), "opt": opt.state_dict(), "step": step + 1}, f"{d}/state.pt")
+                    if last:
+                        save_transformer(model, f"{d}/transformer")
+                hooks.report({"step": step + 1, "loss": float(loss), **parts},
+                             checkpoint_dir=d if hooks.world_rank == 0 else None)

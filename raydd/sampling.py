@@ -202,8 +202,9 @@ def guided_eps(backbone, guidance: Guidance, x_t: torch.Tensor, t: torch.Tensor,
         bad = (~torch.isfinite(g).flatten(1).all(1) | ~torch.isfinite(J)).nonzero().flatten().tolist()
         raise GuidanceError(f"guidance objective gave NaN/Inf at timestep {int(t[0])} for batch rows {bad} "
                             f"(labels {y[bad].tolist()}); the run stops rather than write corrupt samples")
-    dims = tuple(range(1, eps.dim()))
-    rho = math.sqrt(1.0 - abar) * eps.norm(dim=dims, keepdim=True) / g.norm(dim=dims, keepdim=True).clamp_min(1e-12)
+    shape = (-1,) + (1,) * (eps.dim() - 1)
+    rho = math.sqrt(1.0 - abar) * eps.flatten(1).norm(dim=1) / g.flatten(1).norm(dim=1).clamp_min(1e-12)  # [B]
+    rho = rho.view(shape)
     return eps - guidance.scale * rho * g, (var.detach() if var is not None else None), J.detach()
 
 

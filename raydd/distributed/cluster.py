@@ -18,7 +18,8 @@ def init_ray(compute: ComputeConfig) -> None:
     if address:
         ray.init(address=address, log_to_driver=True)
     else:
-        ray.init(num_cpus=compute.num_cpus or None, include_dashboard=False, dashboard_host="127.0.0.1",
+        # the dashboard serves the state API that Ray Train's placement-group cleaner polls; localhost only
+        ray.init(num_cpus=compute.num_cpus or None, include_dashboard=True, dashboard_host="127.0.0.1",
                  log_to_driver=True, configure_logging=True, logging_level="WARNING")
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = True

@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 import ray
+from ray.data.extensions import ArrowTensorArray
 
 from raydd.config import ComputeConfig, SamplerConfig
 from raydd.generate import BackboneSpec, DistilledSet, GuidanceFactory, SampleBatches, rows_to_set
@@ -38,21 +39,19 @@ class FaultySampleBatches(SampleBatches):
         return out
 
 
-def generate_ray(spec: BackboneSpec, sampler: SamplerConfig, rows: dict[str, np.ndarray], compute: ComputeConfig,
-                 guidance_factory: GuidanceFactory | None = None, scratch: str | Path | None = None) -> DistilledSet:
-    units = np.unique(rows["unit"])
-    blocks = [pa.table({k: v[rows["unit"] == u] for k, v in rows.items()}) for u in units]
-    unit_rows = max(len(b) for b in blocks)
-    kwargs = dict(spec=spec, sampler=sampler, guidance_factory=guidance_factory, gpus=compute.gpus_per_actor,
-                  threads=max(1, int(compute.cpus_per_actor)), precision=compute.precision)
-    fn = SampleBatches
-    if compute.fail_actor_after >= 0:
-        fn = FaultySampleBatches
-        kwargs.update(fail_after=compute.fail_actor_after, marker=str(Path(scratch or ".") / "actor_fault_injected"))
+def map_ray(udf: type, udf_kwargs: dict, columns: dict[str, np.ndarray], compute: ComputeConfig) -> dict[str, np.ndarray]:
+    """Run a callable class (constructor loads models once per actor; __call__: dict of numpy columns ->
+    dict of numpy columns) over `columns` on an actor pool. Rows with the same `unit` form one block,
+    so they are always processed together, whatever the number of actors."""
+    units = np.unique(columns["unit"])
+    def block(m: np.ndarray) -> pa.Table:  # tensors (latents [N,C,H,W]) as Ray's Arrow tensor columns
+        return pa.table({k: ArrowTensorArray.from_numpy(v[m]) if v.ndim > 1 else v[m] for k, v in columns.items()})
+
+    blocks = [block(columns["unit"] == u) for u in units]
     ds = ray.data.from_arrow(blocks).map_batches(
-        fn,
-        fn_constructor_kwargs=kwargs,
-        batch_size=unit_rows,
+        udf,
+        fn_constructor_kwargs=udf_kwargs,
+        batch_size=max(len(b) for b in blocks),
         compute=ray.data.ActorPoolStrategy(size=compute.num_actors),
         num_cpus=compute.cpus_per_actor,
         num_gpus=compute.gpus_per_actor,
@@ -63,7 +62,18 @@ def generate_ray(spec: BackboneSpec, sampler: SamplerConfig, rows: dict[str, np.
     for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
         for k, v in batch.items():
             cols.setdefault(k, []).append(v)
-    out = {k: np.concatenate(v) for k, v in cols.items()}
+    return {k: np.concatenate(v) for k, v in cols.items()}
+
+
+def generate_ray(spec: BackboneSpec, sampler: SamplerConfig, rows: dict[str, np.ndarray], compute: ComputeConfig,
+                 guidance_factory: GuidanceFactory | None = None, scratch: str | Path | None = None) -> DistilledSet:
+    kwargs = dict(spec=spec, sampler=sampler, guidance_factory=guidance_factory, gpus=compute.gpus_per_actor,
+                  threads=max(1, int(compute.cpus_per_actor)), precision=compute.precision)
+    udf = SampleBatches
+    if compute.fail_actor_after >= 0:
+        udf = FaultySampleBatches
+        kwargs.update(fail_after=compute.fail_actor_after, marker=str(Path(scratch or ".") / "actor_fault_injected"))
+    out = map_ray(udf, kwargs, rows, compute)
     check_complete(rows, out)
     return rows_to_set(out)
 

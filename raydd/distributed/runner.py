@@ -5,9 +5,10 @@ from pathlib import Path
 from typing import Callable
 
 import numpy as np
+import ray
 
 from raydd.config import Config
-from raydd.distributed.data import generate_ray
+from raydd.distributed.data import generate_ray, map_ray
 from raydd.distributed.train import fit
 from raydd.generate import BackboneSpec, DistilledSet, GuidanceFactory
 from raydd.train_hooks import TrainHooks
@@ -21,9 +22,16 @@ class RayRunner:
                  guidance_factory: GuidanceFactory | None = None) -> DistilledSet:
         return generate_ray(spec, self.cfg.sampler, rows, self.cfg.compute, guidance_factory, scratch=self.scratch)
 
+    def map(self, udf: type, udf_kwargs: dict, columns: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        return map_ray(udf, udf_kwargs, columns, self.cfg.compute)
+
     def train(self, loop: Callable[[dict, TrainHooks], None], config: dict, name: str,
-              num_workers: int | None = None):
+              num_workers: int | None = None, cpus_per_worker: float | None = None):
         c = self.cfg.compute
         return fit(loop, config, name=name, storage=self.cfg.resolved_cache_dir() / "ray_train",
-                   num_workers=num_workers or c.train_workers, cpus_per_worker=c.cpus_per_worker,
+                   num_workers=num_workers or c.train_workers, cpus_per_worker=cpus_per_worker or c.cpus_per_worker,
                    gpus_per_worker=c.gpus_per_worker)
+
+    def max_cpus_per_worker(self) -> float:
+        """The most CPUs one worker can get: the largest node's CPU count."""
+        return max(float(n["Resources"].get("CPU", 0)) for n in ray.nodes() if n["Alive"])

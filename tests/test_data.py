@@ -1,0 +1,95 @@
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from raydd.config import DataConfig
+from raydd.data import (DataError, load_digits_data, load_distilled_folder, load_imagefolder_data, resolve_classes,
+                        subset_classes)
+from raydd.generate import DistilledSet
+from raydd.outputs import read_distilled, write_distilled
+
+
+def test_digits_split_is_stratified_disjoint_and_deterministic():
+    a, b = load_digits_data(DataConfig(image_size=16)), load_digits_data(DataConfig(image_size=16))
+    assert torch.equal(a.train.x, b.train.x) and torch.equal(a.test.y, b.test.y)
+    assert a.train.x.shape[1:] == (1, 16, 16) and a.train.x.dtype == torch.uint8
+    assert len(a.train) + len(a.val) + len(a.test) == 1797
+    for split in (a.train, a.val, a.test):
+        assert set(split.y.tolist()) == set(range(10))
+    c = load_digits_data(DataConfig(image_size=16, split_seed=1))
+    assert not torch.equal(a.test.x, c.test.x)
+    assert int(load_digits_data(DataConfig(max_train_per_class=5)).train.y.bincount().max()) == 5
+
+
+def test_imagenet_subset_label_order_is_file_order():
+    wnids = subset_classes("imagenet1k")
+    nette = [wnids.index(w) for w in subset_classes("imagenette")]
+    woof = [wnids.index(w) for w in subset_classes("imagewoof")]
+    assert nette == [0, 217, 482, 491, 497, 566, 569, 571, 574, 701]
+    assert woof == [193, 182, 258, 162, 155, 167, 159, 273, 207, 229]   # not sorted: kept
+    assert subset_classes("imageidc") == subset_classes("imagenet100")[:10]
+    assert len(subset_classes("imagenet100")) == 100 and len(set(wnids)) == 1000
+
+
+def _folder(root, classes, n=3, size=20, bad=None):
+    for c in classes:
+        (root / c).mkdir(parents=True)
+        for k in range(n):
+            Image.fromarray(np.full((size, size, 3), 40 * k, np.uint8)).save(root / c / f"{k}.png")
+    if bad:
+        (root / classes[0] / "broken.png").write_bytes(b"not a png at all")
+
+
+def test_imagefolder_with_subset_maps_labels_and_backbone_ids(tmp_path):
+    woof = subset_classes("imagewoof")
+    _folder(tmp_path / "train", woof + ["n99999999"], n=4)
+    data = load_imagefolder_data(DataConfig(dataset="imagefolder", root=str(tmp_path), classes="imagewoof",
+                                            image_size=8, channels=3, val_fraction=0.25, test_fraction=0.25))
+    assert data.class_names == woof and data.train.x.shape[1:] == (3, 8, 8)
+    assert data.backbone_class_ids()[:3] == [193, 182, 258]
+
+
+def test_class_list_errors(tmp_path):
+    _folder(tmp_path / "train", ["a", "b"])
+    with pytest.raises(DataError, match="duplicate"):
+        resolve_classes("a,b,a", ["a", "b"])
+    with pytest.raises(DataError, match=r"not found as directories: \['zz'\]"):
+        resolve_classes("a,zz", ["a", "b"])
+    with pytest.raises(DataError, match="not found"):
+        load_imagefolder_data(DataConfig(dataset="imagefolder", root=str(tmp_path), classes="imagenette"))
+
+
+def test_corrupt_image_is_reported_by_path(tmp_path):
+    _folder(tmp_path / "train", ["a", "b"], bad=True)
+    with pytest.raises(DataError, match=r"unreadable image .*a/broken\.png"):
+        load_imagefolder_data(DataConfig(dataset="imagefolder", root=str(tmp_path), image_size=8, channels=3))
+
+
+def test_distilled_folder_by_name_or_index(tmp_path):
+    _folder(tmp_path / "named", ["3", "7"], n=2, size=16)
+    s = load_distilled_folder(tmp_path / "named", [str(i) for i in range(10)], 16, 1)
+    assert sorted(s.y.tolist()) == [3, 3, 7, 7]
+    _folder(tmp_path / "idx", ["00001", "00004"], n=1, size=16)
+    assert sorted(load_distilled_folder(tmp_path / "idx", list("abcdefghij"), 16, 1).y.tolist()) == [1, 4]
+    _folder(tmp_path / "odd", ["cat"], n=1)
+    with pytest.raises(DataError, match="neither the preset's class names"):
+        load_distilled_folder(tmp_path / "odd", ["0", "1"], 16, 1)
+
+
+def test_write_read_roundtrip_is_atomic(tmp_path):
+    g = torch.Generator().manual_seed(0)
+    ds = DistilledSet(images=torch.randint(0, 255, (6, 1, 8, 8), generator=g, dtype=torch.uint8),
+                      labels=torch.tensor([1, 0, 1, 0, 2, 2]), slots=torch.tensor([1, 0, 0, 1, 0, 1]),
+                      latents=torch.randn(6, 1, 8, 8, generator=g).half(), scores=torch.arange(6).float())
+    out = write_distilled(ds, tmp_path / "set", ["a", "b", "c"])
+    back, want = read_distilled(out), ds.sorted()
+    assert torch.equal(back.images, want.images) and torch.equal(back.latents, want.latents)
+    assert torch.equal(back.labels, torch.tensor([0, 0, 1, 1, 2, 2])) and torch.equal(back.scores, want.scores)
+    assert sorted(p.name for p in (out / "images" / "b").iterdir()) == ["0.png", "1.png"]
+    assert [p.name for p in tmp_path.iterdir()] == ["set"]          # no partial directory left behind
+    png = np.asarray(Image.open(out / "images" / "a" / "0.png"))
+    assert np.array_equal(png, want.images[0, 0].numpy())
+    (out / "manifest.json").unlink()
+    with pytest.raises(FileNotFoundError, match="not a complete distilled set"):
+        read_distilled(out)

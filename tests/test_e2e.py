@@ -1,0 +1,90 @@
+"""End to end through the CLIs on a real local Ray and a real SQLite MLflow store (--smoke sizes)."""
+import json
+import subprocess
+import sys
+import time
+
+import mlflow
+import pytest
+
+
+def run_cli(args, env, cwd, timeout=600):
+    p = subprocess.run([sys.executable, "-m", *args], env=env, cwd=cwd, capture_output=True, text=True, timeout=timeout)
+    return p.returncode, p.stdout + p.stderr
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    """One smoke distillation shared by the tests below (trains the smoke backbone once)."""
+    import os
+
+    tmp = tmp_path_factory.mktemp("e2e")
+    env = dict(os.environ, RAYDD_CACHE=str(tmp / "cache"), MLFLOW_TRACKING_URI=f"sqlite:///{tmp / 'mlflow.db'}")
+    env.pop("RAY_ADDRESS", None)
+    t0 = time.time()
+    rc, out = run_cli(["raydd.distill", "--method", "dit", "--smoke"], env, tmp)
+    return {"tmp": tmp, "env": env, "rc": rc, "out": out, "seconds": time.time() - t0}
+
+
+def runs(world, **tags):
+    mlflow.set_tracking_uri(world["env"]["MLFLOW_TRACKING_URI"])
+    filt = " and ".join(f"tags.{k} = '{v}'" for k, v in tags.items())
+    return mlflow.search_runs(experiment_names=["raydd"], filter_string=filt, output_format="list")
+
+
+def test_dit_smoke_writes_set_and_one_mlflow_run(world):
+    assert world["rc"] == 0, world["out"][-3000:]
+    out_dir = world["tmp"] / "outputs" / "digits-dit-ipc2-s0"
+    manifest = json.loads((out_dir / "manifest.json").read_text())
+    assert manifest["counts"] == [2] * 10 and manifest["method"] == "dit"
+    assert sorted(p.name for p in (out_dir / "images").iterdir()) == [str(i) for i in range(10)]
+    assert len(list((out_dir / "parquet").glob("class_idx=*/part-0.parquet"))) == 10
+    (run,) = runs(world, raydd_run="digits-dit-ipc2-s0")
+    assert run.info.status == "FINISHED"
+    assert run.data.params["ipc"] == "2" and run.data.params["sampler.steps"] == "8"
+    m = run.data.metrics
+    assert 0.0 <= m["acc_mean/convnet_d3"] <= 1.0 and m["images_per_s"] > 0 and m["time_total_s"] > 0
+    assert {"HLR/convnet_d3", "IOR/convnet_d3", "LRS/convnet_d3", "acc_random/convnet_d3"} <= set(m)
+    assert run.data.tags["output_dir"] == str(out_dir)
+    arts = {a.path for a in mlflow.MlflowClient().list_artifacts(run.info.run_id)}
+    assert {"distilled_grid.png", "result.json"} <= arts
+
+
+def test_random_smoke_and_rerun_reuses_run(world):
+    rc, out = run_cli(["raydd.distill", "--method", "random", "--smoke"], world["env"], world["tmp"])
+    assert rc == 0, out[-3000:]
+    rc, out = run_cli(["raydd.distill", "--method", "random", "--smoke"], world["env"], world["tmp"])
+    assert rc == 0, out[-3000:]
+    (run,) = runs(world, raydd_run="digits-random-ipc2-s0")          # re-run reuses the run: not duplicated
+    assert run.info.status == "FINISHED" and "acc_mean/convnet_d3" in run.data.metrics
+
+
+def test_evaluate_any_imagefolder(world):
+    folder = world["tmp"] / "outputs" / "digits-dit-ipc2-s0" / "images"
+    rc, out = run_cli(["raydd.evaluate", str(folder), "--smoke", "eval.ranking=false"], world["env"], world["tmp"])
+    assert rc == 0, out[-3000:]
+    (run,) = runs(world, raydd_eval=str(folder))
+    assert 0.0 <= run.data.metrics["acc_mean/convnet_d3"] <= 1.0
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--method", "nosuch"], "unknown method 'nosuch'; allowed: dit, random"),
+    (["--method", "dit", "ipc=0"], "ipc=0 must be >= 1"),
+    (["--method", "dit", "data.classes=1,2,1"], "duplicate classes: ['1']"),
+    (["--method", "dit", "data.classes=1,x"], "not found"),
+    (["--method", "dit", "--preset", "imagenette"], "data.root must be set"),
+    (["--method", "random", "ipc=500"], "larger than the real pool"),
+])
+def test_bad_input_fails_fast_with_the_allowed_values(world, args, message):
+    t0 = time.time()
+    rc, out = run_cli(["raydd.distill", *args, "--smoke"], world["env"], world["tmp"])
+    assert rc == 2 and message in out, out[-2000:]
+    assert time.time() - t0 < 60
+
+
+def test_unreachable_mlflow_fails_before_heavy_work(world, tmp_path):
+    env = dict(world["env"], MLFLOW_TRACKING_URI="http://127.0.0.1:9")
+    t0 = time.time()
+    rc, out = run_cli(["raydd.distill", "--method", "dit", "--smoke"], env, tmp_path)
+    assert rc == 2 and "MLflow tracking URI 'http://127.0.0.1:9' is unreachable" in out, out[-2000:]
+    assert not (tmp_path / "outputs").exists() and time.time() - t0 < 60
