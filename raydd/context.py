@@ -29,8 +29,8 @@ class LocalRunner:
         return float(os.cpu_count() or 1)
 
     def generate(self, spec: BackboneSpec, rows: dict[str, np.ndarray],
-                 guidance_factory: GuidanceFactory | None = None) -> DistilledSet:
-        return generate_local(spec, self.cfg.sampler, rows, guidance_factory)
+                 guidance_factory: GuidanceFactory | None = None, post_step_factory=None) -> DistilledSet:
+        return generate_local(spec, self.cfg.sampler, rows, guidance_factory, post_step_factory)
 
     def map(self, udf: type, udf_kwargs: dict, columns: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         fn = udf(**udf_kwargs)
@@ -104,8 +104,11 @@ class Context:
         unit = per_class if by_class else self.cfg.compute.batch_size
         return make_rows(self.data.num_classes, per_class, self.cfg.seed, unit, by_class, stream, classes)
 
-    def generate(self, rows: dict[str, np.ndarray], guidance_factory: GuidanceFactory | None = None) -> DistilledSet:
-        return self.runner.generate(self.spec, rows, guidance_factory)
+    def generate(self, rows: dict[str, np.ndarray], guidance_factory: GuidanceFactory | None = None,
+                 post_step_factory=None) -> DistilledSet:
+        """post_step_factory(backbone, device) -> post_step: a batch-level update after every scheduler
+        step (raydd.sampling.sample); with rows from rows(..., by_class=True) it sees one whole class."""
+        return self.runner.generate(self.spec, rows, guidance_factory, post_step_factory=post_step_factory)
 
     def map(self, udf: type, udf_kwargs: dict, columns: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         """Any callable class over rows grouped by `unit` on the actor pool (e.g. latent optimisation):

@@ -58,17 +58,56 @@ def ensure_backbone(cfg: Config, data: RealData, runner) -> BackboneSpec:
                         image_size=cfg.data.image_size, class_ids=data.backbone_class_ids())
 
 
-def distill(cfg: Config) -> dict:
-    """Run one distillation; returns the summary that is also logged to MLflow."""
+def produce(cfg: Config, data: RealData, runner, tracker, scratch: Path) -> tuple[Path, int, dict]:
+    """method.run -> the distilled set written to cfg.output_dir() (parquet + ImageFolder) and its
+    grid logged. Returns (output dir, number of images, timings)."""
     from raydd.context import Context
+    from raydd.outputs import image_grid, write_distilled
+
+    method, mcfg = check_method(cfg)
+    timer = {"backbone": 0.0}
+
+    def backbone() -> BackboneSpec:
+        t = time.time()
+        spec = ensure_backbone(cfg, data, runner)
+        timer["backbone"] = time.time() - t
+        return spec
+
+    ctx = Context(cfg=cfg, data=data, backbone=backbone, runner=runner, tracker=tracker, scratch=scratch)
+    log(f"distilling with {cfg.method} ({cfg.compute.num_actors} sampling actor(s)) ...")
+    t0 = time.time()
+    distilled = method.run(ctx, mcfg)
+    t_distill = time.time() - t0 - timer["backbone"]
+    if len(distilled) != cfg.ipc * data.num_classes:
+        raise RuntimeError(f"{cfg.method} returned {len(distilled)} images, expected {cfg.ipc} x {data.num_classes}")
+    out_dir = cfg.output_dir()
+    write_distilled(distilled, out_dir, data.class_names,
+                    extra={"method": cfg.method, "ipc": cfg.ipc, "seed": cfg.seed, "preset": cfg.preset})
+    log(f"wrote {len(distilled)} images to {out_dir} in {t_distill:.1f}s")
+    tracker.log_images("distilled_grid", image_grid(distilled.images, distilled.labels))
+    return out_dir, len(distilled), {"time_backbone_s": timer["backbone"], "time_distill_s": t_distill,
+                                     "images_per_s": len(distilled) / max(t_distill, 1e-9)}
+
+
+def summary_metrics(summary: dict) -> dict:
+    """Flatten evaluate_set's summary into MLflow metrics: acc_mean/<student>, HLR/<student>, ..."""
+    metrics = {}
+    for s, r in summary["students"].items():
+        metrics |= {f"acc_mean/{s}": r["acc_mean"], f"acc_std/{s}": r["acc_std"],
+                    f"student_images_per_s/{s}": r["images_per_s"]}
+        metrics |= {f"{k}/{s}": v for k, v in summary["ranking"].get(s, {}).items()}
+    return metrics
+
+
+def distill(cfg: Config, parent_run_id: str | None = None) -> dict:
+    """Run one distillation; returns the summary that is also logged to MLflow."""
     from raydd.distributed.cluster import cluster_cpus, init_ray
     from raydd.distributed.runner import RayRunner
     from raydd.eval_jobs import evaluate_set
-    from raydd.outputs import image_grid, write_distilled
     from raydd.tracking import Tracker, check_reachable, find_run
 
     t_start = time.time()
-    method, mcfg = check_method(cfg)
+    _, mcfg = check_method(cfg)
     check_reachable(cfg.tracking)                                  # fail in seconds, not after sampling
     data = load_real(cfg.data)                                     # unknown classes / corrupt images fail here
     log(f"{cfg.method} on {cfg.preset}: {data.num_classes} classes, {len(data.train)} train / "
@@ -78,47 +117,21 @@ def distill(cfg: Config) -> dict:
     scratch.mkdir(parents=True, exist_ok=True)
 
     run_name = cfg.resolved_run_name()
-    tracker = Tracker(cfg.tracking, run_name, run_id=find_run(cfg.tracking, run_name),
+    tracker = Tracker(cfg.tracking, run_name, run_id=find_run(cfg.tracking, run_name), parent_run_id=parent_run_id,
                       tags={"raydd_run": run_name, "method": cfg.method, "preset": cfg.preset})
     try:
         tracker.log_params(flatten(dataclasses.asdict(cfg)) | flatten({cfg.method: dataclasses.asdict(mcfg)}))
         init_ray(cfg.compute)
         runner = RayRunner(cfg, scratch)
-        timer = {"backbone": 0.0}
+        out_dir, n_images, metrics = produce(cfg, data, runner, tracker, scratch)
 
-        def backbone() -> BackboneSpec:
-            t = time.time()
-            spec = ensure_backbone(cfg, data, runner)
-            timer["backbone"] = time.time() - t
-            return spec
-
-        ctx = Context(cfg=cfg, data=data, backbone=backbone, runner=runner, tracker=tracker, scratch=scratch)
-        log(f"distilling with {cfg.method} ({cfg.compute.num_actors} sampling actor(s)) ...")
-        t0 = time.time()
-        distilled = method.run(ctx, mcfg)
-        t_backbone = timer["backbone"]
-        t_distill = time.time() - t0 - t_backbone
-        if len(distilled) != cfg.ipc * data.num_classes:
-            raise RuntimeError(f"{cfg.method} returned {len(distilled)} images, expected "
-                               f"{cfg.ipc} x {data.num_classes}")
-        write_distilled(distilled, out_dir, data.class_names,
-                        extra={"method": cfg.method, "ipc": cfg.ipc, "seed": cfg.seed, "preset": cfg.preset})
-        log(f"wrote {len(distilled)} images to {out_dir} in {t_distill:.1f}s")
-        tracker.log_images("distilled_grid", image_grid(distilled.images, distilled.labels))
-
-        log(f"evaluating: {cfg.eval.students} x {cfg.eval.seeds} seed(s), {cfg.eval.protocol}-label protocol ...")
+        log(f"evaluating: {cfg.eval.students} x {cfg.eval.seeds} seed(s), {cfg.eval.protocol}-label protocol "
+            f"on the {cfg.eval.split} split ...")
         t0 = time.time()
         max_workers = int(cluster_cpus() // max(cfg.compute.cpus_per_worker, 1e-9))
         summary = evaluate_set(cfg, {"kind": "parquet", "path": str(out_dir)}, runner, max_workers=max_workers)
-        t_eval = time.time() - t0
-
-        metrics = {"time_backbone_s": t_backbone, "time_distill_s": t_distill, "time_eval_s": t_eval,
-                   "time_total_s": time.time() - t_start, "images_per_s": len(distilled) / max(t_distill, 1e-9),
-                   "driver_peak_rss_mb": peak_rss_mb()}
-        for s, r in summary["students"].items():
-            metrics |= {f"acc_mean/{s}": r["acc_mean"], f"acc_std/{s}": r["acc_std"],
-                        f"student_images_per_s/{s}": r["images_per_s"]}
-            metrics |= {f"{k}/{s}": v for k, v in summary["ranking"].get(s, {}).items()}
+        metrics |= {"time_eval_s": time.time() - t0, "time_total_s": time.time() - t_start,
+                    "driver_peak_rss_mb": peak_rss_mb()} | summary_metrics(summary)
         tracker.log_metrics(metrics)
         tracker.set_tags({"output_dir": str(out_dir)})
         tracker.log_dict({"output_dir": str(out_dir), "summary": summary, "metrics": metrics}, "result.json")
@@ -164,7 +177,7 @@ def main(argv: list[str] | None = None) -> int:
     p = build_parser("python -m raydd.distill", __doc__.split("\n\n")[1])
     p.add_argument("--method", required=True, help=f"one of: {', '.join(list_methods())}")
     p.add_argument("overrides", nargs="*", metavar="key=value")
-    args = p.parse_args(argv)
+    args = p.parse_intermixed_args(argv)
     try:
         cfg = load_config(args.preset, args.overrides, smoke=args.smoke, method=args.method)
         check_method(cfg)

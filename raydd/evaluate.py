@@ -1,12 +1,14 @@
-"""python -m raydd.evaluate <imagefolder> [--preset digits] [--smoke] [key=value ...]
+"""python -m raydd.evaluate <imagefolder> [--preset digits] [--smoke] [--redundancy K] [key=value ...]
 
 Evaluate any distilled ImageFolder (<dir>/<class>/*.png, ours or another repo's) against a preset's
 real data with the same protocols as `raydd.distill`: students x seeds, DD-Ranking references, one
 MLflow run. Class folders are the preset's class names (wnids, or 0..9 for digits) or indices.
+With --redundancy K: LGD's redundancy diagnostic instead (K x K cross-increment accuracy, raydd.redundancy).
 """
 from __future__ import annotations
 
 import dataclasses
+import json
 import sys
 import time
 from pathlib import Path
@@ -23,6 +25,8 @@ def evaluate_folder(folder: str, cfg) -> dict:
     from raydd.outputs import image_grid
     from raydd.tracking import Tracker, check_reachable
 
+    if not Path(folder).is_dir():
+        raise DataError(f"distilled set {folder} is not a directory")
     check_reachable(cfg.tracking)
     data = load_real(cfg.data)
     syn = load_distilled_folder(folder, data.class_names, cfg.data.image_size, cfg.data.channels)  # bad files fail here
@@ -54,14 +58,66 @@ def evaluate_folder(folder: str, cfg) -> dict:
     return {"run_id": tracker.run_id, "summary": summary, "metrics": metrics}
 
 
+def evaluate_redundancy(folder: str, cfg, k: int) -> dict:
+    """The redundancy diagnostic (raydd.redundancy) on a distilled set: per student, the K x K
+    cross-increment accuracy matrix (mean over eval.seeds) and its off-diagonal mean, logged to MLflow
+    as metrics and a heatmap figure."""
+    from raydd.distributed.cluster import cluster_cpus, init_ray
+    from raydd.distributed.runner import RayRunner
+    from raydd.redundancy import (load_with_slots, matrices_from_results, off_diagonal_mean, redundancy_figure,
+                                  redundancy_loop, report_lines, split_increments)
+    from raydd.tracking import Tracker, check_reachable
+
+    check_reachable(cfg.tracking)
+    data = load_real(cfg.data)
+    x, y, slots = load_with_slots(folder, data.class_names, cfg.data.image_size, cfg.data.channels)
+    split_increments(y, slots, k)                                  # too few images per class fails here
+    log(f"redundancy of {folder}: {len(y)} images, K={k} increments, {cfg.eval.students} x {cfg.eval.seeds} seed(s)")
+    tracker = Tracker(cfg.tracking, f"redundancy-{Path(folder).name}",
+                      tags={"raydd_redundancy": str(folder), "preset": cfg.preset})
+    try:
+        tracker.log_params(flatten(dataclasses.asdict(cfg)) | {"folder": str(Path(folder).resolve()), "redundancy_k": k})
+        init_ray(cfg.compute)
+        jobs = [{"student": s, "a": a, "seed": r} for s in cfg.eval.students for a in range(k) for r in range(cfg.eval.seeds)]
+        config = {"path": str(Path(folder).resolve()), "data": dataclasses.asdict(cfg.data),
+                  "eval": dataclasses.asdict(cfg.eval), "k": k, "jobs": jobs}
+        p = cfg.compute.parallel_jobs
+        workers = max(1, min(len(jobs), int(cluster_cpus() // max(cfg.compute.cpus_per_worker, 1e-9)) if p <= 0 else p))
+        result = RayRunner(cfg, Path(folder)).train(redundancy_loop, config, name=f"redundancy-{Path(folder).name}",
+                                                    num_workers=workers)
+        results = json.loads(Path(result.checkpoint_dir, "results.json").read_text())
+        matrices = matrices_from_results(results, k)
+        metrics = {}
+        for s, r in matrices.items():
+            metrics[f"redundancy/{s}"] = off_diagonal_mean(r)
+            metrics |= {f"redundancy_{a}_{b}/{s}": float(r[a, b]) for a in range(k) for b in range(k)}
+            tracker.log_figure(redundancy_figure(r, f"{Path(folder).name} ({s})"), f"redundancy_{s}.png")
+        tracker.log_metrics(metrics)
+        tracker.log_dict({"folder": str(folder), "k": k, "matrices": {s: r.tolist() for s, r in matrices.items()},
+                          "jobs": results}, "redundancy.json")
+        tracker.end("FINISHED")
+    except BaseException:
+        tracker.end("FAILED")
+        raise
+    for s, r in matrices.items():
+        report_lines(r, s, log)
+    return {"run_id": tracker.run_id, "matrices": matrices, "metrics": metrics}
+
+
 def main(argv: list[str] | None = None) -> int:
     p = build_parser("python -m raydd.evaluate", __doc__.split("\n\n")[1])
     p.add_argument("folder", help="distilled ImageFolder: <folder>/<class>/*.png")
     p.add_argument("overrides", nargs="*", metavar="key=value")
-    args = p.parse_args(argv)
+    p.add_argument("--redundancy", type=int, default=0, metavar="K",
+                   help="instead of the accuracy protocol: the LGD redundancy diagnostic with K increments "
+                        "(folder may also be our output dir; see raydd.redundancy)")
+    args = p.parse_intermixed_args(argv)
     try:
         cfg = load_config(args.preset, args.overrides, smoke=args.smoke, method="evaluate")
-        evaluate_folder(args.folder, cfg)
+        if args.redundancy:
+            evaluate_redundancy(args.folder, cfg, args.redundancy)
+        else:
+            evaluate_folder(args.folder, cfg)
     except (ConfigError, DataError, FileNotFoundError, ValueError, RuntimeError) as e:
         print(f"raydd: error: {e}", file=sys.stderr)
         return 2

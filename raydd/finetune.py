@@ -8,10 +8,13 @@ with the mean in L_vlb built from a stop-gradient eps, so L_vlb trains only the 
 """
 from __future__ import annotations
 
+import importlib
+import json
 import math
 import tempfile
 import time
 from dataclasses import asdict
+from pathlib import Path
 from typing import Callable
 
 import numpy as np
@@ -189,13 +192,27 @@ def register_loss_term(name: str):
 
 def peft_parameters(model: torch.nn.Module, mode: str) -> list[str]:
     """Names of the parameters that train. "full": all. "difffit" (DiffFit-style PEFT): biases, norm
-    parameters, scale factors and the class embedding; everything else stays bit-identical."""
+    parameters, scale factors and the class embedding; everything else stays bit-identical.
+
+    Chosen by module type and parameter name, not by substrings of the full path: in diffusers'
+    DiT the adaLN modulation (`norm1.linear.weight`) and the timestep MLP
+    (`norm1.emb.timestep_embedder.linear_*.weight`) sit under a module named `norm1` but are
+    weight matrices, not DiffFit parameters. Norm parameters = those owned by a leaf module whose
+    class name contains "Norm" (LayerNorm, GroupNorm, RMSNorm, ...); scale factors = parameters
+    named gamma*/scale* (DiffFit's added gammas; diffusers' DiT has none); class embedding = the
+    label table (diffusers `class_embedder`, original DiT `y_embedder`)."""
     if mode == "full":
         return [n for n, _ in model.named_parameters()]
     if mode != "difffit":
         raise ValueError(f"peft mode {mode!r}; allowed: difffit, full")
-    keep = ("bias", "norm", "scale", "gamma", "class_embedder")
-    return [n for n, _ in model.named_parameters() if any(k in n for k in keep)]
+    keep: set[str] = set()
+    for mod_name, mod in model.named_modules():
+        is_norm = "Norm" in type(mod).__name__ and next(mod.children(), None) is None
+        is_label_table = bool({"class_embedder", "y_embedder"} & set(mod_name.split(".")))
+        for p_name, _ in mod.named_parameters(recurse=False):
+            if p_name == "bias" or is_norm or is_label_table or p_name.startswith(("gamma", "scale")):
+                keep.add(f"{mod_name}.{p_name}" if mod_name else p_name)
+    return [n for n, _ in model.named_parameters() if n in keep]
 
 
 def finetune_config(backbone_source: str, data: DataConfig, sampler: SamplerConfig, *, steps: int, batch: int,
@@ -207,7 +224,9 @@ def finetune_config(backbone_source: str, data: DataConfig, sampler: SamplerConf
     return {"backbone_source": backbone_source, "vae": vae, "vae_scale": vae_scale, "latent_size": latent_size,
             "data": asdict(data), "sampler": asdict(schedule), "steps": steps, "batch": batch, "lr": lr,
             "weight_decay": weight_decay, "peft": peft, "terms": dict(terms), "term_options": term_options or {},
-            "seed": seed}
+            "seed": seed,
+            # the files that registered the terms: a Ray Train worker is a fresh process, the loop imports them
+            "term_modules": sorted({LOSS_TERMS[k].__module__ for k in terms if k in LOSS_TERMS})}
 
 
 def finetune_loop(config: dict, hooks: TrainHooks) -> None:
@@ -218,6 +237,8 @@ def finetune_loop(config: dict, hooks: TrainHooks) -> None:
     from raydd.data import load_real
     from raydd.evaluation import to_float
 
+    for module in config.get("term_modules", []):                         # registers the terms here
+        importlib.import_module(module)
     unknown = [k for k in config["terms"] if k not in LOSS_TERMS]
     if unknown:
         raise ValueError(f"unknown fine-tuning loss term(s) {unknown}; registered: {sorted(LOSS_TERMS)}")
@@ -234,11 +255,13 @@ def finetune_loop(config: dict, hooks: TrainHooks) -> None:
     y_all = torch.tensor(data.backbone_class_ids())[data.train.y]
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=config["lr"],
                             weight_decay=config["weight_decay"])
-    start = 0
+    start, history = 0, []                                                 # history: every report (loss curve)
     if hooks.restore_dir():
         state = torch.load(f"{hooks.restore_dir()}/state.pt", map_location="cpu", weights_only=True)
         model.load_state_dict(state["model"]), opt.load_state_dict(state["opt"])
         start = int(state["step"])
+        if Path(hooks.restore_dir(), "history.json").exists():
+            history = json.loads(Path(hooks.restore_dir(), "history.json").read_text())
     net = hooks.prepare_model(model)
     device = hooks.device
     z_all, y_all = z_all.to(device), y_all.to(device)
@@ -267,10 +290,11 @@ def finetune_loop(config: dict, hooks: TrainHooks) -> None:
         opt.step()
         last = step == config["steps"] - 1
         if (step + 1) % log_every == 0 or last:
+            history.append({"step": step + 1, "loss": float(loss), **parts})
             with tempfile.TemporaryDirectory() as d:
                 if hooks.world_rank == 0:
                     torch.save({"model": model.state_dict(), "opt": opt.state_dict(), "step": step + 1}, f"{d}/state.pt")
+                    Path(d, "history.json").write_text(json.dumps(history))   # the loss curve, kept with the model
                     if last:
                         save_transformer(model, f"{d}/transformer")
-                hooks.report({"step": step + 1, "loss": float(loss), **parts},
-                             checkpoint_dir=d if hooks.world_rank == 0 else None)
+                hooks.report(history[-1], checkpoint_dir=d if hooks.world_rank == 0 else None)

@@ -73,6 +73,9 @@ class BackboneSpec:
 
 
 GuidanceFactory = Callable[[Any, torch.device], Guidance]  # (backbone, device) -> Guidance
+# (backbone, device) -> post_step(i, x_prev, x0_hat, y) -> x_prev' (see raydd.sampling.sample), built once per
+# actor like a Guidance; batch-level updates (CGS) see a whole unit, e.g. one class's IPC samples
+PostStepFactory = Callable[[Any, torch.device], Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]]
 
 
 def pick_device(gpus: float) -> torch.device:
@@ -83,13 +86,15 @@ class SampleBatches:
     """rows -> samples. Constructor: load backbone (+ guidance models) once. Call: denoise each unit."""
 
     def __init__(self, spec: BackboneSpec, sampler: SamplerConfig, guidance_factory: GuidanceFactory | None = None,
-                 gpus: float = 0.0, threads: int = 0, precision: str = "fp32"):
+                 gpus: float = 0.0, threads: int = 0, precision: str = "fp32",
+                 post_step_factory: PostStepFactory | None = None):
         if threads > 0:
             torch.set_num_threads(threads)
         self.device = pick_device(gpus)
         self.spec, self.sampler = spec, sampler
         self.backbone = spec.load(self.device)
         self.guidance = guidance_factory(self.backbone, self.device) if guidance_factory else None
+        self.post_step = post_step_factory(self.backbone, self.device) if post_step_factory else None
         self.autocast = torch.bfloat16 if precision == "bf16" and self.device.type == "cuda" else None
         self.class_ids = torch.tensor(spec.class_ids or list(range(spec.num_classes)), dtype=torch.long)
 
@@ -104,7 +109,7 @@ class SampleBatches:
         labels = torch.from_numpy(rows["class_idx"])
         y = self.class_ids[labels]                                   # backbone class ids [B]
         out = sample(self.backbone, y, rows["seed"].tolist(), self.sampler, self.guidance,
-                     device=self.device, autocast_dtype=self.autocast)
+                     device=self.device, autocast_dtype=self.autocast, post_step=self.post_step)
         with torch.no_grad():
             images = to_uint8(self.backbone.vae.decode(out["z0"]))   # uint8 [B,C,H,W]
         return {
@@ -128,7 +133,8 @@ def rows_to_set(cols: dict[str, np.ndarray]) -> DistilledSet:
 
 
 def generate_local(spec: BackboneSpec, sampler: SamplerConfig, rows: dict[str, np.ndarray],
-                   guidance_factory: GuidanceFactory | None = None) -> DistilledSet:
+                   guidance_factory: GuidanceFactory | None = None,
+                   post_step_factory: PostStepFactory | None = None) -> DistilledSet:
     """The in-process path (tests, benchmarks): same code as one actor, units in order."""
-    fn = SampleBatches(spec, sampler, guidance_factory)
+    fn = SampleBatches(spec, sampler, guidance_factory, post_step_factory=post_step_factory)
     return rows_to_set(fn(rows))

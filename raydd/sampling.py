@@ -233,8 +233,12 @@ class NoiseStreams:
 @torch.no_grad()
 def sample(backbone, y: torch.Tensor, seeds: list[int], cfg: SamplerConfig, guidance: Guidance | None = None,
            device: str | torch.device = "cpu", autocast_dtype: torch.dtype | None = None,
-           on_step: Callable[[int, torch.Tensor, torch.Tensor], None] | None = None) -> dict[str, torch.Tensor]:
+           on_step: Callable[[int, torch.Tensor, torch.Tensor], None] | None = None,
+           post_step: Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
+           ) -> dict[str, torch.Tensor]:
     """Denoise one batch. y [B] labels, seeds [B] per-sample seeds.
+    post_step(i, x_prev, x0_hat, y) -> x_prev': an update of the whole batch right after each scheduler
+    step (batch-level guidance such as CGS, which couples the samples of a class); None = no change.
     Returns {"z0": final latents [B,C,H,W] float32, "J": last guidance objective [B] (NaN if none)}."""
     schedule = make_schedule(cfg)
     scheduler = make_scheduler(cfg, schedule)
@@ -252,6 +256,8 @@ def sample(backbone, y: torch.Tensor, seeds: list[int], cfg: SamplerConfig, guid
                 eps, var = predict_eps(backbone, x, t, y, cfg.cfg_scale, cfg.cfg_first3_quirk)
         step_noise = noise.next() if i > 0 else None
         x, x0_hat = scheduler.step(eps.float(), i, x, None if var is None else var.float(), step_noise)
+        if post_step is not None:                           # batch-level update of x_{i-1}
+            x = post_step(i, x, x0_hat, y)
         if on_step is not None:
             on_step(i, x, x0_hat)
     return {"z0": x.float(), "J": J.float()}

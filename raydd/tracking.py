@@ -6,9 +6,8 @@ an hour of sampling.
 """
 from __future__ import annotations
 
-import json
 import os
-import tempfile
+import time
 from pathlib import Path
 
 import numpy as np
@@ -42,67 +41,74 @@ def check_reachable(cfg: TrackingConfig) -> str:
 
 
 class Tracker:
-    """One MLflow run. Reuses an existing run id (resume) instead of creating a duplicate."""
+    """One MLflow run, addressed by id through MlflowClient (no global "active run": a sweep's parent and
+    its children live side by side). Reuses an existing run id (resume) instead of creating a duplicate."""
 
     def __init__(self, cfg: TrackingConfig, run_name: str, run_id: str | None = None, tags: dict | None = None,
-                 nested: bool = False):
+                 parent_run_id: str | None = None):
         import mlflow
 
-        self.mlflow = mlflow
         self.uri = check_reachable(cfg)
-        mlflow.set_experiment(cfg.experiment)
-        self.run = mlflow.start_run(run_id=run_id, run_name=None if run_id else run_name, tags=tags, nested=nested)
-        self.run_id = self.run.info.run_id
+        self.client = mlflow.MlflowClient(self.uri)
+        exp = self.client.get_experiment_by_name(cfg.experiment)
+        exp_id = exp.experiment_id if exp else self.client.create_experiment(cfg.experiment)
+        tags = {k: str(v) for k, v in (tags or {}).items()} | ({"mlflow.parentRunId": parent_run_id} if parent_run_id else {})
+        if run_id:
+            self.client.update_run(run_id, status="RUNNING")
+            for k, v in tags.items():
+                self.client.set_tag(run_id, k, v)
+        else:
+            run_id = self.client.create_run(exp_id, run_name=run_name, tags=tags).info.run_id
+        self.run_id = run_id
         self.log_images_enabled = cfg.log_images
 
     # --- what the rest of raydd calls -------------------------------------------------------
     def log_params(self, params: dict) -> None:
-        existing = self.mlflow.get_run(self.run_id).data.params
-        new = {k: str(v)[:6000] for k, v in params.items() if k not in existing}
-        items = list(new.items())
-        for i in range(0, len(items), 100):  # MLflow's batch limit
-            self.mlflow.log_params(dict(items[i:i + 100]))
+        from mlflow.entities import Param
+
+        existing = self.client.get_run(self.run_id).data.params
+        new = [Param(k, str(v)[:6000]) for k, v in params.items() if k not in existing]
+        for i in range(0, len(new), 100):  # MLflow's batch limit
+            self.client.log_batch(self.run_id, params=new[i:i + 100])
 
     def log_metrics(self, metrics: dict, step: int | None = None) -> None:
-        clean = {k: float(v) for k, v in metrics.items() if v is not None and np.isfinite(float(v))}
-        if clean:
-            self.mlflow.log_metrics(clean, step=step)
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        clean = [Metric(k, float(v), now, step or 0) for k, v in metrics.items()
+                 if v is not None and np.isfinite(float(v))]
+        for i in range(0, len(clean), 500):
+            self.client.log_batch(self.run_id, metrics=clean[i:i + 500])
 
     def log_images(self, name: str, grid: np.ndarray) -> None:
         if self.log_images_enabled:
-            self.mlflow.log_image(grid, artifact_file=f"{name}.png")
+            self.client.log_image(self.run_id, grid, artifact_file=f"{name}.png")
 
     def log_dict(self, d: dict, name: str) -> None:
-        self.mlflow.log_dict(d, name)
+        self.client.log_dict(self.run_id, d, name)
 
     def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
-        self.mlflow.log_artifact(str(path), artifact_path=artifact_path)
+        self.client.log_artifact(self.run_id, str(path), artifact_path=artifact_path)
 
     def log_figure(self, fig, name: str) -> None:
-        self.mlflow.log_figure(fig, name)
+        self.client.log_figure(self.run_id, fig, name)
 
     def set_tags(self, tags: dict) -> None:
-        self.mlflow.set_tags({k: str(v) for k, v in tags.items()})
+        for k, v in tags.items():
+            self.client.set_tag(self.run_id, k, str(v))
 
     def end(self, status: str = "FINISHED") -> None:
-        self.mlflow.end_run(status=status)
+        self.client.set_terminated(self.run_id, status=status)
 
 
 def find_run(cfg: TrackingConfig, run_name: str) -> str | None:
     """The id of the newest run with this raydd run name (for resuming without duplicating)."""
     import mlflow
 
-    mlflow.set_tracking_uri(tracking_uri(cfg))
-    exp = mlflow.get_experiment_by_name(cfg.experiment)
+    client = mlflow.MlflowClient(tracking_uri(cfg))
+    exp = client.get_experiment_by_name(cfg.experiment)
     if exp is None:
         return None
-    runs = mlflow.search_runs([exp.experiment_id], filter_string=f"tags.raydd_run = '{run_name}'",
-                              order_by=["attributes.start_time DESC"], max_results=1, output_format="list")
+    runs = client.search_runs([exp.experiment_id], filter_string=f"tags.raydd_run = '{run_name}'",
+                              order_by=["attributes.start_time DESC"], max_results=1)
     return runs[0].info.run_id if runs else None
-
-
-def write_json_artifact(tracker: Tracker, d: dict, name: str) -> None:
-    with tempfile.TemporaryDirectory() as tmp:
-        p = Path(tmp) / name
-        p.write_text(json.dumps(d, indent=1, default=str))
-        tracker.log_artifact(p)

@@ -66,9 +66,11 @@ def map_ray(udf: type, udf_kwargs: dict, columns: dict[str, np.ndarray], compute
 
 
 def generate_ray(spec: BackboneSpec, sampler: SamplerConfig, rows: dict[str, np.ndarray], compute: ComputeConfig,
-                 guidance_factory: GuidanceFactory | None = None, scratch: str | Path | None = None) -> DistilledSet:
+                 guidance_factory: GuidanceFactory | None = None, scratch: str | Path | None = None,
+                 post_step_factory=None) -> DistilledSet:
     kwargs = dict(spec=spec, sampler=sampler, guidance_factory=guidance_factory, gpus=compute.gpus_per_actor,
-                  threads=max(1, int(compute.cpus_per_actor)), precision=compute.precision)
+                  threads=max(1, int(compute.cpus_per_actor)), precision=compute.precision,
+                  post_step_factory=post_step_factory)
     udf = SampleBatches
     if compute.fail_actor_after >= 0:
         udf = FaultySampleBatches

@@ -19,8 +19,9 @@ class RayRunner:
         self.cfg, self.scratch = cfg, scratch
 
     def generate(self, spec: BackboneSpec, rows: dict[str, np.ndarray],
-                 guidance_factory: GuidanceFactory | None = None) -> DistilledSet:
-        return generate_ray(spec, self.cfg.sampler, rows, self.cfg.compute, guidance_factory, scratch=self.scratch)
+                 guidance_factory: GuidanceFactory | None = None, post_step_factory=None) -> DistilledSet:
+        return generate_ray(spec, self.cfg.sampler, rows, self.cfg.compute, guidance_factory, scratch=self.scratch,
+                            post_step_factory=post_step_factory)
 
     def map(self, udf: type, udf_kwargs: dict, columns: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         return map_ray(udf, udf_kwargs, columns, self.cfg.compute)

@@ -37,4 +37,4 @@ def get_method(name: str) -> Method:
 
 
 # importing the method files registers them
-from raydd.methods import dit, random  # noqa: E402,F401
+from raydd.methods import dit, random, igds, rsm_cgs, cao2, lgd, ims3  # noqa: E402,F401

@@ -1,0 +1,302 @@
+"""python -m raydd.bench [--only NAME[,NAME]] [--out bench.json] [--quick]
+
+Speed and memory of raydd, measured (never asserted in tests). Each comparison is a ratio taken in
+one run on the same machine. Writes JSON and logs one MLflow run (experiment raydd-bench).
+
+  sharding   images/s through the Ray Data actor pool (1 actor) vs the same sampler in-process  (>= 0.95x)
+  scaling    1 -> 2 sampling actors, torch threads = cpus per actor                               (>= 1.7x)
+  batching   batched sampler vs a batch-1 loop (how the reference repos sample), a curve        (>= 5x)
+  guidance   s/image of guided sampling vs unguided per guided step, full vs x0 gradients   (<= 2.5x, <= 1.3x)
+  student    student-training images/s vs a plain PyTorch loop on the same data                   (>= 0.9x)
+  memory     peak RSS (driver + Ray processes) of the default distill run and of a 2-actor run    (<= 4 GiB)
+  gpu        DiT-XL/2 (random weights, 256 px, 50-step DDPM + CFG): images/s in fp32/tf32/bf16, SDPA,
+             torch.compile, next to the limit computed from the measured bf16 matmul rate       (>= 40%)
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from raydd.config import ComputeConfig, SamplerConfig, load_config
+from raydd.generate import BackboneSpec, SampleBatches, make_rows
+from raydd.sampling import Guidance, sample
+
+TARGETS = {"sharding": 0.95, "scaling": 1.7, "batching": 5.0, "guidance_full_per_step": 2.5,
+           "guidance_x0_per_step": 1.3, "student": 0.9, "memory_gib": 4.0, "gpu_fraction_of_limit": 0.40}
+
+
+def log(msg: str) -> None:
+    print(f"[bench] {msg}", flush=True)
+
+
+def tiny_spec(tmp: Path) -> BackboneSpec:
+    """The digits preset's backbone architecture with random weights (speed does not depend on weights)."""
+    from raydd.backbone import save_transformer, tiny_dit
+
+    cfg = load_config("digits")
+    b = cfg.backbone
+    torch.manual_seed(0)
+    save_transformer(tiny_dit(10, 1, 16, b.hidden_size, b.depth, b.heads, b.patch_size), str(tmp / "transformer"))
+    return BackboneSpec(dataclasses.replace(b, source=str(tmp / "transformer")), 10, 1, 16, list(range(10)))
+
+
+def timed(fn, repeats: int = 1) -> float:
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - t0)
+    return best
+
+
+# --------------------------------------------------------------------------------------------
+def bench_sharding_and_scaling(spec: BackboneSpec, sampler: SamplerConfig, n: int, batch: int) -> dict:
+    import ray
+
+    from raydd.distributed.cluster import init_ray
+    from raydd.distributed.data import generate_ray
+
+    rows = make_rows(10, n // 10, run_seed=0, unit_size=batch)
+    torch.set_num_threads(1)                       # the in-process loop gets what one actor gets
+    local = SampleBatches(spec, sampler, threads=1)
+    local(make_rows(1, 2, 0, 2))                   # warm-up
+    t_local = timed(lambda: local(rows))
+    torch.set_num_threads(os.cpu_count() or 1)
+    init_ray(ComputeConfig())
+    one = ComputeConfig(num_actors=1, cpus_per_actor=1, batch_size=batch)
+    two = ComputeConfig(num_actors=2, cpus_per_actor=1, batch_size=batch)
+    generate_ray(spec, sampler, make_rows(10, 1, 0, batch), one)          # warm-up: imports, object store
+    t_one = timed(lambda: generate_ray(spec, sampler, rows, one))
+    t_two = timed(lambda: generate_ray(spec, sampler, rows, two))
+    ray.shutdown()
+    return {"images": n, "batch": batch, "steps": sampler.steps,
+            "local_images_per_s": n / t_local, "ray_1actor_images_per_s": n / t_one, "ray_2actor_images_per_s": n / t_two,
+            "sharding_ratio": t_local / t_one, "scaling_ratio": t_one / t_two,
+            "note": "Ray times include actor start-up and model load per run (a real run pays them once)"}
+
+
+def bench_batching(spec: BackboneSpec, sampler: SamplerConfig, n: int, sizes: list[int]) -> dict:
+    torch.set_num_threads(1)
+    backbone = spec.load("cpu")
+    seeds = list(range(n))
+    y = torch.arange(n) % 10
+    curve = {}
+    for bs in sizes:
+        def run(bs=bs):
+            for k in range(0, n, bs):
+                sample(backbone, y[k:k + bs], seeds[k:k + bs], sampler)
+        curve[bs] = n / timed(run)
+    torch.set_num_threads(os.cpu_count() or 1)
+    return {"images": n, "images_per_s_by_batch": curve, "batching_ratio": curve[max(sizes)] / curve[1]}
+
+
+def bench_guidance(spec: BackboneSpec, sampler: SamplerConfig, n: int) -> dict:
+    """A toy objective with the cost profile of a real one (a small classifier on x0_hat)."""
+    from raydd.students import create_student
+
+    torch.set_num_threads(1)
+    backbone = spec.load("cpu")
+    clf = create_student("convnet_d3", 10, 1, 16).eval().requires_grad_(False)
+
+    def objective(x0, t, y, state):      # log p(y | x0_hat): what classifier-guided methods ascend
+        return torch.log_softmax(clf(x0), dim=1).gather(1, y[:, None]).squeeze(1)
+
+    y, seeds = torch.arange(n) % 10, list(range(n))
+    base = timed(lambda: sample(backbone, y, seeds, sampler), 2)
+    out = {"unguided_s_per_image": base / n}
+    for mode in ("full", "x0"):
+        g = Guidance(objective, scale=1.0, mode=mode)
+        t = timed(lambda: sample(backbone, y, seeds, sampler, guidance=g), 2)
+        out[f"{mode}_s_per_image"] = t / n
+        out[f"guidance_{mode}_per_step"] = t / base        # every step guided: the per-step ratio
+        half = Guidance(objective, scale=1.0, mode=mode, window=(0, sampler.steps // 2 - 1))
+        out[f"{mode}_half_window_ratio"] = timed(lambda: sample(backbone, y, seeds, sampler, guidance=half), 2) / base
+    torch.set_num_threads(os.cpu_count() or 1)
+    return out
+
+
+def bench_student(epochs: int) -> dict:
+    """raydd.evaluation.train_student vs a plain loop doing the same work (same model, batch, aug, CutMix)."""
+    from raydd.data import load_digits_data
+    from raydd.config import DataConfig
+    from raydd.evaluation import cutmix, random_resized_crop_flip, to_float, train_student
+    from raydd.students import create_student
+
+    cfg = load_config("digits")
+    data = load_digits_data(DataConfig(image_size=16))
+    x, y = data.train.x[:500], data.train.y[:500]
+    ecfg = dataclasses.replace(cfg.eval, eval_every=epochs)
+    res = train_student(x, y, None, None, student="convnet_d3", num_classes=10, cfg=ecfg, epochs=epochs, seed=0)
+
+    model = create_student("convnet_d3", 10, 1, 16)
+    opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, weight_decay=5e-4)
+    gen = torch.Generator().manual_seed(0)
+    xf = to_float(x)
+    t0, seen = time.perf_counter(), 0
+    for _ in range(epochs):
+        perm = torch.randperm(len(y), generator=gen)
+        for k in range(0, len(y) - 1, ecfg.batch_size):
+            idx = perm[k:k + ecfg.batch_size]
+            xb = random_resized_crop_flip(xf[idx], gen, scale=(ecfg.rrc_scale_min, 1.0), flip_p=0.0)
+            xb, ya, yb, lam = cutmix(xb, y[idx], gen, ecfg.cutmix_beta)
+            out = model(xb)
+            loss = lam * torch.nn.functional.cross_entropy(out, ya) + (1 - lam) * torch.nn.functional.cross_entropy(out, yb)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            seen += len(idx)
+    plain = seen / (time.perf_counter() - t0)
+    return {"raydd_images_per_s": res["images_per_s"], "plain_images_per_s": plain,
+            "student_ratio": res["images_per_s"] / plain}
+
+
+def peak_tree_rss(cmd: list[str], env: dict, cwd: str) -> tuple[int, float, float]:
+    """Run cmd; sample the summed RSS of it and all its descendants (Ray workers included) every 0.5 s."""
+    import psutil
+
+    p = subprocess.Popen(cmd, env=env, cwd=cwd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc, peak, t0 = psutil.Process(p.pid), 0, time.time()
+    while p.poll() is None:
+        try:
+            procs = [proc] + proc.children(recursive=True)
+            peak = max(peak, sum(q.memory_info().rss for q in procs if q.is_running()))
+        except psutil.Error:
+            pass
+        time.sleep(0.5)
+    return p.returncode, peak / 2**30, time.time() - t0
+
+
+def bench_memory(quick: bool) -> dict:
+    out = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        env = dict(os.environ, MLFLOW_TRACKING_URI=f"sqlite:///{tmp}/mlflow.db")
+        base = [sys.executable, "-m", "raydd.distill", "--method", "dit"] + (["--smoke"] if quick else [])
+        for label, extra in (("default", []), ("two_actors", ["compute.num_actors=2", "run_name=bench2"])):
+            rc, gib, secs = peak_tree_rss(base + extra, env, tmp)
+            out[f"{label}_rc"], out[f"{label}_peak_rss_gib"], out[f"{label}_wall_s"] = rc, gib, secs
+    out["note"] = "RSS summed over the driver and every Ray process it started (shared pages counted per process)"
+    return out
+
+
+def bench_gpu(steps: int, batch: int, compile_model: bool) -> dict:
+    """DiT-XL/2 at 256 px with random weights: 50-step DDPM with CFG, images/s per GPU."""
+    if not torch.cuda.is_available():
+        return {"skipped": "no CUDA device"}
+    from diffusers import AutoencoderKL
+
+    from raydd.backbone import Backbone, SDVAE, _build_dit
+
+    dev = torch.device("cuda")
+    a = torch.randn(8192, 8192, device=dev, dtype=torch.bfloat16)
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(20):
+        a @ a
+    torch.cuda.synchronize()
+    tflops = 20 * 2 * 8192**3 / (time.perf_counter() - t0) / 1e12
+    # one DiT-XL/2 forward at 256 px ~ 237 GFLOP per image, x2 for CFG, x steps; + VAE decode ~ 0.6 TFLOP
+    flop_per_image = steps * 2 * 237e9 + 0.6e12
+    limit = tflops * 1e12 / flop_per_image
+    transformer = _build_dit(num_classes=1000, in_channels=4, out_channels=8, sample_size=32, hidden_size=1152,
+                             depth=28, heads=16, patch_size=2)
+    vae = AutoencoderKL(block_out_channels=(128, 256, 512, 512), down_block_types=("DownEncoderBlock2D",) * 4,
+                        up_block_types=("UpDecoderBlock2D",) * 4, latent_channels=4, layers_per_block=2,
+                        sample_size=256)
+    backbone = Backbone(transformer, SDVAE(vae)).to(dev).eval().requires_grad_(False)
+    sampler = SamplerConfig(steps=steps, cfg_scale=4.0)
+    y, seeds = torch.randint(0, 1000, (batch,)), list(range(batch))
+    out = {"matmul_bf16_tflops": tflops, "limit_images_per_s": limit, "flop_per_image": flop_per_image}
+    for label, dtype, tf32 in (("fp32", None, False), ("tf32", None, True), ("bf16", torch.bfloat16, True)):
+        torch.backends.cuda.matmul.allow_tf32 = tf32
+        torch.backends.cudnn.allow_tf32 = tf32
+
+        def run():
+            z = sample(backbone, y, seeds, sampler, device=dev, autocast_dtype=dtype)["z0"]
+            with torch.no_grad(), torch.autocast("cuda", dtype=dtype or torch.float32, enabled=dtype is not None):
+                backbone.vae.decode(z)
+            torch.cuda.synchronize()
+        run()
+        out[f"{label}_images_per_s"] = batch / timed(run, 2)
+    if compile_model:
+        backbone.transformer = torch.compile(backbone.transformer)
+        torch.backends.cuda.matmul.allow_tf32 = True
+
+        def run_c():
+            z = sample(backbone, y, seeds, sampler, device=dev, autocast_dtype=torch.bfloat16)["z0"]
+            with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
+                backbone.vae.decode(z)
+            torch.cuda.synchronize()
+        run_c()
+        out["bf16_compile_images_per_s"] = batch / timed(run_c, 2)
+    best = max(v for k, v in out.items() if k.endswith("_images_per_s") and not k.startswith("limit"))
+    out["gpu_fraction_of_limit"] = best / limit
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m raydd.bench", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split("\n\n", 1)[1])
+    p.add_argument("--only", default="", help="comma list of: sharding,batching,guidance,student,memory,gpu")
+    p.add_argument("--out", default="bench.json")
+    p.add_argument("--quick", action="store_true", help="small sizes (about a minute or two)")
+    p.add_argument("--no-mlflow", action="store_true")
+    args = p.parse_args(argv)
+    only = set(args.only.split(",")) if args.only else {"sharding", "batching", "guidance", "student", "memory", "gpu"}
+    q = args.quick
+    sampler = SamplerConfig(steps=10 if q else 50, cfg_scale=4.0, clip_x0=True)
+    results: dict = {"machine": {"cpus": os.cpu_count(), "torch": torch.__version__,
+                                 "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None},
+                     "targets": TARGETS}
+    with tempfile.TemporaryDirectory() as tmp:
+        spec = tiny_spec(Path(tmp))
+        if "sharding" in only:
+            log("sharding and scaling ...")
+            results["sharding"] = bench_sharding_and_scaling(spec, sampler, n=100 if q else 400, batch=50)
+        if "batching" in only:
+            log("batching ...")
+            results["batching"] = bench_batching(spec, sampler, n=32 if q else 64, sizes=[1, 4, 16, 32] if q else [1, 4, 16, 64])
+        if "guidance" in only:
+            log("guidance ...")
+            results["guidance"] = bench_guidance(spec, sampler, n=20 if q else 50)
+    if "student" in only:
+        log("student training ...")
+        results["student"] = bench_student(epochs=5 if q else 20)
+    if "memory" in only:
+        log("memory (runs python -m raydd.distill twice) ...")
+        results["memory"] = bench_memory(q)
+    if "gpu" in only:
+        log("gpu ...")
+        results["gpu"] = bench_gpu(steps=10 if q else 50, batch=8 if q else 32, compile_model=not q)
+    Path(args.out).write_text(json.dumps(results, indent=1, default=str))
+    log(f"wrote {args.out}")
+    for section, r in results.items():
+        if section in ("machine", "targets"):
+            continue
+        log(f"{section}: " + ", ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in r.items()
+                                         if not isinstance(v, dict)))
+    if not args.no_mlflow:
+        from raydd.config import TrackingConfig, flatten
+        from raydd.tracking import Tracker
+
+        tracker = Tracker(TrackingConfig(experiment="raydd-bench"), f"bench-{time.strftime('%Y%m%d-%H%M%S')}")
+        flat = flatten({k: v for k, v in results.items() if k != "targets"})
+        tracker.log_metrics({k: v for k, v in flat.items() if isinstance(v, (int, float)) and not isinstance(v, bool)})
+        tracker.log_dict(results, "bench.json")
+        tracker.end()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

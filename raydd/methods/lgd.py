@@ -1,0 +1,275 @@
+"""lgd: learnability-guided incremental distillation (seed 000, CVPR 2026).
+
+The distilled set D grows in increments of `increment` IPC. Increment 0 is a seed set (another
+method's output, default dit); then for i = 1 .. K−1:
+  1. train θ_{i−1} on D_{i−1} (a training job);
+  2. sample κ candidates per new slot, guided on  S(x, y) = L(θ_{i−1}, x, y) − ω·L(θ*, x, y)  (λ, window
+     t ∈ [10, 45] of 50, ρ_t normalisation) plus deviation away from the most cosine-similar image of
+     the class in the memory buffer M = D_{i−1} (γ) — one objective, raydd.objectives.learnability;
+  3. keep the candidate with the highest S per slot (top-κ) and merge: D_i = D_{i−1} ∪ I_i.
+θ* is a reference classifier trained once on the full real train split (cached like the teachers).
+Each D_i is written under ctx.scratch (atomically, with its increment index in the manifest): a
+re-run with the same run name resumes after the last finished increment.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+import shutil
+import tempfile
+from dataclasses import asdict, dataclass
+from functools import partial
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from raydd.config import ConfigError, EvalConfig, config_hash, make_method_config
+from raydd.evaluation import accuracy, epochs_for, to_float, train_student
+from raydd.generate import DistilledSet
+from raydd.methods import get_method, register_method
+from raydd.objectives.learnability import (LearnabilityState, learnability_objective, rank_in_class, score_images,
+                                           top_kappa)
+from raydd.sampling import Guidance
+
+
+@dataclass
+class Config:
+    lam: float = 15.0             # λ: learnability guidance scale (the Guidance helper's scale)
+    omega: float = 0.5            # ω: weight of the reference loss L(θ*, x, y) in S
+    gamma: float = 50.0           # γ: deviation (memory) guidance weight; enters the objective as γ/λ
+    kappa: int = 3                # κ: candidates drawn per slot; the one with the highest S is kept
+    increment: int = 10           # IPC added per increment (the paper: 10)
+    seed_ipc: int = 0             # IPC of the seed set (0 = one increment; the paper: 10)
+    seed_method: str = "dit"      # registered method that makes the seed set (the paper uses IGD)
+    seed_path: str = ""           # or an existing set: our output dir (parquet) or an ImageFolder
+    window_lo: int = 10           # guidance window t ∈ [window_lo, window_hi] of `window_of` steps
+    window_hi: int = 45           #   (i = 0 cleanest), mapped to sampler.steps proportionally
+    window_of: int = 50
+    mode: str = "full"            # guidance gradient: "full" (through the DiT) | "x0" (eps constant)
+    arch: str = "convnet_d3"      # architecture of θ* and of every θ_{i−1}
+    reference_epochs: int = 0     # θ* epochs on the real train split (0 = eval.teacher_epochs)
+    model_epochs: int = 0         # θ_{i−1} epochs (0 = the eval protocol's epochs for D_{i−1}'s IPC)
+    memory_side: int = 32         # memory images are avg-pooled to at most this side (keeps M small)
+
+
+def check(cfg: Config, ipc: int) -> int:
+    """Validate before any heavy work; returns the seed IPC."""
+    from raydd.students import list_students
+
+    seed_ipc = cfg.seed_ipc or cfg.increment
+    problems = [
+        (cfg.increment >= 1 and cfg.kappa >= 1, "lgd.increment and lgd.kappa must be >= 1"),
+        (1 <= seed_ipc <= ipc and (ipc - seed_ipc) % cfg.increment == 0,
+         f"ipc={ipc} must be lgd.seed_ipc ({seed_ipc}) plus a multiple of lgd.increment ({cfg.increment}); "
+         f"e.g. lgd.increment=1 for small IPCs"),
+        (cfg.mode in ("full", "x0"), f"lgd.mode={cfg.mode!r}; allowed: full, x0"),
+        (0 <= cfg.window_lo <= cfg.window_hi < cfg.window_of, "need 0 <= lgd.window_lo <= lgd.window_hi < lgd.window_of"),
+        (cfg.arch in list_students(), f"lgd.arch={cfg.arch!r}; allowed: {', '.join(list_students())}"),
+        (cfg.seed_method != "lgd", "lgd.seed_method cannot be lgd itself"),
+    ]
+    for ok, msg in problems:
+        if not ok:
+            raise ConfigError(msg)
+    if not cfg.seed_path:
+        get_method(cfg.seed_method)  # unknown names fail here with the list of methods
+    elif not Path(cfg.seed_path).expanduser().is_dir():
+        raise ConfigError(f"lgd.seed_path={cfg.seed_path} is not a directory")
+    return seed_ipc
+
+
+def respaced_window(cfg: Config, steps: int) -> tuple[int, int]:
+    """The paper's window [10, 45] of 50 steps -> the same fraction of `steps` respaced steps."""
+    scale = steps / cfg.window_of
+    return min(steps - 1, round(cfg.window_lo * scale)), min(steps - 1, round(cfg.window_hi * scale))
+
+
+# --- models: θ* (reference, cached) and θ_{i−1} (one training job per increment) -------------------
+def load_classifier(path: str, arch: str, num_classes: int, channels: int, image_size: int, device="cpu"):
+    from safetensors.torch import load_file
+
+    from raydd.students import create_student
+
+    model = create_student(arch, num_classes, channels, image_size)
+    model.load_state_dict(load_file(str(path)))
+    return model.to(device).eval().requires_grad_(False)
+
+
+def train_reference(ctx, cfg: Config) -> Path:
+    """θ*: a hard-label classifier on the full real train split; shares the teachers' cache."""
+    from raydd.eval_jobs import teacher_loop  # raydd.evaluation.train_teacher + safetensors
+
+    e = asdict(ctx.cfg.eval) | {"students": [], "seeds": 0, "teacher": "", "teacher_arch": cfg.arch,
+                                "teacher_epochs": cfg.reference_epochs or ctx.cfg.eval.teacher_epochs}
+    return ctx.train_cached("teachers", teacher_loop, {"data": asdict(ctx.cfg.data), "eval": e, "seed": 0}) \
+        / "teacher.safetensors"
+
+
+def theta_loop(config: dict, hooks) -> None:
+    """Train θ on a distilled set (config: set_path, arch, num_classes, eval, epochs, seed)."""
+    from safetensors.torch import save_file
+
+    from raydd.outputs import read_distilled
+
+    s = read_distilled(config["set_path"])
+    res = train_student(s.images, s.labels, None, None, student=config["arch"], num_classes=config["num_classes"],
+                        cfg=EvalConfig(**config["eval"]), epochs=config["epochs"], seed=config["seed"],
+                        device=hooks.device, return_model=True)
+    with tempfile.TemporaryDirectory() as d:
+        if hooks.world_rank == 0:
+            save_file({k: v.contiguous().cpu() for k, v in res["model"].state_dict().items()}, f"{d}/model.safetensors")
+        hooks.report({"train_s": res["train_s"], "epochs": res["epochs"]},
+                     checkpoint_dir=d if hooks.world_rank == 0 else None)
+
+
+def train_theta(ctx, cfg: Config, set_dir: Path, ipc: int, dst: Path) -> Path:
+    """θ_{i−1} on D_{i−1}, kept as `dst` (safetensors; reused when it exists: written atomically)."""
+    if not dst.exists():
+        config = {"set_path": str(set_dir), "arch": cfg.arch, "num_classes": ctx.data.num_classes,
+                  "eval": asdict(ctx.cfg.eval), "epochs": cfg.model_epochs or epochs_for(ipc, ctx.cfg.eval),
+                  "seed": ctx.cfg.seed}
+        result = ctx.train(theta_loop, config, name=f"lgd-{ctx.cfg.resolved_run_name()}-{dst.stem}", num_workers=1)
+        tmp = dst.with_name(dst.name + ".partial")
+        shutil.copyfile(Path(result.checkpoint_dir) / "model.safetensors", tmp)
+        os.replace(tmp, dst)
+    return dst
+
+
+# --- the guidance: built once per sampling actor from checkpoint paths (picklable) -----------------
+def learnability_guidance(backbone, device, *, theta: str, reference: str, memory: str, arch: str, num_classes: int,
+                          channels: int, image_size: int, class_ids: list[int], lam: float, omega: float,
+                          gamma: float, memory_side: int, window: tuple[int, int], mode: str) -> Guidance:
+    from raydd.outputs import read_distilled
+
+    mem = read_distilled(memory)
+    side = min(image_size, memory_side)
+    state = LearnabilityState(
+        model=load_classifier(theta, arch, num_classes, channels, image_size, device),
+        reference=load_classifier(reference, arch, num_classes, channels, image_size, device),
+        omega=omega, diversity=gamma / lam if lam else 0.0,
+        memory=F.adaptive_avg_pool2d(to_float(mem.images), side).to(device),   # [M, C, side, side]
+        memory_labels=mem.labels.to(device), class_ids=torch.tensor(class_ids, device=device), pool_side=side)
+    return Guidance(learnability_objective, scale=lam, window=window, mode=mode, on_images=True, state=state)
+
+
+# --- stages: D_i under ctx.scratch, one complete directory per finished increment ------------------
+def save_stage(work: Path, i: int, ds: DistilledSet, class_names: list[str], fingerprint: str) -> Path:
+    from raydd.outputs import write_distilled
+
+    path = write_distilled(ds, work / f"stage-{i:03d}", class_names,       # temp dir + rename
+                           extra={"increment": i, "fingerprint": fingerprint})
+    for old in work.glob("stage-*"):
+        if old != path and int(old.name.split("-")[1].split(".")[0]) < i:
+            shutil.rmtree(old, ignore_errors=True)
+    return path
+
+
+def last_stage(work: Path, fingerprint: str) -> tuple[int, Path] | None:
+    """The last finished increment of this configuration (index, directory), or None."""
+    import json
+
+    done = []
+    for d in work.glob("stage-[0-9][0-9][0-9]"):
+        m = d / "manifest.json"
+        if m.exists() and json.loads(m.read_text()).get("fingerprint") == fingerprint:
+            done.append((int(d.name.split("-")[1]), d))
+    return max(done) if done else None
+
+
+def seed_set(ctx, cfg: Config, seed_ipc: int) -> DistilledSet:
+    """Increment 0: another registered method's output, or an existing set read from disk."""
+    if cfg.seed_path:
+        from raydd.data import load_distilled_folder
+        from raydd.outputs import read_distilled
+
+        root = Path(cfg.seed_path).expanduser()
+        if (root / "manifest.json").exists():
+            ds = read_distilled(root)
+        else:
+            split = load_distilled_folder(root, ctx.data.class_names, ctx.cfg.data.image_size, ctx.cfg.data.channels)
+            ds = DistilledSet(split.x, split.y, rank_in_class(split.y))   # slots in file order
+    else:
+        method = get_method(cfg.seed_method)
+        mcfg = make_method_config(method.Config, ctx.cfg.methods.get(cfg.seed_method, {}), cfg.seed_method)
+        sub = dataclasses.replace(ctx, cfg=dataclasses.replace(ctx.cfg, ipc=seed_ipc, method=cfg.seed_method),
+                                  backbone=ctx.spec)
+        ds = method.run(sub, mcfg)
+    counts = torch.bincount(ds.labels, minlength=ctx.data.num_classes)
+    if int(counts.min()) < seed_ipc:
+        raise ValueError(f"the seed set has {int(counts.min())} images in class {int(counts.argmin())}; "
+                         f"lgd needs {seed_ipc} per class")
+    ds = ds.sorted()
+    rank = rank_in_class(ds.labels)                                          # position in class, slot order
+    ds = ds.take(torch.nonzero(rank < seed_ipc).flatten())
+    return DistilledSet(ds.images, ds.labels, rank[rank < seed_ipc], ds.latents,
+                        torch.full((len(ds),), float("nan")) if ds.scores is None else ds.scores)
+
+
+def merge(a: DistilledSet, b: DistilledSet) -> DistilledSet:
+    """D_{i−1} ∪ I_i (latents kept only when both have them, e.g. not with a real-image seed)."""
+    lat = torch.cat([a.latents, b.latents.to(a.latents.dtype)]) if a.latents is not None and b.latents is not None else None
+    return DistilledSet(torch.cat([a.images, b.images]), torch.cat([a.labels, b.labels]),
+                        torch.cat([a.slots, b.slots]), lat, torch.cat([a.scores, b.scores])).sorted()
+
+
+@torch.no_grad()
+def mean_ce(model, ds: DistilledSet, batch_size: int = 256) -> float:
+    """Mean cross-entropy of `model` on a set (clean images, no augmentation)."""
+    losses = [F.cross_entropy(model(to_float(ds.images[k:k + batch_size])), ds.labels[k:k + batch_size], reduction="sum")
+              for k in range(0, len(ds), batch_size)]
+    return float(sum(losses)) / max(1, len(ds))
+
+
+def candidate_rows(ctx, cfg: Config, i: int, n: int) -> dict[str, np.ndarray]:
+    """κ independent draws (streams) of n slots per class; candidate k of slot j is row slot k·n + j."""
+    parts = []
+    for k in range(cfg.kappa):
+        r = ctx.rows(per_class=n, stream=f"lgd-increment{i}-candidate{k}")
+        r["slot"] = r["slot"] + k * n
+        r["unit"] = r["unit"] + (int(parts[-1]["unit"].max()) + 1 if parts else 0)
+        parts.append(r)
+    return {key: np.concatenate([p[key] for p in parts]) for key in parts[0]}
+
+
+@register_method("lgd", Config)
+def run(ctx, cfg: Config):
+    ipc, n, d = ctx.cfg.ipc, cfg.increment, ctx.cfg.data
+    seed_ipc = check(cfg, ipc)
+    fingerprint = config_hash(asdict(cfg), ctx.cfg.seed, ctx.cfg.data, ctx.cfg.backbone, ctx.cfg.sampler,
+                              ctx.cfg.eval, ctx.cfg.methods.get(cfg.seed_method, {}))
+    work = Path(ctx.scratch) / "lgd"
+    work.mkdir(parents=True, exist_ok=True)
+    classify = dict(arch=cfg.arch, num_classes=ctx.data.num_classes, channels=d.channels, image_size=d.image_size)
+    reference = train_reference(ctx, cfg)                                    # θ*
+    theta_star = load_classifier(reference, **classify)
+
+    resumed = last_stage(work, fingerprint)
+    if resumed is None:
+        resumed = (0, save_stage(work, 0, seed_set(ctx, cfg, seed_ipc), ctx.data.class_names, fingerprint))
+    else:
+        print(f"[lgd] resuming after increment {resumed[0]} ({resumed[1]})", flush=True)
+    from raydd.outputs import read_distilled
+
+    done, stage = resumed
+    current = read_distilled(stage)
+    eval_split = ctx.data.split(ctx.cfg.eval.split)
+    for i in range(done + 1, 1 + (ipc - seed_ipc) // n):
+        have = seed_ipc + (i - 1) * n                                        # IPC of D_{i−1}
+        theta_path = train_theta(ctx, cfg, stage, have, work / f"theta-{i - 1:03d}-{fingerprint}.safetensors")
+        theta = load_classifier(theta_path, **classify)                      # θ_{i−1}
+        factory = partial(learnability_guidance, theta=str(theta_path), reference=str(reference), memory=str(stage),
+                          class_ids=ctx.data.backbone_class_ids(), lam=cfg.lam, omega=cfg.omega, gamma=cfg.gamma,
+                          memory_side=cfg.memory_side, window=respaced_window(cfg, ctx.cfg.sampler.steps),
+                          mode=cfg.mode, **classify)
+        cands = ctx.generate(candidate_rows(ctx, cfg, i, n), guidance_factory=factory)   # κ·n per class
+        s = score_images(theta, theta_star, to_float(cands.images), cands.labels, cfg.omega)  # S [κ·n·C]
+        keep = torch.from_numpy(top_kappa(s, (cands.labels * n + cands.slots % n).numpy()))
+        new = DistilledSet(cands.images[keep], cands.labels[keep], have + cands.slots[keep] % n,
+                           None if cands.latents is None else cands.latents[keep], s[keep])
+        merged = merge(current, new)
+        ctx.log_metrics({"lgd/ipc": have + n, "lgd/theta_acc": accuracy(theta, eval_split.x, eval_split.y),
+                         "lgd/loss_new": mean_ce(theta, new), "lgd/loss_jump": mean_ce(theta, merged) - mean_ce(theta, current),
+                         "lgd/score_kept": float(s[keep].mean()), "lgd/score_candidates": float(s.mean())}, step=i)
+        stage, current = save_stage(work, i, merged, ctx.data.class_names, fingerprint), merged
+    return current

@@ -1,0 +1,117 @@
+"""rsm_cgs: sparse fine-tuning (RSM) + collaborative synchronous sampling (CGS) against distribution shift.
+
+Paper: "Mitigating the Distribution Shift of Diffusion-based Dataset Distillation" (seed 003).
+  Stage 1, RSM (training-stage shift): fine-tune the DiT on the real data with
+      L = ||eps - eps_theta(x_t, t, y)||^2 + lambda ||x0_hat(x_t, t)||_1          (raydd/objectives/sparsity.py)
+  Stage 2, CGS (sampling-stage shift): the IPC noises of a class are denoised together as one batch and
+      after every scheduler step  Z <- Z - (eta_dpp grad L_dpp + eta_dm grad L_dm)   (raydd/objectives/dpp.py)
+      L_dpp = -log det(K + eps I) (K: cosine kernel of the class's latents), L_dm = ||mean z - sqrt(abar) mu_c||^2.
+Ablations: rsm_cgs.rsm=false (CGS only), rsm_cgs.cgs=false (RSM only); both false is `dit`.
+
+PEFT decision: the paper (summary) only says the DiT is "fine-tuned on D_real"; its baselines and setting
+(Minimax, IMS3: DiT-XL/2 fine-tuned DiffFit-style on ImageNet subsets, single GPU) use DiffFit PEFT, so
+RSM defaults to `peft=difffit` (biases, norms, label table); `rsm_cgs.peft=full` trains everything.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from functools import partial
+
+import numpy as np
+import torch
+
+import raydd.objectives.sparsity  # noqa: F401  registers the fine-tuning loss term "rsm"
+from raydd.finetune import finetune_config, finetune_loop
+from raydd.generate import BackboneSpec, DistilledSet
+from raydd.methods import register_method
+from raydd.objectives.dpp import ON, ClassMeanLatents, cgs_post_step, mean_distance, mean_pairwise_cosine
+
+
+@dataclass
+class Config:
+    rsm: bool = True               # stage 1: fine-tune the backbone with the L1 term (false: sample the frozen DiT)
+    cgs: bool = True               # stage 2: class-synchronous sampling with DPP + mean-matching updates
+    # --- RSM fine-tuning (raydd.finetune.finetune_loop) ---
+    lam: float = 0.1               # lambda: weight of ||x0_hat||_1 (mean over elements); paper: no value, digits probe
+    peft: str = "difffit"          # "difffit" (DiffFit-style PEFT, as Minimax/IMS3) | "full"
+    ft_steps: int = 300            # optimizer steps
+    ft_batch: int = 32             # real latents per step
+    ft_lr: float = 1e-3            # AdamW learning rate (DiffFit's)
+    # --- CGS ---
+    eta_dpp: float = 1.0           # eta_dpp: step on grad L_dpp (diversity; no effect at IPC 1)
+    eta_dm: float = 0.05           # eta_dm: step on grad L_dm (grad per sample = 2/N (mean - target))
+    eps: float = 1e-3              # eps: jitter in log det(K + eps I)
+    on: str = "z_t"                # "z_t": losses on the current latents (default) | "x0": on the clean prediction
+    mu_max_per_class: int = 0      # real train images per class averaged into mu_c (0 = all)
+    compare_unguided: bool = True  # also sample CGS-off from the same noise, to log before/after diagnostics
+
+
+def check(cfg: Config) -> None:
+    if cfg.peft not in ("difffit", "full"):
+        raise ValueError(f"rsm_cgs.peft={cfg.peft!r}; allowed: difffit, full")
+    if cfg.on not in ON:
+        raise ValueError(f"rsm_cgs.on={cfg.on!r}; allowed: {', '.join(ON)}")
+    if not cfg.eps > 0:
+        raise ValueError(f"rsm_cgs.eps={cfg.eps} must be > 0")
+    if cfg.rsm and (cfg.ft_steps < 1 or cfg.ft_batch < 1 or cfg.lam < 0):
+        raise ValueError("rsm_cgs: need ft_steps >= 1, ft_batch >= 1 and lam >= 0")
+
+
+def rsm_finetune(ctx, cfg: Config) -> BackboneSpec:
+    """Stage 1: L_simple + L_vlb + lambda ||x0_hat||_1 on the real train split (Ray Train, cached per config).
+    Returns the spec of the fine-tuned DiT (`<dir>/transformer`, loadable as backbone.source by any method)."""
+    b = ctx.spec.cfg
+    config = finetune_config(b.checkpoint or b.source, ctx.cfg.data, ctx.cfg.sampler, steps=cfg.ft_steps,
+                             batch=cfg.ft_batch, lr=cfg.ft_lr, peft=cfg.peft, terms={"rsm": cfg.lam},
+                             seed=ctx.cfg.seed, latent_size=b.latent_size, vae=b.vae, vae_scale=b.vae_scale)
+    path = ctx.train_cached("finetune", finetune_loop, config)
+    return dataclasses.replace(ctx.spec, cfg=dataclasses.replace(b, source=str(path / "transformer"), checkpoint=""))
+
+
+def real_class_means(ctx, cfg: Config) -> np.ndarray:
+    """mu_c [C, c, h, w]: mean clean latent of each class's real train images, encoded on the actor pool."""
+    x, y = ctx.data.train.x, ctx.data.train.y
+    keep = torch.cat([torch.nonzero(y == c).flatten()[: cfg.mu_max_per_class or None]
+                      for c in range(ctx.data.num_classes)])
+    cols = {"class_idx": y[keep].numpy(), "unit": y[keep].numpy(), "image": x[keep].numpy()}  # a class is a unit
+    b = ctx.spec.cfg
+    out = ctx.map(ClassMeanLatents, dict(vae=b.vae, vae_scale=b.vae_scale, gpus=ctx.cfg.compute.gpus_per_actor), cols)
+    return np.stack(out["mu"])[np.argsort(out["class_idx"])]
+
+
+def log_diagnostics(ctx, after: DistilledSet, before: DistilledSet | None, mu: np.ndarray) -> None:
+    """Per class (MLflow step = class index): mean pairwise cosine of the final latents and the distance
+    of their mean to mu_c, after CGS and (if sampled) before it, from the same noise; then class means."""
+    sums: dict[str, list[float]] = {}
+    for c in range(ctx.data.num_classes):
+        m = {}
+        for tag, s in (("after", after), ("before", before)):
+            if s is None:
+                continue
+            z = s.latents[s.labels == c].float()                      # [IPC, c, h, w]
+            m[f"cgs/dist_{tag}"] = mean_distance(z, torch.from_numpy(mu[c]))
+            if len(z) > 1:
+                m[f"cgs/cos_{tag}"] = mean_pairwise_cosine(z)
+        ctx.log_metrics(m, step=c)
+        for k, v in m.items():
+            sums.setdefault(k, []).append(v)
+    ctx.log_metrics({k.replace("cgs/", "cgs/mean_"): float(np.mean(v)) for k, v in sums.items()})
+
+
+@register_method("rsm_cgs", Config)
+def run(ctx, cfg: Config):
+    check(cfg)
+    if cfg.rsm:                                                # stage 1: sample from the RSM-fine-tuned DiT
+        ctx = dataclasses.replace(ctx, backbone=rsm_finetune(ctx, cfg))
+    if not cfg.cgs:
+        return ctx.generate(ctx.rows(per_class=ctx.cfg.ipc))   # i.i.d. sampling, batches mix classes
+    rows = ctx.rows(per_class=ctx.cfg.ipc, by_class=True)      # stage 2: one class = one unit = one batch
+    mu = real_class_means(ctx, cfg)                            # [C, c, h, w], once per run
+    class_ids = ctx.data.backbone_class_ids()                  # the sampler's y are backbone class ids
+    post_step = partial(cgs_post_step, mu=mu, class_ids=class_ids,
+                        sampler=ctx.cfg.sampler, eta_dpp=cfg.eta_dpp, eta_dm=cfg.eta_dm, eps=cfg.eps, on=cfg.on)
+    distilled = ctx.generate(rows, post_step_factory=post_step)
+    before = ctx.generate(rows) if cfg.compare_unguided else None   # same rows = same noise, CGS off
+    log_diagnostics(ctx, distilled, before, mu)
+    return distilled

@@ -1,0 +1,150 @@
+"""CGS (seed 003), collaborative guided sampling: DPP diversity + mean matching over one class's latents.
+
+The N = IPC samples of class c are denoised together (one batch). After every scheduler step
+
+    Z <- Z - (eta_dpp * grad_Z L_dpp(Z) + eta_dm * grad_Z L_dm(Z))
+    L_dpp(Z) = -log det(K + eps I),       K_ij = cos(z_i, z_j)           diversity (DPP likelihood of the set)
+    L_dm(Z)  = || (1/N) sum_i z_i - sqrt(abar) mu_c ||^2                 drift: the set's mean vs the real one
+
+with mu_c the mean clean latent of class c's real images (VAE encode; identity on pixel backbones) and
+abar the noise level of Z (z_t = sqrt(abar) z_0 + sqrt(1 - abar) eps, so E z_t = sqrt(abar) mu_c).
+
+Where the losses are evaluated (decisions, see METHODS.md):
+  on="z_t" (default): on the freshly stepped latents Z_{t-1} themselves (target sqrt(abar_{t-1}) mu_c), the
+      same latents the update moves; cheap, no backprop through the DiT. At the last step abar = 1, so the
+      final z_0 is pulled toward mu_c directly.
+  on="x0": on the step's clean prediction x0_hat (target mu_c); the gradient is applied to Z_{t-1} through
+      its clean component, scaled by sqrt(abar_{t-1}).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from raydd.config import SamplerConfig
+from raydd.sampling import GuidanceError, Schedule, make_schedule
+
+ON = ("z_t", "x0")
+
+
+# --------------------------------------------------------------------------------------------
+# The two collaborative losses (one class's latents z [N, c, h, w])
+# --------------------------------------------------------------------------------------------
+def cosine_kernel(z: torch.Tensor) -> torch.Tensor:
+    """K [N, N], K_ij = cos(z_i, z_j) over flattened latents."""
+    u = F.normalize(z.flatten(1), dim=1, eps=1e-12)
+    return u @ u.T
+
+
+def dpp_loss(z: torch.Tensor, eps: float = 1e-3) -> torch.Tensor:
+    """L_dpp = -log det(K + eps I), a scalar, computed in float64 through a Cholesky factor.
+
+    K is a Gram matrix of unit vectors (PSD), so K + eps I is positive definite for eps > 0 and the value
+    is finite even for duplicate samples: N copies give K = 11^T and -log det = -(N-1) log eps - log(N + eps)."""
+    if not eps > 0:
+        raise ValueError(f"DPP jitter eps={eps} must be > 0 (log det of a singular kernel is -inf)")
+    K = cosine_kernel(z.double())
+    L, info = torch.linalg.cholesky_ex(K + eps * torch.eye(len(K), dtype=K.dtype, device=K.device))
+    if int(info) != 0:
+        raise GuidanceError(f"K + {eps} I is not positive definite in float64 (N={len(K)}); raise the jitter eps")
+    return -2.0 * torch.log(torch.diagonal(L)).sum()
+
+
+def dm_loss(z: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """L_dm = || mean_i z_i - target ||^2, a scalar (target [c, h, w], e.g. sqrt(abar) mu_c)."""
+    return ((z.flatten(1).mean(0) - target.flatten()) ** 2).sum()
+
+
+def cgs_direction(z: torch.Tensor, target: torch.Tensor, eta_dpp: float, eta_dm: float, eps: float) -> torch.Tensor:
+    """g = eta_dpp grad L_dpp + eta_dm grad L_dm for one class's latents z [N, ...] (float64 maths).
+    With one sample (IPC 1) log det(K + eps I) is constant: only mean matching acts."""
+    zz = z.detach().double().requires_grad_(True)
+    with torch.enable_grad():
+        loss = eta_dm * dm_loss(zz, target.double())
+        if eta_dpp != 0 and len(z) > 1:
+            loss = loss + eta_dpp * dpp_loss(zz, eps)
+        (g,) = torch.autograd.grad(loss, zz)
+    return g.to(z.dtype)
+
+
+# --------------------------------------------------------------------------------------------
+# The post-step hook of raydd.sampling.sample: (i, x_prev, x0_hat, y) -> x_prev'
+# --------------------------------------------------------------------------------------------
+@dataclass
+class CGS:
+    mu: torch.Tensor      # [K, c, h, w] real mean clean latents mu_c, one row per entry of class_ids
+    class_ids: list[int]  # backbone class id of each row of mu (the y the sampler sees)
+    schedule: Schedule    # the sampler's respaced schedule
+    eta_dpp: float        # step size on grad L_dpp
+    eta_dm: float         # step size on grad L_dm
+    eps: float = 1e-3     # jitter in log det(K + eps I)
+    on: str = "z_t"       # "z_t" | "x0": which latents the losses see (module docstring)
+
+    def __post_init__(self):
+        if self.on not in ON:
+            raise ValueError(f"CGS on={self.on!r}; allowed: {', '.join(ON)}")
+        self.row = {int(c): k for k, c in enumerate(self.class_ids)}
+
+    def __call__(self, i: int, x_prev: torch.Tensor, x0_hat: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        sqrt_abar = math.sqrt(float(self.schedule.alphas_cumprod_prev[i]))   # noise level of Z_{t-1}
+        z, target_scale, apply_scale = (x_prev, sqrt_abar, 1.0) if self.on == "z_t" else (x0_hat, 1.0, sqrt_abar)
+        out = x_prev.clone()
+        for c in torch.unique(y).tolist():                 # each class is its own coupled system
+            m = y == c
+            g = cgs_direction(z[m], target_scale * self.mu[self.row[c]], self.eta_dpp, self.eta_dm, self.eps)
+            out[m] = x_prev[m] - apply_scale * g
+        if not torch.isfinite(out).all():
+            raise GuidanceError(f"CGS update gave NaN/Inf at respaced step {i} (classes {torch.unique(y).tolist()})")
+        return out
+
+
+def cgs_post_step(backbone, device, *, mu: np.ndarray, class_ids: list[int], sampler: SamplerConfig,
+                  eta_dpp: float, eta_dm: float, eps: float, on: str) -> CGS:
+    """post_step_factory for ctx.generate (bind the keywords with functools.partial: picklable)."""
+    return CGS(torch.as_tensor(mu, dtype=torch.float32, device=device), list(class_ids), make_schedule(sampler),
+               eta_dpp, eta_dm, eps, on)
+
+
+# --------------------------------------------------------------------------------------------
+# mu_c from real data, and the diagnostics logged per class
+# --------------------------------------------------------------------------------------------
+class ClassMeanLatents:
+    """ctx.map UDF: real images of a class (rows with class_idx, image uint8 [C, H, W]) -> one row per
+    class with mu = mean of VAE-encoded clean latents [c, h, w]. Loads the VAE once per actor."""
+
+    def __init__(self, vae: str, vae_scale: float, gpus: float = 0.0, batch: int = 64):
+        from raydd.backbone import load_vae
+        from raydd.generate import pick_device
+
+        self.device, self.batch = pick_device(gpus), batch
+        self.vae = load_vae(vae, vae_scale).to(self.device).eval()
+
+    @torch.no_grad()
+    def __call__(self, cols: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        from raydd.evaluation import to_float
+
+        classes, mus = [], []
+        for c in np.unique(cols["class_idx"]):
+            x = torch.from_numpy(np.ascontiguousarray(cols["image"][cols["class_idx"] == c]))
+            z = torch.cat([self.vae.encode(to_float(b).to(self.device)).float() for b in x.split(self.batch)])
+            classes.append(c)
+            mus.append(z.mean(0).cpu().numpy())
+        return {"class_idx": np.array(classes, dtype=np.int64), "mu": np.stack(mus)}
+
+
+def mean_pairwise_cosine(z: torch.Tensor) -> float:
+    """Mean of cos(z_i, z_j) over pairs i < j (NaN for a single sample)."""
+    n = len(z)
+    if n < 2:
+        return float("nan")
+    K = cosine_kernel(z.double())
+    return float(K[torch.triu_indices(n, n, offset=1).unbind()].mean())
+
+
+def mean_distance(z: torch.Tensor, mu: torch.Tensor) -> float:
+    """|| mean_i z_i - mu ||_2."""
+    return float((z.double().flatten(1).mean(0) - mu.double().flatten()).norm())

@@ -1,0 +1,116 @@
+"""Condition-aware latent optimisation (CaO2, Sec. 3.3): move a generated latent x, with the
+diffusion model frozen, toward where the model's conditional density estimate is accurate.
+
+    min_x  E_{t, eps} [ ||eps_phi(x_t, c_hat, t) - eps||_2^2 + lambda * ||eps_phi(x_t, c_hat, t) - eps||_inf ]
+    x_t = sqrt(abar_t) x + sqrt(1 - abar_t) eps,   t ~ U{1, ..., T_hat} (TRUE timesteps of the
+    1000-step schedule),   eps fixed per image,   subject to ||x_bar - x||_inf <= eta (projection).
+
+||.||_2^2 is the mean over the latent's elements (as the reference code's mse_loss); ||.||_inf
+the largest absolute residual of the image. c_hat is the true class or the null class.
+Note: the reference code feeds the DiT a *respaced* step index (1..11 of 50) as if it were a true
+timestep, i.e. almost noise-free inputs; here t is always a true timestep in [1, T_hat].
+
+`optimize_latents` is the plain PyTorch function (tests call it with any backbone-like module);
+`LatentOptBatches` is the callable class for `ctx.map` (loads the backbone once per actor).
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from raydd.config import SamplerConfig
+from raydd.finetune import q_sample
+from raydd.sampling import Schedule, make_schedule, to_uint8
+
+
+def latent_objective(backbone, x: torch.Tensor, y: torch.Tensor, t: torch.Tensor, eps: torch.Tensor,
+                     schedule: Schedule, lam: float) -> torch.Tensor:
+    """Per-image objective [B]: mean (eps_phi - eps)^2 + lam * max |eps_phi - eps|.
+    x [B,C,H,W] clean latents, y [B] backbone condition ids, t [B] true timesteps, eps [B,C,H,W];
+    schedule: the full (unrespaced) schedule, so schedule.alphas_cumprod[t] is abar_t."""
+    x_t = q_sample(x, t, eps, schedule)                         # sqrt(abar) x + sqrt(1 - abar) eps
+    eps_hat, _ = backbone(x_t, t, y)                            # [B,C,H,W] (learned variance unused)
+    r = (eps_hat.float() - eps).flatten(1)                      # residual  [B, C*H*W]
+    return r.pow(2).mean(dim=1) + lam * r.abs().amax(dim=1)
+
+
+def fixed_noise(seeds: list[int], shape: tuple[int, ...]) -> torch.Tensor:
+    """The fixed eps of each image [B, *shape], a function of its seed only."""
+    return torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(int(s))) for s in seeds])
+
+
+def optimize_latents(backbone, x: torch.Tensor, y: torch.Tensor, seeds: list[int], schedule: Schedule, *,
+                     iterations: int = 100, lr: float = 6e-4, lam: float = 10.0, t_hat: int = 500,
+                     eta: float = 0.06, autocast_dtype: torch.dtype | None = None
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Adam on the latents themselves, DiT frozen. x [B,C,H,W]; y [B] condition ids (true or null);
+    seeds [B] per image: its fixed noise eps and its timestep draws come from its own generator, so
+    an image's result does not depend on its batch-mates.
+    Returns (x_bar [B,C,H,W] float32 with ||x_bar - x||_inf <= eta, loss curve [B, iterations]:
+    the objective at each iteration before its update)."""
+    if not 1 <= t_hat < len(schedule):
+        raise ValueError(f"t_hat={t_hat} must be in [1, {len(schedule) - 1}] (true timesteps of the "
+                         f"{len(schedule)}-step schedule)")
+    if eta <= 0 or iterations < 1 or lr <= 0:
+        raise ValueError(f"need eta > 0, iterations >= 1, lr > 0 (got {eta}, {iterations}, {lr})")
+    device = x.device
+    eps = fixed_noise(seeds, tuple(x.shape[1:])).to(device)                # fixed eps [B,C,H,W]
+    gens = [torch.Generator().manual_seed(int(s) + 1) for s in seeds]      # each image's timestep draws
+    x0 = x.detach().float()
+    x_bar = x0.clone().requires_grad_(True)
+    opt = torch.optim.Adam([x_bar], lr=lr)
+    curve = []
+    for _ in range(iterations):
+        t = torch.cat([torch.randint(1, t_hat + 1, (1,), generator=g) for g in gens]).to(device)  # true t [B]
+        with torch.autocast(device_type=device.type, dtype=autocast_dtype or torch.float32,
+                            enabled=autocast_dtype is not None):
+            loss = latent_objective(backbone, x_bar, y, t, eps, schedule, lam)         # [B]
+        opt.zero_grad(set_to_none=True)
+        loss.sum().backward()                    # a sum: each image's gradient is its own objective's
+        opt.step()
+        with torch.no_grad():                    # projection onto the L_inf ball around the start
+            x_bar.copy_(x0 + (x_bar - x0).clamp(-eta, eta))
+        curve.append(loss.detach().float())
+    return x_bar.detach(), torch.stack(curve, dim=1).cpu()
+
+
+class LatentOptBatches:
+    """rows {unit, class_idx, slot, seed, cond, latent [N,C,H,W] (or image uint8, encoded here)} ->
+    rows + {latent: optimised float32, image: decoded uint8, loss_curve [N, iterations]}.
+    Constructor: load the frozen backbone once (like raydd.generate.SampleBatches)."""
+
+    def __init__(self, spec, sampler: SamplerConfig, iterations: int, lr: float, lam: float, t_hat: int,
+                 eta: float, gpus: float = 0.0, threads: int = 0, precision: str = "fp32"):
+        from raydd.generate import pick_device
+
+        if threads > 0:
+            torch.set_num_threads(threads)
+        self.device = pick_device(gpus)
+        self.backbone = spec.load(self.device)
+        self.schedule = make_schedule(sampler, steps=sampler.train_timesteps)   # the full 1000-step schedule
+        self.opts = dict(iterations=iterations, lr=lr, lam=lam, t_hat=t_hat, eta=eta)
+        self.autocast = torch.bfloat16 if precision == "bf16" and self.device.type == "cuda" else None
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        outs = []
+        for u in np.unique(batch["unit"]):
+            m = batch["unit"] == u
+            outs.append(self.run_unit({k: v[m] for k, v in batch.items()}))
+        return {k: np.concatenate([o[k] for o in outs]) for k in outs[0]}
+
+    def run_unit(self, rows: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        from raydd.evaluation import to_float
+
+        if "latent" in rows:
+            x = torch.from_numpy(np.ascontiguousarray(rows["latent"])).float().to(self.device)
+        else:                                    # real images (a generator without latents): encode them
+            with torch.no_grad():
+                x = self.backbone.vae.encode(to_float(torch.from_numpy(rows["image"]).to(self.device))).float()
+        y = torch.from_numpy(rows["cond"]).long().to(self.device)
+        x_bar, curve = optimize_latents(self.backbone, x, y, rows["seed"].tolist(), self.schedule,
+                                        autocast_dtype=self.autocast, **self.opts)
+        with torch.no_grad():
+            images = to_uint8(self.backbone.vae.decode(x_bar))
+        keep = {k: v for k, v in rows.items() if k not in ("latent", "image")}
+        return {**keep, "latent": x_bar.cpu().numpy(), "image": images.cpu().numpy(),
+                "loss_curve": curve.numpy().astype(np.float32)}

@@ -1,0 +1,118 @@
+"""Learnability (LGD, seed 000): what the current model can still learn from a sample.
+
+    S(x, y) = L(θ_{i−1}, x, y) − ω · L(θ*, x, y)          (cross-entropy losses)
+
+θ_{i−1} is the model trained on the distilled set so far, θ* a reference model trained on the full
+real training split: a high S marks a sample the current model gets wrong but a well-informed
+model gets right (a learnable gap, not noise). Guidance ascends
+
+    J(x̂0, y) = S(x̂0, y) − (γ/λ) · max_{m ∈ M_y} cos(x̂0, m)
+
+(with the Guidance helper's scale λ, so ε̃ = ε̂ − ρ_t ∇(λ·S − γ·max cos): learnability plus deviation
+away from the most similar sample already in the class's memory buffer M_y, under one shared ρ_t).
+Then κ candidates are drawn per slot and the one with the highest S is kept (`top_kappa`).
+
+Every classifier input is in [-1, 1]: `raydd.evaluation.to_float`'s normalisation, which on
+pixel-space backbones is x̂0 itself (the Guidance helper decodes through the VAE first, on_images).
+The memory lives in the same image space as the classifier input (on pixel backbones: the latents).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+def learnability_score(model: nn.Module, reference: nn.Module, x: torch.Tensor, labels: torch.Tensor,
+                       omega: float) -> torch.Tensor:
+    """S = CE(θ_{i−1}(x), y) − ω·CE(θ*(x), y).  x [B,C,H,W] in [-1, 1], labels [B] -> [B]."""
+    loss_now = F.cross_entropy(model(x), labels, reduction="none")      # L(θ_{i−1}, x, y)  [B]
+    loss_ref = F.cross_entropy(reference(x), labels, reduction="none")  # L(θ*, x, y)       [B]
+    return loss_now - omega * loss_ref
+
+
+def max_memory_cosine(x: torch.Tensor, labels: torch.Tensor, memory: torch.Tensor,
+                      memory_labels: torch.Tensor) -> torch.Tensor:
+    """max_{m ∈ M_y} cos(x, m) over the memory items of each sample's own class.
+    x [B, ...], labels [B], memory [M, ...], memory_labels [M] -> [B] (0 where a class has no memory)."""
+    if memory.numel() == 0:
+        return x.new_zeros(len(x))
+    xf = F.normalize(x.flatten(1), dim=1, eps=1e-8)                          # [B, D]
+    mf = F.normalize(memory.flatten(1).to(xf), dim=1, eps=1e-8)              # [M, D]
+    cos = xf @ mf.T                                                          # [B, M]
+    same = labels[:, None] == memory_labels.to(labels.device)[None, :]       # [B, M]
+    cos = cos.masked_fill(~same, -2.0)
+    best = cos.max(dim=1).values                                             # [B]
+    return torch.where(same.any(dim=1), best, torch.zeros_like(best))
+
+
+@dataclass
+class LearnabilityState:
+    """What the objective needs; built once per sampling actor by LGD's guidance factory."""
+    model: nn.Module              # θ_{i−1}: trained on the current distilled set (eval mode, frozen)
+    reference: nn.Module          # θ*: trained on the full real training split (eval mode, frozen)
+    omega: float                  # ω: weight of the reference loss in S
+    diversity: float              # γ/λ: weight of the memory term relative to S
+    memory: torch.Tensor          # [M, C, H, W] the current set's images in [-1, 1] (the buffer M)
+    memory_labels: torch.Tensor   # [M] labels of the memory items
+    class_ids: torch.Tensor       # [K] label -> backbone class id (the sampler passes backbone ids)
+    pool_side: int = 0            # x̂0 is avg-pooled to the memory's side before the cosine (0 = as is)
+
+
+def labels_of(y: torch.Tensor, class_ids: torch.Tensor) -> torch.Tensor:
+    """Backbone class ids [B] -> labels [B] (positions in class_ids)."""
+    match = y[:, None] == class_ids.to(y.device)[None, :]                    # [B, K]
+    if not bool(match.any(dim=1).all()):
+        raise ValueError(f"backbone class ids {y[~match.any(dim=1)].tolist()} are not in the class list")
+    return match.float().argmax(dim=1)
+
+
+def learnability_objective(x0_hat: torch.Tensor, t: torch.Tensor, y: torch.Tensor,
+                           state: LearnabilityState) -> torch.Tensor:
+    """J = S(x̂0, y) − (γ/λ)·max cos(x̂0, M_y), maximised by the Guidance helper.
+    x0_hat [B,C,H,W] (decoded, in [-1, 1]), t [B], y [B] backbone class ids -> [B]."""
+    labels = labels_of(y, state.class_ids)
+    s = learnability_score(state.model, state.reference, x0_hat, labels, state.omega)
+    if state.diversity == 0:
+        return s
+    x = x0_hat
+    if state.pool_side and x.shape[-1] != state.pool_side:
+        x = F.adaptive_avg_pool2d(x, state.pool_side)                        # [B, C, side, side]
+    return s - state.diversity * max_memory_cosine(x, labels, state.memory, state.memory_labels)
+
+
+def rank_in_class(labels: torch.Tensor) -> torch.Tensor:
+    """Each item's position among the items of its own label, in index order. [N] -> [N]."""
+    rank = torch.empty_like(labels)
+    for c in labels.unique():
+        idx = torch.nonzero(labels == c).flatten()
+        rank[idx] = torch.arange(len(idx))
+    return rank
+
+
+@torch.no_grad()
+def score_images(model: nn.Module, reference: nn.Module, x: torch.Tensor, labels: torch.Tensor, omega: float,
+                 batch_size: int = 256) -> torch.Tensor:
+    """S on final images (x in [-1, 1], [N,C,H,W]) in batches -> [N] (CPU float32)."""
+    out = [learnability_score(model, reference, x[i:i + batch_size], labels[i:i + batch_size], omega)
+           for i in range(0, len(x), batch_size)]
+    return torch.cat(out).float().cpu() if out else torch.zeros(0)
+
+
+def top_kappa(scores: np.ndarray | torch.Tensor, groups: np.ndarray | torch.Tensor) -> np.ndarray:
+    """For each group (e.g. one slot's κ candidates) the index of its highest score (ties: the first
+    in index order). scores [N], groups [N] (any hashable ints) -> indices [G], ordered by group id.
+    NaN scores never win unless a whole group is NaN (then its first candidate)."""
+    scores = np.asarray(scores, dtype=np.float64)
+    groups = np.asarray(groups)
+    if scores.shape != groups.shape or scores.ndim != 1:
+        raise ValueError(f"scores {scores.shape} and groups {groups.shape} must be equally long 1-d arrays")
+    keyed = np.where(np.isnan(scores), -np.inf, scores)
+    picks = []
+    for g in np.unique(groups):
+        idx = np.flatnonzero(groups == g)              # this group's candidates, in index order
+        picks.append(idx[int(np.argmax(keyed[idx]))])  # argmax returns the first maximum
+    return np.asarray(picks, dtype=np.int64)

@@ -1,0 +1,257 @@
+"""python -m raydd.sweep --method <name> [--trials N] [--max-concurrent K] [--time-budget S] [--smoke]
+                        [--resume] [--storage DIR|s3://...] [--preset digits] [key=value ...]
+
+Search a method's hyperparameters (tune_spaces/<method>.yaml) with Optuna (TPE, seeded, the paper's
+defaults evaluated first) through Ray Tune. Each trial distils with its configuration and evaluates
+students on the VALIDATION split in stages of growing student-training length (1/4, 1/2, all of the
+epochs), reporting after each stage so ASHA stops bad configurations early. The best configuration is
+then re-run with fresh seeds and reported on the TEST split (never tuned on test).
+
+MLflow: one parent run per sweep (search space, best params, best val and test accuracy, Optuna's
+optimisation-history and parameter-importance plots) with one child run per trial and one for the
+re-run of the best configuration.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import sys
+import time
+from pathlib import Path
+
+from raydd.config import Config, ConfigError, flatten, load_config
+from raydd.distill import build_parser, check_method, distill, ensure_backbone, log, produce
+from raydd.tune_space import SearchSpace, SpaceError, load_space
+
+STAGES = (0.25, 0.5, 1.0)      # fractions of the student-training epochs, one report each
+
+
+def trial_config(base: Config, params: dict, trial_id: str, sweep_dir: Path) -> Config:
+    """The base config with a trial's parameters applied (validated like any override)."""
+    from raydd.config import set_key, validate
+
+    cfg = dataclasses.replace(base, methods={k: dict(v) for k, v in base.methods.items()})
+    for key, value in params.items():
+        set_key(cfg, key, value)
+    validate(cfg)
+    cfg.run_name = f"{sweep_dir.name}-trial-{trial_id}"
+    cfg.out_dir = str(sweep_dir / "trials")
+    return cfg
+
+
+def run_trial(params: dict, base: Config, sweep_dir: Path, parent_run_id: str) -> None:
+    """One Tune trial: distil, then evaluate on val in stages, reporting val_acc after each."""
+    import ray.tune
+
+    from raydd.data import load_real
+    from raydd.distributed.runner import RayRunner
+    from raydd.eval_jobs import evaluate_set
+    from raydd.evaluation import epochs_for
+    from raydd.tracking import Tracker
+
+    trial_id = ray.tune.get_context().get_trial_id()
+    cfg = trial_config(base, params, trial_id, sweep_dir)
+    data = load_real(cfg.data)
+    scratch = sweep_dir / "scratch" / trial_id
+    scratch.mkdir(parents=True, exist_ok=True)
+    tracker = Tracker(cfg.tracking, cfg.run_name, parent_run_id=parent_run_id,
+                      tags={"raydd_run": cfg.run_name, "method": cfg.method, "raydd_trial": trial_id})
+    status = "FAILED"
+    try:
+        tracker.log_params({f"trial.{k}": v for k, v in params.items()} | flatten(dataclasses.asdict(cfg)))
+        runner = RayRunner(cfg, scratch)
+        out_dir, _, timings = produce(cfg, data, runner, tracker, scratch)
+        tracker.log_metrics(timings)
+        full = epochs_for(cfg.ipc, cfg.eval, soft=cfg.eval.protocol == "soft")
+        for stage, frac in enumerate(STAGES, start=1):
+            stage_cfg = dataclasses.replace(cfg, eval=dataclasses.replace(
+                cfg.eval, epochs=max(1, round(full * frac)), soft_epochs=max(1, round(full * frac))))
+            summary = evaluate_set(stage_cfg, {"kind": "parquet", "path": str(out_dir)}, runner, max_workers=1)
+            val_acc = sum(r["acc_mean"] for r in summary["students"].values()) / len(summary["students"])
+            tracker.log_metrics({"val_acc": val_acc}, step=stage)
+            ray.tune.report({"val_acc": val_acc, "stage": stage})   # ASHA may stop the trial here
+        status = "FINISHED"
+    finally:
+        tracker.end(status if status == "FINISHED" else "KILLED")
+
+
+def per_trial_resources(cfg: Config) -> dict:
+    """What one trial's inner work holds at once: its sampling actors, or its one evaluation worker."""
+    c = cfg.compute
+    return {"CPU": max(c.num_actors * c.cpus_per_actor, c.train_workers * c.cpus_per_worker, c.cpus_per_worker),
+            "GPU": max(c.num_actors * c.gpus_per_actor, c.train_workers * c.gpus_per_worker)}
+
+
+def max_concurrent_trials(cfg: Config, requested: int) -> int:
+    """Cap concurrent trials by what the cluster can run side by side, so nested Ray Data / Ray Train
+    work inside trials cannot starve each other into a deadlock."""
+    import ray
+
+    need, have = per_trial_resources(cfg), ray.cluster_resources()
+    fits = [math.floor(have.get(r, 0) / n) for r, n in need.items() if n > 0]
+    cap = max(1, min(fits)) if fits else 1
+    return min(cap, requested) if requested > 0 else cap
+
+
+def optuna_distributions(space: SearchSpace) -> dict:
+    import optuna
+
+    out = {}
+    for name, p in space.params.items():
+        if p.type == "float":
+            out[name] = optuna.distributions.FloatDistribution(p.low, p.high, log=p.log, step=p.step)
+        elif p.type == "int":
+            out[name] = optuna.distributions.IntDistribution(p.low, p.high, log=p.log, step=p.step or 1)
+        else:
+            out[name] = optuna.distributions.CategoricalDistribution(p.choices)
+    return out
+
+
+def study_from_results(results, space: SearchSpace):
+    """An Optuna study rebuilt from the finished trials (for the history / importance plots)."""
+    import optuna
+
+    dists = optuna_distributions(space)
+    study = optuna.create_study(direction="maximize")
+    for r in results:
+        if r.metrics and "val_acc" in r.metrics:
+            params = {k: r.config[k] for k in dists if k in r.config}
+            study.add_trial(optuna.trial.create_trial(params=params, distributions=dists, value=r.metrics["val_acc"]))
+    return study
+
+
+def log_optuna_plots(tracker, study) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from optuna.visualization.matplotlib import plot_optimization_history, plot_param_importances
+
+    ax = plot_optimization_history(study)
+    tracker.log_figure(ax.figure, "optuna_history.png")
+    plt.close(ax.figure)
+    if len(study.trials) >= 2 and len({json.dumps(t.params, sort_keys=True, default=str) for t in study.trials}) >= 2:
+        try:
+            ax = plot_param_importances(study)
+            tracker.log_figure(ax.figure, "optuna_importance.png")
+            plt.close(ax.figure)
+        except (RuntimeError, ValueError) as e:  # e.g. zero variance in the objective
+            log(f"parameter importance not computed: {e}")
+
+
+def sweep(method: str, base: Config, final_eval, *, trials: int, max_concurrent: int, time_budget: float | None,
+          storage: str, name: str, resume: bool, seed: int = 0) -> dict:
+    import ray.tune
+    from ray.tune.schedulers import ASHAScheduler
+    from ray.tune.search.optuna import OptunaSearch
+
+    import optuna
+
+    from raydd.data import load_real
+    from raydd.distributed.cluster import init_ray
+    from raydd.distributed.runner import RayRunner
+    from raydd.tracking import Tracker, check_reachable, find_run
+
+    space = load_space(method)                                   # bad YAML / unknown keys fail here
+    check_method(base)
+    check_reachable(base.tracking)
+    data = load_real(base.data)
+    sweep_dir = Path(storage).expanduser().resolve() / name if "://" not in storage else Path(name)
+    init_ray(base.compute)
+    ensure_backbone(base, data, RayRunner(base, sweep_dir))       # train the tiny DiT once, before any trial
+    concurrent = max_concurrent_trials(base, max_concurrent)
+    log(f"sweep {name}: {method}, {trials} trial(s), {concurrent} at a time, space {space.names()}")
+
+    parent = Tracker(base.tracking, name, run_id=find_run(base.tracking, name),
+                     tags={"raydd_run": name, "raydd_sweep": method})
+    try:
+        parent.log_params({"sweep.method": method, "sweep.trials": trials, "sweep.max_concurrent": concurrent,
+                           "sweep.space": json.dumps({k: dataclasses.asdict(v) for k, v in space.params.items()},
+                                                     default=str)})
+        parent.log_dict({k: dataclasses.asdict(v) for k, v in space.params.items()}, "search_space.json")
+        trainable = ray.tune.with_parameters(run_trial, base=base, sweep_dir=sweep_dir, parent_run_id=parent.run_id)
+        trainable = ray.tune.with_resources(trainable, {"CPU": 0.01})  # the trial driver only orchestrates
+        path = str(Path(storage).expanduser().resolve()) if "://" not in storage else storage
+        if resume and ray.tune.Tuner.can_restore(f"{path}/{name}"):
+            log("resuming: finished trials are kept, unfinished ones re-run")
+            tuner = ray.tune.Tuner.restore(f"{path}/{name}", trainable, resume_unfinished=True, restart_errored=True)
+        else:
+            searcher = OptunaSearch(space=optuna_distributions(space), metric=space.metric, mode=space.mode,
+                                    points_to_evaluate=[space.defaults()], sampler=optuna.samplers.TPESampler(seed=seed))
+            scheduler = ASHAScheduler(metric=space.metric, mode=space.mode, time_attr="training_iteration",
+                                      max_t=len(STAGES), grace_period=1, reduction_factor=2)
+            tuner = ray.tune.Tuner(
+                trainable,
+                tune_config=ray.tune.TuneConfig(search_alg=searcher, scheduler=scheduler, num_samples=trials,
+                                                max_concurrent_trials=concurrent, time_budget_s=time_budget),
+                run_config=ray.tune.RunConfig(name=name, storage_path=path, verbose=1),
+            )
+        grid = tuner.fit()
+        finished = [r for r in grid if r.metrics and "val_acc" in r.metrics]
+        if not finished:
+            raise RuntimeError(f"no trial of sweep {name} finished; see {path}/{name}")
+        best = max(finished, key=lambda r: r.metrics["val_acc"])
+        best_params = {k: best.config[k] for k in space.names() if k in best.config}
+        log(f"best val_acc {best.metrics['val_acc']:.4f} with {best_params}; re-running on the test split ...")
+        log_optuna_plots(parent, study_from_results(finished, space))
+
+        # the best configuration, fresh sampling and student seeds, evaluated on TEST
+        final = trial_config(base, best_params, "best", sweep_dir)
+        final = dataclasses.replace(final, seed=base.seed + 1000, run_name=f"{name}-best", out_dir=str(sweep_dir),
+                                    eval=final_eval)
+        rerun = distill(final, parent_run_id=parent.run_id)
+        test_acc = sum(r["acc_mean"] for r in rerun["summary"]["students"].values()) / len(rerun["summary"]["students"])
+        parent.log_params({f"best.{k}": v for k, v in best_params.items()})
+        parent.log_metrics({"best_val_acc": best.metrics["val_acc"], "best_test_acc": test_acc,
+                            "trials_finished": len(finished), "trials_total": len(grid)})
+        parent.log_dict({"best_params": best_params, "best_val_acc": best.metrics["val_acc"],
+                         "best_test_acc": test_acc, "best_output_dir": rerun["output_dir"]}, "best.json")
+        parent.end("FINISHED")
+    except BaseException:
+        parent.end("FAILED")
+        raise
+    log(f"sweep {name} done: best val {best.metrics['val_acc']:.4f}, test {test_acc:.4f} (MLflow parent run "
+        f"{parent.run_id}); compare trials with: mlflow ui --backend-store-uri {parent.uri}")
+    return {"parent_run_id": parent.run_id, "best_params": best_params, "best_val_acc": best.metrics["val_acc"],
+            "best_test_acc": test_acc, "trials": len(grid)}
+
+
+def main(argv: list[str] | None = None) -> int:
+    from raydd.methods import list_methods
+
+    p: argparse.ArgumentParser = build_parser("python -m raydd.sweep", __doc__.split("\n\n")[1])
+    p.add_argument("--method", required=True, help=f"one of: {', '.join(list_methods())}")
+    p.add_argument("--trials", type=int, default=0, help="number of trials (default 8; 4 with --smoke)")
+    p.add_argument("--max-concurrent", type=int, default=0, help="cap on concurrent trials (default: what fits)")
+    p.add_argument("--time-budget", type=float, default=None, help="stop starting trials after this many seconds")
+    p.add_argument("--storage", default="sweeps", help="Tune results: a local dir or s3:// / gs:// URI")
+    p.add_argument("--name", default="", help="sweep name (default <preset>-<method>-sweep; reuse it to --resume)")
+    p.add_argument("--resume", action="store_true", help="resume an interrupted sweep of the same name")
+    p.add_argument("overrides", nargs="*", metavar="key=value")
+    args = p.parse_intermixed_args(argv)
+    try:
+        user = load_config(args.preset, args.overrides, smoke=args.smoke, method=args.method)
+        # trials: one student seed on the val split, no DD-Ranking references; the best config's re-run
+        # gets the user's evaluation settings on the test split
+        trial_base = dataclasses.replace(user, eval=dataclasses.replace(user.eval, seeds=1, ranking=False, split="val"))
+        trials = args.trials or (4 if args.smoke else 8)
+        name = args.name or f"{args.preset}-{args.method}-sweep{'-smoke' if args.smoke else ''}"
+        t0 = time.time()
+        sweep(args.method, trial_base, dataclasses.replace(user.eval, split="test"), trials=trials,
+              max_concurrent=args.max_concurrent, time_budget=args.time_budget, storage=args.storage, name=name,
+              resume=args.resume, seed=user.seed)
+        log(f"total {time.time() - t0:.0f}s")
+    except (ConfigError, SpaceError, FileNotFoundError, ValueError, RuntimeError) as e:
+        print(f"raydd: error: {e}", file=sys.stderr)
+        return 2
+    finally:
+        from raydd.distributed.cluster import shutdown
+
+        shutdown()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,198 @@
+"""LGD (learnability-guided incremental distillation) and the redundancy diagnostic, on a tiny world:
+random tiny DiT, random / briefly trained small classifiers, digits at 16 px, CPU, LocalRunner."""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import torch
+
+from raydd.config import load_config, make_method_config
+from raydd.context import Context, LocalRunner
+from raydd.data import load_real
+from raydd.evaluation import to_float
+from raydd.methods import get_method
+from raydd.objectives.learnability import (LearnabilityState, learnability_objective, max_memory_cosine,
+                                           score_images, top_kappa)
+from raydd.redundancy import load_with_slots, off_diagonal_mean, redundancy_figure, redundancy_matrix, split_increments
+from raydd.sampling import Guidance, sample, to_uint8
+from raydd.students import create_student
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """2 shared CPU cores: one intra-op thread is faster than oversubscribing them."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def classifier(seed: int):
+    torch.manual_seed(seed)
+    return create_student("convnet_d1", num_classes=10, in_chans=1, image_size=16).eval().requires_grad_(False)
+
+
+def draw(backbone, sampler, y, seeds, guidance=None):
+    """Sample and return what a classifier sees: the uint8 image through to_float, [-1, 1]."""
+    out = sample(backbone, y, seeds, sampler, guidance)
+    return to_float(to_uint8(backbone.vae.decode(out["z0"])))
+
+
+@pytest.fixture()
+def world(backbone, digits_cfg):
+    y = torch.arange(10).repeat(2)                     # 2 samples per class
+    return dict(backbone=backbone, sampler=digits_cfg.sampler, y=y, seeds=list(range(20)),
+                theta=classifier(1), reference=classifier(2))
+
+
+def state(w, diversity=0.0, memory=None, memory_labels=None):
+    return LearnabilityState(w["theta"], w["reference"], omega=0.5, diversity=diversity,
+                             memory=torch.zeros(0, 1, 16, 16) if memory is None else memory,
+                             memory_labels=torch.zeros(0, dtype=torch.long) if memory_labels is None else memory_labels,
+                             class_ids=torch.arange(10))
+
+
+def test_learnability_guidance_raises_S_over_unguided_from_the_same_noise(world):
+    w = world
+    plain = draw(w["backbone"], w["sampler"], w["y"], w["seeds"])
+    guided = draw(w["backbone"], w["sampler"], w["y"], w["seeds"],
+                  Guidance(learnability_objective, scale=15.0, window=(2, 7), mode="full", on_images=True, state=state(w)))
+    s_plain = score_images(w["theta"], w["reference"], plain, w["y"], 0.5)
+    s_guided = score_images(w["theta"], w["reference"], guided, w["y"], 0.5)
+    assert s_guided.mean() > s_plain.mean() + 0.2
+    assert (s_guided > s_plain).float().mean() >= 0.8
+
+
+def test_memory_term_lowers_the_max_cosine_to_earlier_samples(world):
+    w = world
+    earlier = draw(w["backbone"], w["sampler"], w["y"], list(range(100, 120)))       # the memory buffer
+    guidance = lambda st: Guidance(learnability_objective, 15.0, (2, 7), "full", True, st)  # noqa: E731
+    without = draw(w["backbone"], w["sampler"], w["y"], w["seeds"], guidance(state(w)))
+    with_mem = draw(w["backbone"], w["sampler"], w["y"], w["seeds"],
+                    guidance(state(w, diversity=50.0 / 15.0, memory=earlier, memory_labels=w["y"])))
+    cos_without = max_memory_cosine(without, w["y"], earlier, w["y"])
+    cos_with = max_memory_cosine(with_mem, w["y"], earlier, w["y"])
+    assert cos_with.mean() < cos_without.mean() - 0.1
+    assert (cos_with < cos_without).float().mean() >= 0.8
+
+
+def test_max_memory_cosine_only_looks_at_the_own_class():
+    x = torch.tensor([[1.0, 0.0], [1.0, 0.0], [0.0, 1.0]])
+    mem = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
+    got = max_memory_cosine(x, torch.tensor([0, 1, 2]), mem, torch.tensor([1, 0]))
+    assert got.tolist() == pytest.approx([0.0, 1.0, 0.0])   # class 2 has no memory -> 0
+
+
+def test_top_kappa_keeps_the_argmax_of_each_slot():
+    rng = np.random.default_rng(0)
+    groups = np.repeat(np.arange(12), 3)                    # 12 slots x kappa = 3 candidates
+    perm = rng.permutation(len(groups))
+    scores, groups = rng.normal(size=len(groups)), groups[perm]
+    keep = top_kappa(scores, groups)
+    assert len(keep) == 12 and np.array_equal(groups[keep], np.arange(12))
+    for g, k in zip(range(12), keep):
+        assert scores[k] == scores[groups == g].max()
+    assert top_kappa([1.0, np.nan, 2.0, 2.0], [0, 0, 1, 1]).tolist() == [0, 2]   # NaN loses; ties: first
+
+
+def test_redundancy_is_about_100_percent_for_copies_of_one_increment(digits_cfg):
+    data = load_real(digits_cfg.data)
+    idx = torch.cat([torch.nonzero(data.train.y == c).flatten()[:3] for c in range(10)])                                  # one increment: 3 real images per class
+    k = 3
+    images = data.train.x[idx].repeat(k, 1, 1, 1)
+    labels = data.train.y[idx].repeat(k)
+    slots = torch.cat([torch.arange(3).repeat(10) + 3 * j for j in range(k)])
+    parts = split_increments(labels, slots, k)
+    for p in parts[1:]:                                    # every increment holds the same images
+        assert torch.equal(images[p], images[parts[0]])
+    ecfg = dataclasses.replace(digits_cfg.eval, cutmix_beta=0.0)
+    r = redundancy_matrix(images, labels, slots, k, student="convnet_d1", num_classes=10, cfg=ecfg, epochs=30)
+    assert r.shape == (k, k)
+    assert off_diagonal_mean(r) >= 0.95
+    assert np.allclose(r, r[0, 0])                          # train accuracy == accuracy on each copy
+    redundancy_figure(r)                                    # renders without pyplot state
+
+
+def test_folder_slots_follow_natural_file_order(tmp_path, digits_cfg):
+    from raydd.outputs import to_pil
+
+    class_names = [str(c) for c in range(10)]
+    for c in range(2):
+        (tmp_path / str(c)).mkdir()
+        for s in (0, 1, 2, 10, 11):
+            to_pil(np.full((1, 16, 16), s, np.uint8)).save(tmp_path / str(c) / f"{s}.png")
+    x, y, slots = load_with_slots(tmp_path, class_names, 16, 1)
+    assert sorted(zip(y.tolist(), slots.tolist(), x[:, 0, 0, 0].tolist())) == \
+        [(c, r, v) for c in range(2) for r, v in enumerate((0, 1, 2, 10, 11))]
+
+
+def lgd_ctx(cfg, spec, scratch, calls):
+    class Counting(LocalRunner):
+        def generate(self, *a, **kw):
+            calls.append("generate")
+            if calls.count("generate") == calls_limit.get("generate", 10**9):
+                raise KeyboardInterrupt("simulated interruption")
+            return super().generate(*a, **kw)
+
+        def train(self, loop, config, name, *a, **kw):
+            calls.append("theta" if "theta" in name else "other")
+            return super().train(loop, config, name, *a, **kw)
+
+    calls_limit = {}
+    ctx = Context(cfg, load_real(cfg.data), spec, runner=Counting(cfg), scratch=scratch)
+    return ctx, calls_limit
+
+
+def test_resume_after_interruption_does_not_redo_finished_increments(digits_cfg, spec, tmp_path):
+    cfg = dataclasses.replace(digits_cfg, ipc=3, data=dataclasses.replace(digits_cfg.data, max_train_per_class=10),
+                              eval=dataclasses.replace(digits_cfg.eval, epochs=2, teacher_epochs=1))
+    method = get_method("lgd")
+    mcfg = make_method_config(method.Config, {"increment": 1, "kappa": 2}, "lgd")
+    scratch = tmp_path / "scratch"
+
+    calls: list[str] = []
+    ctx, limit = lgd_ctx(cfg, spec, scratch, calls)
+    limit["generate"] = 3                                   # seed (dit), increment 1, then stop in increment 2
+    with pytest.raises(KeyboardInterrupt):
+        method.run(ctx, mcfg)
+    stage1 = scratch / "lgd" / "stage-001"
+    manifest = json.loads((stage1 / "manifest.json").read_text())
+    assert manifest["increment"] == 1 and manifest["counts"] == [2] * 10
+    first_two = load_with_slots(stage1, [str(c) for c in range(10)], 16, 1)
+
+    calls2: list[str] = []
+    ctx2, _ = lgd_ctx(cfg, spec, scratch, calls2)
+    ds = method.run(ctx2, mcfg)
+    assert calls2.count("generate") == 1                    # only increment 2: no seed, no increment 1
+    assert "theta" not in calls2                           # θ_1 was kept from the first run
+    assert len(ds) == 30 and ds.slots.tolist() == [0, 1, 2] * 10
+    old = ds.take(torch.nonzero(ds.slots < 2).flatten())
+    assert torch.equal(old.images, first_two[0]) and torch.equal(old.slots, first_two[2])
+    assert torch.isfinite(ds.scores[ds.slots == 2]).all()   # the new increment carries its S
+    done = json.loads((scratch / "lgd" / "stage-002" / "manifest.json").read_text())
+    assert done["increment"] == 2 and not stage1.exists()
+
+
+def test_bad_increment_fails_before_heavy_work(digits_cfg, spec, tmp_path):
+    from raydd.config import ConfigError
+
+    method = get_method("lgd")
+    ctx = Context(digits_cfg, load_real(digits_cfg.data), spec, runner=LocalRunner(digits_cfg), scratch=tmp_path)
+    with pytest.raises(ConfigError, match="lgd.increment=1"):
+        method.run(ctx, make_method_config(method.Config, {"increment": 3}, "lgd"))
+
+
+@pytest.mark.skipif(os.environ.get("RAYDD_SLOW") != "1", reason="CLI smoke (~2 min on 2 shared cores): RAYDD_SLOW=1")
+def test_cli_smoke(cli_env, tmp_path):
+    t0 = time.time()
+    p = subprocess.run([sys.executable, "-m", "raydd.distill", "--method", "lgd", "--smoke"], env=cli_env,
+                       cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0, (p.stdout + p.stderr)[-3000:]
+    assert time.time() - t0 < 600
