@@ -1,4 +1,4 @@
-"""python -m raydd.bench [--only NAME[,NAME]] [--out bench.json] [--quick]
+"""python -m raydd.bench [--only NAME[,NAME]] [--out bench.json] [--smoke]
 
 Speed and memory of raydd, measured (never asserted in tests). Each comparison is a ratio taken in
 one run on the same machine. Writes JSON and logs one MLflow run (experiment raydd-bench).
@@ -250,7 +250,7 @@ def main(argv: list[str] | None = None) -> int:
                                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split("\n\n", 1)[1])
     p.add_argument("--only", default="", help="comma list of: sharding,batching,guidance,student,memory,gpu")
     p.add_argument("--out", default="bench.json")
-    p.add_argument("--quick", action="store_true", help="small sizes (about a minute or two)")
+    p.add_argument("--smoke", "--quick", dest="quick", action="store_true", help="small sizes (a few minutes)")
     p.add_argument("--no-mlflow", action="store_true")
     args = p.parse_args(argv)
     only = set(args.only.split(",")) if args.only else {"sharding", "batching", "guidance", "student", "memory", "gpu"}

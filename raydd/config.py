@@ -87,6 +87,7 @@ class ComputeConfig:
     parallel_jobs: int = 0         # evaluation jobs run side by side (0 = as resources allow)
     precision: str = "fp32"        # "fp32" | "bf16" (autocast on CUDA)
     fail_actor_after: int = -1     # fault injection: one actor exits once after N batches (-1 = off)
+    fail_driver_after: int = -1    # fault injection: the driver exits after saving N sampled units (-1 = off)
 
 
 @dataclass

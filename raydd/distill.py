@@ -103,7 +103,7 @@ def distill(cfg: Config, parent_run_id: str | None = None) -> dict:
     """Run one distillation; returns the summary that is also logged to MLflow."""
     from raydd.distributed.cluster import cluster_cpus, init_ray
     from raydd.distributed.runner import RayRunner
-    from raydd.eval_jobs import evaluate_set
+    from raydd.eval_jobs import evaluate_set, set_source
     from raydd.tracking import Tracker, check_reachable, find_run
 
     t_start = time.time()
@@ -129,7 +129,7 @@ def distill(cfg: Config, parent_run_id: str | None = None) -> dict:
             f"on the {cfg.eval.split} split ...")
         t0 = time.time()
         max_workers = int(cluster_cpus() // max(cfg.compute.cpus_per_worker, 1e-9))
-        summary = evaluate_set(cfg, {"kind": "parquet", "path": str(out_dir)}, runner, max_workers=max_workers)
+        summary = evaluate_set(cfg, set_source(str(out_dir)), runner, max_workers=max_workers)
         metrics |= {"time_eval_s": time.time() - t0, "time_total_s": time.time() - t_start,
                     "driver_peak_rss_mb": peak_rss_mb()} | summary_metrics(summary)
         tracker.log_metrics(metrics)

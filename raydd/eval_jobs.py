@@ -21,8 +21,25 @@ from raydd.evaluation import dd_ranking, epochs_for, train_student, train_teache
 from raydd.train_hooks import TrainHooks
 
 
+INLINE_LIMIT = 512 * 2**20  # sets up to this size travel inside the job config (no shared file system needed)
+
+
+def set_source(path: str, kind: str = "parquet") -> dict:
+    """How evaluation workers get the distilled set: the arrays themselves when small (workers on other
+    nodes need no shared file system), else the path (then out_dir must be on shared storage)."""
+    if kind == "parquet":
+        from raydd.outputs import read_distilled
+
+        s = read_distilled(path)
+        if s.images.numel() <= INLINE_LIMIT:
+            return {"kind": "arrays", "x": s.images.numpy(), "y": s.labels.numpy(), "path": path}
+    return {"kind": kind, "path": path}
+
+
 def load_set(source: dict, data: RealData, dcfg: DataConfig):
-    """source: {"kind": "parquet", "path"} (ours) or {"kind": "folder", "path"} (any ImageFolder)."""
+    """source: {"kind": "arrays", "x", "y"}, {"kind": "parquet", "path"} (ours) or {"kind": "folder", "path"}."""
+    if source["kind"] == "arrays":
+        return torch.from_numpy(source["x"]), torch.from_numpy(source["y"])
     if source["kind"] == "parquet":
         from raydd.outputs import read_distilled
 

@@ -21,7 +21,7 @@ from raydd.distill import build_parser, log
 def evaluate_folder(folder: str, cfg) -> dict:
     from raydd.distributed.cluster import cluster_cpus, init_ray
     from raydd.distributed.runner import RayRunner
-    from raydd.eval_jobs import evaluate_set
+    from raydd.eval_jobs import INLINE_LIMIT, evaluate_set
     from raydd.outputs import image_grid
     from raydd.tracking import Tracker, check_reachable
 
@@ -41,7 +41,10 @@ def evaluate_folder(folder: str, cfg) -> dict:
         t0 = time.time()
         runner = RayRunner(cfg, Path(folder))
         max_workers = int(cluster_cpus() // max(cfg.compute.cpus_per_worker, 1e-9))
-        summary = evaluate_set(cfg, {"kind": "folder", "path": str(Path(folder).resolve())}, runner, max_workers)
+        source = {"kind": "folder", "path": str(Path(folder).resolve())}
+        if syn.x.numel() <= INLINE_LIMIT:   # already read and checked here: ship the arrays to the workers
+            source |= {"kind": "arrays", "x": syn.x.numpy(), "y": syn.y.numpy()}
+        summary = evaluate_set(cfg, source, runner, max_workers)
         metrics = {"time_eval_s": time.time() - t0}
         for s, r in summary["students"].items():
             metrics |= {f"acc_mean/{s}": r["acc_mean"], f"acc_std/{s}": r["acc_std"]}
@@ -73,25 +76,27 @@ def evaluate_redundancy(folder: str, cfg, k: int) -> dict:
     x, y, slots = load_with_slots(folder, data.class_names, cfg.data.image_size, cfg.data.channels)
     split_increments(y, slots, k)                                  # too few images per class fails here
     log(f"redundancy of {folder}: {len(y)} images, K={k} increments, {cfg.eval.students} x {cfg.eval.seeds} seed(s)")
-    tracker = Tracker(cfg.tracking, f"redundancy-{Path(folder).name}",
+    root = Path(folder).resolve()
+    name = root.parent.name if root.name == "images" else root.name    # our <out>/images -> <out>'s name
+    tracker = Tracker(cfg.tracking, f"redundancy-{name}",
                       tags={"raydd_redundancy": str(folder), "preset": cfg.preset})
     try:
-        tracker.log_params(flatten(dataclasses.asdict(cfg)) | {"folder": str(Path(folder).resolve()), "redundancy_k": k})
+        tracker.log_params(flatten(dataclasses.asdict(cfg)) | {"folder": str(root), "redundancy_k": k})
         init_ray(cfg.compute)
-        jobs = [{"student": s, "a": a, "seed": r} for s in cfg.eval.students for a in range(k) for r in range(cfg.eval.seeds)]
-        config = {"path": str(Path(folder).resolve()), "data": dataclasses.asdict(cfg.data),
+        jobs = [{"student": s, "a": a, "seed": r}                 # train on increment a, seed r
+                for s in cfg.eval.students for a in range(k) for r in range(cfg.eval.seeds)]
+        config = {"path": str(root), "data": dataclasses.asdict(cfg.data),
                   "eval": dataclasses.asdict(cfg.eval), "k": k, "jobs": jobs}
         p = cfg.compute.parallel_jobs
         workers = max(1, min(len(jobs), int(cluster_cpus() // max(cfg.compute.cpus_per_worker, 1e-9)) if p <= 0 else p))
-        result = RayRunner(cfg, Path(folder)).train(redundancy_loop, config, name=f"redundancy-{Path(folder).name}",
-                                                    num_workers=workers)
+        result = RayRunner(cfg, root).train(redundancy_loop, config, name=f"redundancy-{name}", num_workers=workers)
         results = json.loads(Path(result.checkpoint_dir, "results.json").read_text())
         matrices = matrices_from_results(results, k)
         metrics = {}
         for s, r in matrices.items():
             metrics[f"redundancy/{s}"] = off_diagonal_mean(r)
             metrics |= {f"redundancy_{a}_{b}/{s}": float(r[a, b]) for a in range(k) for b in range(k)}
-            tracker.log_figure(redundancy_figure(r, f"{Path(folder).name} ({s})"), f"redundancy_{s}.png")
+            tracker.log_figure(redundancy_figure(r, f"{name} ({s})"), f"redundancy_{s}.png")
         tracker.log_metrics(metrics)
         tracker.log_dict({"folder": str(folder), "k": k, "matrices": {s: r.tolist() for s, r in matrices.items()},
                           "jobs": results}, "redundancy.json")

@@ -47,7 +47,7 @@ def run_trial(params: dict, base: Config, sweep_dir: Path, parent_run_id: str) -
 
     from raydd.data import load_real
     from raydd.distributed.runner import RayRunner
-    from raydd.eval_jobs import evaluate_set
+    from raydd.eval_jobs import evaluate_set, set_source
     from raydd.evaluation import epochs_for
     from raydd.tracking import Tracker
 
@@ -65,10 +65,11 @@ def run_trial(params: dict, base: Config, sweep_dir: Path, parent_run_id: str) -
         out_dir, _, timings = produce(cfg, data, runner, tracker, scratch)
         tracker.log_metrics(timings)
         full = epochs_for(cfg.ipc, cfg.eval, soft=cfg.eval.protocol == "soft")
+        source = set_source(str(out_dir))
         for stage, frac in enumerate(STAGES, start=1):
             stage_cfg = dataclasses.replace(cfg, eval=dataclasses.replace(
                 cfg.eval, epochs=max(1, round(full * frac)), soft_epochs=max(1, round(full * frac))))
-            summary = evaluate_set(stage_cfg, {"kind": "parquet", "path": str(out_dir)}, runner, max_workers=1)
+            summary = evaluate_set(stage_cfg, source, runner, max_workers=1)
             val_acc = sum(r["acc_mean"] for r in summary["students"].values()) / len(summary["students"])
             tracker.log_metrics({"val_acc": val_acc}, step=stage)
             ray.tune.report({"val_acc": val_acc, "stage": stage})   # ASHA may stop the trial here

@@ -32,3 +32,47 @@ def test_one_and_two_actors_bit_identical(ray_local, digits_cfg, spec):
     assert torch.equal(one.images, two.images) and torch.equal(one.latents, two.latents)
     other = generate_ray(spec, sampler, make_rows(10, 3, run_seed=8, unit_size=8), ComputeConfig(num_actors=2))
     assert not torch.equal(one.latents, other.latents)                        # the seed matters
+
+
+def test_actor_killed_mid_run_changes_nothing(ray_local, digits_cfg, spec, tmp_path):
+    """Fault injection: one actor exits after its first batch. The run completes, every (class, slot)
+    appears exactly once, and the output equals an undisturbed run bit for bit."""
+    from raydd.distributed.data import generate_ray
+    from raydd.generate import make_rows
+
+    sampler = dataclasses.replace(digits_cfg.sampler, steps=4)
+    rows = make_rows(num_classes=10, per_class=2, run_seed=3, unit_size=5)          # 4 units
+    calm = generate_ray(spec, sampler, rows, ComputeConfig(num_actors=2, batch_size=5))
+    faulty = generate_ray(spec, sampler, rows, ComputeConfig(num_actors=2, batch_size=5, fail_actor_after=1),
+                          scratch=tmp_path)
+    assert (tmp_path / "actor_fault_injected").exists()                             # an actor really died
+    pairs = list(zip(faulty.labels.tolist(), faulty.slots.tolist()))
+    assert len(pairs) == len(set(pairs)) == 20
+    assert torch.equal(calm.images, faulty.images) and torch.equal(calm.latents, faulty.latents)
+
+
+def test_train_job_restores_from_checkpoint_after_worker_failure(ray_local, tmp_path):
+    """A Ray Train worker that crashes once is restarted (FailureConfig) from its last checkpoint."""
+    from raydd.distributed.train import fit
+
+    def crash_once_loop(config, hooks):          # nested: pickled by value for the Ray workers
+        import os
+        import tempfile
+
+        start = 0
+        if hooks.restore_dir():
+            start = int(open(os.path.join(hooks.restore_dir(), "step.txt")).read())
+        for step in range(start + 1, config["steps"] + 1):
+            with tempfile.TemporaryDirectory() as d:
+                open(os.path.join(d, "step.txt"), "w").write(str(step))
+                hooks.report({"step": step, "resumed_from": start}, checkpoint_dir=d)
+            if step == 3 and not os.path.exists(config["marker"]):
+                open(config["marker"], "w").close()
+                os._exit(1)                              # the worker process dies
+
+    result = fit(crash_once_loop, {"marker": str(tmp_path / "crashed"), "steps": 6}, name="restore-test",
+                 storage=tmp_path / "train", max_failures=1)
+    assert (tmp_path / "crashed").exists()
+    # resumed from a persisted checkpoint (not from scratch); the one reported just before the crash
+    # may not have been persisted yet (reports are asynchronous), so step 2 or 3
+    assert 2 <= result.metrics["resumed_from"] <= 3 and result.metrics["step"] == 6

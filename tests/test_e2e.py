@@ -59,6 +59,26 @@ def test_random_smoke_and_rerun_reuses_run(world):
     assert run.info.status == "FINISHED" and "acc_mean/convnet_d3" in run.data.metrics
 
 
+def test_driver_dies_mid_stage_and_rerun_resumes_identically(world):
+    """The driver exits after saving the first sampled unit; rerunning the same run name resumes the
+    stage (the saved unit is not sampled again), reuses the MLflow run, and ends with output identical to
+    the uninterrupted run of the same seed."""
+    args = ["raydd.distill", "--method", "dit", "--smoke", "run_name=resume-test"]
+    rc, out = run_cli(args + ["compute.fail_driver_after=1"], world["env"], world["tmp"])
+    assert rc == 3 and "fault injection: driver exits" in out, out[-3000:]
+    assert not (world["tmp"] / "outputs" / "resume-test").exists()          # nothing partial marked complete
+    rc, out = run_cli(args, world["env"], world["tmp"])
+    assert rc == 0, out[-3000:]
+    assert "1 unit(s) already done, 1 to go" in out
+    from raydd.outputs import read_distilled
+
+    resumed = read_distilled(world["tmp"] / "outputs" / "resume-test")
+    calm = read_distilled(world["tmp"] / "outputs" / "digits-dit-ipc2-s0")
+    assert resumed.images.equal(calm.images) and resumed.latents.equal(calm.latents)
+    (run,) = runs(world, raydd_run="resume-test")
+    assert run.info.status == "FINISHED"
+
+
 def test_evaluate_any_imagefolder(world):
     folder = world["tmp"] / "outputs" / "digits-dit-ipc2-s0" / "images"
     rc, out = run_cli(["raydd.evaluate", str(folder), "--smoke", "eval.ranking=false"], world["env"], world["tmp"])

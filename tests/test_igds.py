@@ -87,6 +87,8 @@ def test_ve_checkpoint_round_trips_with_q_y(ve_dir):
     assert torch.allclose(ve.q_y.sum(1), torch.ones(10), atol=1e-5)
     assert not torch.allclose(ve.q_y, torch.full_like(ve.q_y, 1 / 32))       # the class means, not the init
     assert not any(p.requires_grad for p in ve.parameters())
+    by_file, _ = load_ve(ve_dir / "ve.safetensors")                          # the file itself works too
+    assert torch.equal(by_file.q_y, ve.q_y)
     data = load_real(DataConfig(**meta["train_config"]["data"]))
     again = estimate(ve, data.val.x, data.val.y)                             # restored VE = the trained one
     assert again["H_X_given_Y"] == pytest.approx(meta["estimates"]["val"]["H_X_given_Y"], rel=1e-4, abs=1e-6)

@@ -63,7 +63,8 @@ def test_learnability_guidance_raises_S_over_unguided_from_the_same_noise(world)
     w = world
     plain = draw(w["backbone"], w["sampler"], w["y"], w["seeds"])
     guided = draw(w["backbone"], w["sampler"], w["y"], w["seeds"],
-                  Guidance(learnability_objective, scale=15.0, window=(2, 7), mode="full", on_images=True, state=state(w)))
+                  Guidance(learnability_objective, scale=15.0, window=(2, 7), mode="full", on_images=True,
+                           state=state(w)))
     s_plain = score_images(w["theta"], w["reference"], plain, w["y"], 0.5)
     s_guided = score_images(w["theta"], w["reference"], guided, w["y"], 0.5)
     assert s_guided.mean() > s_plain.mean() + 0.2
@@ -104,7 +105,7 @@ def test_top_kappa_keeps_the_argmax_of_each_slot():
 
 def test_redundancy_is_about_100_percent_for_copies_of_one_increment(digits_cfg):
     data = load_real(digits_cfg.data)
-    idx = torch.cat([torch.nonzero(data.train.y == c).flatten()[:3] for c in range(10)])                                  # one increment: 3 real images per class
+    idx = torch.cat([torch.nonzero(data.train.y == c).flatten()[:3] for c in range(10)])  # 3 real images per class
     k = 3
     images = data.train.x[idx].repeat(k, 1, 1, 1)
     labels = data.train.y[idx].repeat(k)

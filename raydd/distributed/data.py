@@ -39,30 +39,65 @@ class FaultySampleBatches(SampleBatches):
         return out
 
 
-def map_ray(udf: type, udf_kwargs: dict, columns: dict[str, np.ndarray], compute: ComputeConfig) -> dict[str, np.ndarray]:
+def map_ray(udf: type, udf_kwargs: dict, columns: dict[str, np.ndarray], compute: ComputeConfig,
+            stage_dir: Path | None = None) -> dict[str, np.ndarray]:
     """Run a callable class (constructor loads models once per actor; __call__: dict of numpy columns ->
     dict of numpy columns) over `columns` on an actor pool. Rows with the same `unit` form one block,
-    so they are always processed together, whatever the number of actors."""
-    units = np.unique(columns["unit"])
-    def block(m: np.ndarray) -> pa.Table:  # tensors (latents [N,C,H,W]) as Ray's Arrow tensor columns
-        return pa.table({k: ArrowTensorArray.from_numpy(v[m]) if v.ndim > 1 else v[m] for k, v in columns.items()})
+    so they are always processed together, whatever the number of actors.
 
-    blocks = [block(columns["unit"] == u) for u in units]
-    ds = ray.data.from_arrow(blocks).map_batches(
-        udf,
-        fn_constructor_kwargs=udf_kwargs,
-        batch_size=max(len(b) for b in blocks),
-        compute=ray.data.ActorPoolStrategy(size=compute.num_actors),
-        num_cpus=compute.cpus_per_actor,
-        num_gpus=compute.gpus_per_actor,
-        max_restarts=-1,          # a lost actor is replaced ...
-        max_task_retries=-1,      # ... and its unfinished units are re-run
-    )
-    cols: dict[str, list] = {}
-    for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
-        for k, v in batch.items():
-            cols.setdefault(k, []).append(v)
-    return {k: np.concatenate(v) for k, v in cols.items()}
+    With stage_dir, every finished unit is saved there as it arrives (temp file + rename), and units
+    already there are not run again: a driver that dies mid-stage resumes where it stopped."""
+    done: list[dict[str, np.ndarray]] = []
+    if stage_dir is not None:
+        stage_dir.mkdir(parents=True, exist_ok=True)
+        for f in sorted(stage_dir.glob("unit-*.npz")):
+            with np.load(f, allow_pickle=False) as z:
+                done.append({k: z[k] for k in z.files})
+    finished = {int(u) for d in done for u in np.unique(d["unit"])}
+    todo = ~np.isin(columns["unit"], list(finished))
+    if finished:
+        print(f"[raydd] resuming stage {stage_dir.name}: {len(finished)} unit(s) already done, "
+              f"{len(np.unique(columns['unit'][todo]))} to go", flush=True)
+    saved = 0
+    if todo.any():
+        def block(m: np.ndarray) -> pa.Table:  # tensors (latents [N,C,H,W]) as Ray's Arrow tensor columns
+            return pa.table({k: ArrowTensorArray.from_numpy(v[m]) if v.ndim > 1 else v[m] for k, v in columns.items()})
+
+        blocks = [block(todo & (columns["unit"] == u)) for u in np.unique(columns["unit"][todo])]
+        ds = ray.data.from_arrow(blocks).map_batches(
+            udf,
+            fn_constructor_kwargs=udf_kwargs,
+            batch_size=max(len(b) for b in blocks),
+            compute=ray.data.ActorPoolStrategy(size=compute.num_actors),
+            num_cpus=compute.cpus_per_actor,
+            num_gpus=compute.gpus_per_actor,
+            max_restarts=-1,          # a lost actor is replaced ...
+            max_task_retries=-1,      # ... and its unfinished units are re-run
+        )
+        for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
+            for u in np.unique(batch["unit"]):
+                part = {k: v[batch["unit"] == u] for k, v in batch.items()}
+                done.append(part)
+                if stage_dir is not None:
+                    tmp = stage_dir / f".unit-{int(u)}.tmp.npz"
+                    np.savez(tmp, **part)
+                    os.replace(tmp, stage_dir / f"unit-{int(u)}.npz")
+                    saved += 1
+                    if 0 <= compute.fail_driver_after <= saved:   # fault injection: the driver dies here
+                        print(f"[raydd] fault injection: driver exits after saving {saved} unit(s)", flush=True)
+                        os._exit(3)
+    return {k: np.concatenate([d[k] for d in done]) for k in done[0]}
+
+
+def stage_key(*parts) -> str:
+    """A stable key for a generation stage: rows, sampler, backbone and the guidance recipe
+    (memory addresses in reprs are dropped so the key survives a restart)."""
+    import re
+
+    from raydd.config import config_hash
+
+    return config_hash(*[re.sub(r" at 0x[0-9a-f]+", "", repr(p)) if not isinstance(p, (dict, list, str)) else p
+                         for p in parts])
 
 
 def generate_ray(spec: BackboneSpec, sampler: SamplerConfig, rows: dict[str, np.ndarray], compute: ComputeConfig,
@@ -75,7 +110,11 @@ def generate_ray(spec: BackboneSpec, sampler: SamplerConfig, rows: dict[str, np.
     if compute.fail_actor_after >= 0:
         udf = FaultySampleBatches
         kwargs.update(fail_after=compute.fail_actor_after, marker=str(Path(scratch or ".") / "actor_fault_injected"))
-    out = map_ray(udf, kwargs, rows, compute)
+    stage_dir = None
+    if scratch is not None:
+        key = stage_key({k: v.tolist() for k, v in rows.items()}, sampler, spec, guidance_factory, post_step_factory)
+        stage_dir = Path(scratch) / f"generate-{key}"
+    out = map_ray(udf, kwargs, rows, compute, stage_dir)
     check_complete(rows, out)
     return rows_to_set(out)
 

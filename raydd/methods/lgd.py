@@ -31,6 +31,7 @@ from raydd.generate import DistilledSet
 from raydd.methods import get_method, register_method
 from raydd.objectives.learnability import (LearnabilityState, learnability_objective, rank_in_class, score_images,
                                            top_kappa)
+from raydd.outputs import read_distilled, write_distilled
 from raydd.sampling import Guidance
 
 
@@ -65,7 +66,8 @@ def check(cfg: Config, ipc: int) -> int:
          f"ipc={ipc} must be lgd.seed_ipc ({seed_ipc}) plus a multiple of lgd.increment ({cfg.increment}); "
          f"e.g. lgd.increment=1 for small IPCs"),
         (cfg.mode in ("full", "x0"), f"lgd.mode={cfg.mode!r}; allowed: full, x0"),
-        (0 <= cfg.window_lo <= cfg.window_hi < cfg.window_of, "need 0 <= lgd.window_lo <= lgd.window_hi < lgd.window_of"),
+        (0 <= cfg.window_lo <= cfg.window_hi < cfg.window_of,
+         "need 0 <= lgd.window_lo <= lgd.window_hi < lgd.window_of"),
         (cfg.arch in list_students(), f"lgd.arch={cfg.arch!r}; allowed: {', '.join(list_students())}"),
         (cfg.seed_method != "lgd", "lgd.seed_method cannot be lgd itself"),
     ]
@@ -110,8 +112,6 @@ def theta_loop(config: dict, hooks) -> None:
     """Train θ on a distilled set (config: set_path, arch, num_classes, eval, epochs, seed)."""
     from safetensors.torch import save_file
 
-    from raydd.outputs import read_distilled
-
     s = read_distilled(config["set_path"])
     res = train_student(s.images, s.labels, None, None, student=config["arch"], num_classes=config["num_classes"],
                         cfg=EvalConfig(**config["eval"]), epochs=config["epochs"], seed=config["seed"],
@@ -140,8 +140,6 @@ def train_theta(ctx, cfg: Config, set_dir: Path, ipc: int, dst: Path) -> Path:
 def learnability_guidance(backbone, device, *, theta: str, reference: str, memory: str, arch: str, num_classes: int,
                           channels: int, image_size: int, class_ids: list[int], lam: float, omega: float,
                           gamma: float, memory_side: int, window: tuple[int, int], mode: str) -> Guidance:
-    from raydd.outputs import read_distilled
-
     mem = read_distilled(memory)
     side = min(image_size, memory_side)
     state = LearnabilityState(
@@ -155,12 +153,10 @@ def learnability_guidance(backbone, device, *, theta: str, reference: str, memor
 
 # --- stages: D_i under ctx.scratch, one complete directory per finished increment ------------------
 def save_stage(work: Path, i: int, ds: DistilledSet, class_names: list[str], fingerprint: str) -> Path:
-    from raydd.outputs import write_distilled
-
     path = write_distilled(ds, work / f"stage-{i:03d}", class_names,       # temp dir + rename
                            extra={"increment": i, "fingerprint": fingerprint})
-    for old in work.glob("stage-*"):
-        if old != path and int(old.name.split("-")[1].split(".")[0]) < i:
+    for old in work.glob("stage-[0-9][0-9][0-9]"):                         # earlier stages are superseded
+        if int(old.name.split("-")[1]) < i:
             shutil.rmtree(old, ignore_errors=True)
     return path
 
@@ -181,9 +177,7 @@ def seed_set(ctx, cfg: Config, seed_ipc: int) -> DistilledSet:
     """Increment 0: another registered method's output, or an existing set read from disk."""
     if cfg.seed_path:
         from raydd.data import load_distilled_folder
-        from raydd.outputs import read_distilled
-
-        root = Path(cfg.seed_path).expanduser()
+            root = Path(cfg.seed_path).expanduser()
         if (root / "manifest.json").exists():
             ds = read_distilled(root)
         else:
@@ -208,7 +202,8 @@ def seed_set(ctx, cfg: Config, seed_ipc: int) -> DistilledSet:
 
 def merge(a: DistilledSet, b: DistilledSet) -> DistilledSet:
     """D_{i−1} ∪ I_i (latents kept only when both have them, e.g. not with a real-image seed)."""
-    lat = torch.cat([a.latents, b.latents.to(a.latents.dtype)]) if a.latents is not None and b.latents is not None else None
+    both = a.latents is not None and b.latents is not None
+    lat = torch.cat([a.latents, b.latents.to(a.latents.dtype)]) if both else None
     return DistilledSet(torch.cat([a.images, b.images]), torch.cat([a.labels, b.labels]),
                         torch.cat([a.slots, b.slots]), lat, torch.cat([a.scores, b.scores])).sorted()
 
@@ -216,8 +211,8 @@ def merge(a: DistilledSet, b: DistilledSet) -> DistilledSet:
 @torch.no_grad()
 def mean_ce(model, ds: DistilledSet, batch_size: int = 256) -> float:
     """Mean cross-entropy of `model` on a set (clean images, no augmentation)."""
-    losses = [F.cross_entropy(model(to_float(ds.images[k:k + batch_size])), ds.labels[k:k + batch_size], reduction="sum")
-              for k in range(0, len(ds), batch_size)]
+    losses = [F.cross_entropy(model(to_float(ds.images[k:k + batch_size])), ds.labels[k:k + batch_size],
+                              reduction="sum") for k in range(0, len(ds), batch_size)]
     return float(sum(losses)) / max(1, len(ds))
 
 
@@ -249,8 +244,6 @@ def run(ctx, cfg: Config):
         resumed = (0, save_stage(work, 0, seed_set(ctx, cfg, seed_ipc), ctx.data.class_names, fingerprint))
     else:
         print(f"[lgd] resuming after increment {resumed[0]} ({resumed[1]})", flush=True)
-    from raydd.outputs import read_distilled
-
     done, stage = resumed
     current = read_distilled(stage)
     eval_split = ctx.data.split(ctx.cfg.eval.split)
@@ -268,8 +261,10 @@ def run(ctx, cfg: Config):
         new = DistilledSet(cands.images[keep], cands.labels[keep], have + cands.slots[keep] % n,
                            None if cands.latents is None else cands.latents[keep], s[keep])
         merged = merge(current, new)
-        ctx.log_metrics({"lgd/ipc": have + n, "lgd/theta_acc": accuracy(theta, eval_split.x, eval_split.y),
-                         "lgd/loss_new": mean_ce(theta, new), "lgd/loss_jump": mean_ce(theta, merged) - mean_ce(theta, current),
+        ctx.log_metrics({"lgd/ipc": have + n,
+                         "lgd/theta_acc": accuracy(theta, eval_split.x, eval_split.y),    # θ_{i−1} on eval split
+                         "lgd/loss_new": mean_ce(theta, new),                             # L(θ_{i−1}, I_i)
+                         "lgd/loss_jump": mean_ce(theta, merged) - mean_ce(theta, current),  # the loss spike
                          "lgd/score_kept": float(s[keep].mean()), "lgd/score_candidates": float(s.mean())}, step=i)
         stage, current = save_stage(work, i, merged, ctx.data.class_names, fingerprint), merged
     return current

@@ -105,8 +105,8 @@ class CGS:
 def cgs_post_step(backbone, device, *, mu: np.ndarray, class_ids: list[int], sampler: SamplerConfig,
                   eta_dpp: float, eta_dm: float, eps: float, on: str) -> CGS:
     """post_step_factory for ctx.generate (bind the keywords with functools.partial: picklable)."""
-    return CGS(torch.as_tensor(mu, dtype=torch.float32, device=device), list(class_ids), make_schedule(sampler),
-               eta_dpp, eta_dm, eps, on)
+    mu = torch.tensor(np.array(mu, dtype=np.float32), device=device)   # a copy: Ray hands read-only arrays
+    return CGS(mu, list(class_ids), make_schedule(sampler), eta_dpp, eta_dm, eps, on)
 
 
 # --------------------------------------------------------------------------------------------

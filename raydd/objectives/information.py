@@ -297,9 +297,10 @@ def ve_train_loop(config: dict, hooks: TrainHooks) -> None:
             with torch.no_grad():
                 queue[ptr:ptr + len(k)] = k                                         # enqueue, oldest out
                 ptr = (ptr + len(k)) % K
-                sig = log_sigma.detach().exp()
-                for c in y.unique():
-                    q_ema[c] = cfg.q_momentum * q_ema[c] + (1 - cfg.q_momentum) * sig[y == c].mean(0)
+                counts = torch.bincount(y, minlength=C).float()                    # [C]
+                sums = torch.zeros_like(q_ema).index_add_(0, y, log_sigma.detach().exp())  # [C, D]
+                seen = counts > 0                                                   # batch class means -> EMA
+                q_ema[seen] = cfg.q_momentum * q_ema[seen] + (1 - cfg.q_momentum) * sums[seen] / counts[seen, None]
             row = {"nce": nce.item(), "kl": kl.item(), "loss": loss.item()}
         else:                                                                       # phase 2: g_ψ
             with torch.no_grad():

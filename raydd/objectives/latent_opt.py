@@ -102,10 +102,10 @@ class LatentOptBatches:
         from raydd.evaluation import to_float
 
         if "latent" in rows:
-            x = torch.from_numpy(np.ascontiguousarray(rows["latent"])).float().to(self.device)
+            x = torch.from_numpy(np.array(rows["latent"], dtype=np.float32)).to(self.device)
         else:                                    # real images (a generator without latents): encode them
             with torch.no_grad():
-                x = self.backbone.vae.encode(to_float(torch.from_numpy(rows["image"]).to(self.device))).float()
+                x = self.backbone.vae.encode(to_float(torch.from_numpy(np.array(rows["image"])).to(self.device))).float()
         y = torch.from_numpy(rows["cond"]).long().to(self.device)
         x_bar, curve = optimize_latents(self.backbone, x, y, rows["seed"].tolist(), self.schedule,
                                         autocast_dtype=self.autocast, **self.opts)
