@@ -171,17 +171,11 @@ def build_parser(prog: str, description: str) -> argparse.ArgumentParser:
     return p
 
 
-def main(argv: list[str] | None = None) -> int:
-    from raydd.methods import list_methods
-
-    p = build_parser("python -m raydd.distill", __doc__.split("\n\n")[1])
-    p.add_argument("--method", required=True, help=f"one of: {', '.join(list_methods())}")
-    p.add_argument("overrides", nargs="*", metavar="key=value")
-    args = p.parse_intermixed_args(argv)
+def run_cli(body) -> int:
+    """Run a CLI's body: a bad input ends with one clear line and exit code 2; Ray is shut down either way.
+    (DataError, SpaceError are ValueErrors; TrackingError, GuidanceError are RuntimeErrors.)"""
     try:
-        cfg = load_config(args.preset, args.overrides, smoke=args.smoke, method=args.method)
-        check_method(cfg)
-        distill(cfg)
+        body()
     except (ConfigError, FileNotFoundError, ValueError, RuntimeError) as e:
         print(f"raydd: error: {e}", file=sys.stderr)
         return 2
@@ -190,6 +184,21 @@ def main(argv: list[str] | None = None) -> int:
 
         shutdown()
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    from raydd.methods import list_methods
+
+    p = build_parser("python -m raydd.distill", __doc__.split("\n\n")[1])
+    p.add_argument("--method", required=True, help=f"one of: {', '.join(list_methods())}")
+    p.add_argument("overrides", nargs="*", metavar="key=value")
+    args = p.parse_intermixed_args(argv)
+
+    def body():
+        cfg = load_config(args.preset, args.overrides, smoke=args.smoke, method=args.method)
+        check_method(cfg)
+        distill(cfg)
+    return run_cli(body)
 
 
 if __name__ == "__main__":

@@ -21,9 +21,9 @@ import sys
 import time
 from pathlib import Path
 
-from raydd.config import Config, ConfigError, flatten, load_config
-from raydd.distill import build_parser, check_method, distill, ensure_backbone, log, produce
-from raydd.tune_space import SearchSpace, SpaceError, load_space
+from raydd.config import Config, flatten, load_config
+from raydd.distill import build_parser, check_method, distill, ensure_backbone, log, produce, run_cli
+from raydd.tune_space import SearchSpace, load_space
 
 STAGES = (0.25, 0.5, 1.0)      # fractions of the student-training epochs, one report each
 
@@ -155,8 +155,8 @@ def sweep(method: str, base: Config, final_eval, *, trials: int, max_concurrent:
     from raydd.distributed.runner import RayRunner
     from raydd.tracking import Tracker, check_reachable, find_run
 
+    check_method(base)                                           # unknown method / method keys fail here
     space = load_space(method)                                   # bad YAML / unknown keys fail here
-    check_method(base)
     check_reachable(base.tracking)
     data = load_real(base.data)
     sweep_dir = Path(storage).expanduser().resolve() / name if "://" not in storage else Path(name)
@@ -232,7 +232,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--resume", action="store_true", help="resume an interrupted sweep of the same name")
     p.add_argument("overrides", nargs="*", metavar="key=value")
     args = p.parse_intermixed_args(argv)
-    try:
+
+    def body():
         user = load_config(args.preset, args.overrides, smoke=args.smoke, method=args.method)
         # trials: one student seed on the val split, no DD-Ranking references; the best config's re-run
         # gets the user's evaluation settings on the test split
@@ -244,14 +245,7 @@ def main(argv: list[str] | None = None) -> int:
               max_concurrent=args.max_concurrent, time_budget=args.time_budget, storage=args.storage, name=name,
               resume=args.resume, seed=user.seed)
         log(f"total {time.time() - t0:.0f}s")
-    except (ConfigError, SpaceError, FileNotFoundError, ValueError, RuntimeError) as e:
-        print(f"raydd: error: {e}", file=sys.stderr)
-        return 2
-    finally:
-        from raydd.distributed.cluster import shutdown
-
-        shutdown()
-    return 0
+    return run_cli(body)
 
 
 if __name__ == "__main__":
