@@ -109,5 +109,6 @@ class SelectorScores:
         self.model = load_selector(path, arch, num_classes, channels, image_size, self.device)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        probs = predict_probs(self.model, torch.from_numpy(np.array(batch["image"])), device=self.device)  # a writable copy
+        images = torch.from_numpy(np.array(batch["image"]))                 # a writable copy, uint8 [N,C,H,W]
+        probs = predict_probs(self.model, images, device=self.device)
         return {**{k: v for k, v in batch.items() if k != "image"}, "probs": probs.numpy()}

@@ -200,7 +200,7 @@ def test_the_dit_receives_true_timesteps_in_1_to_T_hat(digits_cfg, spec, monkeyp
     ds, _, _ = run_cao2(digits_cfg, spec, tracker, generator="random", select=False, t_hat=0.25,
                         iterations=10, condition="null")
     t = torch.cat(rec.ts)
-    assert len(t) == 10 * len(ds)
+    assert len(t) >= 10 * len(ds)                                 # 10 iterations per image (+ the before/after grid)
     assert t.min() >= 1 and t.max() <= 250                       # T_hat = 0.25 * 1000 true timesteps
     assert t.max() > digits_cfg.sampler.train_timesteps // 20    # respaced indices (<= 50) would fail here
     assert len(t.unique()) > 50
@@ -218,6 +218,8 @@ def test_cao2_end_to_end_on_a_dit_pool(digits_cfg, spec, shared_cache):
     assert len(ds) == 10 * cfg.ipc and ds.latents.dtype == torch.float16 and ds.images.dtype == torch.uint8
     assert torch.isfinite(ds.scores).all()
     assert [s for _, s in tracker.get("cao2/latent_loss")] == [0, 1, 2, 3]
+    (((before, _),), ((after, _),)) = tracker.get("cao2/objective_before"), tracker.get("cao2/objective_after")
+    assert np.isfinite(before) and np.isfinite(after)
     grid = tracker.images["cao2_before_after"]
     assert grid.ndim == 3 and grid.shape[2] == 3
     # the optimised latents stay within eta of the kept pool latents

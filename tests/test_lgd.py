@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 
-from raydd.config import load_config, make_method_config
+from raydd.config import make_method_config
 from raydd.context import Context, LocalRunner
 from raydd.data import load_real
 from raydd.evaluation import to_float
@@ -113,8 +113,8 @@ def test_redundancy_is_about_100_percent_for_copies_of_one_increment(digits_cfg)
     parts = split_increments(labels, slots, k)
     for p in parts[1:]:                                    # every increment holds the same images
         assert torch.equal(images[p], images[parts[0]])
-    ecfg = dataclasses.replace(digits_cfg.eval, cutmix_beta=0.0)
-    r = redundancy_matrix(images, labels, slots, k, student="convnet_d1", num_classes=10, cfg=ecfg, epochs=30)
+    ecfg = dataclasses.replace(digits_cfg.eval, cutmix_beta=0.0, rrc_scale_min=1.0)   # plain fitting
+    r = redundancy_matrix(images, labels, slots, k, student="convnet_d1", num_classes=10, cfg=ecfg, epochs=10)
     assert r.shape == (k, k)
     assert off_diagonal_mean(r) >= 0.95
     assert np.allclose(r, r[0, 0])                          # train accuracy == accuracy on each copy
@@ -132,6 +132,36 @@ def test_folder_slots_follow_natural_file_order(tmp_path, digits_cfg):
     x, y, slots = load_with_slots(tmp_path, class_names, 16, 1)
     assert sorted(zip(y.tolist(), slots.tolist(), x[:, 0, 0, 0].tolist())) == \
         [(c, r, v) for c in range(2) for r, v in enumerate((0, 1, 2, 10, 11))]
+
+
+def test_guidance_factory_pickles_and_window_maps_to_the_respaced_steps():
+    import pickle
+    from functools import partial
+
+    from raydd.methods.lgd import Config, learnability_guidance, respaced_window
+
+    assert respaced_window(Config(), 50) == (10, 45)
+    assert respaced_window(Config(), 8) == (2, 7)
+    assert respaced_window(Config(), 250) == (50, 225)
+    factory = partial(learnability_guidance, theta="a.safetensors", reference="b.safetensors", memory="stage",
+                      arch="convnet_d3", num_classes=10, channels=1, image_size=16, class_ids=list(range(10)),
+                      lam=15.0, omega=0.5, gamma=50.0, memory_side=32, window=(2, 7), mode="full")
+    assert pickle.loads(pickle.dumps(factory)).keywords == factory.keywords
+
+
+def test_seed_from_an_imagefolder_keeps_the_first_slots_in_file_name_order(digits_cfg, spec, tmp_path):
+    from raydd.methods.lgd import Config, seed_set
+    from raydd.outputs import to_pil
+
+    for c in range(10):
+        (tmp_path / "seed" / str(c)).mkdir(parents=True)
+        for v in (0, 1, 2, 10):                               # file order 0, 1, 10, 2; slot order 0, 1, 2, 10
+            to_pil(np.full((1, 16, 16), v, np.uint8)).save(tmp_path / "seed" / str(c) / f"{v}.png")
+    ctx = Context(digits_cfg, load_real(digits_cfg.data), spec, runner=LocalRunner(digits_cfg), scratch=tmp_path)
+    ds = seed_set(ctx, Config(seed_path=str(tmp_path / "seed")), seed_ipc=3)
+    assert len(ds) == 30 and ds.slots.tolist() == [0, 1, 2] * 10
+    assert ds.images[:, 0, 0, 0].tolist() == [0, 1, 2] * 10   # 0.png, 1.png, 2.png (not 10.png)
+    assert ds.latents is None and torch.isnan(ds.scores).all()
 
 
 def lgd_ctx(cfg, spec, scratch, calls):

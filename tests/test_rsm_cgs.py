@@ -12,7 +12,7 @@ from raydd.config import ComputeConfig, SamplerConfig
 from raydd.context import Context, LocalRunner
 from raydd.data import load_real
 from raydd.methods import get_method
-from raydd.objectives.dpp import (CGS, cgs_direction, cgs_post_step, dm_loss, dpp_loss, mean_distance,
+from raydd.objectives.dpp import (CGS, cgs_direction, cgs_post_step, class_means, dm_loss, dpp_loss, mean_distance,
                                   mean_pairwise_cosine)
 from raydd.sampling import make_schedule
 
@@ -87,6 +87,13 @@ def test_cgs_post_step_updates_each_class_separately():
     assert (x0_mode[:2] < 0).all() and (x0_mode[2:] > 0).all()          # gradient on x0_hat, applied to x_prev
     with pytest.raises(ValueError, match="allowed"):
         CGS(mu, [7, 3], sched, 0.0, 0.5, on="bogus")
+
+
+def test_class_means_add_up_a_class_split_over_batches():
+    parts = {"class_idx": np.array([1, 0, 1]), "sum": np.array([[2.0], [3.0], [4.0]]), "count": np.array([1, 3, 2])}
+    np.testing.assert_allclose(class_means(parts, 2), [[1.0], [2.0]])
+    with pytest.raises(ValueError, match="class"):
+        class_means(parts, 3)
 
 
 # ---------------------------------------------------------------------------------------------- RSM
@@ -165,13 +172,21 @@ def ray_local():
     ray.shutdown()
 
 
-def test_cgs_one_and_two_actors_bit_identical(ray_local, digits_cfg, spec):
+def test_cgs_one_and_two_actors_bit_identical(ray_local, digits_cfg, spec, tmp_path):
     from raydd.distributed.data import generate_ray
+    from raydd.distributed.runner import RayRunner
     from raydd.generate import generate_local, make_rows
+    from raydd.methods.rsm_cgs import Config, real_class_means
+
+    # mu_c on the actor pool (ctx.map) equals the in-process one: the mean of each class's real images
+    cfg = dataclasses.replace(digits_cfg, compute=ComputeConfig(num_actors=2))
+    data = load_real(cfg.data)
+    mu = real_class_means(Context(cfg, data, spec, runner=RayRunner(cfg, tmp_path)), Config())  # [10, 1, 16, 16]
+    assert mu.shape == (10, 1, 16, 16)
+    np.testing.assert_allclose(mu, real_class_means(make_ctx(cfg, spec), Config()), atol=1e-6)
 
     sampler = dataclasses.replace(digits_cfg.sampler, steps=3)
     rows = make_rows(10, 3, run_seed=5, unit_size=3, by_class=True, classes=[4, 9])  # 2 classes = 2 units
-    mu = np.random.default_rng(0).standard_normal((10, 1, 16, 16)).astype(np.float32)
     factory = partial(cgs_post_step, mu=mu, class_ids=list(range(10)), sampler=sampler, eta_dpp=1.0, eta_dm=0.2,
                       eps=1e-3, on="z_t")
     one = generate_ray(spec, sampler, rows, ComputeConfig(num_actors=1), post_step_factory=factory)

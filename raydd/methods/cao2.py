@@ -168,9 +168,10 @@ def optimize(ctx, cfg: Config, kept: DistilledSet) -> DistilledSet:
     curve = out["loss_curve"][order].mean(axis=0)                                  # mean over images [iterations]
     for k, v in enumerate(curve):
         ctx.log_metrics({"cao2/latent_loss": float(v)}, step=k)
-    tenth = max(1, len(curve) // 10)                          # the curve is noisy (a random t per step): average
-    ctx.log_metrics({"cao2/latent_loss_start": float(curve[:tenth].mean()), "cao2/latent_loss_end":
-                     float(curve[-tenth:].mean()), "cao2/t_hat": t_hat, "cao2/eta": cfg.eta})
+    ctx.log_metrics({"cao2/objective_before": float(out["objective_before"].mean()),   # E_t on a fixed t grid
+                     "cao2/objective_after": float(out["objective_after"].mean()),
+                     "cao2/objective_improved_frac": float((out["objective_after"] < out["objective_before"]).mean()),
+                     "cao2/t_hat": t_hat, "cao2/eta": cfg.eta})
     k = min(ctx.cfg.ipc, 5)                                   # before | after, a row per class
     show = [torch.nonzero(kept.labels == c).flatten()[:k] for c in range(ctx.data.num_classes)]
     grid = torch.cat([torch.cat([kept.images[i], after[i]]) for i in show])

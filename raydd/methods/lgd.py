@@ -176,13 +176,14 @@ def last_stage(work: Path, fingerprint: str) -> tuple[int, Path] | None:
 def seed_set(ctx, cfg: Config, seed_ipc: int) -> DistilledSet:
     """Increment 0: another registered method's output, or an existing set read from disk."""
     if cfg.seed_path:
-        from raydd.data import load_distilled_folder
-            root = Path(cfg.seed_path).expanduser()
+        from raydd.redundancy import load_with_slots
+
+        root = Path(cfg.seed_path).expanduser()
         if (root / "manifest.json").exists():
-            ds = read_distilled(root)
-        else:
-            split = load_distilled_folder(root, ctx.data.class_names, ctx.cfg.data.image_size, ctx.cfg.data.channels)
-            ds = DistilledSet(split.x, split.y, rank_in_class(split.y))   # slots in file order
+            ds = read_distilled(root)                                        # ours: real slots, latents
+        else:                                                                # any ImageFolder: file-name order
+            ds = DistilledSet(*load_with_slots(root, ctx.data.class_names, ctx.cfg.data.image_size,
+                                               ctx.cfg.data.channels))
     else:
         method = get_method(cfg.seed_method)
         mcfg = make_method_config(method.Config, ctx.cfg.methods.get(cfg.seed_method, {}), cfg.seed_method)

@@ -25,7 +25,8 @@ import raydd.objectives.sparsity  # noqa: F401  registers the fine-tuning loss t
 from raydd.finetune import finetune_config, finetune_loop
 from raydd.generate import BackboneSpec, DistilledSet
 from raydd.methods import register_method
-from raydd.objectives.dpp import ON, ClassMeanLatents, cgs_post_step, mean_distance, mean_pairwise_cosine
+from raydd.objectives.dpp import (ON, ClassLatentSums, cgs_post_step, class_means, mean_distance,
+                                  mean_pairwise_cosine)
 
 
 @dataclass
@@ -76,8 +77,8 @@ def real_class_means(ctx, cfg: Config) -> np.ndarray:
                       for c in range(ctx.data.num_classes)])
     cols = {"class_idx": y[keep].numpy(), "unit": y[keep].numpy(), "image": x[keep].numpy()}  # a class is a unit
     b = ctx.spec.cfg
-    out = ctx.map(ClassMeanLatents, dict(vae=b.vae, vae_scale=b.vae_scale, gpus=ctx.cfg.compute.gpus_per_actor), cols)
-    return np.stack(out["mu"])[np.argsort(out["class_idx"])]
+    sums = ctx.map(ClassLatentSums, dict(vae=b.vae, vae_scale=b.vae_scale, gpus=ctx.cfg.compute.gpus_per_actor), cols)
+    return class_means(sums, ctx.data.num_classes)
 
 
 def log_diagnostics(ctx, after: DistilledSet, before: DistilledSet | None, mu: np.ndarray) -> None:

@@ -112,9 +112,11 @@ def cgs_post_step(backbone, device, *, mu: np.ndarray, class_ids: list[int], sam
 # --------------------------------------------------------------------------------------------
 # mu_c from real data, and the diagnostics logged per class
 # --------------------------------------------------------------------------------------------
-class ClassMeanLatents:
-    """ctx.map UDF: real images of a class (rows with class_idx, image uint8 [C, H, W]) -> one row per
-    class with mu = mean of VAE-encoded clean latents [c, h, w]. Loads the VAE once per actor."""
+class ClassLatentSums:
+    """ctx.map UDF: real images (rows with class_idx, unit, image uint8 [C, H, W]) -> per class present in the
+    batch: class_idx, unit, the sum of its VAE-encoded clean latents [c, h, w] (float64) and their count.
+    Sums, not means, so a class whose rows arrive in several batches still averages exactly
+    (`class_means` adds them up). Loads the VAE once per actor."""
 
     def __init__(self, vae: str, vae_scale: float, gpus: float = 0.0, batch: int = 64):
         from raydd.backbone import load_vae
@@ -127,13 +129,26 @@ class ClassMeanLatents:
     def __call__(self, cols: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         from raydd.evaluation import to_float
 
-        classes, mus = [], []
+        out: dict[str, list] = {"class_idx": [], "unit": [], "sum": [], "count": []}
         for c in np.unique(cols["class_idx"]):
-            x = torch.from_numpy(np.ascontiguousarray(cols["image"][cols["class_idx"] == c]))
-            z = torch.cat([self.vae.encode(to_float(b).to(self.device)).float() for b in x.split(self.batch)])
-            classes.append(c)
-            mus.append(z.mean(0).cpu().numpy())
-        return {"class_idx": np.array(classes, dtype=np.int64), "mu": np.stack(mus)}
+            m = cols["class_idx"] == c
+            x = torch.from_numpy(np.ascontiguousarray(cols["image"][m]))
+            z = torch.cat([self.vae.encode(to_float(b).to(self.device)).double() for b in x.split(self.batch)])
+            for k, v in (("class_idx", c), ("unit", cols["unit"][m][0]), ("sum", z.sum(0).cpu().numpy()),
+                         ("count", len(z))):
+                out[k].append(v)
+        return {k: np.stack(v) if k == "sum" else np.array(v, dtype=np.int64) for k, v in out.items()}
+
+
+def class_means(parts: dict[str, np.ndarray], num_classes: int) -> np.ndarray:
+    """ClassLatentSums' rows (any order, a class possibly in several rows) -> mu [num_classes, c, h, w] float32."""
+    sums = np.zeros((num_classes, *parts["sum"].shape[1:]))
+    counts = np.zeros(num_classes)
+    np.add.at(sums, parts["class_idx"], parts["sum"])
+    np.add.at(counts, parts["class_idx"], parts["count"])
+    if (counts == 0).any():
+        raise ValueError(f"no real images for class(es) {np.nonzero(counts == 0)[0].tolist()}: mu_c is undefined")
+    return (sums / counts.reshape(-1, *([1] * (sums.ndim - 1)))).astype(np.float32)
 
 
 def mean_pairwise_cosine(z: torch.Tensor) -> float:

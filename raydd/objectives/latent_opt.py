@@ -34,6 +34,17 @@ def latent_objective(backbone, x: torch.Tensor, y: torch.Tensor, t: torch.Tensor
     return r.pow(2).mean(dim=1) + lam * r.abs().amax(dim=1)
 
 
+@torch.no_grad()
+def expected_objective(backbone, x: torch.Tensor, y: torch.Tensor, eps: torch.Tensor, schedule: Schedule,
+                       t_hat: int, lam: float, points: int = 10) -> torch.Tensor:
+    """E_t of the objective [B] at the image's fixed eps, on a fixed grid of `points` true timesteps
+    spread over [1, T_hat] (the training curve draws a random t per step, so it is too noisy to
+    compare before and after)."""
+    ts = np.unique(np.linspace(1, t_hat, points).round().astype(np.int64))
+    return torch.stack([latent_objective(backbone, x, y, torch.full_like(y, int(t)), eps, schedule, lam)
+                        for t in ts]).mean(0)
+
+
 def fixed_noise(seeds: list[int], shape: tuple[int, ...]) -> torch.Tensor:
     """The fixed eps of each image [B, *shape], a function of its seed only."""
     return torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(int(s))) for s in seeds])
@@ -76,7 +87,8 @@ def optimize_latents(backbone, x: torch.Tensor, y: torch.Tensor, seeds: list[int
 
 class LatentOptBatches:
     """rows {unit, class_idx, slot, seed, cond, latent [N,C,H,W] (or image uint8, encoded here)} ->
-    rows + {latent: optimised float32, image: decoded uint8, loss_curve [N, iterations]}.
+    rows + {latent: optimised float32, image: decoded uint8, loss_curve [N, iterations],
+    objective_before / objective_after [N]: `expected_objective` at the start and at the end}.
     Constructor: load the frozen backbone once (like raydd.generate.SampleBatches)."""
 
     def __init__(self, spec, sampler: SamplerConfig, iterations: int, lr: float, lam: float, t_hat: int,
@@ -105,12 +117,16 @@ class LatentOptBatches:
             x = torch.from_numpy(np.array(rows["latent"], dtype=np.float32)).to(self.device)
         else:                                    # real images (a generator without latents): encode them
             with torch.no_grad():
-                x = self.backbone.vae.encode(to_float(torch.from_numpy(np.array(rows["image"])).to(self.device))).float()
+                images = to_float(torch.from_numpy(np.array(rows["image"])).to(self.device))   # [-1, 1]
+                x = self.backbone.vae.encode(images).float()
         y = torch.from_numpy(rows["cond"]).long().to(self.device)
         x_bar, curve = optimize_latents(self.backbone, x, y, rows["seed"].tolist(), self.schedule,
                                         autocast_dtype=self.autocast, **self.opts)
+        eps = fixed_noise(rows["seed"].tolist(), tuple(x.shape[1:])).to(self.device)
+        before, after = (expected_objective(self.backbone, z, y, eps, self.schedule, self.opts["t_hat"],
+                                            self.opts["lam"]).cpu().numpy() for z in (x, x_bar))
         with torch.no_grad():
             images = to_uint8(self.backbone.vae.decode(x_bar))
         keep = {k: v for k, v in rows.items() if k not in ("latent", "image")}
         return {**keep, "latent": x_bar.cpu().numpy(), "image": images.cpu().numpy(),
-                "loss_curve": curve.numpy().astype(np.float32)}
+                "loss_curve": curve.numpy().astype(np.float32), "objective_before": before, "objective_after": after}
