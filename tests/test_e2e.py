@@ -88,7 +88,7 @@ def test_evaluate_any_imagefolder(world):
 
 
 @pytest.mark.parametrize("args, message", [
-    (["--method", "nosuch"], "unknown method 'nosuch'; allowed: dit, random"),
+    (["--method", "nosuch"], "unknown method 'nosuch'; allowed: cao2, dit, igds, ims3, lgd, random, rsm_cgs"),
     (["--method", "dit", "ipc=0"], "ipc=0 must be >= 1"),
     (["--method", "dit", "data.classes=1,2,1"], "duplicate classes: ['1']"),
     (["--method", "dit", "data.classes=1,x"], "not found"),

@@ -3,6 +3,7 @@ TorchTrainer — the tiny backbone, teachers, reference models and every student
 from __future__ import annotations
 
 import tempfile
+import uuid
 from pathlib import Path
 from typing import Any, Callable
 
@@ -69,7 +70,8 @@ def fit(loop: Callable[[dict, TrainHooks], None], config: dict, *, name: str, st
         scaling_config=ray.train.ScalingConfig(num_workers=num_workers, use_gpu=use_gpu,
                                                resources_per_worker=resources),
         run_config=ray.train.RunConfig(
-            name=name, storage_path=str(Path(storage).resolve()),
+            # unique per fit: two runs of the same name (e.g. the same baseline) must not share a directory
+            name=f"{name}-{uuid.uuid4().hex[:8]}", storage_path=str(Path(storage).resolve()),
             failure_config=ray.train.FailureConfig(max_failures=max_failures),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
         ),
