@@ -17,6 +17,15 @@ from raydd.objectives.dpp import (CGS, cgs_direction, cgs_post_step, class_means
 from raydd.sampling import make_schedule
 
 
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny models: one intra-op thread is fastest (and immune to a busy shared CPU); restored afterwards."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 class RecordingTracker:
     def __init__(self):
         self.metrics: list[tuple[dict, int | None]] = []

@@ -74,13 +74,16 @@ def map_ray(udf: type, udf_kwargs: dict, columns: dict[str, np.ndarray], compute
             max_restarts=-1,          # a lost actor is replaced ...
             max_task_retries=-1,      # ... and its unfinished units are re-run
         )
+        parts: dict[int, list[dict[str, np.ndarray]]] = {}   # a unit may arrive in more than one batch
         for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
             for u in np.unique(batch["unit"]):
                 part = {k: v[batch["unit"] == u] for k, v in batch.items()}
                 done.append(part)
                 if stage_dir is not None:
+                    parts.setdefault(int(u), []).append(part)
+                    rows_so_far = {k: np.concatenate([p[k] for p in parts[int(u)]]) for k in part}
                     tmp = stage_dir / f".unit-{int(u)}.tmp.npz"
-                    np.savez(tmp, **part)
+                    np.savez(tmp, **rows_so_far)
                     os.replace(tmp, stage_dir / f"unit-{int(u)}.npz")
                     saved += 1
                     if 0 <= compute.fail_driver_after <= saved:   # fault injection: the driver dies here

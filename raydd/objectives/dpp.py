@@ -12,7 +12,8 @@ abar the noise level of Z (z_t = sqrt(abar) z_0 + sqrt(1 - abar) eps, so E z_t =
 Where the losses are evaluated (decisions, see METHODS.md):
   on="z_t" (default): on the freshly stepped latents Z_{t-1} themselves (target sqrt(abar_{t-1}) mu_c), the
       same latents the update moves; cheap, no backprop through the DiT. At the last step abar = 1, so the
-      final z_0 is pulled toward mu_c directly.
+      final z_0 is pulled toward mu_c directly. (The paper writes g_t from Z_t and applies it to Z_{t-1}; the
+      sampler's post_step hook sees Z_{t-1} and x0_hat, and a gradient taken where it is applied is exact.)
   on="x0": on the step's clean prediction x0_hat (target mu_c); the gradient is applied to Z_{t-1} through
       its clean component, scaled by sqrt(abar_{t-1}).
 """
