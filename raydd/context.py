@@ -15,7 +15,7 @@ import numpy as np
 
 from raydd.config import Config
 from raydd.data import RealData
-from raydd.generate import BackboneSpec, DistilledSet, GuidanceFactory, generate_local, make_rows
+from raydd.generate import BackboneSpec, DistilledSet, GuidanceFactory, generate_local, make_rows, map_units
 from raydd.train_hooks import TrainHooks, TrainResult, run_local
 
 
@@ -33,9 +33,7 @@ class LocalRunner:
         return generate_local(spec, self.cfg.sampler, rows, guidance_factory, post_step_factory)
 
     def map(self, udf: type, udf_kwargs: dict, columns: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        fn = udf(**udf_kwargs)
-        outs = [fn({k: v[columns["unit"] == u] for k, v in columns.items()}) for u in np.unique(columns["unit"])]
-        return {k: np.concatenate([o[k] for o in outs]) for k in outs[0]}
+        return map_units(udf(**udf_kwargs), columns)
 
     def train(self, loop: Callable[[dict, TrainHooks], None], config: dict, name: str, num_workers: int | None = None,
               cpus_per_worker: float | None = None):

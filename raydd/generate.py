@@ -54,6 +54,13 @@ def make_rows(num_classes: int, per_class: int, run_seed: int, unit_size: int, b
     return {"class_idx": cls, "slot": slot, "seed": seed, "unit": unit}
 
 
+def map_units(fn: Callable[[dict[str, np.ndarray]], dict[str, np.ndarray]],
+              batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Apply fn to each unit's rows of a batch (a unit is always processed whole) and concatenate."""
+    outs = [fn({k: v[batch["unit"] == u] for k, v in batch.items()}) for u in np.unique(batch["unit"])]
+    return {k: np.concatenate([o[k] for o in outs]) for k in outs[0]}
+
+
 @dataclass
 class BackboneSpec:
     """Everything an actor needs to load the frozen backbone by itself (picklable, small)."""
@@ -99,11 +106,7 @@ class SampleBatches:
         self.class_ids = torch.tensor(spec.class_ids or list(range(spec.num_classes)), dtype=torch.long)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        outs = []
-        for u in np.unique(batch["unit"]):
-            m = batch["unit"] == u
-            outs.append(self.run_unit({k: v[m] for k, v in batch.items()}))
-        return {k: np.concatenate([o[k] for o in outs]) for k in outs[0]}
+        return map_units(self.run_unit, batch)
 
     def run_unit(self, rows: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         labels = torch.from_numpy(rows["class_idx"])

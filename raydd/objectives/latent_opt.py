@@ -18,6 +18,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from raydd.generate import map_units
+
 from raydd.config import SamplerConfig
 from raydd.finetune import q_sample
 from raydd.sampling import Schedule, make_schedule, to_uint8
@@ -104,11 +106,7 @@ class LatentOptBatches:
         self.autocast = torch.bfloat16 if precision == "bf16" and self.device.type == "cuda" else None
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        outs = []
-        for u in np.unique(batch["unit"]):
-            m = batch["unit"] == u
-            outs.append(self.run_unit({k: v[m] for k, v in batch.items()}))
-        return {k: np.concatenate([o[k] for o in outs]) for k in outs[0]}
+        return map_units(self.run_unit, batch)
 
     def run_unit(self, rows: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         from raydd.evaluation import to_float
