@@ -179,6 +179,9 @@ def run_cli(body) -> int:
     except (ConfigError, FileNotFoundError, ValueError, RuntimeError) as e:
         print(f"raydd: error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt as e:
+        print(f"raydd: interrupted{': ' + str(e) if str(e) else ''}", file=sys.stderr)
+        return 130
     finally:
         from raydd.distributed.cluster import shutdown
 

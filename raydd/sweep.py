@@ -28,6 +28,10 @@ from raydd.tune_space import SearchSpace, load_space
 STAGES = (0.25, 0.5, 1.0)      # fractions of the student-training epochs, one report each
 
 
+class SweepInterrupted(KeyboardInterrupt):
+    """The sweep was stopped (Ctrl-C); Tune saved its state and --resume continues it."""
+
+
 def trial_config(base: Config, params: dict, trial_id: str, sweep_dir: Path) -> Config:
     """The base config with a trial's parameters applied (validated like any override)."""
     from raydd.config import set_key, validate
@@ -49,14 +53,16 @@ def run_trial(params: dict, base: Config, sweep_dir: Path, parent_run_id: str) -
     from raydd.distributed.runner import RayRunner
     from raydd.eval_jobs import evaluate_set, set_source
     from raydd.evaluation import epochs_for
-    from raydd.tracking import Tracker
+    from raydd.tracking import Tracker, find_run
 
     trial_id = ray.tune.get_context().get_trial_id()
     cfg = trial_config(base, params, trial_id, sweep_dir)
     data = load_real(cfg.data)
     scratch = sweep_dir / "scratch" / trial_id
     scratch.mkdir(parents=True, exist_ok=True)
-    tracker = Tracker(cfg.tracking, cfg.run_name, parent_run_id=parent_run_id,
+    # a trial re-run after an interrupted sweep reuses its child run (and its finished sampling units)
+    tracker = Tracker(cfg.tracking, cfg.run_name, run_id=find_run(cfg.tracking, cfg.run_name),
+                      parent_run_id=parent_run_id,
                       tags={"raydd_run": cfg.run_name, "method": cfg.method, "raydd_trial": trial_id})
     status = "FAILED"
     try:
@@ -72,10 +78,14 @@ def run_trial(params: dict, base: Config, sweep_dir: Path, parent_run_id: str) -
             summary = evaluate_set(stage_cfg, source, runner, max_workers=1)
             val_acc = sum(r["acc_mean"] for r in summary["students"].values()) / len(summary["students"])
             tracker.log_metrics({"val_acc": val_acc}, step=stage)
+            if stage == len(STAGES):
+                # Tune ends a trial at its last report (max_t), before this function returns: close the run first
+                tracker.end("FINISHED")
+                status = "FINISHED"
             ray.tune.report({"val_acc": val_acc, "stage": stage})   # ASHA may stop the trial here
-        status = "FINISHED"
     finally:
-        tracker.end(status if status == "FINISHED" else "KILLED")
+        if status != "FINISHED":
+            tracker.end("KILLED")
 
 
 def per_trial_resources(cfg: Config) -> dict:
@@ -94,6 +104,22 @@ def max_concurrent_trials(cfg: Config, requested: int) -> int:
     fits = [math.floor(have.get(r, 0) / n) for r, n in need.items() if n > 0]
     cap = max(1, min(fits)) if fits else 1
     return min(cap, requested) if requested > 0 else cap
+
+
+def close_stopped_trials(base: Config, name: str, grid) -> None:
+    """ASHA (or Ctrl-C) stops a trial by ending its actor, so the trial's own `finally` never runs: mark its
+    child run KILLED, with the stage it reached, instead of leaving it RUNNING in the MLflow UI."""
+    from raydd.tracking import Tracker, find_run
+
+    for r in grid:
+        tid = (r.metrics or {}).get("trial_id")
+        run_id = find_run(base.tracking, f"{name}-trial-{tid}") if tid else None
+        if run_id and Tracker.status(base.tracking, run_id) == "RUNNING":
+            t = Tracker(base.tracking, f"{name}-trial-{tid}", run_id=run_id)
+            stage = r.metrics.get("stage", 0)
+            if stage < len(STAGES):
+                t.set_tags({"raydd_stopped": f"after stage {stage} of {len(STAGES)}"})
+            t.end("FINISHED" if stage == len(STAGES) else "KILLED")
 
 
 def optuna_distributions(space: SearchSpace) -> dict:
@@ -159,13 +185,20 @@ def sweep(method: str, base: Config, final_eval, *, trials: int, max_concurrent:
     space = load_space(method)                                   # bad YAML / unknown keys fail here
     check_reachable(base.tracking)
     data = load_real(base.data)
-    sweep_dir = Path(storage).expanduser().resolve() / name if "://" not in storage else Path(name)
+    path = str(Path(storage).expanduser().resolve()) if "://" not in storage else storage
+    sweep_dir = Path(path) / name if "://" not in storage else Path(name)
+    exists = ray.tune.Tuner.can_restore(f"{path}/{name}")
+    if resume and not exists:
+        raise ValueError(f"--resume: no sweep named {name!r} in {path}; start it without --resume")
+    if exists and not resume:
+        raise ValueError(f"a sweep named {name!r} already exists in {path}; pass --resume to continue it "
+                         f"or --name to start a new one")
     init_ray(base.compute)
     ensure_backbone(base, data, RayRunner(base, sweep_dir))       # train the tiny DiT once, before any trial
     concurrent = max_concurrent_trials(base, max_concurrent)
     log(f"sweep {name}: {method}, {trials} trial(s), {concurrent} at a time, space {space.names()}")
 
-    parent = Tracker(base.tracking, name, run_id=find_run(base.tracking, name),
+    parent = Tracker(base.tracking, name, run_id=find_run(base.tracking, name) if resume else None,
                      tags={"raydd_run": name, "raydd_sweep": method})
     try:
         parent.log_params({"sweep.method": method, "sweep.trials": trials, "sweep.max_concurrent": concurrent,
@@ -174,8 +207,7 @@ def sweep(method: str, base: Config, final_eval, *, trials: int, max_concurrent:
         parent.log_dict({k: dataclasses.asdict(v) for k, v in space.params.items()}, "search_space.json")
         trainable = ray.tune.with_parameters(run_trial, base=base, sweep_dir=sweep_dir, parent_run_id=parent.run_id)
         trainable = ray.tune.with_resources(trainable, {"CPU": 0.01})  # the trial driver only orchestrates
-        path = str(Path(storage).expanduser().resolve()) if "://" not in storage else storage
-        if resume and ray.tune.Tuner.can_restore(f"{path}/{name}"):
+        if resume:
             log("resuming: finished trials are kept, unfinished ones re-run")
             tuner = ray.tune.Tuner.restore(f"{path}/{name}", trainable, resume_unfinished=True, restart_errored=True)
         else:
@@ -190,6 +222,16 @@ def sweep(method: str, base: Config, final_eval, *, trials: int, max_concurrent:
                 run_config=ray.tune.RunConfig(name=name, storage_path=path, verbose=1),
             )
         grid = tuner.fit()
+        close_stopped_trials(base, name, grid)
+        # Ctrl-C / SIGINT: Tune saves its state and fit() returns early. The returned grid shows every trial
+        # as TERMINATED; the saved state keeps the interrupted ones RUNNING / PENDING (what --resume re-runs).
+        saved = [t.status for t in ray.tune.ExperimentAnalysis(f"{path}/{name}").trials]
+        done = sum(st in ("TERMINATED", "ERROR") for st in saved)
+        if done < len(saved) or (time_budget is None and len(saved) < trials):
+            raise SweepInterrupted(
+                f"sweep {name} interrupted with {done} of {trials} trial(s) finished; its state is "
+                f"saved in {path}/{name}. Resume with: python -m raydd.sweep --method {method} --name {name} "
+                f"--storage {storage} --resume")
         finished = [r for r in grid if r.metrics and "val_acc" in r.metrics]
         if not finished:
             raise RuntimeError(f"no trial of sweep {name} finished; see {path}/{name}")
@@ -210,6 +252,9 @@ def sweep(method: str, base: Config, final_eval, *, trials: int, max_concurrent:
         parent.log_dict({"best_params": best_params, "best_val_acc": best.metrics["val_acc"],
                          "best_test_acc": test_acc, "best_output_dir": rerun["output_dir"]}, "best.json")
         parent.end("FINISHED")
+    except SweepInterrupted:
+        parent.end("KILLED")
+        raise
     except BaseException:
         parent.end("FAILED")
         raise

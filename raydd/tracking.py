@@ -97,6 +97,12 @@ class Tracker:
         for k, v in tags.items():
             self.client.set_tag(self.run_id, k, str(v))
 
+    @staticmethod
+    def status(cfg: TrackingConfig, run_id: str) -> str:
+        import mlflow
+
+        return mlflow.MlflowClient(tracking_uri(cfg)).get_run(run_id).info.status
+
     def end(self, status: str = "FINISHED") -> None:
         self.client.set_terminated(self.run_id, status=status)
 

@@ -43,6 +43,13 @@ def backbone(spec):
     return spec.load("cpu")
 
 
+@pytest.fixture(scope="session")
+def smoke_cache(tmp_path_factory):
+    """A RAYDD_CACHE shared by the CLI end-to-end modules: the smoke backbone and reference students are
+    trained once per session (cache entries are keyed by their config and completed atomically)."""
+    return tmp_path_factory.mktemp("smoke_cache")
+
+
 @pytest.fixture()
 def cli_env(tmp_path):
     """Environment for CLI subprocesses: own cache, own SQLite MLflow store, cwd = tmp_path."""

@@ -14,12 +14,12 @@ def run_cli(args, env, cwd, timeout=600):
 
 
 @pytest.fixture(scope="module")
-def world(tmp_path_factory):
+def world(tmp_path_factory, smoke_cache):
     """One smoke distillation shared by the tests below (trains the smoke backbone once)."""
     import os
 
     tmp = tmp_path_factory.mktemp("e2e")
-    env = dict(os.environ, RAYDD_CACHE=str(tmp / "cache"), MLFLOW_TRACKING_URI=f"sqlite:///{tmp / 'mlflow.db'}")
+    env = dict(os.environ, RAYDD_CACHE=str(smoke_cache), MLFLOW_TRACKING_URI=f"sqlite:///{tmp / 'mlflow.db'}")
     env.pop("RAY_ADDRESS", None)
     t0 = time.time()
     rc, out = run_cli(["raydd.distill", "--method", "dit", "--smoke"], env, tmp)

@@ -9,9 +9,9 @@ import pytest
 
 
 @pytest.fixture(scope="module")
-def env(tmp_path_factory):
+def env(tmp_path_factory, smoke_cache):
     tmp = tmp_path_factory.mktemp("sweep")
-    e = dict(os.environ, RAYDD_CACHE=str(tmp / "cache"), MLFLOW_TRACKING_URI=f"sqlite:///{tmp / 'mlflow.db'}",
+    e = dict(os.environ, RAYDD_CACHE=str(smoke_cache), MLFLOW_TRACKING_URI=f"sqlite:///{tmp / 'mlflow.db'}",
              PYTHONUNBUFFERED="1")
     e.pop("RAY_ADDRESS", None)
     return {"env": e, "tmp": tmp}
@@ -40,8 +40,65 @@ def test_four_trials_two_concurrent_with_parent_child_runs(env):
     kids = children(uri, parent.info.run_id)
     trials = [k for k in kids if "raydd_trial" in k.data.tags]
     assert len(trials) == 4 and all("trial.sampler.cfg_scale" in k.data.params for k in trials)
+    assert all(k.info.status in ("FINISHED", "KILLED") for k in trials)      # none left RUNNING (KILLED: ASHA)
+    assert any(k.info.status == "FINISHED" and k.data.metrics["val_acc"] >= 0 for k in trials)
     assert any(k.data.params["trial.sampler.cfg_scale"] == "4.0" for k in trials)     # paper default first
     best = [k for k in kids if k.data.tags.get("raydd_run") == "s4-best"]
     assert len(best) == 1 and best[0].data.params["eval.split"] == "test"           # never tuned on test
     assert all(k.data.params["eval.split"] == "val" for k in trials)
     assert "Trial status" in p.stdout + p.stderr
+
+
+def test_interrupted_sweep_resumes_without_redoing_finished_trials(env):
+    """Ctrl-C (SIGINT to the driver) once the first trial has finished; --resume keeps that trial and the
+    parent run, and runs the rest."""
+    import signal
+    import time
+
+    uri = env["env"]["MLFLOW_TRACKING_URI"]
+    mlflow.set_tracking_uri(uri)
+    base = [sys.executable, "-m", "raydd.sweep", "--method", "dit", "--smoke", "--trials", "2",
+            "--max-concurrent", "1", "--name", "r3", "--storage", str(env["tmp"] / "tune")]
+    log = open(env["tmp"] / "r3-first.log", "w")
+    p = subprocess.Popen(base, env=env["env"], cwd=env["tmp"], stdout=log, stderr=subprocess.STDOUT)
+    client = mlflow.MlflowClient(uri)
+
+    def finished_trials():
+        exp = client.get_experiment_by_name("raydd")
+        if exp is None:
+            return []
+        return [r for r in client.search_runs([exp.experiment_id], "tags.raydd_trial != ''")
+                if r.data.tags.get("raydd_run", "").startswith("r3-trial") and r.info.status == "FINISHED"]
+
+    deadline = time.time() + 1200
+    while not finished_trials() and p.poll() is None and time.time() < deadline:
+        time.sleep(2)
+    assert p.poll() is None, "the sweep ended before it could be interrupted: " + (env["tmp"] / "r3-first.log").read_text()[-3000:]
+    p.send_signal(signal.SIGINT)
+    rc = p.wait(timeout=300)
+    first = (env["tmp"] / "r3-first.log").read_text()
+    assert rc == 130, first[-4000:]
+    assert "--resume" in first
+    done = finished_trials()
+    (parent,) = mlflow.search_runs(experiment_names=["raydd"], filter_string="tags.raydd_run = 'r3'", output_format="list")
+    assert parent.info.status == "KILLED" and "best_test_acc" not in parent.data.metrics
+
+    again = subprocess.run(base + ["--resume"], env=env["env"], cwd=env["tmp"], capture_output=True, text=True, timeout=1500)
+    assert again.returncode == 0, (again.stdout + again.stderr)[-4000:]
+    (parent2,) = mlflow.search_runs(experiment_names=["raydd"], filter_string="tags.raydd_run = 'r3'", output_format="list")
+    assert parent2.info.run_id == parent.info.run_id and parent2.info.status == "FINISHED"   # reused, not duplicated
+    assert parent2.data.metrics["trials_total"] == 2 and "finished trials are kept" in again.stdout + again.stderr
+    for run in done:                                       # finished before the interrupt: not run again
+        same = [k for k in children(uri, parent.info.run_id) if k.data.tags.get("raydd_trial") == run.data.tags["raydd_trial"]]
+        assert len(same) == 1
+        assert len(client.get_metric_history(run.info.run_id, "val_acc")) == 3       # 3 stages, logged once
+        assert client.get_run(run.info.run_id).info.status == "FINISHED"
+    trials = [k for k in children(uri, parent.info.run_id) if "raydd_trial" in k.data.tags]
+    assert len(trials) == 2 and all(k.info.status in ("FINISHED", "KILLED") for k in trials)  # KILLED: ASHA stopped it
+
+
+def test_existing_sweep_name_needs_resume(env):
+    cmd = [sys.executable, "-m", "raydd.sweep", "--method", "dit", "--smoke", "--name", "nosuch", "--resume",
+           "--storage", str(env["tmp"] / "tune")]
+    p = subprocess.run(cmd, env=env["env"], cwd=env["tmp"], capture_output=True, text=True, timeout=300)
+    assert p.returncode == 2 and "no sweep named 'nosuch'" in p.stderr, p.stderr[-2000:]
