@@ -13,9 +13,9 @@ import sys
 import time
 from pathlib import Path
 
-from raydd.config import ConfigError, flatten, load_config
+from raydd.config import flatten, load_config
 from raydd.data import DataError, load_distilled_folder, load_real
-from raydd.distill import build_parser, log
+from raydd.distill import build_parser, log, run_cli
 
 
 def evaluate_folder(folder: str, cfg) -> dict:
@@ -117,21 +117,14 @@ def main(argv: list[str] | None = None) -> int:
                    help="instead of the accuracy protocol: the LGD redundancy diagnostic with K increments "
                         "(folder may also be our output dir; see raydd.redundancy)")
     args = p.parse_intermixed_args(argv)
-    try:
+
+    def body():
         cfg = load_config(args.preset, args.overrides, smoke=args.smoke, method="evaluate")
         if args.redundancy:
             evaluate_redundancy(args.folder, cfg, args.redundancy)
         else:
             evaluate_folder(args.folder, cfg)
-    except (ConfigError, DataError, FileNotFoundError, ValueError, RuntimeError) as e:
-        print(f"raydd: error: {e}", file=sys.stderr)
-        return 2
-    finally:
-        from raydd.distributed.cluster import shutdown
-
-        shutdown()
-    return 0
-
+    return run_cli(body)
 
 if __name__ == "__main__":
     sys.exit(main())

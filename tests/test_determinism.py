@@ -76,3 +76,42 @@ def test_train_job_restores_from_checkpoint_after_worker_failure(ray_local, tmp_
     # resumed from a persisted checkpoint (not from scratch); the one reported just before the crash
     # may not have been persisted yet (reports are asynchronous), so step 2 or 3
     assert 2 <= result.metrics["resumed_from"] <= 3 and result.metrics["step"] == 6
+
+
+def test_map_stage_resumes_only_missing_units(ray_local, digits_cfg, tmp_path):
+    """RayRunner.map keeps every finished unit under scratch: a rerun (the driver died) computes only
+    the units that were not saved, and returns the same rows."""
+    import numpy as np
+
+    from raydd.distributed.runner import RayRunner
+
+    class CountingSquare:        # nested: pickled by value for the actors; leaves a file per unit it computes
+        def __init__(self, log_dir: str):
+            self.log_dir = log_dir
+
+        def __call__(self, batch):
+            import os
+
+            for u in set(batch["unit"].tolist()):
+                open(os.path.join(self.log_dir, f"{u}-{os.getpid()}-{id(batch)}"), "w").close()
+            return {"unit": batch["unit"], "row": batch["row"], "square": batch["x"] ** 2}
+
+    cfg = dataclasses.replace(digits_cfg, compute=ComputeConfig(num_actors=1))
+    runner = RayRunner(cfg, tmp_path / "scratch")
+    cols = {"unit": np.repeat(np.arange(4), 3), "row": np.arange(12), "x": np.arange(12, dtype=np.float32)}
+    logs = tmp_path / "calls"
+    logs.mkdir()
+    first = runner.map(CountingSquare, {"log_dir": str(logs)}, cols)
+    assert sorted({p.name.split("-")[0] for p in logs.iterdir()}) == ["0", "1", "2", "3"]
+    (stage,) = (tmp_path / "scratch").glob("map-CountingSquare-*")
+    (stage / "unit-2.npz").unlink()                                  # as if the driver died before unit 2 was saved
+    for p in logs.iterdir():
+        p.unlink()
+    again = runner.map(CountingSquare, {"log_dir": str(logs)}, cols)
+    assert {p.name.split("-")[0] for p in logs.iterdir()} == {"2"}   # only the missing unit ran again
+    order = np.argsort(first["row"]), np.argsort(again["row"])
+    assert np.array_equal(first["square"][order[0]], again["square"][order[1]])
+    assert np.array_equal(np.sort(again["row"]), np.arange(12))
+    changed = dict(cols, x=cols["x"] + 1)                            # other inputs: a different stage, not a stale resume
+    third = runner.map(CountingSquare, {"log_dir": str(logs)}, changed)
+    assert np.array_equal(third["square"][np.argsort(third["row"])], (cols["x"] + 1) ** 2)

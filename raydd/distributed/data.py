@@ -71,8 +71,8 @@ def map_ray(udf: type, udf_kwargs: dict, columns: dict[str, np.ndarray], compute
             compute=ray.data.ActorPoolStrategy(size=compute.num_actors),
             num_cpus=compute.cpus_per_actor,
             num_gpus=compute.gpus_per_actor,
-            max_restarts=-1,          # a lost actor is replaced ...
-            max_task_retries=-1,      # ... and its unfinished units are re-run
+            # no max_restarts / max_task_retries: Ray Data's actor pools already default both to -1 (a lost
+            # actor is replaced and its unfinished units re-run), and passing them is deprecated in Ray 2.60
         )
         parts: dict[int, list[dict[str, np.ndarray]]] = {}   # a unit may arrive in more than one batch
         for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):

@@ -1,6 +1,7 @@
 """RayRunner: how a method's Context generates (Ray Data) and trains (Ray Train) on the cluster."""
 from __future__ import annotations
 
+import hashlib
 from pathlib import Path
 from typing import Callable
 
@@ -8,7 +9,7 @@ import numpy as np
 import ray
 
 from raydd.config import Config
-from raydd.distributed.data import generate_ray, map_ray
+from raydd.distributed.data import generate_ray, map_ray, stage_key
 from raydd.distributed.train import fit
 from raydd.generate import BackboneSpec, DistilledSet, GuidanceFactory
 from raydd.train_hooks import TrainHooks
@@ -24,7 +25,11 @@ class RayRunner:
                             post_step_factory=post_step_factory)
 
     def map(self, udf: type, udf_kwargs: dict, columns: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        return map_ray(udf, udf_kwargs, columns, self.cfg.compute)
+        """Like generate, each finished unit is kept under the run's scratch dir, so a rerun after the
+        driver died resumes the stage. The key: the udf, its kwargs and the bytes of every input column."""
+        digest = {k: hashlib.sha256(np.ascontiguousarray(v).tobytes()).hexdigest() for k, v in columns.items()}
+        key = stage_key(udf.__qualname__, tuple(sorted(udf_kwargs.items())), digest)
+        return map_ray(udf, udf_kwargs, columns, self.cfg.compute, Path(self.scratch) / f"map-{udf.__name__}-{key}")
 
     def train(self, loop: Callable[[dict, TrainHooks], None], config: dict, name: str,
               num_workers: int | None = None, cpus_per_worker: float | None = None):
