@@ -183,7 +183,8 @@ def sweep(method: str, base: Config, final_eval, *, trials: int, max_concurrent:
 
     check_method(base)                                           # unknown method / method keys fail here
     space = load_space(method)                                   # bad YAML / unknown keys fail here
-    check_reachable(base.tracking)
+    # trials run in their own directories: hand them the resolved (absolute) tracking URI
+    base = dataclasses.replace(base, tracking=dataclasses.replace(base.tracking, uri=check_reachable(base.tracking)))
     data = load_real(base.data)
     path = str(Path(storage).expanduser().resolve()) if "://" not in storage else storage
     sweep_dir = Path(path) / name if "://" not in storage else Path(name)

@@ -20,7 +20,12 @@ class TrackingError(RuntimeError):
 
 
 def tracking_uri(cfg: TrackingConfig) -> str:
-    return cfg.uri or os.environ.get("MLFLOW_TRACKING_URI") or "sqlite:///mlflow.db"
+    """tracking.uri, else $MLFLOW_TRACKING_URI, else mlflow.db in the working directory. A relative sqlite
+    path is made absolute here, on the driver: Tune trials and Ray jobs run in other directories."""
+    uri = cfg.uri or os.environ.get("MLFLOW_TRACKING_URI") or "sqlite:///mlflow.db"
+    if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
+        uri = f"sqlite:///{Path(uri[len('sqlite:///'):]).resolve()}"
+    return uri
 
 
 def check_reachable(cfg: TrackingConfig) -> str:
