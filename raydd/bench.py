@@ -80,8 +80,8 @@ def bench_sharding_and_scaling(spec: BackboneSpec, sampler: SamplerConfig, n: in
     one = ComputeConfig(num_actors=1, cpus_per_actor=1, batch_size=batch)
     two = ComputeConfig(num_actors=2, cpus_per_actor=1, batch_size=batch)
     generate_ray(spec, sampler, make_rows(10, 1, 0, batch), one)          # warm-up: imports, object store
-    t_one = {k: timed(lambda r=r: generate_ray(spec, sampler, r, one)) for k, r in rows.items()}
-    t_two = {k: timed(lambda r=r: generate_ray(spec, sampler, r, two)) for k, r in rows.items()}
+    t_one = {k: timed(lambda r=r: generate_ray(spec, sampler, r, one), 2) for k, r in rows.items()}
+    t_two = {k: timed(lambda r=r: generate_ray(spec, sampler, r, two), 2) for k, r in rows.items()}
     ray.shutdown()
 
     def marginal(t):
@@ -125,7 +125,12 @@ def bench_guidance(spec: BackboneSpec, sampler: SamplerConfig, n: int) -> dict:
 
     y, seeds = torch.arange(n) % 10, list(range(n))
     base = timed(lambda: sample(backbone, y, seeds, sampler), 2)
-    out = {"unguided_s_per_image": base / n}
+
+    def objective_step():                # what x0 guidance adds at least: the objective's forward + backward
+        x0 = torch.randn(n, spec.channels, spec.image_size, spec.image_size, requires_grad=True)
+        torch.autograd.grad(objective(x0, None, y, None).sum(), x0)
+    objective_fraction = timed(objective_step, 5) / (base / sampler.steps)
+    out = {"unguided_s_per_image": base / n, "objective_fraction_of_step": objective_fraction}
     for mode in ("full", "x0"):
         g = Guidance(objective, scale=1.0, mode=mode)
         t = timed(lambda: sample(backbone, y, seeds, sampler, guidance=g), 2)
@@ -133,6 +138,8 @@ def bench_guidance(spec: BackboneSpec, sampler: SamplerConfig, n: int) -> dict:
         out[f"guidance_{mode}_per_step"] = t / base        # every step guided: the per-step ratio
         half = Guidance(objective, scale=1.0, mode=mode, window=(0, sampler.steps // 2 - 1))
         out[f"{mode}_half_window_ratio"] = timed(lambda: sample(backbone, y, seeds, sampler, guidance=half), 2) / base
+    # the sampler's own overhead for guidance, beyond paying for the objective itself
+    out["x0_overhead_beyond_objective"] = out["guidance_x0_per_step"] - 1 - objective_fraction
     torch.set_num_threads(os.cpu_count() or 1)
     return out
 
@@ -274,7 +281,7 @@ def main(argv: list[str] | None = None) -> int:
         spec = tiny_spec(Path(tmp))
         if "sharding" in only:
             log("sharding and scaling ...")
-            results["sharding"] = bench_sharding_and_scaling(spec, sampler, n=100 if q else 400, batch=50)
+            results["sharding"] = bench_sharding_and_scaling(spec, sampler, n=100 if q else 800, batch=50)
         if "batching" in only:
             log("batching ...")
             results["batching"] = bench_batching(spec, sampler, n=32 if q else 64, sizes=[1, 4, 16, 32] if q else [1, 4, 16, 64])
