@@ -33,7 +33,7 @@ from raydd.generate import BackboneSpec, SampleBatches, make_rows
 from raydd.sampling import Guidance, sample
 
 TARGETS = {"sharding": 0.95, "scaling": 1.7, "batching": 5.0, "guidance_full_per_step": 2.5,
-           "guidance_x0_per_step": 1.3, "student": 0.9, "memory_gib": 4.0, "gpu_fraction_of_limit": 0.40}
+           "guidance_x0_per_step": 1.3, "student": 0.9, "memory_pss_gib": 4.0, "gpu_fraction_of_limit": 0.40}
 
 
 def log(msg: str) -> None:
@@ -179,20 +179,25 @@ def bench_student(epochs: int) -> dict:
             "student_ratio": res["images_per_s"] / plain}
 
 
-def peak_tree_rss(cmd: list[str], env: dict, cwd: str) -> tuple[int, float, float]:
-    """Run cmd; sample the summed RSS of it and all its descendants (Ray workers included) every 0.5 s."""
+def peak_tree_rss(cmd: list[str], env: dict, cwd: str) -> tuple[int, float, float, float]:
+    """Run cmd; every 0.5 s sum the memory of it and all its descendants (Ray workers included).
+    Returns (exit code, peak summed RSS GiB, peak summed PSS GiB, wall s). RSS counts shared pages (torch's
+    libraries, the object store) once per process; PSS splits them between the processes sharing them."""
     import psutil
 
     p = subprocess.Popen(cmd, env=env, cwd=cwd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    proc, peak, t0 = psutil.Process(p.pid), 0, time.time()
+    proc, peak_rss, peak_pss, t0 = psutil.Process(p.pid), 0, 0, time.time()
     while p.poll() is None:
-        try:
-            procs = [proc] + proc.children(recursive=True)
-            peak = max(peak, sum(q.memory_info().rss for q in procs if q.is_running()))
-        except psutil.Error:
-            pass
+        rss = pss = 0
+        for q in [proc] + proc.children(recursive=True):
+            try:
+                info = q.memory_full_info()
+                rss, pss = rss + info.rss, pss + getattr(info, "pss", info.rss)
+            except psutil.Error:
+                pass
+        peak_rss, peak_pss = max(peak_rss, rss), max(peak_pss, pss)
         time.sleep(0.5)
-    return p.returncode, peak / 2**30, time.time() - t0
+    return p.returncode, peak_rss / 2**30, peak_pss / 2**30, time.time() - t0
 
 
 def bench_memory(quick: bool) -> dict:
@@ -201,9 +206,10 @@ def bench_memory(quick: bool) -> dict:
         env = dict(os.environ, MLFLOW_TRACKING_URI=f"sqlite:///{tmp}/mlflow.db")
         base = [sys.executable, "-m", "raydd.distill", "--method", "dit"] + (["--smoke"] if quick else [])
         for label, extra in (("default", []), ("two_actors", ["compute.num_actors=2", "run_name=bench2"])):
-            rc, gib, secs = peak_tree_rss(base + extra, env, tmp)
-            out[f"{label}_rc"], out[f"{label}_peak_rss_gib"], out[f"{label}_wall_s"] = rc, gib, secs
-    out["note"] = "RSS summed over the driver and every Ray process it started (shared pages counted per process)"
+            rc, rss, pss, secs = peak_tree_rss(base + extra, env, tmp)
+            out[f"{label}_rc"], out[f"{label}_wall_s"] = rc, secs
+            out[f"{label}_peak_rss_gib"], out[f"{label}_peak_pss_gib"] = rss, pss
+    out["note"] = "summed over the driver and every Ray process it started; PSS shares pages between processes"
     return out
 
 
