@@ -277,20 +277,20 @@ def finetune_loop(config: dict, hooks: TrainHooks) -> None:
         noise = torch.randn(z_all[idx].shape, generator=gen).to(device)
         x0 = z_all[idx]
         out = diffusion_losses(predict, x0, y_all[idx], t, noise, schedule)
-        loss, parts = out["loss"], {"mse": float(out["mse"].mean()), "vb": float(out["vb"].mean())}
+        loss, parts = out["loss"], {"mse": out["mse"].mean().item(), "vb": out["vb"].detach().mean().item()}
         x_t = q_sample(x0, t, noise, schedule)
         for name, lam in config["terms"].items():
             term = LOSS_TERMS[name](predict, x0, y_all[idx], t, x_t, noise, out, schedule,
                                     config["term_options"].get(name, {}))
             loss = loss + lam * term
-            parts[name] = float(term.mean())
+            parts[name] = term.detach().mean().item()
         loss = loss.mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
         last = step == config["steps"] - 1
         if (step + 1) % log_every == 0 or last:
-            history.append({"step": step + 1, "loss": float(loss), **parts})
+            history.append({"step": step + 1, "loss": loss.item(), **parts})
             with tempfile.TemporaryDirectory() as d:
                 if hooks.world_rank == 0:
                     torch.save({"model": model.state_dict(), "opt": opt.state_dict(), "step": step + 1}, f"{d}/state.pt")
