@@ -126,5 +126,6 @@ def main(argv: list[str] | None = None) -> int:
             evaluate_folder(args.folder, cfg)
     return run_cli(body)
 
+
 if __name__ == "__main__":
     sys.exit(main())

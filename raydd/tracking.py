@@ -21,7 +21,8 @@ class TrackingError(RuntimeError):
 
 def tracking_uri(cfg: TrackingConfig) -> str:
     """tracking.uri, else $MLFLOW_TRACKING_URI, else mlflow.db in the working directory. A relative sqlite
-    path is made absolute here, on the driver: Tune trials and Ray jobs run in other directories."""
+    path is made absolute against the current directory (the sweep resolves it on its driver, before
+    its trials, which run in other directories)."""
     uri = cfg.uri or os.environ.get("MLFLOW_TRACKING_URI") or "sqlite:///mlflow.db"
     if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
         uri = f"sqlite:///{Path(uri[len('sqlite:///'):]).resolve()}"

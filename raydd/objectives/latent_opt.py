@@ -18,10 +18,9 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from raydd.generate import map_units
-
 from raydd.config import SamplerConfig
 from raydd.finetune import q_sample
+from raydd.generate import map_units
 from raydd.sampling import Schedule, make_schedule, to_uint8
 
 
