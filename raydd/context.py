@@ -36,7 +36,7 @@ class LocalRunner:
         return map_units(udf(**udf_kwargs), columns)
 
     def train(self, loop: Callable[[dict, TrainHooks], None], config: dict, name: str, num_workers: int | None = None,
-              cpus_per_worker: float | None = None):
+              cpus_per_worker: float | None = None, resume_key: str | None = None):
         hooks = run_local(loop, config)
         return TrainResult(hooks.reports[-1] if hooks.reports else {}, hooks.checkpoint_dir)
 

@@ -9,7 +9,9 @@ are cached by config hash under <cache_dir>, so repeated runs only train the dis
 from __future__ import annotations
 
 import json
+import os
 import statistics
+import time
 from dataclasses import asdict
 from pathlib import Path
 
@@ -59,8 +61,33 @@ def load_teacher(path: str, arch: str, data: RealData, dcfg: DataConfig) -> torc
     return model.eval().requires_grad_(False)
 
 
+def _job_epochs_and_size(job: dict, n_syn: int, data: RealData, ecfg: EvalConfig) -> tuple[int, int]:
+    """(epochs, training-set size) of one job: its cost is about their product."""
+    soft = job["protocol"] == "soft"
+    if job["kind"] == "real":
+        return epochs_for(len(data.train) // data.num_classes, ecfg, soft=soft), len(data.train)
+    n = n_syn if job["kind"] == "syn" else job["ipc"] * data.num_classes
+    return epochs_for(job["ipc"], ecfg, soft=soft), n
+
+
+def _save_results(hooks: TrainHooks, done: dict[int, dict], metrics: dict) -> None:
+    """Every worker reports (Ray Train reports are collective); rank 0's checkpoint holds the results of
+    every finished job (results.json, keyed by the job's index)."""
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as d:
+        if hooks.world_rank == 0:
+            Path(d, "results.json").write_text(json.dumps({str(i): r for i, r in sorted(done.items())}))
+        hooks.report(metrics, checkpoint_dir=d if hooks.world_rank == 0 else None)
+
+
 def eval_loop(config: dict, hooks: TrainHooks) -> None:
-    """config: {"data", "eval", "jobs": [{kind, student, seed, protocol, ipc}], "source", "teacher"}."""
+    """config: {"data", "eval", "jobs": [{kind, student, seed, protocol, ipc}], "source", "teacher"}
+    (+ "fault": {"after_rounds", "marker"} in tests: rank 0 dies once after that many rounds).
+
+    Checkpoints after every round of jobs: a worker failure (FailureConfig) or a rerun of the same run
+    after the driver died resumes with only the unfinished jobs. The jobs run in rounds of world_size,
+    longest first, so the workers of one round finish at about the same time."""
     from raydd.methods.random import random_subset
 
     dcfg, ecfg = DataConfig(**config["data"]), EvalConfig(**config["eval"])
@@ -68,32 +95,53 @@ def eval_loop(config: dict, hooks: TrainHooks) -> None:
     target = data.split(ecfg.split)
     syn = load_set(config["source"], data, dcfg) if config.get("source") else None
     teacher = load_teacher(config["teacher"], ecfg.teacher_arch, data, dcfg) if config.get("teacher") else None
-    device = hooks.device
-    results = []
-    for job in config["jobs"][hooks.world_rank::hooks.world_size]:
-        if job["kind"] == "syn":
-            x, y = syn
-        elif job["kind"] == "real":
-            x, y = data.train.x, data.train.y
-        else:  # "random": a fresh random real subset per repeat
-            r = random_subset(data.train, job["ipc"], seed=job["seed"])
-            x, y = r.images, r.labels
-        soft = job["protocol"] == "soft"
-        ipc = job["ipc"] if job["kind"] != "real" else len(data.train) // data.num_classes
-        tag = f"[{job['kind']} {job['student']} {job['protocol']} seed {job['seed']}]"
-        res = train_student(x, y, target.x, target.y, student=job["student"], num_classes=data.num_classes,
-                            cfg=ecfg, epochs=epochs_for(ipc, ecfg, soft=soft), seed=job["seed"],
-                            protocol=job["protocol"], teacher=teacher if soft else None, device=device,
-                            log=lambda line, tag=tag: print(tag, line, flush=True))
-        results.append({**job, **{k: res[k] for k in ("best_acc", "final_acc", "images_per_s", "train_s", "epochs")}})
-    gathered = [r for part in hooks.all_gather(results) for r in part]
-    # results travel in the checkpoint (Ray Train keeps a report's metrics only with a checkpoint)
-    import tempfile
+    jobs = config["jobs"]
+    done: dict[int, dict] = {}
+    if hooks.restore_dir() and Path(hooks.restore_dir(), "results.json").exists():
+        done = {int(i): r for i, r in json.loads(Path(hooks.restore_dir(), "results.json").read_text()).items()}
+    restored = len(done)
+    n_syn = len(syn[1]) if syn is not None else 0
 
-    with tempfile.TemporaryDirectory() as d:
-        if hooks.world_rank == 0:
-            Path(d, "results.json").write_text(json.dumps(gathered))
-        hooks.report({"jobs": len(gathered)}, checkpoint_dir=d if hooks.world_rank == 0 else None)
+    def cost(i: int) -> int:
+        epochs, n = _job_epochs_and_size(jobs[i], n_syn, data, ecfg)
+        return epochs * n
+
+    todo = sorted((i for i in range(len(jobs)) if i not in done), key=lambda i: (-cost(i), i))
+    fault = config.get("fault") or {}
+    for start in range(0, len(todo), hooks.world_size):
+        mine = todo[start:start + hooks.world_size][hooks.world_rank:hooks.world_rank + 1]   # [] or [job index]
+        results = []
+        for i in mine:
+            job = jobs[i]
+            if job["kind"] == "syn":
+                x, y = syn
+            elif job["kind"] == "real":
+                x, y = data.train.x, data.train.y
+            else:  # "random": a fresh random real subset per repeat
+                r = random_subset(data.train, job["ipc"], seed=job["seed"])
+                x, y = r.images, r.labels
+            soft = job["protocol"] == "soft"
+            epochs, _ = _job_epochs_and_size(job, n_syn, data, ecfg)
+            tag = f"[{job['kind']} {job['student']} {job['protocol']} seed {job['seed']}]"
+            res = train_student(x, y, target.x, target.y, student=job["student"], num_classes=data.num_classes,
+                                cfg=ecfg, epochs=epochs, seed=job["seed"], protocol=job["protocol"],
+                                teacher=teacher if soft else None, device=hooks.device,
+                                log=lambda line, tag=tag: print(tag, line, flush=True))
+            results.append((i, {**job, **{k: res[k] for k in ("best_acc", "final_acc", "images_per_s", "train_s",
+                                                               "epochs")}}))
+        for part in hooks.all_gather(results):
+            done.update(part)
+        _save_results(hooks, done, {"jobs_done": len(done), "jobs_restored": restored})
+        rounds = start // hooks.world_size + 1
+        if hooks.world_rank == 0 and rounds == fault.get("after_rounds") and not Path(fault["marker"]).exists():
+            # fault injection: this worker process dies during the next round. Ray Train's controller collects
+            # reports when it polls the workers (every 2 s): wait for that, so the test knows what was saved
+            # (a real death right after a report may lose that report and cost one round)
+            time.sleep(3.0)
+            Path(fault["marker"]).touch()
+            os._exit(1)
+    if not todo:                                          # everything was restored: report it again
+        _save_results(hooks, done, {"jobs_done": len(done), "jobs_restored": restored})
 
 
 def teacher_loop(config: dict, hooks: TrainHooks) -> None:
@@ -132,6 +180,18 @@ def ensure_teacher(cfg: Config, runner) -> str:
     return str(path)
 
 
+def eval_key(config: dict) -> str:
+    """Names an evaluation job by everything that decides its results (the set's arrays by their sha256), so
+    a rerun of the same run resumes its finished jobs and a changed evaluation starts afresh."""
+    import hashlib
+
+    source = dict(config.get("source") or {})
+    for k in ("x", "y"):
+        if k in source:
+            source[k] = hashlib.sha256(source[k].tobytes()).hexdigest()
+    return config_hash({**config, "source": source})
+
+
 def evaluate_set(cfg: Config, source: dict, runner, max_workers: int = 1) -> dict:
     """Train every (student, seed) on the distilled set and summarise; add DD-Ranking references.
     Returns {"students": {name: {"acc_mean","acc_std","accs",...}}, "ranking": {...}, "jobs": [...]}"""
@@ -156,8 +216,10 @@ def evaluate_set(cfg: Config, source: dict, runner, max_workers: int = 1) -> dic
     config = {"data": asdict(cfg.data), "eval": asdict(e), "jobs": jobs, "source": source, "teacher": teacher}
     p = cfg.compute.parallel_jobs
     workers = max(1, min(len(jobs), max_workers if p <= 0 else p))
-    result = runner.train(eval_loop, config, name=f"eval-{cfg.resolved_run_name()}", num_workers=workers)
-    results = json.loads(Path(result.checkpoint_dir, "results.json").read_text())
+    result = runner.train(eval_loop, config, name=f"eval-{cfg.resolved_run_name()}", num_workers=workers,
+                          resume_key=eval_key(config))
+    by_index = json.loads(Path(result.checkpoint_dir, "results.json").read_text())
+    results = [by_index[str(i)] for i in range(len(jobs))]
     for r in results:
         key = (r["kind"], r["student"], r["protocol"])
         if r["kind"] != "syn":

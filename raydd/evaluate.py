@@ -39,7 +39,7 @@ def evaluate_folder(folder: str, cfg) -> dict:
         tracker.log_images("distilled_grid", image_grid(syn.x, syn.y))
         init_ray(cfg.compute)
         t0 = time.time()
-        runner = RayRunner(cfg, Path(folder))
+        runner = RayRunner(cfg, None)   # no scratch dir: nothing is written next to the user's folder
         max_workers = int(cluster_cpus() // max(cfg.compute.cpus_per_worker, 1e-9))
         source = {"kind": "folder", "path": str(Path(folder).resolve())}
         if syn.x.numel() <= INLINE_LIMIT:   # already read and checked here: ship the arrays to the workers

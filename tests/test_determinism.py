@@ -115,3 +115,47 @@ def test_map_stage_resumes_only_missing_units(ray_local, digits_cfg, tmp_path):
     changed = dict(cols, x=cols["x"] + 1)                            # other inputs: a different stage, not a stale resume
     third = runner.map(CountingSquare, {"log_dir": str(logs)}, changed)
     assert np.array_equal(third["square"][np.argsort(third["row"])], (cols["x"] + 1) ** 2)
+
+
+def test_student_jobs_resume_after_driver_death_and_worker_failure(ray_local, digits_cfg, tmp_path):
+    """Student evaluation checkpoints after every round of jobs. A fit that dies after round 1 (as when the
+    driver dies) is continued by a new fit of the same name; in that fit a worker dies after its next round
+    and FailureConfig restores it. Only unfinished jobs are re-run and every result equals an undisturbed run."""
+    from dataclasses import asdict
+
+    from raydd.data import load_real
+    from raydd.distributed.train import fit
+    from raydd.eval_jobs import eval_loop
+    from raydd.methods.random import random_subset
+
+    data = load_real(digits_cfg.data)
+    subset = random_subset(data.train, 2, seed=0)
+    ecfg = dataclasses.replace(digits_cfg.eval, students=["convnet_d1"], seeds=6, epochs=1, ranking=False)
+    config = {"data": asdict(digits_cfg.data), "eval": asdict(ecfg), "teacher": "",
+              "source": {"kind": "arrays", "x": subset.images.numpy(), "y": subset.labels.numpy()},
+              "jobs": [{"kind": "syn", "student": "convnet_d1", "seed": s, "protocol": "hard", "ipc": 2}
+                       for s in range(6)]}                    # 6 jobs on 2 workers: 3 rounds
+
+    def results(r):
+        import json
+        import os
+
+        by_index = json.loads(open(os.path.join(r.checkpoint_dir, "results.json")).read())
+        return {i: {k: v for k, v in res.items() if k not in ("images_per_s", "train_s")}   # timings vary
+                for i, res in by_index.items()}
+
+    clean = fit(eval_loop, config, name="eval-clean", storage=tmp_path / "train", num_workers=2)
+    assert clean.metrics == {"jobs_done": 6, "jobs_restored": 0}
+
+    storage = tmp_path / "run-scratch"
+    first = {**config, "fault": {"after_rounds": 1, "marker": str(tmp_path / "died-1")}}
+    with pytest.raises(Exception):
+        fit(eval_loop, first, name="eval-resumable", storage=storage, num_workers=2, max_failures=0, resume=True)
+    assert (tmp_path / "died-1").exists()
+    second = {**config, "fault": {"after_rounds": 1, "marker": str(tmp_path / "died-2")}}
+    resumed = fit(eval_loop, second, name="eval-resumable", storage=storage, num_workers=2, max_failures=1, resume=True)
+    assert (tmp_path / "died-2").exists()
+    # round 1 came from the first fit (else the second fit's first attempt would have saved only 2 jobs);
+    # round 2 was saved by the second fit before its worker died; the restarted attempt ran round 3 only
+    assert resumed.metrics == {"jobs_done": 6, "jobs_restored": 4}
+    assert results(resumed) == results(clean)

@@ -59,9 +59,11 @@ def _worker(config: dict) -> None:
 
 def fit(loop: Callable[[dict, TrainHooks], None], config: dict, *, name: str, storage: str | Path,
         num_workers: int = 1, cpus_per_worker: float = 1.0, gpus_per_worker: float = 0.0,
-        max_failures: int = 2) -> TrainResult:
+        max_failures: int = 2, resume: bool = False) -> TrainResult:
     """Run `loop` on `num_workers` Ray Train workers; restarts from the last checkpoint on worker
-    failure (up to max_failures times)."""
+    failure (up to max_failures times). resume=True: `name` is used as given, so a later fit with the same
+    name and storage (the driver died and the run was started again) starts from that run's last checkpoint;
+    otherwise every fit gets a fresh directory."""
     use_gpu = gpus_per_worker > 0
     resources = {"CPU": cpus_per_worker} | ({"GPU": gpus_per_worker} if use_gpu else {})
     trainer = ray.train.torch.TorchTrainer(
@@ -70,8 +72,8 @@ def fit(loop: Callable[[dict, TrainHooks], None], config: dict, *, name: str, st
         scaling_config=ray.train.ScalingConfig(num_workers=num_workers, use_gpu=use_gpu,
                                                resources_per_worker=resources),
         run_config=ray.train.RunConfig(
-            # unique per fit: two runs of the same name (e.g. the same baseline) must not share a directory
-            name=f"{name}-{uuid.uuid4().hex[:8]}", storage_path=str(Path(storage).resolve()),
+            # unique per fit unless resumable: two runs of one name (e.g. a baseline) must not share a directory
+            name=name if resume else f"{name}-{uuid.uuid4().hex[:8]}", storage_path=str(Path(storage).resolve()),
             failure_config=ray.train.FailureConfig(max_failures=max_failures),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
         ),
