@@ -36,8 +36,12 @@ class LocalRunner:
         return map_units(udf(**udf_kwargs), columns)
 
     def train(self, loop: Callable[[dict, TrainHooks], None], config: dict, name: str, num_workers: int | None = None,
-              cpus_per_worker: float | None = None, resume_key: str | None = None):
+              cpus_per_worker: float | None = None, resume_key: str | None = None, callbacks: list | None = None):
+        """In process; `callbacks` (Ray Train UserCallbacks) see every report, after the loop has ended."""
         hooks = run_local(loop, config)
+        for cb in callbacks or []:
+            for metrics in hooks.reports:
+                cb.after_report(None, [metrics], None)
         return TrainResult(hooks.reports[-1] if hooks.reports else {}, hooks.checkpoint_dir)
 
 

@@ -62,12 +62,14 @@ def load_teacher(path: str, arch: str, data: RealData, dcfg: DataConfig) -> torc
 
 
 def _job_epochs_and_size(job: dict, n_syn: int, data: RealData, ecfg: EvalConfig) -> tuple[int, int]:
-    """(epochs, training-set size) of one job: its cost is about their product."""
+    """(epochs, training-set size) of one job: its cost is about their product. A job's own "epochs"
+    (a stage of a sweep trial) overrides the protocol's."""
     soft = job["protocol"] == "soft"
     if job["kind"] == "real":
-        return epochs_for(len(data.train) // data.num_classes, ecfg, soft=soft), len(data.train)
-    n = n_syn if job["kind"] == "syn" else job["ipc"] * data.num_classes
-    return epochs_for(job["ipc"], ecfg, soft=soft), n
+        n, ipc = len(data.train), len(data.train) // data.num_classes
+    else:
+        n, ipc = (n_syn if job["kind"] == "syn" else job["ipc"] * data.num_classes), job["ipc"]
+    return job.get("epochs") or epochs_for(ipc, ecfg, soft=soft), n
 
 
 def _save_results(hooks: TrainHooks, done: dict[int, dict], metrics: dict) -> None:
@@ -82,12 +84,15 @@ def _save_results(hooks: TrainHooks, done: dict[int, dict], metrics: dict) -> No
 
 
 def eval_loop(config: dict, hooks: TrainHooks) -> None:
-    """config: {"data", "eval", "jobs": [{kind, student, seed, protocol, ipc}], "source", "teacher"}
-    (+ "fault": {"after_rounds", "marker"} in tests: rank 0 dies once after that many rounds).
+    """config: {"data", "eval", "jobs": [{kind, student, seed, protocol, ipc[, stage, epochs]}], "source",
+    "teacher"} (+ "fault": {"after_rounds", "marker"} in tests: rank 0 dies once after that many rounds).
 
-    Checkpoints after every round of jobs: a worker failure (FailureConfig) or a rerun of the same run
-    after the driver died resumes with only the unfinished jobs. The jobs run in rounds of world_size,
-    longest first, so the workers of one round finish at about the same time."""
+    Jobs run stage by stage (a job's "stage", default 1; a sweep trial's stages train the students for
+    1/4, 1/2 and all of the epochs). Within a stage they run in rounds of world_size, longest first, so the
+    workers of one round finish at about the same time. Every round ends in a report with a checkpoint of
+    all finished results: a worker failure (FailureConfig) or a rerun of the same run after the driver died
+    resumes with only the unfinished jobs. A stage's last report also carries {"stage", "acc"}: the mean
+    top-1 of its synthetic-set jobs (what a Tune trial reports)."""
     from raydd.methods.random import random_subset
 
     dcfg, ecfg = DataConfig(**config["data"]), EvalConfig(**config["eval"])
@@ -106,42 +111,47 @@ def eval_loop(config: dict, hooks: TrainHooks) -> None:
         epochs, n = _job_epochs_and_size(jobs[i], n_syn, data, ecfg)
         return epochs * n
 
-    todo = sorted((i for i in range(len(jobs)) if i not in done), key=lambda i: (-cost(i), i))
-    fault = config.get("fault") or {}
-    for start in range(0, len(todo), hooks.world_size):
-        mine = todo[start:start + hooks.world_size][hooks.world_rank:hooks.world_rank + 1]   # [] or [job index]
-        results = []
-        for i in mine:
-            job = jobs[i]
-            if job["kind"] == "syn":
-                x, y = syn
-            elif job["kind"] == "real":
-                x, y = data.train.x, data.train.y
-            else:  # "random": a fresh random real subset per repeat
-                r = random_subset(data.train, job["ipc"], seed=job["seed"])
-                x, y = r.images, r.labels
-            soft = job["protocol"] == "soft"
-            epochs, _ = _job_epochs_and_size(job, n_syn, data, ecfg)
-            tag = f"[{job['kind']} {job['student']} {job['protocol']} seed {job['seed']}]"
-            res = train_student(x, y, target.x, target.y, student=job["student"], num_classes=data.num_classes,
-                                cfg=ecfg, epochs=epochs, seed=job["seed"], protocol=job["protocol"],
-                                teacher=teacher if soft else None, device=hooks.device,
-                                log=lambda line, tag=tag: print(tag, line, flush=True))
-            results.append((i, {**job, **{k: res[k] for k in ("best_acc", "final_acc", "images_per_s", "train_s",
-                                                               "epochs")}}))
-        for part in hooks.all_gather(results):
-            done.update(part)
-        _save_results(hooks, done, {"jobs_done": len(done), "jobs_restored": restored})
-        rounds = start // hooks.world_size + 1
-        if hooks.world_rank == 0 and rounds == fault.get("after_rounds") and not Path(fault["marker"]).exists():
-            # fault injection: this worker process dies during the next round. Ray Train's controller collects
-            # reports when it polls the workers (every 2 s): wait for that, so the test knows what was saved
-            # (a real death right after a report may lose that report and cost one round)
-            time.sleep(3.0)
-            Path(fault["marker"]).touch()
-            os._exit(1)
-    if not todo:                                          # everything was restored: report it again
-        _save_results(hooks, done, {"jobs_done": len(done), "jobs_restored": restored})
+    def run(job: dict) -> dict:
+        if job["kind"] == "syn":
+            x, y = syn
+        elif job["kind"] == "real":
+            x, y = data.train.x, data.train.y
+        else:  # "random": a fresh random real subset per repeat
+            r = random_subset(data.train, job["ipc"], seed=job["seed"])
+            x, y = r.images, r.labels
+        soft = job["protocol"] == "soft"
+        epochs, _ = _job_epochs_and_size(job, n_syn, data, ecfg)
+        tag = f"[{job['kind']} {job['student']} {job['protocol']} seed {job['seed']}]"
+        res = train_student(x, y, target.x, target.y, student=job["student"], num_classes=data.num_classes,
+                            cfg=ecfg, epochs=epochs, seed=job["seed"], protocol=job["protocol"],
+                            teacher=teacher if soft else None, device=hooks.device,
+                            log=lambda line, tag=tag: print(tag, line, flush=True))
+        return {**job, **{k: res[k] for k in ("best_acc", "final_acc", "images_per_s", "train_s", "epochs")}}
+
+    fault, rounds_run = config.get("fault") or {}, 0
+    for stage in sorted({job.get("stage", 1) for job in jobs}):
+        in_stage = [i for i in range(len(jobs)) if jobs[i].get("stage", 1) == stage]
+        todo = sorted((i for i in in_stage if i not in done), key=lambda i: (-cost(i), i))
+        # [[]]: a stage restored whole still reports (its stage metrics, and the final checkpoint)
+        rounds = [todo[k:k + hooks.world_size] for k in range(0, len(todo), hooks.world_size)] or [[]]
+        for n, round_jobs in enumerate(rounds, start=1):
+            mine = round_jobs[hooks.world_rank:hooks.world_rank + 1]            # [] or [job index]
+            for part in hooks.all_gather([(i, run(jobs[i])) for i in mine]):
+                done.update(part)
+            metrics = {"jobs_done": len(done), "jobs_restored": restored}
+            syn_jobs = [i for i in in_stage if jobs[i]["kind"] == "syn"]
+            if n == len(rounds) and syn_jobs:                                   # the stage is complete
+                metrics |= {"stage": stage, "acc": statistics.mean(done[i]["best_acc"] for i in syn_jobs)}
+            _save_results(hooks, done, metrics)
+            rounds_run += bool(round_jobs)
+            if (hooks.world_rank == 0 and round_jobs and rounds_run == fault.get("after_rounds")
+                    and not Path(fault["marker"]).exists()):
+                # fault injection: this worker process dies during the next round. Ray Train's controller
+                # collects reports when it polls the workers (at most every 2 s): wait for that, so the test
+                # knows what was saved (a real death right after a report may lose it and cost one round)
+                time.sleep(3.0)
+                Path(fault["marker"]).touch()
+                os._exit(1)
 
 
 def teacher_loop(config: dict, hooks: TrainHooks) -> None:
@@ -192,12 +202,21 @@ def eval_key(config: dict) -> str:
     return config_hash({**config, "source": source})
 
 
-def evaluate_set(cfg: Config, source: dict, runner, max_workers: int = 1) -> dict:
+def evaluate_set(cfg: Config, source: dict, runner, max_workers: int = 1, stages: tuple[float, ...] = (1.0,),
+                 callbacks: list | None = None) -> dict:
     """Train every (student, seed) on the distilled set and summarise; add DD-Ranking references.
-    Returns {"students": {name: {"acc_mean","acc_std","accs",...}}, "ranking": {...}, "jobs": [...]}"""
+
+    stages: fractions of the protocol's epochs; each stage trains every (student, seed) afresh for that
+    many epochs and reports {"stage", "acc"} to `callbacks` (Ray Train callbacks: a sweep trial forwards
+    them to Tune, so ASHA can stop it after a short stage). The summary is the last stage's.
+    Returns {"students": {name: {"acc_mean","acc_std","accs",...}}, "ranking": {...}, "jobs": [...],
+    "stages": [mean acc per stage]}"""
     e = cfg.eval
+    full = epochs_for(cfg.ipc, e, soft=e.protocol == "soft")
+    last = len(stages)
     jobs = [{"kind": "syn", "student": s, "seed": r, "protocol": e.protocol, "ipc": cfg.ipc}
-            for s in e.students for r in range(e.seeds)]
+            | ({"stage": k, "epochs": max(1, round(full * frac))} if last > 1 else {})
+            for k, frac in enumerate(stages, start=1) for s in e.students for r in range(e.seeds)]
     refs_dir = cfg.resolved_cache_dir() / "references"
     cached: dict[tuple, list] = {}
     if e.ranking:
@@ -211,15 +230,18 @@ def evaluate_set(cfg: Config, source: dict, runner, max_workers: int = 1) -> dic
                 else:
                     cached[(kind, s, protocol)] = []
                     jobs += [{"kind": kind, "student": s, "seed": r, "protocol": protocol, "ipc": cfg.ipc}
-                             for r in range(e.seeds)]
+                             | ({"stage": last} if last > 1 else {}) for r in range(e.seeds)]
     teacher = ensure_teacher(cfg, runner) if any(j["protocol"] == "soft" for j in jobs) else ""
     config = {"data": asdict(cfg.data), "eval": asdict(e), "jobs": jobs, "source": source, "teacher": teacher}
     p = cfg.compute.parallel_jobs
     workers = max(1, min(len(jobs), max_workers if p <= 0 else p))
     result = runner.train(eval_loop, config, name=f"eval-{cfg.resolved_run_name()}", num_workers=workers,
-                          resume_key=eval_key(config))
+                          resume_key=eval_key(config), callbacks=callbacks)
     by_index = json.loads(Path(result.checkpoint_dir, "results.json").read_text())
-    results = [by_index[str(i)] for i in range(len(jobs))]
+    staged = [by_index[str(i)] for i in range(len(jobs))]
+    stage_accs = [statistics.mean(r["best_acc"] for r in staged if r["kind"] == "syn" and r.get("stage", 1) == k)
+                  for k in range(1, last + 1)]
+    results = [r for r in staged if r.get("stage", last) == last]
     for r in results:
         key = (r["kind"], r["student"], r["protocol"])
         if r["kind"] != "syn":
@@ -229,7 +251,7 @@ def evaluate_set(cfg: Config, source: dict, runner, max_workers: int = 1) -> dic
         f = refs_dir / f"{_ref_key(kind, s, cfg, protocol)}.json"
         if rs and not f.exists():
             f.write_text(json.dumps(rs))
-    summary: dict = {"students": {}, "ranking": {}, "jobs": results}
+    summary: dict = {"students": {}, "ranking": {}, "jobs": results, "stages": stage_accs}
     for s in e.students:
         accs = [r["best_acc"] for r in results if r["kind"] == "syn" and r["student"] == s]
         summary["students"][s] = {"acc_mean": statistics.mean(accs), "acc_std": statistics.pstdev(accs),

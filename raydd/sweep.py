@@ -4,8 +4,9 @@
 Search a method's hyperparameters (tune_spaces/<method>.yaml) with Optuna (TPE, seeded, the paper's
 defaults evaluated first) through Ray Tune. Each trial distils with its configuration and evaluates
 students on the VALIDATION split in stages of growing student-training length (1/4, 1/2, all of the
-epochs), reporting after each stage so ASHA stops bad configurations early. The best configuration is
-then re-run with fresh seeds and reported on the TEST split (never tuned on test).
+epochs) inside one Ray Train job, whose report after each stage reaches Tune, so ASHA stops bad
+configurations early. The best configuration is then re-run with fresh seeds and reported on the TEST
+split (never tuned on test).
 
 MLflow: one parent run per sweep (search space, best params, best val and test accuracy, Optuna's
 optimisation-history and parameter-importance plots) with one child run per trial and one for the
@@ -45,14 +46,30 @@ def trial_config(base: Config, params: dict, trial_id: str, sweep_dir: Path) -> 
     return cfg
 
 
+def stage_done(tracking, run_id: str, metrics: dict) -> dict:
+    """On the Train controller, once per evaluation stage of a trial: log val_acc to the trial's child run
+    and return what Tune gets. Tune ends a trial at its last report (max_t), possibly before the trial's
+    function returns, so the child run is closed here at the last stage."""
+    from raydd.tracking import Tracker
+
+    tracker = Tracker(tracking, "", run_id=run_id)
+    tracker.log_metrics({"val_acc": metrics["acc"]}, step=metrics["stage"])
+    if metrics["stage"] == len(STAGES):
+        tracker.end("FINISHED")
+    return {"val_acc": metrics["acc"], "stage": metrics["stage"]}
+
+
 def run_trial(params: dict, base: Config, sweep_dir: Path, parent_run_id: str) -> None:
-    """One Tune trial: distil, then evaluate on val in stages, reporting val_acc after each."""
+    """One Tune trial: distil, then evaluate on val in stages; each stage's val_acc reaches Tune (and ASHA,
+    which may stop the trial there) from the one Ray Train job that trains the students."""
+    import functools
+
     import ray.tune
 
     from raydd.data import load_real
     from raydd.distributed.runner import RayRunner
+    from raydd.distributed.tune import StagesToTune
     from raydd.eval_jobs import evaluate_set, set_source
-    from raydd.evaluation import epochs_for
     from raydd.tracking import Tracker, find_run
 
     trial_id = ray.tune.get_context().get_trial_id()
@@ -60,7 +77,8 @@ def run_trial(params: dict, base: Config, sweep_dir: Path, parent_run_id: str) -
     data = load_real(cfg.data)
     scratch = sweep_dir / "scratch" / trial_id
     scratch.mkdir(parents=True, exist_ok=True)
-    # a trial re-run after an interrupted sweep reuses its child run (and its finished sampling units)
+    # a trial re-run after an interrupted sweep reuses its child run (and its finished sampling units and
+    # student jobs, both kept in its scratch dir)
     tracker = Tracker(cfg.tracking, cfg.run_name, run_id=find_run(cfg.tracking, cfg.run_name),
                       parent_run_id=parent_run_id,
                       tags={"raydd_run": cfg.run_name, "method": cfg.method, "raydd_trial": trial_id})
@@ -70,19 +88,9 @@ def run_trial(params: dict, base: Config, sweep_dir: Path, parent_run_id: str) -
         runner = RayRunner(cfg, scratch)
         out_dir, _, timings = produce(cfg, data, runner, tracker, scratch)
         tracker.log_metrics(timings)
-        full = epochs_for(cfg.ipc, cfg.eval, soft=cfg.eval.protocol == "soft")
-        source = set_source(str(out_dir))
-        for stage, frac in enumerate(STAGES, start=1):
-            stage_cfg = dataclasses.replace(cfg, eval=dataclasses.replace(
-                cfg.eval, epochs=max(1, round(full * frac)), soft_epochs=max(1, round(full * frac))))
-            summary = evaluate_set(stage_cfg, source, runner, max_workers=1)
-            val_acc = sum(r["acc_mean"] for r in summary["students"].values()) / len(summary["students"])
-            tracker.log_metrics({"val_acc": val_acc}, step=stage)
-            if stage == len(STAGES):
-                # Tune ends a trial at its last report (max_t), before this function returns: close the run first
-                tracker.end("FINISHED")
-                status = "FINISHED"
-            ray.tune.report({"val_acc": val_acc, "stage": stage})   # ASHA may stop the trial here
+        report = StagesToTune(functools.partial(stage_done, cfg.tracking, tracker.run_id))
+        evaluate_set(cfg, set_source(str(out_dir)), runner, max_workers=1, stages=STAGES, callbacks=[report])
+        status = "FINISHED"                      # (stage_done closed the run at the last stage)
     finally:
         if status != "FINISHED":
             tracker.end("KILLED")
@@ -270,7 +278,7 @@ def main(argv: list[str] | None = None) -> int:
 
     p: argparse.ArgumentParser = build_parser("python -m raydd.sweep", __doc__.split("\n\n")[1])
     p.add_argument("--method", required=True, help=f"one of: {', '.join(list_methods())}")
-    p.add_argument("--trials", type=int, default=0, help="number of trials (default 8; 4 with --smoke)")
+    p.add_argument("--trials", type=int, default=0, help="number of trials (default 8; 2 with --smoke)")
     p.add_argument("--max-concurrent", type=int, default=0, help="cap on concurrent trials (default: what fits)")
     p.add_argument("--time-budget", type=float, default=None, help="stop starting trials after this many seconds")
     p.add_argument("--storage", default="sweeps", help="Tune results: a local dir or s3:// / gs:// URI")
@@ -284,7 +292,7 @@ def main(argv: list[str] | None = None) -> int:
         # trials: one student seed on the val split, no DD-Ranking references; the best config's re-run
         # gets the user's evaluation settings on the test split
         trial_base = dataclasses.replace(user, eval=dataclasses.replace(user.eval, seeds=1, ranking=False, split="val"))
-        trials = args.trials or (4 if args.smoke else 8)
+        trials = args.trials or (2 if args.smoke else 8)
         name = args.name or f"{args.preset}-{args.method}-sweep{'-smoke' if args.smoke else ''}"
         t0 = time.time()
         sweep(args.method, trial_base, dataclasses.replace(user.eval, split="test"), trials=trials,

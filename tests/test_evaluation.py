@@ -176,3 +176,38 @@ def test_train_student_argument_errors(digits):
                       protocol="kd")
     with pytest.raises(ValueError, match="uint8"):
         train_student(to_float(tx), ty, ex, ey, student="convnet_d2", num_classes=10, cfg=CFG, epochs=1, seed=0)
+
+
+def test_staged_evaluation_reports_each_stage_and_summarises_the_last(digits_cfg):
+    """A sweep trial's stages: every (student, seed) trained afresh for 1/4, 1/2 and all of the epochs in one
+    job; each stage's last report carries {"stage", "acc"} (what reaches Tune); the summary is the last stage."""
+    import dataclasses
+
+    from raydd.context import LocalRunner
+    from raydd.data import load_real
+    from raydd.eval_jobs import evaluate_set
+    from raydd.methods.random import random_subset
+
+    data = load_real(digits_cfg.data)
+    subset = random_subset(data.train, 2, seed=0)
+    cfg = dataclasses.replace(digits_cfg, eval=dataclasses.replace(
+        digits_cfg.eval, students=["convnet_d1"], seeds=2, epochs=8, ranking=False, split="val"))
+    source = {"kind": "arrays", "x": subset.images.numpy(), "y": subset.labels.numpy()}
+
+    class Record:
+        def __init__(self):
+            self.reports = []
+
+        def after_report(self, run_context, metrics, checkpoint):
+            self.reports.append(metrics[0])
+
+    rec = Record()
+    summary = evaluate_set(cfg, source, LocalRunner(cfg), stages=(0.25, 0.5, 1.0), callbacks=[rec])
+    stage_reports = [r for r in rec.reports if "stage" in r]
+    assert [r["stage"] for r in stage_reports] == [1, 2, 3]
+    assert [r["acc"] for r in stage_reports] == pytest.approx(summary["stages"])
+    assert [j["epochs"] for j in summary["jobs"]] == [8, 8]                    # the last stage's jobs only
+    assert summary["students"]["convnet_d1"]["acc_mean"] == pytest.approx(summary["stages"][-1])
+    assert rec.reports[-1]["jobs_done"] == 6                                    # 3 stages x 2 seeds, one job
+    plain = evaluate_set(cfg, source, LocalRunner(cfg))                         # unstaged: the same last stage
+    assert plain["students"]["convnet_d1"]["accs"] == summary["students"]["convnet_d1"]["accs"]

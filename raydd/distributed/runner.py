@@ -32,15 +32,17 @@ class RayRunner:
         return map_ray(udf, udf_kwargs, columns, self.cfg.compute, Path(self.scratch) / f"map-{udf.__name__}-{key}")
 
     def train(self, loop: Callable[[dict, TrainHooks], None], config: dict, name: str,
-              num_workers: int | None = None, cpus_per_worker: float | None = None, resume_key: str | None = None):
+              num_workers: int | None = None, cpus_per_worker: float | None = None, resume_key: str | None = None,
+              callbacks: list | None = None):
         """resume_key: the job's checkpoints live under the run's scratch dir as <name>-<resume_key>, so a
-        rerun of the run after the driver died continues from the last one (the scratch dir goes with the run)."""
+        rerun of the run after the driver died continues from the last one (the scratch dir goes with the run).
+        callbacks: Ray Train UserCallbacks, run on the Train controller after every report."""
         c = self.cfg.compute
         resumable = resume_key is not None and self.scratch is not None
         storage = Path(self.scratch) / "ray_train" if resumable else self.cfg.resolved_cache_dir() / "ray_train"
         return fit(loop, config, name=f"{name}-{resume_key}" if resumable else name, storage=storage, resume=resumable,
                    num_workers=num_workers or c.train_workers, cpus_per_worker=cpus_per_worker or c.cpus_per_worker,
-                   gpus_per_worker=c.gpus_per_worker)
+                   gpus_per_worker=c.gpus_per_worker, callbacks=callbacks)
 
     def max_cpus_per_worker(self) -> float:
         """The most CPUs one worker can get: the largest node's CPU count."""

@@ -54,12 +54,17 @@ class RayHooks(TrainHooks):
 
 def _worker(config: dict) -> None:
     loop = config.pop("__loop__")
+    if isinstance(loop, str):                               # "module:function", imported here (see fit)
+        import importlib
+
+        module, name = loop.split(":")
+        loop = getattr(importlib.import_module(module), name)
     loop(config, RayHooks())
 
 
 def fit(loop: Callable[[dict, TrainHooks], None], config: dict, *, name: str, storage: str | Path,
         num_workers: int = 1, cpus_per_worker: float = 1.0, gpus_per_worker: float = 0.0,
-        max_failures: int = 2, resume: bool = False) -> TrainResult:
+        max_failures: int = 2, resume: bool = False, callbacks: list | None = None) -> TrainResult:
     """Run `loop` on `num_workers` Ray Train workers; restarts from the last checkpoint on worker
     failure (up to max_failures times). resume=True: `name` is used as given, so a later fit with the same
     name and storage (the driver died and the run was started again) starts from that run's last checkpoint;
@@ -68,7 +73,10 @@ def fit(loop: Callable[[dict, TrainHooks], None], config: dict, *, name: str, st
     resources = {"CPU": cpus_per_worker} | ({"GPU": gpus_per_worker} if use_gpu else {})
     trainer = ray.train.torch.TorchTrainer(
         _worker,
-        train_loop_config={**config, "__loop__": loop},
+        # the loop travels by name when it has one: the Train controller unpickles this config too, and
+        # would otherwise import the loop's module (students import timm, ~5 s on 2 CPUs) for nothing
+        train_loop_config={**config, "__loop__": f"{loop.__module__}:{loop.__qualname__}"
+                           if "<" not in loop.__qualname__ else loop},
         scaling_config=ray.train.ScalingConfig(num_workers=num_workers, use_gpu=use_gpu,
                                                resources_per_worker=resources),
         run_config=ray.train.RunConfig(
@@ -76,7 +84,9 @@ def fit(loop: Callable[[dict, TrainHooks], None], config: dict, *, name: str, st
             name=name if resume else f"{name}-{uuid.uuid4().hex[:8]}", storage_path=str(Path(storage).resolve()),
             failure_config=ray.train.FailureConfig(max_failures=max_failures),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
+            callbacks=callbacks,
         ),
     )
     result = trainer.fit()
     return TrainResult(dict(result.metrics or {}), result.checkpoint.path if result.checkpoint else None)
+
