@@ -144,7 +144,10 @@ def train_tiny_backbone(config: dict, hooks: TrainHooks) -> None:
     predict = transformer_predict(net, dcfg.channels)
     gen = torch.Generator().manual_seed(config["seed"] * 1000 + hooks.world_rank)
     net.train()                                                           # label dropout to the null class is on
+    # a log line every 1/20 of the steps, a report with a checkpoint every 1/5 (a Ray Train report blocks
+    # until the controller's next poll, up to 2 s, when the previous one is still pending)
     t0, seen, log_every = time.time(), 0, max(1, bcfg.train_steps // 20)
+    ckpt_every = log_every * max(1, bcfg.train_steps // 5 // log_every)   # a multiple: reports carry the log metrics
     for step in range(start, bcfg.train_steps):
         idx = torch.randint(0, len(y_all), (bcfg.train_batch,), generator=gen)
         t = torch.randint(0, scfg.train_timesteps, (bcfg.train_batch,), generator=gen).to(device)
@@ -164,6 +167,10 @@ def train_tiny_backbone(config: dict, hooks: TrainHooks) -> None:
         if (step + 1) % log_every == 0 or last:
             metrics = {"step": step + 1, "loss": float(loss), "mse": float(losses["mse"].mean()),
                        "vb": float(losses["vb"].mean()), "images_per_s": seen / (time.time() - t0)}
+            if hooks.world_rank == 0:
+                print(f"[backbone] step {step + 1}/{bcfg.train_steps} " + " ".join(
+                    f"{k} {v:.4g}" for k, v in metrics.items() if k != "step"), flush=True)
+        if (step + 1) % ckpt_every == 0 or last:
             with tempfile.TemporaryDirectory() as d:
                 if hooks.world_rank == 0:
                     torch.save({"model": model.state_dict(), "ema": ema.state_dict(), "opt": opt.state_dict(),
@@ -271,6 +278,7 @@ def finetune_loop(config: dict, hooks: TrainHooks) -> None:
     gen = torch.Generator().manual_seed(config["seed"] * 1000 + hooks.world_rank)
     net.train()
     B, log_every = config["batch"], max(1, config["steps"] // 20)
+    ckpt_every = log_every * max(1, config["steps"] // 5 // log_every)     # as in backbone_loop
     for step in range(start, config["steps"]):
         idx = torch.randint(0, len(y_all), (B,), generator=gen).to(device)
         t = torch.randint(0, scfg.train_timesteps, (B,), generator=gen).to(device)
@@ -291,6 +299,9 @@ def finetune_loop(config: dict, hooks: TrainHooks) -> None:
         last = step == config["steps"] - 1
         if (step + 1) % log_every == 0 or last:
             history.append({"step": step + 1, "loss": loss.item(), **parts})
+            if hooks.world_rank == 0:
+                print("[finetune] " + " ".join(f"{k} {v:.4g}" for k, v in history[-1].items()), flush=True)
+        if (step + 1) % ckpt_every == 0 or last:
             with tempfile.TemporaryDirectory() as d:
                 if hooks.world_rank == 0:
                     torch.save({"model": model.state_dict(), "opt": opt.state_dict(), "step": step + 1}, f"{d}/state.pt")

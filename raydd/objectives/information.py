@@ -276,6 +276,7 @@ def ve_train_loop(config: dict, hooks: TrainHooks) -> None:
     x_all, y_all, queue, q_ema = x_all.to(device), y_all.to(device), queue.to(device), q_ema.to(device)
     gen = torch.Generator().manual_seed(cfg.seed * 1000 + hooks.world_rank + start)
     total, log_every, t0 = cfg.steps + cfg.cls_steps, max(1, (cfg.steps + cfg.cls_steps) // 20), time.time()
+    ckpt_every = log_every * max(1, total // 5 // log_every)           # as in finetune.backbone_loop
     for step in range(start, total):
         idx = torch.randint(0, N, (cfg.batch,), generator=gen).to(device)
         x, y = x_all[idx], y_all[idx]
@@ -316,6 +317,9 @@ def ve_train_loop(config: dict, hooks: TrainHooks) -> None:
             row = {"step": step + 1, "phase": 1 if step < cfg.steps else 2, **row,
                    "images_per_s": (step + 1 - start) * cfg.batch / (time.time() - t0)}
             curve.append(row)
+            if hooks.world_rank == 0:
+                print("[ve] " + " ".join(f"{k} {v:.4g}" for k, v in row.items()), flush=True)
+        if (step + 1) % ckpt_every == 0 or last or step + 1 == cfg.steps:
             with tempfile.TemporaryDirectory() as d:
                 if hooks.world_rank == 0:
                     if last:
