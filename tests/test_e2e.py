@@ -59,17 +59,21 @@ def test_random_smoke_and_rerun_reuses_run(world):
     assert run.info.status == "FINISHED" and "acc_mean/convnet_d3" in run.data.metrics
 
 
-def test_driver_dies_mid_stage_and_rerun_resumes_identically(world):
-    """The driver exits after saving the first sampled unit; rerunning the same run name resumes the
-    stage (the saved unit is not sampled again), reuses the MLflow run, and ends with output identical to
-    the uninterrupted run of the same seed."""
+def test_driver_dies_mid_stage_and_between_stages_and_rerun_resumes_identically(world):
+    """The driver exits after saving the first sampled unit (mid-stage); the rerun of the same run name
+    samples only the other unit and exits once it is saved (the sampling stage is complete, evaluation
+    not started: between stages); the third run samples nothing, evaluates, reuses the MLflow run and
+    ends with output identical to the uninterrupted run of the same seed."""
     args = ["raydd.distill", "--method", "dit", "--smoke", "run_name=resume-test"]
     rc, out = run_cli(args + ["compute.fail_driver_after=1"], world["env"], world["tmp"])
     assert rc == 3 and "fault injection: driver exits" in out, out[-3000:]
     assert not (world["tmp"] / "outputs" / "resume-test").exists()          # nothing partial marked complete
+    rc, out = run_cli(args + ["compute.fail_driver_after=1"], world["env"], world["tmp"])
+    assert rc == 3 and "1 unit(s) already done, 1 to go" in out, out[-3000:]
+    assert not (world["tmp"] / "outputs" / "resume-test").exists()
     rc, out = run_cli(args, world["env"], world["tmp"])
     assert rc == 0, out[-3000:]
-    assert "1 unit(s) already done, 1 to go" in out
+    assert "2 unit(s) already done, 0 to go" in out and "evaluating" in out
     from raydd.outputs import read_distilled
 
     resumed = read_distilled(world["tmp"] / "outputs" / "resume-test")
