@@ -48,27 +48,38 @@ class LocalRunner:
 def train_cached(runner, cache_dir: Path, kind: str, loop: Callable[[dict, TrainHooks], None], config: dict,
                  cpus_per_worker: float | None = None, log: Callable[[str], None] = print) -> Path:
     """Run a training job once per config: its final checkpoint directory is kept at
-    <cache_dir>/<kind>/<config hash>/ (copied to a temp name, then renamed: a cached entry is complete)."""
+    <cache_dir>/<kind>/<config hash>/ (copied to a temp name, then renamed: a cached entry is complete).
+    Processes that need the same entry at once (concurrent sweep trials) take turns on a lock file: the
+    first trains, the others wait and reuse its result (a local file lock: one machine or a shared POSIX
+    file system)."""
+    import fcntl
     import shutil
     import time
 
     from raydd.config import config_hash
 
     path = Path(cache_dir) / kind / config_hash(config)
-    if not (path / ".complete").exists():
-        log(f"training {kind} (cached as {path}) ...")
-        t0 = time.time()
-        result = runner.train(loop, config, name=f"{kind}-{path.name}", cpus_per_worker=cpus_per_worker)
-        if result.checkpoint_dir is None:
-            raise RuntimeError(f"training job {kind} reported no checkpoint")
-        tmp = path.with_name(path.name + ".partial")
-        shutil.rmtree(tmp, ignore_errors=True)
-        shutil.copytree(result.checkpoint_dir, tmp)
-        (tmp / "metrics.json").write_text(json.dumps(result.metrics, default=str))
-        (tmp / ".complete").write_text("")
-        shutil.rmtree(path, ignore_errors=True)
-        tmp.rename(path)
-        log(f"{kind} trained in {time.time() - t0:.0f}s: {result.metrics}")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path.with_name(path.name + ".lock"), "w") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            log(f"waiting for another process training {kind} (cached as {path}) ...")
+            fcntl.flock(lock, fcntl.LOCK_EX)
+        if not (path / ".complete").exists():
+            log(f"training {kind} (cached as {path}) ...")
+            t0 = time.time()
+            result = runner.train(loop, config, name=f"{kind}-{path.name}", cpus_per_worker=cpus_per_worker)
+            if result.checkpoint_dir is None:
+                raise RuntimeError(f"training job {kind} reported no checkpoint")
+            tmp = path.with_name(path.name + ".partial")
+            shutil.rmtree(tmp, ignore_errors=True)
+            shutil.copytree(result.checkpoint_dir, tmp)
+            (tmp / "metrics.json").write_text(json.dumps(result.metrics, default=str))
+            (tmp / ".complete").write_text("")
+            shutil.rmtree(path, ignore_errors=True)
+            tmp.rename(path)
+            log(f"{kind} trained in {time.time() - t0:.0f}s: {result.metrics}")
     return path
 
 

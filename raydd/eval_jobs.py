@@ -131,6 +131,7 @@ def eval_loop(config: dict, hooks: TrainHooks) -> None:
     fault, rounds_run = config.get("fault") or {}, 0
     for stage in sorted({job.get("stage", 1) for job in jobs}):
         in_stage = [i for i in range(len(jobs)) if jobs[i].get("stage", 1) == stage]
+        syn_jobs = [i for i in in_stage if jobs[i]["kind"] == "syn"]
         todo = sorted((i for i in in_stage if i not in done), key=lambda i: (-cost(i), i))
         # [[]]: a stage restored whole still reports (its stage metrics, and the final checkpoint)
         rounds = [todo[k:k + hooks.world_size] for k in range(0, len(todo), hooks.world_size)] or [[]]
@@ -139,7 +140,6 @@ def eval_loop(config: dict, hooks: TrainHooks) -> None:
             for part in hooks.all_gather([(i, run(jobs[i])) for i in mine]):
                 done.update(part)
             metrics = {"jobs_done": len(done), "jobs_restored": restored}
-            syn_jobs = [i for i in in_stage if jobs[i]["kind"] == "syn"]
             if n == len(rounds) and syn_jobs:                                   # the stage is complete
                 metrics |= {"stage": stage, "acc": statistics.mean(done[i]["best_acc"] for i in syn_jobs)}
             _save_results(hooks, done, metrics)

@@ -160,3 +160,38 @@ def test_student_jobs_resume_after_driver_death_and_worker_failure(ray_local, di
     # round 2 was saved by the second fit before its worker died; the restarted attempt ran round 3 only
     assert counts(resumed) == {"jobs_done": 6, "jobs_restored": 4}
     assert results(resumed) == results(clean)
+
+
+def test_train_cached_trains_once_when_two_need_it_at_once(tmp_path):
+    """Two sweep trials that need the same cached job (e.g. IGDS's estimator) at once: one trains, the other
+    waits on the entry's lock and reuses the result; nothing half-written is ever visible."""
+    import threading
+    import time
+
+    from raydd.context import train_cached
+    from raydd.train_hooks import TrainResult
+
+    calls, logs = [], []
+
+    class SlowRunner:                     # stands in for LocalRunner / RayRunner: only `train` is used
+        def train(self, loop, config, name, cpus_per_worker=None):
+            calls.append(name)
+            time.sleep(1.0)
+            ckpt = tmp_path / f"ckpt-{len(calls)}"
+            ckpt.mkdir()
+            (ckpt / "weights.txt").write_text(str(config))
+            return TrainResult({"done": 1}, str(ckpt))
+
+    paths = []
+
+    def need():
+        paths.append(train_cached(SlowRunner(), tmp_path / "cache", "est", None, {"steps": 3}, log=logs.append))
+
+    threads = [threading.Thread(target=need) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(calls) == 1 and paths[0] == paths[1]
+    assert (paths[0] / ".complete").exists() and (paths[0] / "weights.txt").read_text() == "{'steps': 3}"
+    assert any(line.startswith("waiting for another process training est") for line in logs)
