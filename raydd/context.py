@@ -59,8 +59,9 @@ def train_cached(runner, cache_dir: Path, kind: str, loop: Callable[[dict, Train
     from raydd.config import config_hash
 
     path = Path(cache_dir) / kind / config_hash(config)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path.with_name(path.name + ".lock"), "w") as lock:
+    locks = Path(cache_dir) / ".locks"                   # beside the entries, so <kind>/ lists entries only
+    locks.mkdir(parents=True, exist_ok=True)
+    with open(locks / f"{kind}-{path.name}.lock", "w") as lock:
         try:
             fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
