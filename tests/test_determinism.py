@@ -195,3 +195,16 @@ def test_train_cached_trains_once_when_two_need_it_at_once(tmp_path):
     assert len(calls) == 1 and paths[0] == paths[1]
     assert (paths[0] / ".complete").exists() and (paths[0] / "weights.txt").read_text() == "{'steps': 3}"
     assert any(line.startswith("waiting for another process training est") for line in logs)
+
+
+def test_loops_travel_to_ray_train_by_name_only_when_importable():
+    from raydd.distributed.train import loop_ref
+    from raydd.eval_jobs import eval_loop
+
+    def local_loop(config, hooks):
+        pass
+
+    assert loop_ref(eval_loop) == "raydd.eval_jobs:eval_loop"
+    assert loop_ref(local_loop) is local_loop                      # defined in a function: pickled by value
+    local_loop.__module__, local_loop.__qualname__ = "__main__", "local_loop"
+    assert loop_ref(local_loop) is local_loop                      # a script's own loop: not importable by name
