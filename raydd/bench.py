@@ -7,6 +7,7 @@ one run on the same machine. Writes JSON and logs one MLflow run (experiment ray
   scaling    1 -> 2 sampling actors, torch threads = cpus per actor                               (>= 1.7x)
   batching   batched sampler vs a batch-1 loop (how the reference repos sample), a curve        (>= 5x)
   guidance   s/image of guided sampling vs unguided per guided step, full vs x0 gradients   (<= 2.5x, <= 1.3x)
+  train      Ray Train's own cost: a fit that only reports 3 times, controller polling every 2 s vs 0.25 s
   student    student-training images/s vs a plain PyTorch loop on the same data                   (>= 0.9x)
   memory     peak RSS (driver + Ray processes) of the default distill run and of a 2-actor run    (<= 4 GiB)
   gpu        DiT-XL/2 (random weights, 256 px, 50-step DDPM + CFG): images/s in fp32/tf32/bf16, SDPA,
@@ -179,6 +180,39 @@ def bench_student(epochs: int) -> dict:
             "student_ratio": res["images_per_s"] / plain}
 
 
+def _three_reports(config: dict, hooks) -> None:
+    """A Ray Train loop that does nothing but report three times with a small checkpoint."""
+    for i in range(3):
+        with tempfile.TemporaryDirectory() as d:
+            Path(d, "step.txt").write_text(str(i))
+            hooks.report({"i": i}, checkpoint_dir=d if hooks.world_rank == 0 else None)
+
+
+def bench_train(repeats: int) -> dict:
+    """Ray Train's own cost: wall time of a 1-worker fit whose loop only reports 3 times (controller and
+    worker start-up, reports, shutdown), with the controller polling the workers every 2 s (Ray's default)
+    and every 0.25 s (what raydd sets on a Ray it starts). fit() hands the setting to its controller."""
+    import ray
+
+    from raydd.distributed.cluster import init_ray
+    from raydd.distributed.train import fit
+
+    init_ray(ComputeConfig())
+    key, before = "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", os.environ.get("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S")
+    out = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        fit(_three_reports, {}, name="bench-warmup", storage=tmp)                # worker imports, object store
+        for interval in ("2", "0.25"):
+            os.environ[key] = interval
+            out[f"fit_s_poll_{interval}s"] = timed(lambda: fit(_three_reports, {}, name="bench", storage=tmp), repeats)
+    if before is None:
+        os.environ.pop(key)
+    else:
+        os.environ[key] = before
+    ray.shutdown()
+    return out | {"speedup": out["fit_s_poll_2s"] / out["fit_s_poll_0.25s"]}
+
+
 def peak_tree_rss(cmd: list[str], env: dict, cwd: str) -> tuple[int, float, float, float]:
     """Run cmd; every 0.5 s sum the memory of it and all its descendants (Ray workers included).
     Returns (exit code, peak summed RSS GiB, peak summed PSS GiB, wall s). RSS counts shared pages (torch's
@@ -272,12 +306,13 @@ def bench_gpu(steps: int, batch: int, compile_model: bool) -> dict:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m raydd.bench", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split("\n\n", 1)[1])
-    p.add_argument("--only", default="", help="comma list of: sharding,batching,guidance,student,memory,gpu")
+    p.add_argument("--only", default="", help="comma list of: sharding,batching,guidance,train,student,memory,gpu")
     p.add_argument("--out", default="bench.json")
     p.add_argument("--smoke", "--quick", dest="quick", action="store_true", help="small sizes (a few minutes)")
     p.add_argument("--no-mlflow", action="store_true")
     args = p.parse_args(argv)
-    only = set(args.only.split(",")) if args.only else {"sharding", "batching", "guidance", "student", "memory", "gpu"}
+    only = set(args.only.split(",")) if args.only else {"sharding", "batching", "guidance", "train", "student",
+                                                         "memory", "gpu"}
     q = args.quick
     sampler = SamplerConfig(steps=10 if q else 50, cfg_scale=4.0, clip_x0=True)
     results: dict = {"machine": {"cpus": os.cpu_count(), "torch": torch.__version__,
@@ -294,6 +329,9 @@ def main(argv: list[str] | None = None) -> int:
         if "guidance" in only:
             log("guidance ...")
             results["guidance"] = bench_guidance(spec, sampler, n=20 if q else 50)
+    if "train" in only:
+        log("Ray Train overhead ...")
+        results["train"] = bench_train(repeats=1 if q else 3)
     if "student" in only:
         log("student training ...")
         results["student"] = bench_student(epochs=5 if q else 20)
