@@ -85,14 +85,16 @@ def run_trial(params: dict, base: Config, sweep_dir: Path, parent_run_id: str) -
     status = "FAILED"
     try:
         tracker.log_params({f"trial.{k}": v for k, v in params.items()} | flatten(dataclasses.asdict(cfg)))
-        runner = RayRunner(cfg, scratch)
+        runner = RayRunner(cfg, scratch, max_train_failures=0)        # (Tune restarts the trial instead)
         out_dir, _, timings = produce(cfg, data, runner, tracker, scratch)
         tracker.log_metrics(timings)
         report = StagesToTune(functools.partial(stage_done, cfg.tracking, tracker.run_id))
         evaluate_set(cfg, set_source(str(out_dir)), runner, max_workers=1, stages=STAGES, callbacks=[report])
         status = "FINISHED"                      # (stage_done closed the run at the last stage)
     finally:
-        if status != "FINISHED":
+        # Tune stops a trial at its last report too, which can end the Train job (and this function) with
+        # an error after stage_done closed the run FINISHED: keep that status
+        if status != "FINISHED" and Tracker.status(cfg.tracking, tracker.run_id) == "RUNNING":
             tracker.end("KILLED")
 
 
@@ -215,7 +217,9 @@ def sweep(method: str, base: Config, final_eval, *, trials: int, max_concurrent:
                                                      default=str)})
         parent.log_dict({k: dataclasses.asdict(v) for k, v in space.params.items()}, "search_space.json")
         trainable = ray.tune.with_parameters(run_trial, base=base, sweep_dir=sweep_dir, parent_run_id=parent.run_id)
-        trainable = ray.tune.with_resources(trainable, {"CPU": 0.01})  # the trial driver only orchestrates
+        # the trial function only orchestrates: it holds no CPU (a token of memory, as a placement group
+        # bundle cannot be empty), so two 1-CPU trials fit on 2 CPUs
+        trainable = ray.tune.with_resources(trainable, {"CPU": 0, "memory": 2**20})
         if resume:
             log("resuming: finished trials are kept, unfinished ones re-run")
             tuner = ray.tune.Tuner.restore(f"{path}/{name}", trainable, resume_unfinished=True, restart_errored=True)
@@ -228,7 +232,10 @@ def sweep(method: str, base: Config, final_eval, *, trials: int, max_concurrent:
                 trainable,
                 tune_config=ray.tune.TuneConfig(search_alg=searcher, scheduler=scheduler, num_samples=trials,
                                                 max_concurrent_trials=concurrent, time_budget_s=time_budget),
-                run_config=ray.tune.RunConfig(name=name, storage_path=path, verbose=1),
+                # a trial that fails (e.g. a Train worker died) runs again, keeping its finished sampling
+                # units and student jobs
+                run_config=ray.tune.RunConfig(name=name, storage_path=path, verbose=1,
+                                              failure_config=ray.tune.FailureConfig(max_failures=2)),
             )
         grid = tuner.fit()
         close_stopped_trials(base, name, grid)

@@ -17,6 +17,16 @@ def env(tmp_path_factory, smoke_cache):
     return {"env": e, "tmp": tmp}
 
 
+def run(cmd, env, timeout=780):
+    """The CLI as a user runs it; a run that hangs fails with the end of its output (inside pytest's own
+    900 s limit, which would show nothing)."""
+    try:
+        return subprocess.run(cmd, env=env["env"], cwd=env["tmp"], capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired as e:
+        out = (e.stdout or "") + (e.stderr or "")
+        pytest.fail(f"{' '.join(cmd[2:])} still running after {timeout}s:\n{out[-6000:]}")
+
+
 def children(uri, parent_id):
     mlflow.set_tracking_uri(uri)
     return mlflow.search_runs(experiment_names=["raydd"], filter_string=f"tags.mlflow.parentRunId = '{parent_id}'",
@@ -26,7 +36,7 @@ def children(uri, parent_id):
 def test_four_trials_two_concurrent_with_parent_child_runs(env):
     cmd = [sys.executable, "-m", "raydd.sweep", "--method", "dit", "--smoke", "--trials", "4",
            "--max-concurrent", "2", "--name", "s4", "--storage", str(env["tmp"] / "tune")]
-    p = subprocess.run(cmd, env=env["env"], cwd=env["tmp"], capture_output=True, text=True, timeout=1500)
+    p = run(cmd, env)
     assert p.returncode == 0, (p.stdout + p.stderr)[-4000:]
     uri = env["env"]["MLFLOW_TRACKING_URI"]
     mlflow.set_tracking_uri(uri)
@@ -70,7 +80,7 @@ def test_interrupted_sweep_resumes_without_redoing_finished_trials(env):
         return [r for r in client.search_runs([exp.experiment_id], "tags.raydd_trial != ''")
                 if r.data.tags.get("raydd_run", "").startswith("r3-trial") and r.info.status == "FINISHED"]
 
-    deadline = time.time() + 1200
+    deadline = time.time() + 600
     while not finished_trials() and p.poll() is None and time.time() < deadline:
         time.sleep(2)
     assert p.poll() is None, "the sweep ended before it could be interrupted: " + (env["tmp"] / "r3-first.log").read_text()[-3000:]
@@ -83,16 +93,16 @@ def test_interrupted_sweep_resumes_without_redoing_finished_trials(env):
     (parent,) = mlflow.search_runs(experiment_names=["raydd"], filter_string="tags.raydd_run = 'r3'", output_format="list")
     assert parent.info.status == "KILLED" and "best_test_acc" not in parent.data.metrics
 
-    again = subprocess.run(base + ["--resume"], env=env["env"], cwd=env["tmp"], capture_output=True, text=True, timeout=1500)
+    again = run(base + ["--resume"], env, timeout=600)
     assert again.returncode == 0, (again.stdout + again.stderr)[-4000:]
     (parent2,) = mlflow.search_runs(experiment_names=["raydd"], filter_string="tags.raydd_run = 'r3'", output_format="list")
     assert parent2.info.run_id == parent.info.run_id and parent2.info.status == "FINISHED"   # reused, not duplicated
     assert parent2.data.metrics["trials_total"] == 2 and "finished trials are kept" in again.stdout + again.stderr
-    for run in done:                                       # finished before the interrupt: not run again
-        same = [k for k in children(uri, parent.info.run_id) if k.data.tags.get("raydd_trial") == run.data.tags["raydd_trial"]]
+    for trial in done:                                     # finished before the interrupt: not run again
+        same = [k for k in children(uri, parent.info.run_id) if k.data.tags.get("raydd_trial") == trial.data.tags["raydd_trial"]]
         assert len(same) == 1
-        assert len(client.get_metric_history(run.info.run_id, "val_acc")) == 3       # 3 stages, logged once
-        assert client.get_run(run.info.run_id).info.status == "FINISHED"
+        assert len(client.get_metric_history(trial.info.run_id, "val_acc")) == 3     # 3 stages, logged once
+        assert client.get_run(trial.info.run_id).info.status == "FINISHED"
     trials = [k for k in children(uri, parent.info.run_id) if "raydd_trial" in k.data.tags]
     assert len(trials) == 2 and all(k.info.status in ("FINISHED", "KILLED") for k in trials)  # KILLED: ASHA stopped it
 
@@ -100,5 +110,5 @@ def test_interrupted_sweep_resumes_without_redoing_finished_trials(env):
 def test_existing_sweep_name_needs_resume(env):
     cmd = [sys.executable, "-m", "raydd.sweep", "--method", "dit", "--smoke", "--name", "nosuch", "--resume",
            "--storage", str(env["tmp"] / "tune")]
-    p = subprocess.run(cmd, env=env["env"], cwd=env["tmp"], capture_output=True, text=True, timeout=300)
+    p = run(cmd, env, timeout=300)
     assert p.returncode == 2 and "no sweep named 'nosuch'" in p.stderr, p.stderr[-2000:]

@@ -16,8 +16,13 @@ from raydd.train_hooks import TrainHooks
 
 
 class RayRunner:
-    def __init__(self, cfg: Config, scratch: Path | None):
-        self.cfg, self.scratch = cfg, scratch
+    """max_train_failures: how often a Ray Train job restarts after a worker dies (FailureConfig). A sweep
+    trial passes 0: Tune stopping the trial kills its Train workers, and a job that restarts then reserves a
+    new placement group that nothing frees until the sweep ends (Ray Train registers a worker group's
+    placement group for cleanup only once the group has started); Tune restarts a failed trial instead."""
+
+    def __init__(self, cfg: Config, scratch: Path | None, max_train_failures: int = 2):
+        self.cfg, self.scratch, self.max_train_failures = cfg, scratch, max_train_failures
 
     def generate(self, spec: BackboneSpec, rows: dict[str, np.ndarray],
                  guidance_factory: GuidanceFactory | None = None, post_step_factory=None) -> DistilledSet:
@@ -42,7 +47,7 @@ class RayRunner:
         storage = Path(self.scratch) / "ray_train" if resumable else self.cfg.resolved_cache_dir() / "ray_train"
         return fit(loop, config, name=f"{name}-{resume_key}" if resumable else name, storage=storage, resume=resumable,
                    num_workers=num_workers or c.train_workers, cpus_per_worker=cpus_per_worker or c.cpus_per_worker,
-                   gpus_per_worker=c.gpus_per_worker, callbacks=callbacks)
+                   gpus_per_worker=c.gpus_per_worker, max_failures=self.max_train_failures, callbacks=callbacks)
 
     def max_cpus_per_worker(self) -> float:
         """The most CPUs one worker can get: the largest node's CPU count."""
