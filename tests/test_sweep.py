@@ -12,7 +12,7 @@ import pytest
 def env(tmp_path_factory, smoke_cache):
     tmp = tmp_path_factory.mktemp("sweep")
     e = dict(os.environ, RAYDD_CACHE=str(smoke_cache), MLFLOW_TRACKING_URI=f"sqlite:///{tmp / 'mlflow.db'}",
-             PYTHONUNBUFFERED="1")
+             PYTHONUNBUFFERED="1", RAY_DEDUP_LOGS="0")         # tests count lines that actors print
     e.pop("RAY_ADDRESS", None)
     return {"env": e, "tmp": tmp}
 
@@ -57,6 +57,28 @@ def test_four_trials_two_concurrent_with_parent_child_runs(env):
     assert len(best) == 1 and best[0].data.params["eval.split"] == "test"           # never tuned on test
     assert all(k.data.params["eval.split"] == "val" for k in trials)
     assert "Trial status" in p.stdout + p.stderr
+
+
+def test_failed_trial_runs_again_and_resumes(env):
+    """compute.fail_driver_after=1: the process that samples exits after saving each new unit. In a trial
+    that is the trial's actor, so the trial fails; Tune runs it again (FailureConfig(max_failures=2)) and
+    it resumes from its saved units: 1 done, then 2 done, and the third attempt evaluates. The best
+    config's re-run samples in the sweep's driver, which the same fault then ends (exit code 3)."""
+    cmd = [sys.executable, "-m", "raydd.sweep", "--method", "dit", "--smoke", "--trials", "1", "--name", "f1",
+           "--storage", str(env["tmp"] / "tune"), "compute.fail_driver_after=1"]
+    p = run(cmd, env)
+    out = p.stdout + p.stderr
+    assert p.returncode == 3, out[-4000:]
+    assert out.count("fault injection: driver exits after saving 1 unit(s)") == 3, out[-4000:]
+    assert "1 unit(s) already done, 1 to go" in out and "2 unit(s) already done, 0 to go" in out
+    assert "re-running on the test split" in out                 # the trial finished after two failures
+    uri = env["env"]["MLFLOW_TRACKING_URI"]
+    mlflow.set_tracking_uri(uri)
+    (parent,) = mlflow.search_runs(experiment_names=["raydd"], filter_string="tags.raydd_run = 'f1'", output_format="list")
+    (trial,) = [k for k in children(uri, parent.info.run_id) if "raydd_trial" in k.data.tags]
+    client = mlflow.MlflowClient(uri)
+    assert client.get_run(trial.info.run_id).info.status == "FINISHED"          # one child run for 3 attempts
+    assert len(client.get_metric_history(trial.info.run_id, "val_acc")) == 3
 
 
 def test_interrupted_sweep_resumes_without_redoing_finished_trials(env):
