@@ -58,6 +58,16 @@ def ensure_backbone(cfg: Config, data: RealData, runner) -> BackboneSpec:
                         image_size=cfg.data.image_size, class_ids=data.backbone_class_ids())
 
 
+def prepare_method(cfg: Config, data: RealData, runner) -> None:
+    """Train the method's cached jobs that do not depend on a sweep's searched values (its `prepare`)."""
+    from raydd.context import Context
+
+    method, mcfg = check_method(cfg)
+    if method.prepare is not None:
+        method.prepare(Context(cfg=cfg, data=data, backbone=lambda: ensure_backbone(cfg, data, runner),
+                               runner=runner), mcfg)
+
+
 def produce(cfg: Config, data: RealData, runner, tracker, scratch: Path) -> tuple[Path, int, dict]:
     """method.run -> the distilled set written to cfg.output_dir() (parquet + ImageFolder) and its
     grid logged. Returns (output dir, number of images, timings)."""

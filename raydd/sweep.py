@@ -23,7 +23,8 @@ import time
 from pathlib import Path
 
 from raydd.config import Config, flatten, load_config
-from raydd.distill import build_parser, check_method, distill, ensure_backbone, log, produce, run_cli
+from raydd.distill import (build_parser, check_method, distill, ensure_backbone, log, prepare_method, produce,
+                           run_cli)
 from raydd.tune_space import SearchSpace, load_space
 
 STAGES = (0.25, 0.5, 1.0)      # fractions of the student-training epochs, one report each
@@ -206,6 +207,11 @@ def sweep(method: str, base: Config, final_eval, *, trials: int, max_concurrent:
                          f"or --name to start a new one")
     init_ray(base.compute)
     ensure_backbone(base, data, RayRunner(base, sweep_dir))       # train the tiny DiT once, before any trial
+    # and the method's jobs that every trial shares (IGDS's VE), like the backbone with a whole node's CPUs,
+    # not with one CPU inside a trial while the other trials wait for it
+    whole = dataclasses.replace(base, compute=dataclasses.replace(
+        base.compute, cpus_per_worker=RayRunner(base, sweep_dir).max_cpus_per_worker()))
+    prepare_method(whole, data, RayRunner(whole, sweep_dir))
     concurrent = max_concurrent_trials(base, max_concurrent)
     log(f"sweep {name}: {method}, {trials} trial(s), {concurrent} at a time, space {space.names()}")
 

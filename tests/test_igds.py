@@ -175,3 +175,26 @@ def test_method_trains_a_cached_ve_logs_and_distills(digits_cfg, spec):
     assert len(cached) == 1 and ensure_ve(make_ctx(digits_cfg, spec), cfg) == cached[0]   # reused, not retrained
     space = load_space("igds")
     assert list(space.params)[:2] == ["igds.beta_max", "igds.eta"] and space.defaults()["igds.beta_max"] == 0.5
+
+
+def test_sweep_prepare_trains_the_ve_that_trials_then_reuse(digits_cfg, spec):
+    """A sweep calls the method's `prepare` once before its trials (raydd.distill.prepare_method): for
+    IGDS it trains the VE into the cache, and a trial's run then finds it instead of training it."""
+    import dataclasses
+
+    from raydd.distill import prepare_method
+
+    small = {"ve_encoder": "convnet_d2", "ve_width": 16, "ve_embed_dim": 32, "ve_steps": 6, "ve_cls_steps": 4,
+             "ve_batch": 16}
+    cfg = dataclasses.replace(digits_cfg, method="igds", methods={"igds": small})
+    assert get_method("dit").prepare is None and get_method("igds").prepare is ensure_ve
+    prepare_method(cfg, load_real(cfg.data), LocalRunner(cfg))
+    (entry,) = (cfg.resolved_cache_dir() / "igds_ve").iterdir()
+    assert (entry / ".complete").exists()
+
+    class NoTraining(LocalRunner):
+        def train(self, *a, **k):
+            raise AssertionError("a trial trained the VE again")
+
+    trial = Context(cfg, load_real(cfg.data), spec, runner=NoTraining(cfg), tracker=Recorder())
+    assert ensure_ve(trial, Config(**small)) == entry

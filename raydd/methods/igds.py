@@ -89,7 +89,7 @@ def log_ve(ctx, path: Path) -> dict:
     return meta
 
 
-@register_method("igds", Config)
+@register_method("igds", Config, prepare=ensure_ve)     # a sweep trains the VE once, before its trials
 def run(ctx, cfg: Config):
     if cfg.mode not in ("full", "x0"):
         raise ConfigError(f"igds.mode={cfg.mode!r}; allowed: full, x0")
