@@ -223,8 +223,8 @@ def sweep(method: str, base: Config, final_eval, *, trials: int, max_concurrent:
                                                      default=str)})
         parent.log_dict({k: dataclasses.asdict(v) for k, v in space.params.items()}, "search_space.json")
         trainable = ray.tune.with_parameters(run_trial, base=base, sweep_dir=sweep_dir, parent_run_id=parent.run_id)
-        # the trial function only orchestrates: it holds no CPU (a token of memory, as a placement group
-        # bundle cannot be empty), so two 1-CPU trials fit on 2 CPUs
+        # the trial function only orchestrates: it holds no CPU (a token of memory, as Tune refuses an
+        # empty resource request), so two 1-CPU trials fit on 2 CPUs
         trainable = ray.tune.with_resources(trainable, {"CPU": 0, "memory": 2**20})
         if resume:
             log("resuming: finished trials are kept, unfinished ones re-run")
