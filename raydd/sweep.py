@@ -206,11 +206,12 @@ def sweep(method: str, base: Config, final_eval, *, trials: int, max_concurrent:
         raise ValueError(f"a sweep named {name!r} already exists in {path}; pass --resume to continue it "
                          f"or --name to start a new one")
     init_ray(base.compute)
-    ensure_backbone(base, data, RayRunner(base, sweep_dir))       # train the tiny DiT once, before any trial
+    runner = RayRunner(base, sweep_dir)
+    ensure_backbone(base, data, runner)                           # train the tiny DiT once, before any trial
     # and the method's jobs that every trial shares (IGDS's VE), like the backbone with a whole node's CPUs,
     # not with one CPU inside a trial while the other trials wait for it
-    whole = dataclasses.replace(base, compute=dataclasses.replace(
-        base.compute, cpus_per_worker=RayRunner(base, sweep_dir).max_cpus_per_worker()))
+    whole = dataclasses.replace(base, compute=dataclasses.replace(base.compute,
+                                                                  cpus_per_worker=runner.max_cpus_per_worker()))
     prepare_method(whole, data, RayRunner(whole, sweep_dir))
     concurrent = max_concurrent_trials(base, max_concurrent)
     log(f"sweep {name}: {method}, {trials} trial(s), {concurrent} at a time, space {space.names()}")
