@@ -200,16 +200,19 @@ def bench_train(repeats: int) -> dict:
     init_ray(ComputeConfig())
     key, before = "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", os.environ.get("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S")
     out = {}
-    with tempfile.TemporaryDirectory() as tmp:
-        fit(_three_reports, {}, name="bench-warmup", storage=tmp)                # worker imports, object store
-        for interval in ("2", "0.25"):
-            os.environ[key] = interval
-            out[f"fit_s_poll_{interval}s"] = timed(lambda: fit(_three_reports, {}, name="bench", storage=tmp), repeats)
-    if before is None:
-        os.environ.pop(key)
-    else:
-        os.environ[key] = before
-    ray.shutdown()
+    try:
+        with tempfile.TemporaryDirectory() as tmp:
+            fit(_three_reports, {}, name="bench-warmup", storage=tmp)            # worker imports, object store
+            for interval in ("2", "0.25"):
+                os.environ[key] = interval
+                out[f"fit_s_poll_{interval}s"] = timed(lambda: fit(_three_reports, {}, name="bench", storage=tmp),
+                                                       repeats)
+    finally:                                             # the later sections see the setting they started with
+        if before is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = before
+        ray.shutdown()
     return out | {"speedup": out["fit_s_poll_2s"] / out["fit_s_poll_0.25s"]}
 
 
