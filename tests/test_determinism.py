@@ -75,7 +75,7 @@ def test_train_job_restores_from_checkpoint_after_worker_failure(ray_local, tmp_
     assert (tmp_path / "crashed").exists()
     # resumed from a persisted checkpoint (not from scratch); the one reported just before the crash
     # may not have been persisted yet (reports are asynchronous), so step 2 or 3
-    assert 2 <= result.metrics["resumed_from"] <= 3 and result.metrics["step"] == 6
+    assert 2 <= result.metrics["resumed_from"] <= 3 and result.metrics["step"] == 6, result.metrics
 
 
 def test_map_stage_resumes_only_missing_units(ray_local, digits_cfg, tmp_path):
