@@ -50,6 +50,13 @@ def test_dit_smoke_writes_set_and_one_mlflow_run(world):
     assert {"distilled_grid.png", "result.json"} <= arts
 
 
+def test_training_progress_reaches_the_driver_once(world):
+    """Ray Train's print patch copied every worker print to stdout and, as a log record, to stderr."""
+    assert world["rc"] == 0, world["out"][-3000:]
+    lines = [ln for ln in world["out"].splitlines() if "[syn convnet_d3 hard seed 0] [hard] epoch 1/" in ln]
+    assert len(lines) == 1, lines
+
+
 def test_random_smoke_and_rerun_reuses_run(world):
     rc, out = run_cli(["raydd.distill", "--method", "random", "--smoke"], world["env"], world["tmp"])
     assert rc == 0, out[-3000:]

@@ -23,6 +23,9 @@ def init_ray(compute: ComputeConfig) -> None:
         # Ray started here (its processes inherit this environment), poll every 0.25 s: a fit with three
         # reports went from 17 s to 10 s on 2 CPUs
         os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.25")
+        # Ray Train replaces `print` in its workers with a copy to stdout plus a log record to stderr, and
+        # the driver shows both streams: every progress line of a training loop appeared twice. Keep print.
+        os.environ.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")
         # The dashboard serves the state API that Ray Train's placement-group cleaner polls (it frees a
         # Train job's CPUs when its controller is killed, e.g. when Tune stops a trial); localhost only.
         # The cleaner finds it through RAY_API_SERVER_ADDRESS, which every Ray process started here
