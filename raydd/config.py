@@ -85,7 +85,7 @@ class ComputeConfig:
     cpus_per_worker: float = 1.0
     gpus_per_worker: float = 0.0
     parallel_jobs: int = 0         # evaluation jobs run side by side (0 = as resources allow)
-    precision: str = "fp32"        # "fp32" | "bf16" (autocast on CUDA)
+    precision: str = "fp32"        # "fp32" | "bf16": the backbone under bf16 autocast (CUDA; CPUs with native bf16)
     fail_actor_after: int = -1     # fault injection: one actor exits once after N batches (-1 = off)
     fail_driver_after: int = -1    # fault injection: the driver exits after saving N sampled units (-1 = off)
 

@@ -41,7 +41,8 @@ def set_source(path: str, kind: str = "parquet") -> dict:
 def load_set(source: dict, data: RealData, dcfg: DataConfig):
     """source: {"kind": "arrays", "x", "y"}, {"kind": "parquet", "path"} (ours) or {"kind": "folder", "path"}."""
     if source["kind"] == "arrays":
-        return torch.from_numpy(source["x"]), torch.from_numpy(source["y"])
+        # copies: arrays from Ray's object store are read-only, and torch warns about (and may write to) them
+        return torch.from_numpy(source["x"].copy()), torch.from_numpy(source["y"].copy())
     if source["kind"] == "parquet":
         from raydd.outputs import read_distilled
 

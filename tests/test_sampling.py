@@ -125,3 +125,33 @@ def test_nan_guidance_stops_the_run(backbone):
         return (x0 * float("nan")).flatten(1).sum(1)
     with pytest.raises(GuidanceError, match="NaN/Inf"):
         sample(backbone, torch.tensor([1, 2]), [1, 2], SamplerConfig(steps=4), guidance=Guidance(bad, scale=1.0))
+
+
+def test_bf16_precision_samples_close_to_fp32_where_the_cpu_has_bf16(spec):
+    """compute.precision=bf16 runs the backbone under bf16 autocast on CPUs with native bf16 (and on CUDA):
+    the samples move a little, repeat exactly, and stay uint8 images of the same shape."""
+    from raydd.generate import SampleBatches, cpu_has_bf16, make_rows
+
+    sampler = SamplerConfig(steps=6, cfg_scale=2.0, clip_x0=True)
+    rows = make_rows(10, 1, run_seed=0, unit_size=10)
+    fp32 = SampleBatches(spec, sampler)(rows)
+    bf16 = SampleBatches(spec, sampler, precision="bf16")
+    assert bf16.autocast == (torch.bfloat16 if cpu_has_bf16() else None)
+    a, b = bf16(rows), bf16(rows)
+    assert np.array_equal(a["latent"], b["latent"])                       # deterministic
+    assert a["image"].dtype == np.uint8 and a["image"].shape == fp32["image"].shape
+    diff = np.abs(a["latent"].astype(np.float32) - fp32["latent"].astype(np.float32))
+    if cpu_has_bf16():
+        assert 0 < diff.mean() < 0.05, diff.mean()
+    else:
+        assert diff.max() == 0
+
+
+def test_bf16_on_a_cpu_without_bf16_stays_fp32_and_says_so(monkeypatch):
+    import raydd.generate as generate
+
+    monkeypatch.setattr(generate, "cpu_has_bf16", lambda: False)
+    with pytest.warns(UserWarning, match="no native bf16"):
+        assert generate.autocast_for("bf16", torch.device("cpu")) is None
+    assert generate.autocast_for("fp32", torch.device("cpu")) is None
+    assert generate.autocast_for("bf16", torch.device("cuda")) is torch.bfloat16

@@ -115,7 +115,8 @@ def generate_ray(spec: BackboneSpec, sampler: SamplerConfig, rows: dict[str, np.
         kwargs.update(fail_after=compute.fail_actor_after, marker=str(Path(scratch or ".") / "actor_fault_injected"))
     stage_dir = None
     if scratch is not None:
-        key = stage_key({k: v.tolist() for k, v in rows.items()}, sampler, spec, guidance_factory, post_step_factory)
+        key = stage_key({k: v.tolist() for k, v in rows.items()}, sampler, spec, guidance_factory, post_step_factory,
+                        compute.precision)
         stage_dir = Path(scratch) / f"generate-{key}"
     out = map_ray(udf, kwargs, rows, compute, stage_dir)
     check_complete(rows, out)

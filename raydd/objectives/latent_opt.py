@@ -94,7 +94,7 @@ class LatentOptBatches:
 
     def __init__(self, spec, sampler: SamplerConfig, iterations: int, lr: float, lam: float, t_hat: int,
                  eta: float, gpus: float = 0.0, threads: int = 0, precision: str = "fp32"):
-        from raydd.generate import pick_device
+        from raydd.generate import autocast_for, pick_device
 
         if threads > 0:
             torch.set_num_threads(threads)
@@ -102,7 +102,7 @@ class LatentOptBatches:
         self.backbone = spec.load(self.device)
         self.schedule = make_schedule(sampler, steps=sampler.train_timesteps)   # the full 1000-step schedule
         self.opts = dict(iterations=iterations, lr=lr, lam=lam, t_hat=t_hat, eta=eta)
-        self.autocast = torch.bfloat16 if precision == "bf16" and self.device.type == "cuda" else None
+        self.autocast = autocast_for(precision, self.device)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         return map_units(self.run_unit, batch)
