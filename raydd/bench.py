@@ -99,18 +99,31 @@ def bench_sharding_and_scaling(spec: BackboneSpec, sampler: SamplerConfig, n: in
 
 
 def bench_batching(spec: BackboneSpec, sampler: SamplerConfig, n: int, sizes: list[int]) -> dict:
+    """images/s over batch sizes, in fp32 and, where this CPU has native bf16, under bf16 autocast
+    (compute.precision=bf16)."""
+    from raydd.generate import autocast_for, cpu_has_bf16
+
     torch.set_num_threads(1)
     backbone = spec.load("cpu")
     seeds = list(range(n))
     y = torch.arange(n) % 10
-    curve = {}
-    for bs in sizes:
-        def run(bs=bs):
-            for k in range(0, n, bs):
-                sample(backbone, y[k:k + bs], seeds[k:k + bs], sampler)
-        curve[bs] = n / timed(run)
+    out: dict = {"images": n}
+    for precision in ["fp32"] + (["bf16"] if cpu_has_bf16() else []):
+        dtype = autocast_for(precision, torch.device("cpu"))
+        curve = {}
+        for bs in sizes:
+            def run(bs=bs):
+                for k in range(0, n, bs):
+                    sample(backbone, y[k:k + bs], seeds[k:k + bs], sampler, autocast_dtype=dtype)
+            curve[bs] = n / timed(run)
+        prefix = "" if precision == "fp32" else f"{precision}_"
+        out[f"{prefix}images_per_s_by_batch"] = curve
+        out[f"{prefix}batching_ratio"] = curve[max(sizes)] / curve[1]
+    if "bf16_images_per_s_by_batch" in out:   # what bf16 buys where batching is compute-bound
+        out["bf16_speedup_at_largest_batch"] = (out["bf16_images_per_s_by_batch"][max(sizes)]
+                                                / out["images_per_s_by_batch"][max(sizes)])
     torch.set_num_threads(os.cpu_count() or 1)
-    return {"images": n, "images_per_s_by_batch": curve, "batching_ratio": curve[max(sizes)] / curve[1]}
+    return out
 
 
 def bench_guidance(spec: BackboneSpec, sampler: SamplerConfig, n: int) -> dict:
@@ -216,25 +229,30 @@ def bench_train(repeats: int) -> dict:
     return out | {"speedup": out["fit_s_poll_2s"] / out["fit_s_poll_0.25s"]}
 
 
-def peak_tree_rss(cmd: list[str], env: dict, cwd: str) -> tuple[int, float, float, float]:
+def peak_tree_rss(cmd: list[str], env: dict, cwd: str) -> tuple[int, float, float, float, list]:
     """Run cmd; every 0.5 s sum the memory of it and all its descendants (Ray workers included).
-    Returns (exit code, peak summed RSS GiB, peak summed PSS GiB, wall s). RSS counts shared pages (torch's
-    libraries, the object store) once per process; PSS splits them between the processes sharing them."""
+    Returns (exit code, peak summed RSS GiB, peak summed PSS GiB, wall s, the largest processes at the PSS
+    peak as [name, PSS MiB]). RSS counts shared pages (torch's libraries, the object store) once per
+    process; PSS splits them between the processes sharing them."""
     import psutil
 
     p = subprocess.Popen(cmd, env=env, cwd=cwd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    proc, peak_rss, peak_pss, t0 = psutil.Process(p.pid), 0, 0, time.time()
+    proc, peak_rss, peak_pss, top, t0 = psutil.Process(p.pid), 0, 0, [], time.time()
     while p.poll() is None:
         rss = pss = 0
+        procs = []
         for q in [proc] + proc.children(recursive=True):
             try:
                 info = q.memory_full_info()
                 rss, pss = rss + info.rss, pss + getattr(info, "pss", info.rss)
+                procs.append((getattr(info, "pss", info.rss), " ".join(q.cmdline())[:60] or q.name()))
             except psutil.Error:
                 pass
-        peak_rss, peak_pss = max(peak_rss, rss), max(peak_pss, pss)
+        peak_rss = max(peak_rss, rss)
+        if pss > peak_pss:
+            peak_pss, top = pss, [[name, round(m / 2**20)] for m, name in sorted(procs, reverse=True)[:8]]
         time.sleep(0.5)
-    return p.returncode, peak_rss / 2**30, peak_pss / 2**30, time.time() - t0
+    return p.returncode, peak_rss / 2**30, peak_pss / 2**30, time.time() - t0, top
 
 
 def bench_memory(quick: bool) -> dict:
@@ -243,9 +261,10 @@ def bench_memory(quick: bool) -> dict:
         env = dict(os.environ, MLFLOW_TRACKING_URI=f"sqlite:///{tmp}/mlflow.db")
         base = [sys.executable, "-m", "raydd.distill", "--method", "dit"] + (["--smoke"] if quick else [])
         for label, extra in (("default", []), ("two_actors", ["compute.num_actors=2", "run_name=bench2"])):
-            rc, rss, pss, secs = peak_tree_rss(base + extra, env, tmp)
+            rc, rss, pss, secs, top = peak_tree_rss(base + extra, env, tmp)
             out[f"{label}_rc"], out[f"{label}_wall_s"] = rc, secs
             out[f"{label}_peak_rss_gib"], out[f"{label}_peak_pss_gib"] = rss, pss
+            out[f"{label}_largest_processes_pss_mib"] = top
     out["note"] = "summed over the driver and every Ray process it started; PSS shares pages between processes"
     return out
 
@@ -350,7 +369,7 @@ def main(argv: list[str] | None = None) -> int:
         if section in ("machine", "targets"):
             continue
         log(f"{section}: " + ", ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in r.items()
-                                         if not isinstance(v, dict)))
+                                         if not isinstance(v, (dict, list))))
     if not args.no_mlflow:
         from raydd.config import TrackingConfig, flatten
         from raydd.tracking import Tracker
