@@ -11,7 +11,7 @@ one run on the same machine. Writes JSON and logs one MLflow run (experiment ray
   student    student-training images/s vs a plain PyTorch loop on the same data                   (>= 0.9x)
   memory     peak RSS (driver + Ray processes) of the default distill run and of a 2-actor run    (<= 4 GiB)
   gpu        DiT-XL/2 (random weights, 256 px, 50-step DDPM + CFG): images/s in fp32/tf32/bf16, SDPA,
-             torch.compile, next to the limit computed from the measured bf16 matmul rate       (>= 40%)
+             torch.compile, next to the limit: measured bf16 matmul rate / counted FLOP per image (>= 40%)
 """
 from __future__ import annotations
 
@@ -115,7 +115,7 @@ def bench_batching(spec: BackboneSpec, sampler: SamplerConfig, n: int, sizes: li
             def run(bs=bs):
                 for k in range(0, n, bs):
                     sample(backbone, y[k:k + bs], seeds[k:k + bs], sampler, autocast_dtype=dtype)
-            curve[bs] = n / timed(run)
+            curve[bs] = n / timed(run, 2)
         prefix = "" if precision == "fp32" else f"{precision}_"
         out[f"{prefix}images_per_s_by_batch"] = curve
         out[f"{prefix}batching_ratio"] = curve[max(sizes)] / curve[1]
@@ -269,56 +269,91 @@ def bench_memory(quick: bool) -> dict:
     return out
 
 
-def bench_gpu(steps: int, batch: int, compile_model: bool) -> dict:
-    """DiT-XL/2 at 256 px with random weights: 50-step DDPM with CFG, images/s per GPU."""
-    if not torch.cuda.is_available():
-        return {"skipped": "no CUDA device"}
+DIT_XL_2 = {"hidden_size": 1152, "depth": 28, "heads": 16, "patch_size": 2}   # DiT-XL/2
+SD_VAE = {"block_out_channels": (128, 256, 512, 512), "layers_per_block": 2}   # sd-vae-ft-*: 8x down, 4 channels
+
+
+def random_backbone(arch: dict, vae_arch: dict, image_size: int, num_classes: int = 1000):
+    """A DiT of `arch` and an SD-style VAE of `vae_arch`, random weights (speed does not depend on them).
+    Built on the current default device (the meta device for counting FLOPs)."""
     from diffusers import AutoencoderKL
 
-    from raydd.backbone import Backbone, SDVAE, _build_dit
+    from raydd.backbone import SDVAE, Backbone, _build_dit
 
-    dev = torch.device("cuda")
-    a = torch.randn(8192, 8192, device=dev, dtype=torch.bfloat16)
-    torch.cuda.synchronize()
+    blocks = len(vae_arch["block_out_channels"])
+    vae = AutoencoderKL(block_out_channels=vae_arch["block_out_channels"], layers_per_block=vae_arch["layers_per_block"],
+                        down_block_types=("DownEncoderBlock2D",) * blocks, up_block_types=("UpDecoderBlock2D",) * blocks,
+                        latent_channels=4, sample_size=image_size)
+    latent = image_size // 2 ** (blocks - 1)
+    transformer = _build_dit(num_classes=num_classes, in_channels=4, out_channels=8, sample_size=latent, **arch)
+    return Backbone(transformer, SDVAE(vae)).eval().requires_grad_(False)
+
+
+def count_flops(arch: dict, vae_arch: dict, image_size: int) -> tuple[float, float]:
+    """(FLOP of one DiT forward, FLOP of one VAE decode) for one image, counted by torch's FlopCounterMode
+    on the meta device (no memory, no compute). DiT-XL/2 at 256 px: 237 GFLOP (the DiT paper's 118.6
+    GMACs), the SD VAE decode: 622 GFLOP."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with torch.device("meta"):
+        backbone = random_backbone(arch, vae_arch, image_size)
+        x = torch.zeros(1, *backbone.latent_shape)
+        with FlopCounterMode(display=False) as dit:
+            backbone(x, torch.tensor([500]), torch.tensor([0]))
+        with FlopCounterMode(display=False) as vae:
+            backbone.vae.decode(x)
+    return float(dit.get_total_flops()), float(vae.get_total_flops())
+
+
+def bench_gpu(steps: int, batch: int, compile_model: bool, device: str = "cuda", arch: dict = DIT_XL_2,
+              vae_arch: dict = SD_VAE, image_size: int = 256, matmul_n: int = 8192) -> dict:
+    """DiT-XL/2 at 256 px with random weights: DDPM with CFG + VAE decode, images/s per GPU in fp32, tf32 and
+    bf16 autocast (SDPA attention, diffusers' default), optionally torch.compile; next to the physical limit
+    = measured bf16 matmul rate / FLOP per image (`steps` x 2 DiT forwards for CFG + one decode, counted).
+    The arguments after `compile_model` shrink it to run anywhere (the tests run it on CPU)."""
+    if device == "cuda" and not torch.cuda.is_available():
+        return {"skipped": "no CUDA device"}
+    dev = torch.device(device)
+
+    def sync():
+        if dev.type == "cuda":
+            torch.cuda.synchronize()
+
+    a = torch.randn(matmul_n, matmul_n, device=dev, dtype=torch.bfloat16)
+    a @ a
+    sync()
     t0 = time.perf_counter()
     for _ in range(20):
         a @ a
-    torch.cuda.synchronize()
-    tflops = 20 * 2 * 8192**3 / (time.perf_counter() - t0) / 1e12
-    # one DiT-XL/2 forward at 256 px ~ 237 GFLOP per image, x2 for CFG, x steps; + VAE decode ~ 0.6 TFLOP
-    flop_per_image = steps * 2 * 237e9 + 0.6e12
+    sync()
+    tflops = 20 * 2 * matmul_n**3 / (time.perf_counter() - t0) / 1e12
+    dit_flop, vae_flop = count_flops(arch, vae_arch, image_size)
+    flop_per_image = steps * 2 * dit_flop + vae_flop
     limit = tflops * 1e12 / flop_per_image
-    transformer = _build_dit(num_classes=1000, in_channels=4, out_channels=8, sample_size=32, hidden_size=1152,
-                             depth=28, heads=16, patch_size=2)
-    vae = AutoencoderKL(block_out_channels=(128, 256, 512, 512), down_block_types=("DownEncoderBlock2D",) * 4,
-                        up_block_types=("UpDecoderBlock2D",) * 4, latent_channels=4, layers_per_block=2,
-                        sample_size=256)
-    backbone = Backbone(transformer, SDVAE(vae)).to(dev).eval().requires_grad_(False)
+    backbone = random_backbone(arch, vae_arch, image_size).to(dev)
     sampler = SamplerConfig(steps=steps, cfg_scale=4.0)
     y, seeds = torch.randint(0, 1000, (batch,)), list(range(batch))
-    out = {"matmul_bf16_tflops": tflops, "limit_images_per_s": limit, "flop_per_image": flop_per_image}
-    for label, dtype, tf32 in (("fp32", None, False), ("tf32", None, True), ("bf16", torch.bfloat16, True)):
+    out = {"matmul_bf16_tflops": tflops, "dit_forward_gflop": dit_flop / 1e9, "vae_decode_gflop": vae_flop / 1e9,
+           "flop_per_image": flop_per_image, "limit_images_per_s": limit}
+
+    def run(dtype):
+        z = sample(backbone, y, seeds, sampler, device=dev, autocast_dtype=dtype)["z0"]
+        with torch.no_grad(), torch.autocast(dev.type, dtype=dtype or torch.float32, enabled=dtype is not None):
+            backbone.vae.decode(z)
+        sync()
+
+    variants = [("fp32", None, False), ("bf16", torch.bfloat16, True)]
+    if dev.type == "cuda":
+        variants.insert(1, ("tf32", None, True))
+    for label, dtype, tf32 in variants:
         torch.backends.cuda.matmul.allow_tf32 = tf32
         torch.backends.cudnn.allow_tf32 = tf32
-
-        def run():
-            z = sample(backbone, y, seeds, sampler, device=dev, autocast_dtype=dtype)["z0"]
-            with torch.no_grad(), torch.autocast("cuda", dtype=dtype or torch.float32, enabled=dtype is not None):
-                backbone.vae.decode(z)
-            torch.cuda.synchronize()
-        run()
-        out[f"{label}_images_per_s"] = batch / timed(run, 2)
+        run(dtype)                                              # warm-up (cuDNN autotuning, allocator)
+        out[f"{label}_images_per_s"] = batch / timed(lambda: run(dtype), 2)
     if compile_model:
         backbone.transformer = torch.compile(backbone.transformer)
-        torch.backends.cuda.matmul.allow_tf32 = True
-
-        def run_c():
-            z = sample(backbone, y, seeds, sampler, device=dev, autocast_dtype=torch.bfloat16)["z0"]
-            with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
-                backbone.vae.decode(z)
-            torch.cuda.synchronize()
-        run_c()
-        out["bf16_compile_images_per_s"] = batch / timed(run_c, 2)
+        run(torch.bfloat16)                                     # compiles
+        out["bf16_compile_images_per_s"] = batch / timed(lambda: run(torch.bfloat16), 2)
     best = max(v for k, v in out.items() if k.endswith("_images_per_s") and not k.startswith("limit"))
     out["gpu_fraction_of_limit"] = best / limit
     return out

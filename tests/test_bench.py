@@ -6,6 +6,8 @@ import os
 import subprocess
 import sys
 
+import torch
+
 
 def test_batching_section_writes_a_curve_per_precision(tmp_path):
     from raydd.generate import cpu_has_bf16
@@ -35,3 +37,29 @@ def test_peak_tree_rss_counts_child_processes():
     assert rc == 0 and secs >= 3
     assert rss >= 300 / 1024 and pss >= 290 / 1024, (rss, pss)
     assert top[0][1] >= 290 and "bytearray" in top[0][0], top
+
+
+def test_flop_count_of_dit_xl2_matches_the_paper():
+    """FlopCounterMode on the meta device: DiT-XL/2 at 256 px is 118.6 GMACs in the DiT paper (237 GFLOP)."""
+    from raydd.bench import DIT_XL_2, SD_VAE, count_flops
+
+    dit, vae = count_flops(DIT_XL_2, SD_VAE, 256)
+    assert 236e9 < dit < 238.5e9, dit
+    assert 0.55e12 < vae < 0.7e12, vae
+
+
+def test_gpu_section_runs_shrunk_on_cpu():
+    """The GPU section's code path (never run here at full size: no GPU) with a tiny DiT and VAE on CPU."""
+    from raydd.bench import bench_gpu
+
+    tiny, vae = {"hidden_size": 64, "depth": 2, "heads": 2, "patch_size": 2}, {"block_out_channels": (32, 32),
+                                                                                "layers_per_block": 1}
+    r = bench_gpu(steps=2, batch=2, compile_model=False, device="cpu", arch=tiny, vae_arch=vae, image_size=32,
+                  matmul_n=256)
+    assert r["fp32_images_per_s"] > 0 and r["bf16_images_per_s"] > 0 and "tf32_images_per_s" not in r
+    assert abs(r["flop_per_image"] - (2 * 2 * r["dit_forward_gflop"] + r["vae_decode_gflop"]) * 1e9) < 1e3
+    assert abs(r["limit_images_per_s"] - r["matmul_bf16_tflops"] * 1e12 / r["flop_per_image"]) < 1e-6 * r["limit_images_per_s"]
+    best = max(r["fp32_images_per_s"], r["bf16_images_per_s"])
+    assert abs(r["gpu_fraction_of_limit"] - best / r["limit_images_per_s"]) < 1e-12
+    if not torch.cuda.is_available():
+        assert bench_gpu(steps=2, batch=2, compile_model=False)["skipped"] == "no CUDA device"
