@@ -315,7 +315,7 @@ def validate(cfg: Config) -> None:
     for ok, msg in checks:
         if not ok:
             raise ConfigError(msg)
-    from raydd.students import list_students  # local import: students imports timm
+    from raydd.students import list_students  # local import: students imports torch
     unknown = [s for s in cfg.eval.students if s not in list_students()]
     if unknown:
         raise ConfigError(f"unknown student(s) {unknown}; allowed: {', '.join(list_students())}")

@@ -1,4 +1,4 @@
-"""Student networks used to evaluate distilled sets, registered into timm's model registry.
+"""Student networks used to evaluate distilled sets; `register_in_timm()` adds raydd's own to timm's registry.
 
 Two families come from the dataset-distillation literature (IDC, Minimax, RDED evaluations) and
 are written here in plain PyTorch:
@@ -14,16 +14,17 @@ not depend on the batch (distilled sets are tiny, often fewer images than a batc
 
 The remaining students are stock timm architectures created without pretrained weights.
 Every student takes images normalised by ``raydd.evaluation.to_float`` (uint8 -> [-1, 1]).
+
+timm is imported only when a timm model is asked for: its import (which pulls in torchvision) takes
+about 2 s and 190 MB in every process, and the default students never need it.
 """
 from __future__ import annotations
 
-import timm
 import torch
 import torch.nn as nn
-from timm.models import register_model
 
-# public API; timm's register_model appends each registered entrypoint name to __all__
-__all__ = ["list_students", "create_student", "ConvNet", "ResNetAP", "BasicBlockAP", "instance_norm"]
+__all__ = ["list_students", "create_student", "register_in_timm", "ConvNet", "ResNetAP", "BasicBlockAP",
+           "instance_norm"]
 
 CONVNET_WIDTH = 128
 TIMM_STUDENTS = ["resnet18", "resnet50", "resnet101", "efficientnet_b0", "mobilenetv2_100"]
@@ -40,10 +41,21 @@ def create_student(name: str, num_classes: int, in_chans: int, image_size: int) 
     if name not in list_students():
         raise ValueError(f"unknown student {name!r}; allowed: {', '.join(list_students())}")
     if name in OWN_STUDENTS:
-        return timm.create_model(name, pretrained=False, num_classes=num_classes, in_chans=in_chans,
-                                 img_size=image_size)
+        return globals()[name](num_classes=num_classes, in_chans=in_chans, img_size=image_size)
+    import timm
+
     # stock timm models size themselves from the input (global pooling): no img_size kwarg
     return timm.create_model(name, pretrained=False, num_classes=num_classes, in_chans=in_chans)
+
+
+def register_in_timm() -> None:
+    """Make raydd's own students creatable through `timm.create_model` (e.g. from timm-based training
+    scripts): convnet_d1..6 and resnetap10, under those names. Idempotent."""
+    from timm.models import is_model, register_model
+
+    for name in OWN_STUDENTS:
+        if not is_model(name):
+            register_model(globals()[name])
 
 
 def instance_norm(channels: int) -> nn.GroupNorm:
@@ -100,32 +112,26 @@ def _convnet(depth: int, pretrained: bool, kwargs: dict) -> ConvNet:
     return ConvNet(depth, **keep)
 
 
-@register_model
 def convnet_d1(pretrained: bool = False, **kwargs) -> ConvNet:
     return _convnet(1, pretrained, kwargs)
 
 
-@register_model
 def convnet_d2(pretrained: bool = False, **kwargs) -> ConvNet:
     return _convnet(2, pretrained, kwargs)
 
 
-@register_model
 def convnet_d3(pretrained: bool = False, **kwargs) -> ConvNet:
     return _convnet(3, pretrained, kwargs)
 
 
-@register_model
 def convnet_d4(pretrained: bool = False, **kwargs) -> ConvNet:
     return _convnet(4, pretrained, kwargs)
 
 
-@register_model
 def convnet_d5(pretrained: bool = False, **kwargs) -> ConvNet:
     return _convnet(5, pretrained, kwargs)
 
 
-@register_model
 def convnet_d6(pretrained: bool = False, **kwargs) -> ConvNet:
     return _convnet(6, pretrained, kwargs)
 
@@ -202,7 +208,6 @@ class ResNetAP(nn.Module):
         return self.fc(f)                   # [B, num_classes]
 
 
-@register_model
 def resnetap10(pretrained: bool = False, **kwargs) -> ResNetAP:
     if pretrained:
         raise ValueError("resnetap10 has no pretrained weights")

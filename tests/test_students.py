@@ -1,4 +1,7 @@
 """Student networks: every registered student builds, runs forward and backward, and errors are clear."""
+import subprocess
+import sys
+
 import pytest
 import timm
 import torch
@@ -45,6 +48,10 @@ def test_forward_backward(name, in_chans, size):
 
 
 def test_own_models_registered_in_timm():
+    from raydd.students import register_in_timm
+
+    register_in_timm()
+    register_in_timm()                                   # idempotent: no duplicate registration
     assert set(timm.list_models("convnet_d*")) >= {f"convnet_d{d}" for d in range(1, 7)}
     assert "resnetap10" in timm.list_models("resnetap*")
     model = timm.create_model("convnet_d3", num_classes=10, in_chans=1, img_size=16)
@@ -88,3 +95,13 @@ def test_own_students_refuse_pretrained():
     for name in OWN_STUDENTS:
         with pytest.raises(ValueError, match="no pretrained"):
             timm.create_model(name, pretrained=True, num_classes=10, in_chans=3, img_size=64)
+
+
+def test_own_students_do_not_import_timm():
+    """timm (and torchvision through it) costs about 2 s and 190 MB per process: the evaluation workers and
+    the driver of a default run never import it."""
+    code = ("import sys; from raydd.students import create_student; import raydd.eval_jobs, raydd.distill; "
+            "m = create_student('convnet_d3', 10, 1, 16); "
+            "print('timm' in sys.modules, 'torchvision' in sys.modules, type(m).__name__)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.stdout.split() == ["False", "False", "ConvNet"], out.stdout + out.stderr[-2000:]

@@ -65,7 +65,7 @@ def _worker(config: dict) -> None:
 def loop_ref(loop: Callable) -> str | Callable:
     """"module:function" for a loop importable by name, else the function itself (defined in __main__ or
     inside a function: pickled by value). By name, the Train controller, which unpickles the config too,
-    does not import the loop's module for nothing (students import timm: ~5 s on 2 CPUs)."""
+    does not import the loop's module for nothing (e.g. evaluation imports torch and the students)."""
     if loop.__module__ == "__main__" or "<" in loop.__qualname__:
         return loop
     return f"{loop.__module__}:{loop.__qualname__}"
