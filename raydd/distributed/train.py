@@ -91,6 +91,9 @@ def fit(loop: Callable[[dict, TrainHooks], None], config: dict, *, name: str, st
             failure_config=ray.train.FailureConfig(max_failures=max_failures),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
             callbacks=callbacks,
+            # Ray Train's INFO lines (two per report per worker: "Checkpoint successfully created", "Reporting
+            # training result") buried the loops' own progress; warnings and errors still show
+            logging_config=ray.train.LoggingConfig(log_level="WARNING"),
         ),
     )
     result = trainer.fit()
