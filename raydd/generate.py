@@ -98,8 +98,8 @@ def cpu_has_bf16() -> bool:
 
 def autocast_for(precision: str, device: torch.device) -> torch.dtype | None:
     """compute.precision -> the dtype the backbone runs in under autocast (None: fp32).
-    "bf16" on CUDA, and on CPUs with native bf16 (the tiny DiT at batch 64: about 1.9x the fp32 rate here,
-    `python -m raydd.bench --only batching`); on other CPUs it stays fp32, with a warning."""
+    "bf16" on CUDA, and on CPUs with native bf16 (the tiny DiT at batch 64: 1.3-1.9x the fp32 rate across runs
+    here, `python -m raydd.bench --only batching`); on other CPUs it stays fp32, with a warning."""
     if precision != "bf16":
         return None
     if device.type == "cpu" and not cpu_has_bf16():

@@ -16,7 +16,7 @@ The remaining students are stock timm architectures created without pretrained w
 Every student takes images normalised by ``raydd.evaluation.to_float`` (uint8 -> [-1, 1]).
 
 timm is imported only when a timm model is asked for: its import (which pulls in torchvision) takes
-about 2 s and 190 MB in every process, and the default students never need it.
+about 2 s and 180 MB in every process, and the default students never need it.
 """
 from __future__ import annotations
 
@@ -41,7 +41,8 @@ def create_student(name: str, num_classes: int, in_chans: int, image_size: int) 
     if name not in list_students():
         raise ValueError(f"unknown student {name!r}; allowed: {', '.join(list_students())}")
     if name in OWN_STUDENTS:
-        return globals()[name](num_classes=num_classes, in_chans=in_chans, img_size=image_size)
+        builder = globals()[name]                          # convnet_d1 ... resnetap10, defined below
+        return builder(num_classes=num_classes, in_chans=in_chans, img_size=image_size)
     import timm
 
     # stock timm models size themselves from the input (global pooling): no img_size kwarg
