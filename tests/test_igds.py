@@ -158,13 +158,14 @@ def test_beta_rule_and_window():
         step_window(0.8, 0.2, 50)
 
 
-def test_method_trains_a_cached_ve_logs_and_distills(digits_cfg, spec):
+def test_method_trains_a_cached_ve_logs_and_distills(digits_cfg, spec, capsys):
     from raydd.tune_space import load_space
 
     tracker = Recorder()
     ctx = make_ctx(digits_cfg, spec, tracker)
     cfg = Config(ve_encoder="convnet_d2", ve_width=16, ve_embed_dim=32, ve_steps=6, ve_cls_steps=4, ve_batch=16)
     out = get_method("igds").run(ctx, cfg)
+    assert "[raydd] training igds_ve (cached as " in capsys.readouterr().out   # the CLIs' log prefix
     assert len(out) == 10 * digits_cfg.ipc and out.images.dtype == torch.uint8
     assert torch.isfinite(out.scores).all()
     keys = tracker.keys()
