@@ -117,10 +117,10 @@ def max_concurrent_trials(cfg: Config, requested: int) -> int:
     return min(cap, requested) if requested > 0 else cap
 
 
-def close_stopped_trials(base: Config, name: str, grid) -> None:
+def close_stopped_trials(base: Config, name: str, grid, parent_run_id: str) -> None:
     """ASHA (or Ctrl-C) stops a trial by ending its actor, so the trial's own `finally` never runs: mark its
     child run KILLED, with the stage it reached, instead of leaving it RUNNING in the MLflow UI."""
-    from raydd.tracking import Tracker, find_run
+    from raydd.tracking import Tracker, find_run, running_children
 
     for r in grid:
         tid = (r.metrics or {}).get("trial_id")
@@ -131,6 +131,12 @@ def close_stopped_trials(base: Config, name: str, grid) -> None:
             if stage < len(STAGES):
                 t.set_tags({"raydd_stopped": f"after stage {stage} of {len(STAGES)}"})
             t.end("FINISHED" if stage == len(STAGES) else "KILLED")
+    # a trial stopped before its first report has no metrics (no trial id) in the grid; once Tune has returned
+    # no trial runs, so a child run still RUNNING is one of those (a --resume reuses it)
+    for run_id in running_children(base.tracking, parent_run_id):
+        t = Tracker(base.tracking, "", run_id=run_id)
+        t.set_tags({"raydd_stopped": "before its first stage"})
+        t.end("KILLED")
 
 
 def optuna_distributions(space: SearchSpace) -> dict:
@@ -245,7 +251,7 @@ def sweep(method: str, base: Config, final_eval, *, trials: int, max_concurrent:
                                               failure_config=ray.tune.FailureConfig(max_failures=2)),
             )
         grid = tuner.fit()
-        close_stopped_trials(base, name, grid)
+        close_stopped_trials(base, name, grid, parent.run_id)
         # Ctrl-C / SIGINT: Tune saves its state and fit() returns early. The returned grid shows every trial
         # as TERMINATED; the saved state keeps the interrupted ones RUNNING / PENDING (what --resume re-runs).
         saved = [t.status for t in ray.tune.ExperimentAnalysis(f"{path}/{name}").trials]

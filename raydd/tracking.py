@@ -124,3 +124,16 @@ def find_run(cfg: TrackingConfig, run_name: str) -> str | None:
     runs = client.search_runs([exp.experiment_id], filter_string=f"tags.raydd_run = '{run_name}'",
                               order_by=["attributes.start_time DESC"], max_results=1)
     return runs[0].info.run_id if runs else None
+
+
+def running_children(cfg: TrackingConfig, parent_run_id: str) -> list[str]:
+    """Ids of the child runs of `parent_run_id` that are still marked RUNNING."""
+    import mlflow
+
+    client = mlflow.MlflowClient(tracking_uri(cfg))
+    exp = client.get_experiment_by_name(cfg.experiment)
+    if exp is None:
+        return []
+    runs = client.search_runs([exp.experiment_id], filter_string=f"tags.mlflow.parentRunId = '{parent_run_id}' "
+                                                                  f"and attributes.status = 'RUNNING'")
+    return [r.info.run_id for r in runs]

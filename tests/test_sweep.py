@@ -95,16 +95,21 @@ def test_interrupted_sweep_resumes_without_redoing_finished_trials(env):
     p = subprocess.Popen(base, env=env["env"], cwd=env["tmp"], stdout=log, stderr=subprocess.STDOUT)
     client = mlflow.MlflowClient(uri)
 
-    def finished_trials():
+    def trials_with(status):
         exp = client.get_experiment_by_name("raydd")
         if exp is None:
             return []
         return [r for r in client.search_runs([exp.experiment_id], "tags.raydd_trial != ''")
-                if r.data.tags.get("raydd_run", "").startswith("r3-trial") and r.info.status == "FINISHED"]
+                if r.data.tags.get("raydd_run", "").startswith("r3-trial") and r.info.status == status]
 
+    def finished_trials():
+        return trials_with("FINISHED")
+
+    # interrupt once the first trial has finished and the second has started (its child run is RUNNING,
+    # most likely before its first stage report)
     deadline = time.time() + 600
-    while not finished_trials() and p.poll() is None and time.time() < deadline:
-        time.sleep(2)
+    while not (finished_trials() and trials_with("RUNNING")) and p.poll() is None and time.time() < deadline:
+        time.sleep(1)
     assert p.poll() is None, "the sweep ended before it could be interrupted: " + (env["tmp"] / "r3-first.log").read_text()[-3000:]
     p.send_signal(signal.SIGINT)
     rc = p.wait(timeout=300)
@@ -114,6 +119,8 @@ def test_interrupted_sweep_resumes_without_redoing_finished_trials(env):
     done = finished_trials()
     (parent,) = mlflow.search_runs(experiment_names=["raydd"], filter_string="tags.raydd_run = 'r3'", output_format="list")
     assert parent.info.status == "KILLED" and "best_test_acc" not in parent.data.metrics
+    # the trial Ctrl-C stopped, whatever stage it had reached, is not left RUNNING in the UI
+    assert [k.info.status for k in children(uri, parent.info.run_id) if k.info.status == "RUNNING"] == []
 
     again = run(base + ["--resume"], env, timeout=600)
     assert again.returncode == 0, (again.stdout + again.stderr)[-4000:]
@@ -134,3 +141,25 @@ def test_existing_sweep_name_needs_resume(env):
            "--storage", str(env["tmp"] / "tune")]
     p = run(cmd, env, timeout=300)
     assert p.returncode == 2 and "no sweep named 'nosuch'" in p.stderr, p.stderr[-2000:]
+
+
+def test_close_stopped_trials_ends_children_left_running(tmp_path):
+    """A trial whose process died before its first report (no metrics in Tune's grid, its `finally` never
+    ran) leaves its child run RUNNING; once Tune has returned, the sweep marks it KILLED, and nothing else."""
+    import dataclasses
+
+    from raydd.config import Config, TrackingConfig
+    from raydd.sweep import close_stopped_trials
+    from raydd.tracking import Tracker
+
+    tc = TrackingConfig(uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
+    parent = Tracker(tc, "sw")
+    stale = Tracker(tc, "sw-trial-a", parent_run_id=parent.run_id)
+    done = Tracker(tc, "sw-trial-b", parent_run_id=parent.run_id)
+    done.end("FINISHED")
+    other = Tracker(tc, "not-a-child")
+    close_stopped_trials(dataclasses.replace(Config(), tracking=tc), "sw", [], parent.run_id)
+    status = {name: Tracker.status(tc, t.run_id) for name, t in
+              (("parent", parent), ("stale", stale), ("done", done), ("other", other))}
+    assert status == {"parent": "RUNNING", "stale": "KILLED", "done": "FINISHED", "other": "RUNNING"}
+    assert mlflow.MlflowClient(tc.uri).get_run(stale.run_id).data.tags["raydd_stopped"] == "before its first stage"
