@@ -19,6 +19,11 @@ from raydd.generate import BackboneSpec, DistilledSet, GuidanceFactory, generate
 from raydd.train_hooks import TrainHooks, TrainResult, run_local
 
 
+def log(msg: str) -> None:
+    """The CLIs' "[raydd] ..." progress lines."""
+    print(f"[raydd] {msg}", flush=True)
+
+
 class LocalRunner:
     def __init__(self, cfg: Config):
         self.cfg = cfg
@@ -46,7 +51,7 @@ class LocalRunner:
 
 
 def train_cached(runner, cache_dir: Path, kind: str, loop: Callable[[dict, TrainHooks], None], config: dict,
-                 cpus_per_worker: float | None = None, log: Callable[[str], None] | None = None) -> Path:
+                 cpus_per_worker: float | None = None, log: Callable[[str], None] = log) -> Path:
     """Run a training job once per config: its final checkpoint directory is kept at
     <cache_dir>/<kind>/<config hash>/ (copied to a temp name, then renamed: a cached entry is complete).
     Processes that need the same entry at once (concurrent sweep trials) take turns on a lock file: the
@@ -58,9 +63,6 @@ def train_cached(runner, cache_dir: Path, kind: str, loop: Callable[[dict, Train
 
     from raydd.config import config_hash
 
-    if log is None:                                      # the CLIs' "[raydd] ..." lines
-        def log(msg: str) -> None:
-            print(f"[raydd] {msg}", flush=True)
     path = Path(cache_dir) / kind / config_hash(config)
     locks = Path(cache_dir) / ".locks"                   # beside the entries, so <kind>/ lists entries only
     locks.mkdir(parents=True, exist_ok=True)

@@ -17,11 +17,8 @@ from pathlib import Path
 
 from raydd.config import Config, ConfigError, flatten, list_presets, load_config, make_method_config
 from raydd.data import RealData, load_real
+from raydd.context import log  # (the CLIs' "[raydd]" lines; evaluate and sweep import it from here)
 from raydd.generate import BackboneSpec
-
-
-def log(msg: str) -> None:
-    print(f"[raydd] {msg}", flush=True)
 
 
 def peak_rss_mb() -> float:

@@ -113,27 +113,23 @@ class Tracker:
         self.client.set_terminated(self.run_id, status=status)
 
 
-def find_run(cfg: TrackingConfig, run_name: str) -> str | None:
-    """The id of the newest run with this raydd run name (for resuming without duplicating)."""
+def _search_runs(cfg: TrackingConfig, filter_string: str, **kwargs) -> list:
+    """Runs of cfg.experiment matching an MLflow filter ([] if the experiment does not exist yet)."""
     import mlflow
 
     client = mlflow.MlflowClient(tracking_uri(cfg))
     exp = client.get_experiment_by_name(cfg.experiment)
-    if exp is None:
-        return None
-    runs = client.search_runs([exp.experiment_id], filter_string=f"tags.raydd_run = '{run_name}'",
-                              order_by=["attributes.start_time DESC"], max_results=1)
+    return client.search_runs([exp.experiment_id], filter_string=filter_string, **kwargs) if exp else []
+
+
+def find_run(cfg: TrackingConfig, run_name: str) -> str | None:
+    """The id of the newest run with this raydd run name (for resuming without duplicating)."""
+    runs = _search_runs(cfg, f"tags.raydd_run = '{run_name}'", order_by=["attributes.start_time DESC"],
+                        max_results=1)
     return runs[0].info.run_id if runs else None
 
 
 def running_children(cfg: TrackingConfig, parent_run_id: str) -> list[str]:
     """Ids of the child runs of `parent_run_id` that are still marked RUNNING."""
-    import mlflow
-
-    client = mlflow.MlflowClient(tracking_uri(cfg))
-    exp = client.get_experiment_by_name(cfg.experiment)
-    if exp is None:
-        return []
-    runs = client.search_runs([exp.experiment_id], filter_string=f"tags.mlflow.parentRunId = '{parent_run_id}' "
-                                                                  f"and attributes.status = 'RUNNING'")
+    runs = _search_runs(cfg, f"tags.mlflow.parentRunId = '{parent_run_id}' and attributes.status = 'RUNNING'")
     return [r.info.run_id for r in runs]

@@ -91,8 +91,9 @@ def fit(loop: Callable[[dict, TrainHooks], None], config: dict, *, name: str, st
             failure_config=ray.train.FailureConfig(max_failures=max_failures),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
             callbacks=callbacks,
-            # Ray Train's INFO lines (two per report per worker: "Checkpoint successfully created", "Reporting
-            # training result") buried the loops' own progress; warnings and errors still show
+            # Ray Train's INFO lines ("Checkpoint successfully created" per report, the controller's worker-group
+            # lines) buried the loops' own progress; warnings and errors still show. "Reporting training result"
+            # stays: Ray logs it through a logger named by its file path, outside this setting
             logging_config=ray.train.LoggingConfig(log_level="WARNING"),
         ),
     )
