@@ -84,6 +84,17 @@ def _save_results(hooks: TrainHooks, done: dict[int, dict], metrics: dict) -> No
         hooks.report(metrics, checkpoint_dir=d if hooks.world_rank == 0 else None)
 
 
+def round_threads(peers: list[tuple[str, int]], busy: int, rank: int) -> int:
+    """Torch threads for `rank` in a round where ranks 0..busy-1 have a job; peers[r] = (node, threads given
+    to rank r). Each node's threads are shared out among its busy ranks, the first ones getting one more
+    when they do not divide evenly. Thread counts change the order of float sums, so a job's numbers may
+    differ slightly from the same job on other thread counts (as they do between machines)."""
+    here = [r for r in range(len(peers)) if peers[r][0] == peers[rank][0]]
+    busy_here = [r for r in here if r < busy]
+    share, extra = divmod(sum(peers[r][1] for r in here), len(busy_here))
+    return share + int(busy_here.index(rank) < extra)
+
+
 def eval_loop(config: dict, hooks: TrainHooks) -> None:
     """config: {"data", "eval", "jobs": [{kind, student, seed, protocol, ipc[, stage, epochs]}], "source",
     "teacher"} (+ "fault": {"after_rounds", "marker"} in tests: rank 0 dies once after that many rounds).
@@ -127,8 +138,15 @@ def eval_loop(config: dict, hooks: TrainHooks) -> None:
                             cfg=ecfg, epochs=epochs, seed=job["seed"], protocol=job["protocol"],
                             teacher=teacher if soft else None, device=hooks.device,
                             log=lambda line, tag=tag: print(tag, line, flush=True))
-        return {**job, **{k: res[k] for k in ("best_acc", "final_acc", "images_per_s", "train_s", "epochs")}}
+        return {**job, **{k: res[k] for k in ("best_acc", "final_acc", "images_per_s", "train_s", "epochs")},
+                "threads": torch.get_num_threads()}
 
+    # A round with fewer jobs than workers (the last of 3 seeds on 2 workers) leaves some workers waiting in
+    # all_gather, which costs no CPU: the busy workers on their node take over their threads (one digits
+    # convnet_d3 job here: 23 s on 1 thread, 13 s on 2; the default run's evaluation 63-68 s -> 53-56 s).
+    # Ray sets a worker's threads to its CPUs.
+    own_threads, on_cpu = torch.get_num_threads(), hooks.device.type == "cpu"
+    peers = hooks.all_gather((hooks.node_id, own_threads))                      # [(node, threads)] by rank
     fault, rounds_run = config.get("fault") or {}, 0
     for stage in sorted({job.get("stage", 1) for job in jobs}):
         in_stage = [i for i in range(len(jobs)) if jobs[i].get("stage", 1) == stage]
@@ -138,7 +156,11 @@ def eval_loop(config: dict, hooks: TrainHooks) -> None:
         rounds = [todo[k:k + hooks.world_size] for k in range(0, len(todo), hooks.world_size)] or [[]]
         for n, round_jobs in enumerate(rounds, start=1):
             mine = round_jobs[hooks.world_rank:hooks.world_rank + 1]            # [] or [job index]
-            for part in hooks.all_gather([(i, run(jobs[i])) for i in mine]):
+            if mine and on_cpu:
+                torch.set_num_threads(round_threads(peers, len(round_jobs), hooks.world_rank))
+            finished = [(i, run(jobs[i])) for i in mine]
+            torch.set_num_threads(own_threads)
+            for part in hooks.all_gather(finished):
                 done.update(part)
             metrics = {"jobs_done": len(done), "jobs_restored": restored}
             if n == len(rounds) and syn_jobs:                                   # the stage is complete

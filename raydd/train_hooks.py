@@ -6,6 +6,7 @@ runs under `raydd.distributed.train.fit` (Ray Train) and under `run_local` (unit
 """
 from __future__ import annotations
 
+import socket
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,6 +29,11 @@ class TrainHooks:
     @property
     def device(self) -> torch.device:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+    @property
+    def node_id(self) -> str:
+        """The machine this worker runs on: workers on one node may lend each other their CPUs."""
+        return socket.gethostname()
 
     def prepare_model(self, model: torch.nn.Module) -> torch.nn.Module:
         return model.to(self.device)

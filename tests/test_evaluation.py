@@ -211,3 +211,18 @@ def test_staged_evaluation_reports_each_stage_and_summarises_the_last(digits_cfg
     assert rec.reports[-1]["jobs_done"] == 6                                    # 3 stages x 2 seeds, one job
     plain = evaluate_set(cfg, source, LocalRunner(cfg))                         # unstaged: the same last stage
     assert plain["students"]["convnet_d1"]["accs"] == summary["students"]["convnet_d1"]["accs"]
+
+
+def test_round_threads_share_a_nodes_idle_threads_among_its_busy_ranks():
+    from raydd.eval_jobs import round_threads
+
+    two = [("a", 1), ("a", 1)]
+    assert [round_threads(two, 2, r) for r in (0, 1)] == [1, 1]          # a full round: each keeps its own
+    assert round_threads(two, 1, 0) == 2                                 # the idle rank 1 lends its thread
+    # 3 ranks on node a with 2 threads each, 1 on node b: a round of 2 jobs (ranks 0, 1 on node a)
+    mixed = [("a", 2), ("a", 2), ("b", 4), ("a", 2)]
+    assert [round_threads(mixed, 2, r) for r in (0, 1)] == [3, 3]        # node a's 6 threads, 2 busy ranks
+    assert round_threads(mixed, 3, 2) == 4                               # node b lends nothing to node a
+    assert [round_threads(mixed, 4, r) for r in range(4)] == [2, 2, 4, 2]
+    odd = [("a", 1)] * 5
+    assert [round_threads(odd, 2, r) for r in (0, 1)] == [3, 2]          # 5 threads over 2: the first gets one more

@@ -7,6 +7,7 @@ import uuid
 from pathlib import Path
 from typing import Any, Callable
 
+import ray
 import ray.train
 import ray.train.torch
 import torch
@@ -28,6 +29,10 @@ class RayHooks(TrainHooks):
     @property
     def device(self) -> torch.device:
         return ray.train.torch.get_device()
+
+    @property
+    def node_id(self) -> str:
+        return ray.get_runtime_context().get_node_id()
 
     def prepare_model(self, model: torch.nn.Module) -> torch.nn.Module:
         return ray.train.torch.prepare_model(model)  # DDP when world_size > 1
