@@ -306,6 +306,9 @@ def validate(cfg: Config) -> None:
         (cfg.compute.num_actors >= 1, f"compute.num_actors={cfg.compute.num_actors} must be >= 1"),
         (cfg.compute.batch_size >= 1, f"compute.batch_size={cfg.compute.batch_size} must be >= 1"),
         (cfg.compute.train_workers >= 1, "compute.train_workers must be >= 1"),
+        (min(cfg.compute.cpus_per_actor, cfg.compute.gpus_per_actor, cfg.compute.cpus_per_worker,
+             cfg.compute.gpus_per_worker) >= 0, "compute.cpus_per_actor, gpus_per_actor, cpus_per_worker and "
+                                                "gpus_per_worker must be >= 0"),
         (cfg.eval.seeds >= 1, f"eval.seeds={cfg.eval.seeds} must be >= 1"),
         (len(cfg.eval.students) >= 1, "eval.students must name at least one student"),
         (cfg.backbone.hidden_size % cfg.backbone.heads == 0, "backbone.hidden_size must be divisible by backbone.heads"),

@@ -123,12 +123,12 @@ def distill(cfg: Config, parent_run_id: str | None = None) -> dict:
     scratch = out_dir.parent / f".{out_dir.name}.work"
     scratch.mkdir(parents=True, exist_ok=True)
 
+    init_ray(cfg.compute)                                          # resources no node has fail here
     run_name = cfg.resolved_run_name()
     tracker = Tracker(cfg.tracking, run_name, run_id=find_run(cfg.tracking, run_name), parent_run_id=parent_run_id,
                       tags={"raydd_run": run_name, "method": cfg.method, "preset": cfg.preset})
     try:
         tracker.log_params(flatten(dataclasses.asdict(cfg)) | flatten({cfg.method: dataclasses.asdict(mcfg)}))
-        init_ray(cfg.compute)
         runner = RayRunner(cfg, scratch)
         out_dir, n_images, metrics = produce(cfg, data, runner, tracker, scratch)
 

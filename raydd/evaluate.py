@@ -33,11 +33,11 @@ def evaluate_folder(folder: str, cfg) -> dict:
     counts = [int((syn.y == c).sum()) for c in range(data.num_classes)]
     cfg.ipc = max(counts)
     log(f"evaluating {folder}: {len(syn.y)} images, IPC {cfg.ipc} (per class {min(counts)}..{max(counts)})")
+    init_ray(cfg.compute)
     tracker = Tracker(cfg.tracking, f"eval-{Path(folder).name}", tags={"raydd_eval": str(folder), "preset": cfg.preset})
     try:
         tracker.log_params(flatten(dataclasses.asdict(cfg)) | {"folder": str(Path(folder).resolve())})
         tracker.log_images("distilled_grid", image_grid(syn.x, syn.y))
-        init_ray(cfg.compute)
         t0 = time.time()
         runner = RayRunner(cfg, None)   # no scratch dir: nothing is written next to the user's folder
         max_workers = int(cluster_cpus() // max(cfg.compute.cpus_per_worker, 1e-9))
@@ -78,11 +78,11 @@ def evaluate_redundancy(folder: str, cfg, k: int) -> dict:
     log(f"redundancy of {folder}: {len(y)} images, K={k} increments, {cfg.eval.students} x {cfg.eval.seeds} seed(s)")
     root = Path(folder).resolve()
     name = root.parent.name if root.name == "images" else root.name    # our <out>/images -> <out>'s name
+    init_ray(cfg.compute)
     tracker = Tracker(cfg.tracking, f"redundancy-{name}",
                       tags={"raydd_redundancy": str(folder), "preset": cfg.preset})
     try:
         tracker.log_params(flatten(dataclasses.asdict(cfg)) | {"folder": str(root), "redundancy_k": k})
-        init_ray(cfg.compute)
         jobs = [{"student": s, "a": a, "seed": r}                 # train on increment a, seed r
                 for s in cfg.eval.students for a in range(k) for r in range(cfg.eval.seeds)]
         config = {"path": str(root), "data": dataclasses.asdict(cfg.data),

@@ -30,6 +30,7 @@ def test_smoke_section_and_overrides_win():
     ("data=3", "is a section"),
     ("ipc", "key=value"),
     ("sampler.cfg_scale=0.5", "must be >= 1"),
+    ("compute.cpus_per_actor=-1", "gpus_per_worker must be >= 0"),
 ])
 def test_bad_overrides_name_the_problem(override, expected):
     with pytest.raises(ConfigError, match=expected.replace("(", r"\(").replace("[", r"\[")):

@@ -210,3 +210,14 @@ def test_loops_travel_to_ray_train_by_name_only_when_importable():
     assert loop_ref(local_loop) is local_loop                      # defined in a function: pickled by value
     local_loop.__module__, local_loop.__qualname__ = "__main__", "local_loop"
     assert loop_ref(local_loop) is local_loop                      # a script's own loop: not importable by name
+
+
+def test_check_fits_fails_on_a_local_ray_and_warns_on_a_joined_cluster(ray_local, capsys):
+    from raydd.distributed.cluster import check_fits
+
+    check_fits(ComputeConfig(cpus_per_actor=2, cpus_per_worker=1), joined=False)       # the 2-CPU node fits
+    with pytest.raises(ValueError, match=r"compute.gpus_per_worker=1000, but no node .* has 1000 GPU "
+                                         r"\(the largest has (\d+)\); allowed: 0 to \1$"):
+        check_fits(ComputeConfig(gpus_per_worker=1000), joined=False)
+    check_fits(ComputeConfig(cpus_per_actor=3), joined=True)              # an autoscaler may add a larger node
+    assert "[raydd] warning: compute.cpus_per_actor=3, but no node" in capsys.readouterr().out

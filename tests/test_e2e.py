@@ -113,6 +113,16 @@ def test_bad_input_fails_fast_with_the_allowed_values(world, args, message):
     assert time.time() - t0 < 60
 
 
+def test_resources_no_node_has_fail_at_once(world):
+    """An actor asking for more CPUs than any node has used to wait forever ("pending: 1000 CPU")."""
+    t0 = time.time()
+    rc, out = run_cli(["raydd.distill", "--method", "dit", "--smoke", "compute.cpus_per_actor=1000",
+                       "run_name=too-big"], world["env"], world["tmp"], timeout=180)
+    assert rc == 2, out[-2000:]
+    assert "compute.cpus_per_actor=1000, but no node of this Ray cluster has 1000 CPU" in out, out[-2000:]
+    assert runs(world, raydd_run="too-big") == [] and time.time() - t0 < 60   # checked before the MLflow run
+
+
 def test_unreachable_mlflow_fails_before_heavy_work(world, tmp_path):
     env = dict(world["env"], MLFLOW_TRACKING_URI="http://127.0.0.1:9")
     t0 = time.time()

@@ -38,6 +38,25 @@ def init_ray(compute: ComputeConfig) -> None:
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = True
     ctx.print_on_execution_start = False
+    check_fits(compute, joined=bool(address))
+
+
+def check_fits(compute: ComputeConfig, joined: bool) -> None:
+    """An actor or Train worker that asks for more CPUs or GPUs than any node has waits forever (Ray Data
+    logs "pending: 4 CPU" and nothing else): fail at once, naming the setting and what the nodes allow. On
+    a joined cluster an autoscaler may still add a larger node, so there it is a warning."""
+    nodes = [n["Resources"] for n in ray.nodes() if n["Alive"]]
+    for key, resource, amount in (("cpus_per_actor", "CPU", compute.cpus_per_actor),
+                                  ("gpus_per_actor", "GPU", compute.gpus_per_actor),
+                                  ("cpus_per_worker", "CPU", compute.cpus_per_worker),
+                                  ("gpus_per_worker", "GPU", compute.gpus_per_worker)):
+        largest = max((node.get(resource, 0.0) for node in nodes), default=0.0)
+        if amount > largest:
+            msg = (f"compute.{key}={amount:g}, but no node of this Ray cluster has {amount:g} {resource} "
+                   f"(the largest has {largest:g}); allowed: 0 to {largest:g}")
+            if not joined:
+                raise ValueError(msg)
+            print(f"[raydd] warning: {msg}; waiting for the autoscaler to add a node that has them", flush=True)
 
 
 def _free_port(preferred: int) -> int:
