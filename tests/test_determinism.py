@@ -219,5 +219,18 @@ def test_check_fits_fails_on_a_local_ray_and_warns_on_a_joined_cluster(ray_local
     with pytest.raises(ValueError, match=r"compute.gpus_per_worker=1000, but no node .* has 1000 GPU "
                                          r"\(the largest has (\d+)\); allowed: 0 to \1$"):
         check_fits(ComputeConfig(gpus_per_worker=1000), joined=False)
+    with pytest.raises(ValueError, match=r"compute.train_workers=3 x compute.cpus_per_worker=1 needs 3 CPU, but "
+                                         r"this Ray cluster has 2; allowed: compute.train_workers <= 2"):
+        check_fits(ComputeConfig(train_workers=3), joined=False)        # one Train job's workers start together
     check_fits(ComputeConfig(cpus_per_actor=3), joined=True)              # an autoscaler may add a larger node
     assert "[raydd] warning: compute.cpus_per_actor=3, but no node" in capsys.readouterr().out
+
+
+def test_whole_cluster_jobs_split_a_node_between_their_workers(ray_local, digits_cfg):
+    """The tiny backbone trains with a whole node per worker; two workers on this one 2-CPU node used to ask
+    for 2 CPUs each, and Ray Train waited for them forever."""
+    from raydd.distributed.runner import RayRunner
+
+    cpus = lambda workers: RayRunner(dataclasses.replace(digits_cfg, compute=dataclasses.replace(  # noqa: E731
+        digits_cfg.compute, train_workers=workers)), None).max_cpus_per_worker()
+    assert (cpus(1), cpus(2)) == (2.0, 1.0)

@@ -57,6 +57,15 @@ def check_fits(compute: ComputeConfig, joined: bool) -> None:
             if not joined:
                 raise ValueError(msg)
             print(f"[raydd] warning: {msg}; waiting for the autoscaler to add a node that has them", flush=True)
+    for resource, per_worker in (("CPU", compute.cpus_per_worker), ("GPU", compute.gpus_per_worker)):
+        total = sum(node.get(resource, 0.0) for node in nodes)     # a Train job's workers start all at once
+        if compute.train_workers * per_worker > total:
+            msg = (f"compute.train_workers={compute.train_workers} x compute.{resource.lower()}s_per_worker="
+                   f"{per_worker:g} needs {compute.train_workers * per_worker:g} {resource}, but this Ray cluster "
+                   f"has {total:g}; allowed: compute.train_workers <= {int(total // per_worker)}")
+            if not joined:
+                raise ValueError(msg)
+            print(f"[raydd] warning: {msg}; waiting for the autoscaler", flush=True)
 
 
 def _free_port(preferred: int) -> int:

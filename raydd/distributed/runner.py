@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import hashlib
+import math
 from pathlib import Path
 from typing import Callable
 
@@ -50,5 +51,9 @@ class RayRunner:
                    gpus_per_worker=c.gpus_per_worker, max_failures=self.max_train_failures, callbacks=callbacks)
 
     def max_cpus_per_worker(self) -> float:
-        """The most CPUs one worker can get: the largest node's CPU count."""
-        return max(float(n["Resources"].get("CPU", 0)) for n in ray.nodes() if n["Alive"])
+        """CPUs for each of compute.train_workers workers of a job that may use the whole cluster (the tiny
+        backbone): the largest node's CPUs, split when there are more workers than nodes (else a second
+        whole-node worker on a one-node Ray could never start)."""
+        cpus = [float(n["Resources"].get("CPU", 0)) for n in ray.nodes() if n["Alive"]]
+        per_node = math.ceil(self.cfg.compute.train_workers / len(cpus))
+        return max(1.0, max(cpus) // per_node)
