@@ -431,6 +431,16 @@ def _resolve(source: str, what: str) -> Path:
             f"diffusers dir or an original .pt checkpoint") from e
 
 
+def check_sources(cfg: BackboneConfig) -> None:
+    """Find (not load) the backbone's files: a missing path, an uncached hub id or a missing checkpoint fails
+    here, in the driver, with the loaders' message, instead of in every sampling actor once Ray started them."""
+    _resolve(cfg.source, "DiT source")
+    if cfg.vae != "identity":
+        _resolve(cfg.vae, "VAE source")
+    if cfg.checkpoint and not Path(cfg.checkpoint).expanduser().is_file():
+        raise FileNotFoundError(f"backbone.checkpoint not found: {cfg.checkpoint} (no such file)")
+
+
 def _from_pretrained_strict(cls, path: Path, subfolder: str | None, what: str):
     try:
         # low_cpu_mem_usage needs accelerate; say so explicitly to avoid diffusers' warning without it

@@ -40,6 +40,14 @@ def check_method(cfg: Config):
     return method, make_method_config(method.Config, cfg.methods.get(cfg.method, {}), cfg.method)
 
 
+def check_backbone(cfg: Config) -> None:
+    """A user's backbone (hub id, dir, weight file) must be there before Ray starts actors that load it."""
+    if cfg.backbone.source != "tiny":
+        from raydd.backbone import check_sources
+
+        check_sources(cfg.backbone)
+
+
 def ensure_backbone(cfg: Config, data: RealData, runner) -> BackboneSpec:
     """The frozen backbone's spec. 'tiny': trained with Ray Train on first use, cached by config hash."""
     from raydd.context import train_cached
@@ -117,6 +125,7 @@ def distill(cfg: Config, parent_run_id: str | None = None) -> dict:
     _, mcfg = check_method(cfg)
     check_reachable(cfg.tracking)                                  # fail in seconds, not after sampling
     data = load_real(cfg.data)                                     # unknown classes / corrupt images fail here
+    check_backbone(cfg)                                            # missing weights fail here
     log(f"{cfg.method} on {cfg.preset}: {data.num_classes} classes, {len(data.train)} train / "
         f"{len(data.val)} val / {len(data.test)} test images, IPC {cfg.ipc}")
     out_dir = cfg.output_dir()

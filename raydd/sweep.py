@@ -23,8 +23,8 @@ import time
 from pathlib import Path
 
 from raydd.config import Config, flatten, load_config
-from raydd.distill import (build_parser, check_method, distill, ensure_backbone, log, prepare_method, produce,
-                           run_cli)
+from raydd.distill import (build_parser, check_backbone, check_method, distill, ensure_backbone, log, prepare_method,
+                           produce, run_cli)
 from raydd.tune_space import SearchSpace, load_space
 
 STAGES = (0.25, 0.5, 1.0)      # fractions of the student-training epochs, one report each
@@ -203,6 +203,7 @@ def sweep(method: str, base: Config, final_eval, *, trials: int, max_concurrent:
     # trials run in their own directories: hand them the resolved (absolute) tracking URI
     base = dataclasses.replace(base, tracking=dataclasses.replace(base.tracking, uri=check_reachable(base.tracking)))
     data = load_real(base.data)
+    check_backbone(base)                                          # missing weights fail here
     path = str(Path(storage).expanduser().resolve()) if "://" not in storage else storage
     sweep_dir = Path(path) / name if "://" not in storage else Path(name)
     exists = ray.tune.Tuner.can_restore(f"{path}/{name}")

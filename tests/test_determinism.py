@@ -234,3 +234,23 @@ def test_whole_cluster_jobs_split_a_node_between_their_workers(ray_local, digits
     cpus = lambda workers: RayRunner(dataclasses.replace(digits_cfg, compute=dataclasses.replace(  # noqa: E731
         digits_cfg.compute, train_workers=workers)), None).max_cpus_per_worker()
     assert (cpus(1), cpus(2)) == (2.0, 1.0)
+
+
+def test_actors_that_cannot_start_end_the_stage_with_their_own_error(ray_local, digits_cfg):
+    import numpy as np
+
+    from raydd.distributed.data import map_ray
+
+    class CannotStart:                  # (defined here: pickled by value, the workers cannot import tests/)
+        """A map stage's actor whose constructor fails, as with weights that do not load."""
+
+        def __init__(self):
+            raise ValueError("refusing to load /weights/dit.pt: not a state dict")
+
+        def __call__(self, batch):
+            return batch
+
+    cols = {"unit": np.array([0, 0, 1]), "x": np.array([1.0, 2.0, 3.0])}
+    with pytest.raises(RuntimeError, match=r"^the CannotStart actors could not start: ValueError: refusing to load "
+                                           r"/weights/dit.pt: not a state dict$"):
+        map_ray(CannotStart, {}, cols, digits_cfg.compute)

@@ -105,6 +105,9 @@ def test_evaluate_any_imagefolder(world):
     (["--method", "dit", "data.classes=1,x"], "not found"),
     (["--method", "dit", "--preset", "imagenette"], "data.root must be set"),
     (["--method", "random", "ipc=500"], "larger than the real pool"),
+    (["--method", "dit", "backbone.source=/nonexistent/dit"], "DiT source not found: /nonexistent/dit"),
+    (["--method", "dit", "compute.ray_address=127.0.0.1:1"], "Ray address '127.0.0.1:1' (compute.ray_address or "
+                                                             "RAY_ADDRESS): nothing answers there"),
 ])
 def test_bad_input_fails_fast_with_the_allowed_values(world, args, message):
     t0 = time.time()

@@ -16,6 +16,7 @@ def init_ray(compute: ComputeConfig) -> None:
     address = compute.ray_address or os.environ.get("RAY_ADDRESS", "")
     os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "0")
     if address:
+        check_address(address)
         ray.init(address=address, log_to_driver=True)
     else:
         # Ray Train's controller collects reports and worker-group state every 2 s by default: a report that
@@ -66,6 +67,22 @@ def check_fits(compute: ComputeConfig, joined: bool) -> None:
             if not joined:
                 raise ValueError(msg)
             print(f"[raydd] warning: {msg}; waiting for the autoscaler", flush=True)
+
+
+def check_address(address: str) -> None:
+    """ray.init retries an address where no Ray listens for minutes (the GCS connection timeouts): try one
+    TCP connection to host:port first ("auto" and other forms without a port are left to Ray)."""
+    import socket
+
+    host, sep, port = address.split("://", 1)[-1].rpartition(":")           # ray://host:port, host:port
+    if not sep or not port.isdigit():
+        return
+    try:
+        socket.create_connection((host, int(port)), timeout=5).close()
+    except OSError as e:
+        raise RuntimeError(f"Ray address {address!r} (compute.ray_address or RAY_ADDRESS): nothing answers there "
+                           f"({e}). Start the cluster (`ray start --head`), fix the address, or leave both unset "
+                           f"to start a local Ray") from None
 
 
 def _free_port(preferred: int) -> int:

@@ -75,7 +75,7 @@ def map_ray(udf: type, udf_kwargs: dict, columns: dict[str, np.ndarray], compute
             # actor is replaced and its unfinished units re-run), and passing them is deprecated in Ray 2.60
         )
         parts: dict[int, list[dict[str, np.ndarray]]] = {}   # a unit may arrive in more than one batch
-        for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
+        for batch in _batches_or_init_error(ds, udf):
             for u in np.unique(batch["unit"]):
                 part = {k: v[batch["unit"] == u] for k, v in batch.items()}
                 done.append(part)
@@ -90,6 +90,19 @@ def map_ray(udf: type, udf_kwargs: dict, columns: dict[str, np.ndarray], compute
                         print(f"[raydd] fault injection: driver exits after saving {saved} unit(s)", flush=True)
                         os._exit(3)
     return {k: np.concatenate([d[k] for d in done]) for k in done[0]}
+
+
+def _batches_or_init_error(ds, udf: type):
+    """ds's batches. When the actors cannot even be built (weights that do not load, a bad guidance model),
+    Ray ends the stage with an ActorDiedError whose text is the constructor's whole traceback: raise its
+    last line, the constructor's own error, instead (the traceback is in the actor's log above it)."""
+    try:
+        yield from ds.iter_batches(batch_size=None, batch_format="numpy")
+    except ray.exceptions.ActorDiedError as e:
+        if not e.actor_init_failed:
+            raise
+        raise RuntimeError(f"the {udf.__name__} actors could not start: "
+                           f"{str(e).strip().splitlines()[-1]}") from None
 
 
 def stage_key(*parts) -> str:
