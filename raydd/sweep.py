@@ -22,7 +22,7 @@ import sys
 import time
 from pathlib import Path
 
-from raydd.config import Config, flatten, load_config
+from raydd.config import Config, ConfigError, flatten, load_config
 from raydd.distill import (build_parser, check_backbone, check_method, distill, ensure_backbone, log, prepare_method,
                            produce, run_cli)
 from raydd.tune_space import SearchSpace, load_space
@@ -299,7 +299,7 @@ def main(argv: list[str] | None = None) -> int:
 
     p: argparse.ArgumentParser = build_parser("python -m raydd.sweep", __doc__.split("\n\n")[1])
     p.add_argument("--method", required=True, help=f"one of: {', '.join(list_methods())}")
-    p.add_argument("--trials", type=int, default=0, help="number of trials (default 8; 2 with --smoke)")
+    p.add_argument("--trials", type=int, default=None, help="number of trials (default 8; 2 with --smoke)")
     p.add_argument("--max-concurrent", type=int, default=0, help="cap on concurrent trials (default: what fits)")
     p.add_argument("--time-budget", type=float, default=None, help="stop starting trials after this many seconds")
     p.add_argument("--storage", default="sweeps", help="Tune results: a local dir or s3:// / gs:// URI")
@@ -309,11 +309,16 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_intermixed_args(argv)
 
     def body():
+        trials = args.trials if args.trials is not None else (2 if args.smoke else 8)
+        for ok, msg in ((trials >= 1, f"--trials={trials} must be >= 1"),      # (Tune reads -1 as "forever")
+                        (args.max_concurrent >= 0, f"--max-concurrent={args.max_concurrent} must be >= 0 (0 = what fits)"),
+                        (args.time_budget is None or args.time_budget > 0, f"--time-budget={args.time_budget} must be > 0")):
+            if not ok:
+                raise ConfigError(msg)
         user = load_config(args.preset, args.overrides, smoke=args.smoke, method=args.method)
         # trials: one student seed on the val split, no DD-Ranking references; the best config's re-run
         # gets the user's evaluation settings on the test split
         trial_base = dataclasses.replace(user, eval=dataclasses.replace(user.eval, seeds=1, ranking=False, split="val"))
-        trials = args.trials or (2 if args.smoke else 8)
         name = args.name or f"{args.preset}-{args.method}-sweep{'-smoke' if args.smoke else ''}"
         t0 = time.time()
         sweep(args.method, trial_base, dataclasses.replace(user.eval, split="test"), trials=trials,

@@ -143,6 +143,16 @@ def test_existing_sweep_name_needs_resume(env):
     assert p.returncode == 2 and "no sweep named 'nosuch'" in p.stderr, p.stderr[-2000:]
 
 
+@pytest.mark.parametrize("args, message", [(["--trials", "0"], "--trials=0 must be >= 1"),
+                                           (["--trials", "-1"], "--trials=-1 must be >= 1"),
+                                           (["--max-concurrent", "-1"], "--max-concurrent=-1 must be >= 0"),
+                                           (["--time-budget", "0"], "--time-budget=0.0 must be > 0")])
+def test_bad_sweep_arguments_fail_before_anything_runs(env, args, message):
+    """--trials 0 used to mean the default and -1 Tune's "sample forever"."""
+    p = run([sys.executable, "-m", "raydd.sweep", "--method", "dit", "--smoke", *args], env, timeout=120)
+    assert p.returncode == 2 and message in p.stderr, p.stderr[-2000:]
+
+
 def test_close_stopped_trials_ends_children_left_running(tmp_path):
     """A trial whose process died before its first report (no metrics in Tune's grid, its `finally` never
     ran) leaves its child run RUNNING; once Tune has returned, the sweep marks it KILLED, and nothing else."""
