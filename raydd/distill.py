@@ -152,8 +152,8 @@ def distill(cfg: Config, parent_run_id: str | None = None) -> dict:
         tracker.set_tags({"output_dir": str(out_dir)})
         tracker.log_dict({"output_dir": str(out_dir), "summary": summary, "metrics": metrics}, "result.json")
         tracker.end("FINISHED")
-    except BaseException:
-        tracker.end("FAILED")
+    except BaseException as e:
+        tracker.end("KILLED" if isinstance(e, KeyboardInterrupt) else "FAILED")
         raise
     shutil.rmtree(scratch, ignore_errors=True)
     result = {"run_id": tracker.run_id, "output_dir": str(out_dir), "summary": summary, "metrics": metrics}

@@ -52,8 +52,8 @@ def evaluate_folder(folder: str, cfg) -> dict:
         tracker.log_metrics(metrics)
         tracker.log_dict({"folder": str(folder), "summary": summary}, "result.json")
         tracker.end("FINISHED")
-    except BaseException:
-        tracker.end("FAILED")
+    except BaseException as e:
+        tracker.end("KILLED" if isinstance(e, KeyboardInterrupt) else "FAILED")
         raise
     for s, r in summary["students"].items():
         log(f"  {s:16s} {r['protocol']}-label acc {100 * r['acc_mean']:.1f} +- {100 * r['acc_std']:.1f} "
@@ -101,8 +101,8 @@ def evaluate_redundancy(folder: str, cfg, k: int) -> dict:
         tracker.log_dict({"folder": str(folder), "k": k, "matrices": {s: r.tolist() for s, r in matrices.items()},
                           "jobs": results}, "redundancy.json")
         tracker.end("FINISHED")
-    except BaseException:
-        tracker.end("FAILED")
+    except BaseException as e:
+        tracker.end("KILLED" if isinstance(e, KeyboardInterrupt) else "FAILED")
         raise
     for s, r in matrices.items():
         report_lines(r, s, log)

@@ -90,6 +90,31 @@ def test_driver_dies_mid_stage_and_between_stages_and_rerun_resumes_identically(
     assert run.info.status == "FINISHED"
 
 
+def test_ctrl_c_during_evaluation_exits_130_and_the_rerun_finishes(world):
+    """Ray Train's fit() turned Ctrl-C into SystemExit: exit code 1, no message, run marked FAILED."""
+    import signal
+
+    args = [sys.executable, "-m", "raydd.distill", "--method", "dit", "--smoke", "run_name=ctrl-c"]
+    log_path = world["tmp"] / "ctrl-c.log"
+    with open(log_path, "w") as log:
+        p = subprocess.Popen(args, env=world["env"], cwd=world["tmp"], stdout=log, stderr=subprocess.STDOUT)
+        deadline = time.time() + 300
+        while "evaluating:" not in log_path.read_text() and p.poll() is None and time.time() < deadline:
+            time.sleep(0.5)
+        time.sleep(3)                                     # inside the Train job (its start-up alone takes ~10 s)
+        assert p.poll() is None, log_path.read_text()[-3000:]
+        p.send_signal(signal.SIGINT)
+        rc = p.wait(timeout=120)
+    out = log_path.read_text()
+    assert rc == 130 and "raydd: interrupted: Ray Train job eval-ctrl-c" in out, out[-3000:]
+    (run,) = runs(world, raydd_run="ctrl-c")
+    assert run.info.status == "KILLED"
+    rc, out = run_cli(args[2:], world["env"], world["tmp"])                  # the same command again
+    assert rc == 0, out[-3000:]
+    (run,) = runs(world, raydd_run="ctrl-c")
+    assert run.info.status == "FINISHED"
+
+
 def test_evaluate_any_imagefolder(world):
     folder = world["tmp"] / "outputs" / "digits-dit-ipc2-s0" / "images"
     rc, out = run_cli(["raydd.evaluate", str(folder), "--smoke", "eval.ranking=false"], world["env"], world["tmp"])

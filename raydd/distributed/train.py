@@ -2,7 +2,9 @@
 TorchTrainer — the tiny backbone, teachers, reference models and every student evaluation."""
 from __future__ import annotations
 
+import signal
 import tempfile
+import threading
 import uuid
 from pathlib import Path
 from typing import Any, Callable
@@ -102,5 +104,17 @@ def fit(loop: Callable[[dict, TrainHooks], None], config: dict, *, name: str, st
             logging_config=ray.train.LoggingConfig(log_level="WARNING"),
         ),
     )
-    result = trainer.fit()
+    # Ray Train's fit() (in the main thread) installs a SIGINT handler that aborts the run and ends in
+    # SystemExit, and leaves it installed: Ctrl-C ended raydd with exit code 1 and no message, and a later
+    # Ctrl-C (say, while sampling) with exit code 0. Put the previous handler back and report the abort as
+    # the KeyboardInterrupt it was (Ray Train calls sys.exit only from that handler).
+    in_main = threading.current_thread() is threading.main_thread()
+    previous = signal.getsignal(signal.SIGINT) if in_main else None
+    try:
+        result = trainer.fit()
+    except SystemExit:
+        raise KeyboardInterrupt(f"Ray Train job {name} aborted") from None
+    finally:
+        if in_main:
+            signal.signal(signal.SIGINT, previous)
     return TrainResult(dict(result.metrics or {}), result.checkpoint.path if result.checkpoint else None)
