@@ -70,8 +70,13 @@ def test_train_job_restores_from_checkpoint_after_worker_failure(ray_local, tmp_
                 open(config["marker"], "w").close()
                 os._exit(1)                              # the worker process dies
 
+    import signal
+
+    before = signal.getsignal(signal.SIGINT)
     result = fit(crash_once_loop, {"marker": str(tmp_path / "crashed"), "steps": 6}, name="restore-test",
                  storage=tmp_path / "train", max_failures=1)
+    # Ray Train's own Ctrl-C handler is gone again (left installed, it swallowed every later Ctrl-C)
+    assert signal.getsignal(signal.SIGINT) is before
     assert (tmp_path / "crashed").exists()
     # resumed from a persisted checkpoint (not from scratch); the one reported just before the crash
     # may not have been persisted yet (reports are asynchronous), so step 2 or 3

@@ -106,8 +106,8 @@ def fit(loop: Callable[[dict, TrainHooks], None], config: dict, *, name: str, st
     )
     # Ray Train's fit() (in the main thread) installs a SIGINT handler that aborts the run and ends in
     # SystemExit, and leaves it installed: Ctrl-C ended raydd with exit code 1 and no message, and a later
-    # Ctrl-C (say, while sampling) with exit code 0. Put the previous handler back and report the abort as
-    # the KeyboardInterrupt it was (Ray Train calls sys.exit only from that handler).
+    # Ctrl-C (say, while sampling after the backbone trained) was swallowed. Put the previous handler back
+    # and report the abort as the KeyboardInterrupt it was (Ray Train calls sys.exit only from that handler).
     in_main = threading.current_thread() is threading.main_thread()
     previous = signal.getsignal(signal.SIGINT) if in_main else None
     try:
