@@ -241,6 +241,15 @@ def test_whole_cluster_jobs_split_a_node_between_their_workers(ray_local, digits
     assert (cpus(1), cpus(2)) == (2.0, 1.0)
 
 
+def test_whole_cluster_share_fits_every_worker_at_once():
+    from raydd.distributed.runner import whole_cluster_share
+
+    assert whole_cluster_share([2.0], 1) == 2.0 and whole_cluster_share([2.0], 2) == 1.0
+    assert whole_cluster_share([0.0, 8.0, 2.0], 2) == 2.0      # a 0-CPU head runs none; the 2nd largest fits both
+    assert whole_cluster_share([8.0, 4.0], 4) == 2.0            # 2 workers per node: the 4-CPU node split
+    assert whole_cluster_share([0.0], 1) == 0.0                 # no CPUs yet: the caller's configured size
+
+
 def test_actors_that_cannot_start_end_the_stage_with_their_own_error(ray_local, digits_cfg):
     import numpy as np
 

@@ -46,6 +46,11 @@ def check_fits(compute: ComputeConfig, joined: bool) -> None:
     """An actor or Train worker that asks for more CPUs or GPUs than any node has waits forever (Ray Data
     logs "pending: 4 CPU" and nothing else): fail at once, naming the setting and what the nodes allow. On
     a joined cluster an autoscaler may still add a larger node, so there it is a warning."""
+    def refuse(msg: str) -> None:
+        if not joined:
+            raise ValueError(msg)
+        print(f"[raydd] warning: {msg}; waiting for the autoscaler to add what is missing", flush=True)
+
     nodes = [n["Resources"] for n in ray.nodes() if n["Alive"]]
     for key, resource, amount in (("cpus_per_actor", "CPU", compute.cpus_per_actor),
                                   ("gpus_per_actor", "GPU", compute.gpus_per_actor),
@@ -53,20 +58,14 @@ def check_fits(compute: ComputeConfig, joined: bool) -> None:
                                   ("gpus_per_worker", "GPU", compute.gpus_per_worker)):
         largest = max((node.get(resource, 0.0) for node in nodes), default=0.0)
         if amount > largest:
-            msg = (f"compute.{key}={amount:g}, but no node of this Ray cluster has {amount:g} {resource} "
+            refuse(f"compute.{key}={amount:g}, but no node of this Ray cluster has {amount:g} {resource} "
                    f"(the largest has {largest:g}); allowed: 0 to {largest:g}")
-            if not joined:
-                raise ValueError(msg)
-            print(f"[raydd] warning: {msg}; waiting for the autoscaler to add a node that has them", flush=True)
     for resource, per_worker in (("CPU", compute.cpus_per_worker), ("GPU", compute.gpus_per_worker)):
         total = sum(node.get(resource, 0.0) for node in nodes)     # a Train job's workers start all at once
         if compute.train_workers * per_worker > total:
-            msg = (f"compute.train_workers={compute.train_workers} x compute.{resource.lower()}s_per_worker="
+            refuse(f"compute.train_workers={compute.train_workers} x compute.{resource.lower()}s_per_worker="
                    f"{per_worker:g} needs {compute.train_workers * per_worker:g} {resource}, but this Ray cluster "
                    f"has {total:g}; allowed: compute.train_workers <= {int(total // per_worker)}")
-            if not joined:
-                raise ValueError(msg)
-            print(f"[raydd] warning: {msg}; waiting for the autoscaler", flush=True)
 
 
 def check_address(address: str) -> None:

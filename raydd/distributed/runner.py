@@ -52,8 +52,19 @@ class RayRunner:
 
     def max_cpus_per_worker(self) -> float:
         """CPUs for each of compute.train_workers workers of a job that may use the whole cluster (the tiny
-        backbone): the largest node's CPUs, split when there are more workers than nodes (else a second
-        whole-node worker on a one-node Ray could never start)."""
+        backbone, IGDS's estimator in a sweep)."""
         cpus = [float(n["Resources"].get("CPU", 0)) for n in ray.nodes() if n["Alive"]]
-        per_node = math.ceil(self.cfg.compute.train_workers / len(cpus))
-        return max(1.0, max(cpus) // per_node)
+        return whole_cluster_share(cpus, self.cfg.compute.train_workers) or self.cfg.compute.cpus_per_worker
+
+
+def whole_cluster_share(node_cpus: list[float], workers: int) -> float:
+    """The most CPUs each of `workers` workers can ask for so that all of them fit at once, one per node
+    while there are nodes enough (the workers-th largest node), else shared (the smallest node split);
+    0 when no node has CPUs yet (an autoscaler's head started with --num-cpus=0). Asking for a whole node
+    per worker made two workers on a one-node Ray wait forever."""
+    cpus = sorted((c for c in node_cpus if c > 0), reverse=True)
+    if not cpus:
+        return 0.0
+    if workers <= len(cpus):
+        return cpus[workers - 1]
+    return max(1.0, cpus[-1] // math.ceil(workers / len(cpus)))
