@@ -153,7 +153,7 @@ def distill(cfg: Config, parent_run_id: str | None = None) -> dict:
         tracker.log_dict({"output_dir": str(out_dir), "summary": summary, "metrics": metrics}, "result.json")
         tracker.end("FINISHED")
     except BaseException as e:
-        tracker.end("KILLED" if isinstance(e, KeyboardInterrupt) else "FAILED")
+        tracker.end_after(e)
         raise
     shutil.rmtree(scratch, ignore_errors=True)
     result = {"run_id": tracker.run_id, "output_dir": str(out_dir), "summary": summary, "metrics": metrics}

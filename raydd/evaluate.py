@@ -53,7 +53,7 @@ def evaluate_folder(folder: str, cfg) -> dict:
         tracker.log_dict({"folder": str(folder), "summary": summary}, "result.json")
         tracker.end("FINISHED")
     except BaseException as e:
-        tracker.end("KILLED" if isinstance(e, KeyboardInterrupt) else "FAILED")
+        tracker.end_after(e)
         raise
     for s, r in summary["students"].items():
         log(f"  {s:16s} {r['protocol']}-label acc {100 * r['acc_mean']:.1f} +- {100 * r['acc_std']:.1f} "
@@ -102,7 +102,7 @@ def evaluate_redundancy(folder: str, cfg, k: int) -> dict:
                           "jobs": results}, "redundancy.json")
         tracker.end("FINISHED")
     except BaseException as e:
-        tracker.end("KILLED" if isinstance(e, KeyboardInterrupt) else "FAILED")
+        tracker.end_after(e)
         raise
     for s, r in matrices.items():
         report_lines(r, s, log)

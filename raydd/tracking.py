@@ -112,6 +112,10 @@ class Tracker:
     def end(self, status: str = "FINISHED") -> None:
         self.client.set_terminated(self.run_id, status=status)
 
+    def end_after(self, error: BaseException) -> None:
+        """End a run that `error` cut short: KILLED for an interrupt (Ctrl-C), FAILED for anything else."""
+        self.end("KILLED" if isinstance(error, KeyboardInterrupt) else "FAILED")
+
 
 def _search_runs(cfg: TrackingConfig, filter_string: str, **kwargs) -> list:
     """Runs of cfg.experiment matching an MLflow filter ([] if the experiment does not exist yet)."""
