@@ -434,8 +434,9 @@ def _resolve(source: str, what: str) -> Path:
 def check_sources(cfg: BackboneConfig) -> None:
     """Find (not load) the backbone's files: a missing path, an uncached hub id or a missing checkpoint fails
     here, in the driver, with the loaders' message, instead of in every sampling actor once Ray started them."""
-    _resolve(cfg.source, "DiT source")
-    if cfg.vae != "identity":
+    if cfg.source != "tiny":                 # "tiny": trained on first use
+        _resolve(cfg.source, "DiT source")
+    if cfg.vae not in ("identity", "tiny"):
         _resolve(cfg.vae, "VAE source")
     if cfg.checkpoint and not Path(cfg.checkpoint).expanduser().is_file():
         raise FileNotFoundError(f"backbone.checkpoint not found: {cfg.checkpoint} (no such file)")
@@ -535,6 +536,9 @@ def load_vae(source: str, scale: float = 0.18215) -> IdentityVAE | SDVAE:
     """
     if source == "identity":
         return IdentityVAE()
+    if source == "tiny":
+        raise ValueError("backbone.vae='tiny' is not loaded by load_vae: train (or reuse) the cached tiny VAE first "
+                         "(raydd.distill.ensure_backbone) and pass its saved directory")
     path = _resolve(source, "VAE source")
     if not path.is_dir():
         raise ValueError(f"VAE source {path} must be a diffusers AutoencoderKL dir or hub id, not a file")

@@ -48,8 +48,9 @@ class DataConfig:
 class BackboneConfig:
     source: str = "tiny"           # "tiny" (trained on first use, cached) | hub id | diffusers dir | .pt/.safetensors
     checkpoint: str = ""           # optional weights applied on top (original DiT .pt, maybe `ema`-nested)
-    vae: str = "identity"          # "identity" (pixel space) | hub id | local AutoencoderKL dir
-    vae_scale: float = 0.18215     # SD VAE latent scale
+    vae: str = "identity"          # "identity" (pixel space) | "tiny" (trained on first use, cached) | hub id |
+                                   # local AutoencoderKL dir
+    vae_scale: float = 0.18215     # SD VAE latent scale (a tiny VAE brings its own: 1 / std of its latents)
     latent_size: int = 32          # non-tiny backbones: latent side (256 px / 8)
     # tiny DiT (digits): trained with the DiT recipe (L_simple + L_vlb, learned-range variance)
     hidden_size: int = 128
@@ -59,6 +60,9 @@ class BackboneConfig:
     train_steps: int = 3000
     train_batch: int = 128
     train_lr: float = 1e-3         # (label dropout to the null class is diffusers' fixed 10%)
+    # tiny VAE (digits-latent): diffusers AutoencoderKL, blocks (w, 2w, 2w), 4 latent channels, side / 4
+    vae_width: int = 16
+    vae_train_steps: int = 800
 
 
 @dataclass

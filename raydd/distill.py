@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import resource
 import shutil
 import sys
@@ -42,18 +43,25 @@ def check_method(cfg: Config):
 
 def check_backbone(cfg: Config) -> None:
     """A user's backbone (hub id, dir, weight file) must be there before Ray starts actors that load it."""
-    if cfg.backbone.source != "tiny":
-        from raydd.backbone import check_sources
+    from raydd.backbone import check_sources
 
-        check_sources(cfg.backbone)
+    check_sources(cfg.backbone)
 
 
 def ensure_backbone(cfg: Config, data: RealData, runner) -> BackboneSpec:
-    """The frozen backbone's spec. 'tiny': trained with Ray Train on first use, cached by config hash."""
+    """The frozen backbone's spec. 'tiny' (the DiT, and the VAE of digits-latent): trained with Ray Train on
+    first use, cached by config hash; the VAE first, since the DiT learns its latents."""
     from raydd.context import train_cached
     from raydd.finetune import tiny_backbone_config, train_tiny_backbone
 
     b = cfg.backbone
+    if b.vae == "tiny":
+        from raydd.autoencoder import tiny_vae_config, train_tiny_vae
+
+        path = train_cached(runner, cfg.resolved_cache_dir(), "vaes", train_tiny_vae, tiny_vae_config(b, cfg.data),
+                            cpus_per_worker=runner.max_cpus_per_worker(), log=log)
+        scale = json.loads((path / "vae" / "config.json").read_text())["scaling_factor"]
+        b = dataclasses.replace(b, vae=str(path / "vae"), vae_scale=float(scale))
     if b.source == "tiny":
         path = train_cached(runner, cfg.resolved_cache_dir(), "backbones", train_tiny_backbone,
                             tiny_backbone_config(b, cfg.sampler, cfg.data, seed=0),

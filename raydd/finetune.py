@@ -107,28 +107,40 @@ def transformer_predict(model, channels: int) -> Predict:
 # The tiny backbone: trained with the DiT recipe on the real train split (Ray Train loop)
 # --------------------------------------------------------------------------------------------
 def tiny_backbone_config(backbone: BackboneConfig, sampler: SamplerConfig, data: DataConfig, seed: int) -> dict:
-    """The training job's config (also its cache key): only what changes the trained weights."""
+    """The training job's config (also its cache key): only what changes the trained weights. With a VAE
+    (digits-latent: backbone.vae is the trained tiny VAE's dir), the DiT learns that VAE's latents."""
     schedule = SamplerConfig(train_timesteps=sampler.train_timesteps, beta_start=sampler.beta_start,
                              beta_end=sampler.beta_end)
     return {"backbone": asdict(backbone), "sampler": asdict(schedule), "data": asdict(data), "seed": seed}
 
 
+@torch.no_grad()
+def encode_batch(vae, x_uint8: torch.Tensor, device, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Real images uint8 [B, C, H, W] -> the DiT's inputs on `device`: VAE latents (a posterior sample when a
+    generator is given, as DiT's train.py draws them), or the pixels in [-1, 1] for pixel-space backbones."""
+    from raydd.evaluation import to_float
+
+    x = to_float(x_uint8).to(device)
+    return vae.encode(x, generator=generator)
+
+
 def train_tiny_backbone(config: dict, hooks: TrainHooks) -> None:
     """Train a tiny DiT on the real train split; report a diffusers model dir as the checkpoint.
     Data-parallel when hooks.world_size > 1 (each rank draws its own batches)."""
-    from raydd.backbone import save_transformer, tiny_dit
+    from raydd.backbone import load_vae, save_transformer, tiny_dit
     from raydd.data import load_real
-    from raydd.evaluation import to_float
 
     bcfg, scfg, dcfg = BackboneConfig(**config["backbone"]), SamplerConfig(**config["sampler"]), DataConfig(**config["data"])
     torch.manual_seed(config["seed"])
     data = load_real(dcfg)
-    x_all = to_float(data.train.x)                                         # [N,C,H,W] in [-1,1]
-    y_all = data.train.y
-    model = tiny_dit(data.num_classes, dcfg.channels, dcfg.image_size, bcfg.hidden_size, bcfg.depth,
-                     bcfg.heads, bcfg.patch_size, learned_sigma=True)
-    ema = tiny_dit(data.num_classes, dcfg.channels, dcfg.image_size, bcfg.hidden_size, bcfg.depth,
-                   bcfg.heads, bcfg.patch_size, learned_sigma=True)
+    x_all, y_all = data.train.x, data.train.y                             # uint8 [N,C,H,W], int64 [N]
+    vae = load_vae(bcfg.vae, bcfg.vae_scale).to(hooks.device)             # identity in pixel space
+    channels = vae.latent_channels or dcfg.channels                       # the DiT's input: [channels, side, side]
+    side = dcfg.image_size // vae.downscale_factor
+    model = tiny_dit(data.num_classes, channels, side, bcfg.hidden_size, bcfg.depth, bcfg.heads, bcfg.patch_size,
+                     learned_sigma=True)
+    ema = tiny_dit(data.num_classes, channels, side, bcfg.hidden_size, bcfg.depth, bcfg.heads, bcfg.patch_size,
+                   learned_sigma=True)
     ema.load_state_dict(model.state_dict())
     ema.requires_grad_(False)
     opt = torch.optim.AdamW(model.parameters(), lr=bcfg.train_lr, weight_decay=0.0)
@@ -139,9 +151,9 @@ def train_tiny_backbone(config: dict, hooks: TrainHooks) -> None:
         start = int(state["step"])
     net = hooks.prepare_model(model)
     device = hooks.device
-    x_all, y_all, ema = x_all.to(device), y_all.to(device), ema.to(device)
+    ema = ema.to(device)
     schedule = make_schedule(scfg, steps=scfg.train_timesteps)
-    predict = transformer_predict(net, dcfg.channels)
+    predict = transformer_predict(net, channels)
     gen = torch.Generator().manual_seed(config["seed"] * 1000 + hooks.world_rank)
     net.train()                                                           # label dropout to the null class is on
     # a log line every 1/20 of the steps, a report with a checkpoint every 1/5 (a Ray Train report blocks
@@ -151,8 +163,9 @@ def train_tiny_backbone(config: dict, hooks: TrainHooks) -> None:
     for step in range(start, bcfg.train_steps):
         idx = torch.randint(0, len(y_all), (bcfg.train_batch,), generator=gen)
         t = torch.randint(0, scfg.train_timesteps, (bcfg.train_batch,), generator=gen).to(device)
-        noise = torch.randn(x_all[idx].shape, generator=gen).to(device)
-        losses = diffusion_losses(predict, x_all[idx.to(device)], y_all[idx.to(device)], t, noise, schedule)
+        x0 = encode_batch(vae, x_all[idx], device, gen)                    # [B, channels, side, side]
+        noise = torch.randn(x0.shape, generator=gen).to(device)
+        losses = diffusion_losses(predict, x0, y_all[idx].to(device), t, noise, schedule)
         loss = losses["loss"].mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()

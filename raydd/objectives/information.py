@@ -253,7 +253,8 @@ def ve_train_loop(config: dict, hooks: TrainHooks) -> None:
     dcfg = DataConfig(**cfg.data)
     torch.manual_seed(cfg.seed)
     data = load_real(dcfg)
-    x_all, y_all = to_float(data.train.x), data.train.y                             # [N,C,H,W], [N]
+    x_all, y_all = data.train.x, data.train.y                  # uint8 [N,C,H,W] on the CPU (a batch at a time
+                                                               # goes to the device as float), int64 [N]
     N, C, D = len(y_all), data.num_classes, cfg.embed_dim
     ve = VariationalEstimator(cfg.encoder, D, C, dcfg.channels, dcfg.image_size, cfg.tau, cfg.width)
     key_encoder = copy.deepcopy(ve.encoder).requires_grad_(False)                   # f_θ' (momentum)
@@ -273,13 +274,13 @@ def ve_train_loop(config: dict, hooks: TrainHooks) -> None:
     encoder = hooks.prepare_model(ve.encoder)                                       # DDP when world_size > 1
     classifier = hooks.prepare_model(ve.classifier)
     ve.to(device), key_encoder.to(device)
-    x_all, y_all, queue, q_ema = x_all.to(device), y_all.to(device), queue.to(device), q_ema.to(device)
+    queue, q_ema = queue.to(device), q_ema.to(device)
     gen = torch.Generator().manual_seed(cfg.seed * 1000 + hooks.world_rank + start)
     total, log_every, t0 = cfg.steps + cfg.cls_steps, max(1, (cfg.steps + cfg.cls_steps) // 20), time.time()
     ckpt_every = log_every * max(1, total // 5 // log_every)           # as in finetune.backbone_loop
     for step in range(start, total):
-        idx = torch.randint(0, N, (cfg.batch,), generator=gen).to(device)
-        x, y = x_all[idx], y_all[idx]
+        idx = torch.randint(0, N, (cfg.batch,), generator=gen)
+        x, y = to_float(x_all[idx]).to(device), y_all[idx].to(device)                # [B,C,H,W] in [-1,1], [B]
         if step < cfg.steps:                                                        # phase 1: f_θ
             encoder.train()
             q = F.normalize(encoder(_views(x, gen, cfg)), dim=1)                    # queries [B, D]

@@ -1,0 +1,112 @@
+"""The latent world's codec: a small diffusers `AutoencoderKL` trained on the real train split.
+
+raydd's users run DiT-XL/2 on SD-VAE latents (4x32x32 for 256 px images, no clipping). The embedded
+`digits-latent` preset mirrors that at toy size: digits at 32 px (RGB) -> this VAE (4 latent channels,
+side / 4) -> a tiny DiT on 4x8x8 latents. It is trained on first use (a Ray Train job, cached by config
+like the tiny DiT) with the usual KL-VAE loss (as SD's first stage, without the perceptual and GAN terms):
+    L = ||D(z) - x||^2 + kl_weight * KL(q(z|x) || N(0, I)),   z ~ q(z|x)        (per image, mean over pixels)
+and saved as a plain diffusers model dir whose `scaling_factor` is 1 / std of the training latents, the
+rule behind SD's 0.18215, so that the DiT sees latents of unit variance.
+"""
+from __future__ import annotations
+
+import tempfile
+import time
+from dataclasses import asdict
+
+import torch
+
+from raydd.config import BackboneConfig, DataConfig
+from raydd.train_hooks import TrainHooks
+
+LATENT_CHANNELS = 4    # as SD's VAE
+KL_WEIGHT = 1e-6       # on the summed KL relative to the summed squared error (SD's first stage)
+LR, BATCH = 1e-3, 64
+
+
+def tiny_vae(channels: int, image_size: int, width: int):
+    """AutoencoderKL with blocks (width, 2 width, 2 width): two downsamplings, so latents are side / 4."""
+    from diffusers import AutoencoderKL
+
+    blocks = (width, 2 * width, 2 * width)
+    return AutoencoderKL(in_channels=channels, out_channels=channels, latent_channels=LATENT_CHANNELS,
+                         down_block_types=("DownEncoderBlock2D",) * len(blocks),
+                         up_block_types=("UpDecoderBlock2D",) * len(blocks), block_out_channels=blocks,
+                         layers_per_block=1, norm_num_groups=min(32, width), sample_size=image_size)
+
+
+def tiny_vae_config(backbone: BackboneConfig, data: DataConfig, seed: int = 0) -> dict:
+    """The training job's config (also its cache key): only what changes the trained weights."""
+    return {"vae_width": backbone.vae_width, "vae_train_steps": backbone.vae_train_steps,
+            "data": asdict(data), "seed": seed}
+
+
+def train_tiny_vae(config: dict, hooks: TrainHooks) -> None:
+    """Train the VAE on the real train split; report a diffusers model dir `vae/` as the final checkpoint."""
+    from raydd.data import load_real
+    from raydd.evaluation import to_float
+
+    dcfg, steps = DataConfig(**config["data"]), int(config["vae_train_steps"])
+    torch.manual_seed(config["seed"])
+    x_all = load_real(dcfg).train.x                                      # uint8 [N, C, H, W]
+    vae = tiny_vae(dcfg.channels, dcfg.image_size, config["vae_width"])
+    opt = torch.optim.AdamW(vae.parameters(), lr=LR, weight_decay=0.0)
+    start = 0
+    if hooks.restore_dir():                                              # resume after a worker failure
+        state = torch.load(f"{hooks.restore_dir()}/state.pt", map_location="cpu", weights_only=True)
+        vae.load_state_dict(state["vae"]), opt.load_state_dict(state["opt"])
+        start = int(state["step"])
+    net = hooks.prepare_model(VAELoss(vae))                              # DDP-wrapped when world_size > 1
+    device = hooks.device
+    gen = torch.Generator().manual_seed(config["seed"] * 1000 + hooks.world_rank)
+    t0, seen, log_every = time.time(), 0, max(1, steps // 20)
+    ckpt_every = log_every * max(1, steps // 5 // log_every)
+    for step in range(start, steps):
+        idx = torch.randint(0, len(x_all), (BATCH,), generator=gen)
+        x = to_float(x_all[idx]).to(device)                              # [B, C, H, W] in [-1, 1]
+        mse, kl = net(x, gen)
+        loss = mse + KL_WEIGHT * kl / x[0].numel()                       # both per pixel, as SD's ratio
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        seen += BATCH
+        last = step == steps - 1
+        if (step + 1) % log_every == 0 or last:
+            metrics = {"step": step + 1, "loss": float(loss), "mse": float(mse), "kl": float(kl),
+                       "images_per_s": seen / (time.time() - t0)}
+            if hooks.world_rank == 0:
+                print(f"[vae] step {step + 1}/{steps} " + " ".join(
+                    f"{k} {v:.4g}" for k, v in metrics.items() if k != "step"), flush=True)
+        if (step + 1) % ckpt_every == 0 or last:
+            with tempfile.TemporaryDirectory() as d:
+                if hooks.world_rank == 0:
+                    torch.save({"vae": vae.state_dict(), "opt": opt.state_dict(), "step": step + 1}, f"{d}/state.pt")
+                    if last:
+                        metrics["scaling_factor"] = save_with_scaling_factor(vae, x_all, f"{d}/vae", device)
+                hooks.report(metrics, checkpoint_dir=d if hooks.world_rank == 0 else None)
+
+
+class VAELoss(torch.nn.Module):
+    """x [B, C, H, W] -> (reconstruction MSE per pixel, KL per image summed over latent elements)."""
+
+    def __init__(self, vae):
+        super().__init__()
+        self.vae = vae
+
+    def forward(self, x: torch.Tensor, generator: torch.Generator | None):
+        posterior = self.vae.encode(x).latent_dist
+        recon = self.vae.decode(posterior.sample(generator=generator)).sample
+        return ((recon - x) ** 2).mean(), posterior.kl().mean()
+
+
+@torch.no_grad()
+def save_with_scaling_factor(vae, x_all: torch.Tensor, path: str, device) -> float:
+    """scaling_factor = 1 / std of the posterior means over the train split; saved in the VAE's config.json."""
+    from raydd.evaluation import to_float
+
+    vae.eval()
+    z = torch.cat([vae.encode(to_float(x).to(device)).latent_dist.mean.cpu() for x in x_all.split(256)])
+    scale = float(1.0 / z.std())
+    vae.register_to_config(scaling_factor=scale)
+    vae.cpu().save_pretrained(path, safe_serialization=True)
+    return scale
