@@ -23,10 +23,22 @@ agree. Consequence: outputs differ slightly from diffusers' own `DiTPipeline`, b
 That setting is not stored by `save_pretrained`: load models with `load_transformer` (not
 `DiTTransformer2DModel.from_pretrained`) to get it back.
 
-Classifier-free guidance training: diffusers' `LabelEmbedding` replaces 10% of the labels with the
-null class (index `num_classes`) whenever the module is in train() mode - that is how the null
-embedding is learned (as in the original DiT). In eval() mode labels pass through unchanged, so
-the null class must be passed explicitly (the sampler does). Loaders return models in eval() mode.
+One embedder, labels dropped once per sample: the original DiT has one timestep embedder and one label
+embedder (`t_embedder`, `y_embedder`) and, in training, replaces a sample's label with the null class
+(index `num_classes`) with p = 0.1 - that is how the unconditional branch that classifier-free guidance
+uses is learned. diffusers' DiT gives every block its own `CombinedTimestepLabelEmbeddings` (the final
+layer uses block 0's), each dropping labels by itself in train() mode: the all-null input CFG needs then
+occurs with p = 0.1^depth, and PEFT trains depth untied label tables. So every model built or loaded here
+shares block 0's embedder across blocks (`share_embedder`; when loading, only if the copies are equal, as
+in every checkpoint converted from the original format) with the modules' own dropout switched off, and
+training loops drop labels once per sample themselves (`drop_labels`). Saved models write the shared
+embedder into every block, the diffusers layout, so checkpoints load anywhere. Loaders return models in
+eval() mode; the sampler passes the null class explicitly.
+
+DiffFit (Minimax, IMS3): PEFT adds scale factors gamma to the first 14 blocks (`add_difffit_gammas`);
+they are folded into the layers they scale before saving (`fold_difffit_gammas`), and a Minimax/IMS3
+checkpoint in the original format has them folded when it is converted, so all of these load as plain
+DiTs.
 
 Precision: nothing here casts to a fixed dtype; run under torch.autocast (bf16 on CUDA) with
 float32 weights.
@@ -34,10 +46,12 @@ float32 weights.
 from __future__ import annotations
 
 import argparse
+import copy
 import math
 import os
 import pickle
 import re
+import warnings
 from pathlib import Path
 
 import torch
@@ -55,6 +69,8 @@ NESTING_KEYS = ("ema", "model", "state_dict", "module")
 # visible in the tensors' shapes, so they have to come from a rule like this one.
 DIT_HEADS_BY_HIDDEN = {384: 6, 768: 12, 1024: 16, 1152: 16}
 TIMESTEP_FREQ_DIM = 256  # DiT's sinusoidal timestep embedding size (both formats)
+LABEL_DROPOUT = 0.1      # DiT's class_dropout_prob: a training label becomes the null class with this probability
+DIFFFIT_BLOCKS = 14      # DiffFit's gammas sit on blocks 0..13 (Minimax's models.py: use_gamma = [True] * 14 + ...)
 
 
 # --------------------------------------------------------------------------------------------
@@ -156,6 +172,95 @@ def use_original_timestep_embedding(model: nn.Module) -> nn.Module:
     return model
 
 
+def share_embedder(model: DiTTransformer2DModel, force: bool = False) -> bool:
+    """One timestep + label embedder for all blocks (block 0's), as the original DiT; the modules' own label
+    dropout off (training loops call `drop_labels`). Ties only when every block's copy holds the same
+    weights (or force=True, for a freshly built model); returns whether the model is tied."""
+    blocks = model.transformer_blocks
+    first = blocks[0].norm1.emb
+    for block in blocks:
+        block.norm1.emb.class_embedder.dropout_prob = 0.0
+    reference = first.state_dict()
+    same = all(all(torch.equal(v, reference[k]) for k, v in block.norm1.emb.state_dict().items())
+               for block in blocks[1:])
+    if same or force:
+        for block in blocks[1:]:
+            block.norm1.emb = first
+    return same or force
+
+
+def drop_labels(y: Tensor, null_class: int, generator: torch.Generator | None = None) -> Tensor:
+    """Classifier-free guidance training: each label becomes the null class with p = LABEL_DROPOUT, once per
+    sample (DiT's LabelEmbedder.token_drop). y [B] -> [B]."""
+    drop = torch.rand(len(y), generator=generator) < LABEL_DROPOUT
+    return torch.where(drop.to(y.device), torch.full_like(y, null_class), y)
+
+
+class _Scale:
+    """Forward hook: out * owner.<name>[part] (a DiffFit gamma; a class, not a closure, so that deepcopy of the
+    model makes the copy's hooks read the copy's gammas)."""
+
+    def __init__(self, owner: nn.Module, name: str, part: int | None = None):
+        self.owner, self.name, self.part = owner, name, part
+
+    def gamma(self) -> Tensor:
+        g = getattr(self.owner, self.name)
+        return g if self.part is None else g.chunk(3)[self.part]
+
+    def __call__(self, module, args, out):
+        return out * self.gamma()
+
+
+def add_difffit_gammas(model: DiTTransformer2DModel) -> None:
+    """DiffFit's scale factors, all ones (the model's output is unchanged until they train), on the first
+    DIFFFIT_BLOCKS blocks, named as in Minimax's models.py (D = hidden size):
+        block.gamma1 [D]         x = x + gamma1 * gate_msa * Attn(...)
+        block.gamma2 [D]         x = x + gamma2 * gate_mlp * MLP(...)
+        block.attn1.gamma1 [3D]  [q, k, v] = gamma * qkv(x)
+        block.attn1.gamma2 [D]   Attn out = gamma * proj(...)
+    Each multiplies the output of the layer it follows (a forward hook), so the diffusers modules stay as they are."""
+    for block in model.transformer_blocks[:DIFFFIT_BLOCKS]:
+        if hasattr(block, "gamma1"):
+            continue
+        attn, d = block.attn1, block.norm1.linear.in_features
+        device = block.norm1.linear.weight.device
+        block.gamma1, block.gamma2 = nn.Parameter(torch.ones(d, device=device)), nn.Parameter(torch.ones(d, device=device))
+        attn.gamma1, attn.gamma2 = nn.Parameter(torch.ones(3 * d, device=device)), nn.Parameter(torch.ones(d, device=device))
+        for part, layer in enumerate((attn.to_q, attn.to_k, attn.to_v)):
+            layer.register_forward_hook(_Scale(attn, "gamma1", part))
+        attn.to_out[0].register_forward_hook(_Scale(attn, "gamma2"))
+        attn.register_forward_hook(_Scale(block, "gamma1"))
+        block.ff.register_forward_hook(_Scale(block, "gamma2"))
+
+
+def _scale_rows(weight: Tensor, bias: Tensor | None, g: Tensor) -> tuple[Tensor, Tensor | None]:
+    """A linear layer followed by an elementwise scale g [out] = the same layer with rows (and bias) scaled."""
+    return weight * g[:, None], (None if bias is None else bias * g)
+
+
+@torch.no_grad()
+def fold_difffit_gammas(model: DiTTransformer2DModel) -> DiTTransformer2DModel:
+    """Multiply every DiffFit gamma into the layer it scales and remove it (and its hooks): a plain diffusers DiT
+    with the same outputs, the layout save_transformer writes."""
+    for block in model.transformer_blocks:
+        if not hasattr(block, "gamma1"):
+            continue
+        attn = block.attn1
+        layers = [(l, g) for l, g in zip((attn.to_q, attn.to_k, attn.to_v), attn.gamma1.chunk(3))]
+        layers += [(attn.to_out[0], attn.gamma2 * block.gamma1), (block.ff.net[2], block.gamma2)]
+        for layer, g in layers:
+            w, b = _scale_rows(layer.weight, layer.bias, g)
+            layer.weight.copy_(w)
+            if b is not None:
+                layer.bias.copy_(b)
+        for module in (attn.to_q, attn.to_k, attn.to_v, attn.to_out[0], attn, block.ff):
+            for key, hook in list(module._forward_hooks.items()):
+                if isinstance(hook, _Scale):
+                    del module._forward_hooks[key]
+        del block.gamma1, block.gamma2, attn.gamma1, attn.gamma2
+    return model
+
+
 def _build_dit(*, num_classes: int, in_channels: int, out_channels: int, sample_size: int, hidden_size: int,
                depth: int, heads: int, patch_size: int) -> DiTTransformer2DModel:
     if hidden_size % heads:
@@ -172,6 +277,14 @@ def _build_dit(*, num_classes: int, in_channels: int, out_channels: int, sample_
         norm_type="ada_norm_zero",
     )
     return use_original_timestep_embedding(model)
+
+
+def tie_after_load(model: DiTTransformer2DModel, origin: str) -> DiTTransformer2DModel:
+    """A loaded DiT: one shared embedder when its blocks' copies are equal; otherwise (a model trained with
+    per-block embedders) kept as it is, with a warning, since tying would change its outputs."""
+    if not share_embedder(model):
+        warnings.warn(f"{origin}: the blocks' timestep/label embedders differ (trained untied); kept per block")
+    return model
 
 
 def tiny_dit(num_classes: int, channels: int, image_size: int, hidden_size: int = 128, depth: int = 4,
@@ -191,6 +304,7 @@ def tiny_dit(num_classes: int, channels: int, image_size: int, hidden_size: int 
     model = _build_dit(num_classes=num_classes, in_channels=channels,
                        out_channels=2 * channels if learned_sigma else channels, sample_size=image_size,
                        hidden_size=hidden_size, depth=depth, heads=heads, patch_size=patch_size)
+    share_embedder(model, force=True)
     if zero_init:
         _dit_initialize(model)
     return model
@@ -272,10 +386,11 @@ def _convert(sd: dict) -> tuple[dict, dict]:
         out[new] = value
         source[new] = old
 
+    gammas = {k: v for k, v in sd.items() if re.fullmatch(r"blocks\.\d+\.(attn\.)?gamma[12]", k)}
     for key, value in sd.items():
         prefix, _, leaf = key.rpartition(".")  # leaf: weight | bias
-        if key == "pos_embed":
-            continue  # fixed sin-cos buffer; diffusers recomputes it (non-persistent)
+        if key == "pos_embed" or key in gammas:
+            continue  # pos_embed: a fixed sin-cos buffer diffusers recomputes; gammas: folded below
         if prefix in _TOP_MAP:
             put(f"{_TOP_MAP[prefix]}.{leaf}", key, value)
         elif prefix in _SHARED_MAP:
@@ -296,7 +411,33 @@ def _convert(sd: dict) -> tuple[dict, dict]:
                 put(key, key, value)  # unknown: kept, so strict loading reports it
         else:
             put(key, key, value)  # already diffusers-style or unknown: strict loading decides
+    _fold_original_gammas(gammas, out)
     return out, source
+
+
+def _fold_original_gammas(gammas: dict, out: dict) -> None:
+    """DiffFit checkpoints (Minimax, IMS3): blocks.N.gamma1/gamma2 [D] and blocks.N.attn.gamma1 [3D] /
+    attn.gamma2 [D] scale the outputs of attn.qkv, attn.proj and mlp.fc2 (see add_difffit_gammas), so they
+    are multiplied into those converted layers' rows: the result is a plain DiT with the same outputs."""
+    def scale(layer: str, g: Tensor, key: str) -> None:
+        w = out.get(f"{layer}.weight")
+        if w is None or w.shape[0] != g.shape[0]:
+            raise ValueError(f"DiffFit weight {key!r} of shape {tuple(g.shape)} does not fit {layer!r} "
+                             f"({None if w is None else tuple(w.shape)})")
+        out[f"{layer}.weight"], bias = _scale_rows(w, out.get(f"{layer}.bias"), g)
+        if bias is not None:
+            out[f"{layer}.bias"] = bias
+
+    for i in sorted({int(k.split(".")[1]) for k in gammas}):
+        names = [f"blocks.{i}.{n}" for n in ("gamma1", "gamma2", "attn.gamma1", "attn.gamma2")]
+        if missing := [n for n in names if n not in gammas]:
+            raise ValueError(f"DiffFit checkpoint: block {i} has some gammas but not {missing}")
+        g1, g2, attn_g1, attn_g2 = (gammas[n] for n in names)
+        base = f"transformer_blocks.{i}"
+        for name, part in zip(("to_q", "to_k", "to_v"), attn_g1.chunk(3)):
+            scale(f"{base}.attn1.{name}", part, names[2])
+        scale(f"{base}.attn1.to_out.0", attn_g2 * g1, f"{names[3]} * {names[0]}")
+        scale(f"{base}.ff.net.2", g2, names[1])
 
 
 def convert_original_dit(state_dict: dict) -> dict:
@@ -497,7 +638,7 @@ def load_transformer(source: str, checkpoint: str = "", *, num_heads: int | None
             raise ValueError(f"checkpoint {ckpt_path}: pos_embed is a {grid}x{grid} token grid, "
                              f"the model's is {side}x{side}")
         _load_strict(model, sd, src, f"checkpoint {ckpt_path}")
-    return model.eval()
+    return tie_after_load(model, f"DiT {source}" + (f" + {checkpoint}" if checkpoint else "")).eval()
 
 
 def _dit_from_state_dict(sd: dict, src: dict, grid: int | None, path: Path, num_heads: int | None,
@@ -580,6 +721,18 @@ def load_backbone(cfg: BackboneConfig, num_classes: int, channels: int, image_si
 
 
 def save_transformer(model: DiTTransformer2DModel, path: str) -> None:
-    """Save as a bare diffusers model dir (config.json + diffusion_pytorch_model.safetensors)."""
-    Path(path).mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(str(path), safe_serialization=True)
+    """Save as a bare diffusers model dir (config.json + diffusion_pytorch_model.safetensors). A shared embedder
+    is written into every block (safetensors stores no shared tensors; the diffusers layout has a copy per
+    block), and the model is tied again afterwards. DiffFit gammas must be folded first."""
+    if any(hasattr(block, "gamma1") for block in model.transformer_blocks):
+        raise ValueError("save_transformer: the model has DiffFit gammas; fold_difffit_gammas(model) first")
+    blocks = model.transformer_blocks
+    shared = [i for i, block in enumerate(blocks) if i and block.norm1.emb is blocks[0].norm1.emb]
+    for i in shared:
+        blocks[i].norm1.emb = copy.deepcopy(blocks[0].norm1.emb)
+    try:
+        Path(path).mkdir(parents=True, exist_ok=True)
+        model.save_pretrained(str(path), safe_serialization=True)
+    finally:
+        for i in shared:
+            blocks[i].norm1.emb = blocks[0].norm1.emb

@@ -59,7 +59,7 @@ class BackboneConfig:
     patch_size: int = 2
     train_steps: int = 3000
     train_batch: int = 128
-    train_lr: float = 1e-3         # (label dropout to the null class is diffusers' fixed 10%)
+    train_lr: float = 1e-3         # (labels drop to the null class with DiT's p = 0.1, once per sample)
     # tiny VAE (digits-latent): diffusers AutoencoderKL, blocks (w, 2w, 2w), 4 latent channels, side / 4
     vae_width: int = 16
     vae_train_steps: int = 800

@@ -103,6 +103,43 @@ def transformer_predict(model, channels: int) -> Predict:
     return predict
 
 
+# The training recipe's version, part of every DiT training job's cache key: models trained by an older
+# recipe are not reused. 2: one shared embedder, labels dropped once per sample; EMA and DiffFit gammas
+# in fine-tunes.
+RECIPE = 2
+
+
+class EMA:
+    """Exponential moving average of a model's trainable parameters, the weights DiT, Minimax and IMS3 sample
+    from: after every optimizer step  shadow <- d * shadow + (1 - d) * param,  with d = decay, or with
+    warmup d = min(decay, (1 + step) / (10 + step)). decay = 0 keeps the last weights."""
+
+    def __init__(self, model: torch.nn.Module, decay: float, warmup: bool = False):
+        self.decay, self.warmup = float(decay), warmup
+        self.shadow = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+
+    @torch.no_grad()
+    def update(self, model: torch.nn.Module, step: int) -> None:
+        d = min(self.decay, (1 + step) / (10 + step)) if self.warmup else self.decay
+        for n, p in model.named_parameters():
+            if n in self.shadow:
+                self.shadow[n].mul_(d).add_(p.detach(), alpha=1 - d)
+
+    @torch.no_grad()
+    def copy_to(self, model: torch.nn.Module) -> torch.nn.Module:
+        for n, p in model.named_parameters():
+            if n in self.shadow:
+                p.copy_(self.shadow[n])
+        return model
+
+    def state_dict(self) -> dict:
+        return {n: v.cpu() for n, v in self.shadow.items()}
+
+    def load_state_dict(self, state: dict) -> None:
+        for n, v in state.items():
+            self.shadow[n].copy_(v)
+
+
 # --------------------------------------------------------------------------------------------
 # The tiny backbone: trained with the DiT recipe on the real train split (Ray Train loop)
 # --------------------------------------------------------------------------------------------
@@ -111,7 +148,8 @@ def tiny_backbone_config(backbone: BackboneConfig, sampler: SamplerConfig, data:
     (digits-latent: backbone.vae is the trained tiny VAE's dir), the DiT learns that VAE's latents."""
     schedule = SamplerConfig(train_timesteps=sampler.train_timesteps, beta_start=sampler.beta_start,
                              beta_end=sampler.beta_end)
-    return {"backbone": asdict(backbone), "sampler": asdict(schedule), "data": asdict(data), "seed": seed}
+    return {"backbone": asdict(backbone), "sampler": asdict(schedule), "data": asdict(data), "seed": seed,
+            "recipe": RECIPE}
 
 
 @torch.no_grad()
@@ -127,7 +165,7 @@ def encode_batch(vae, x_uint8: torch.Tensor, device, generator: torch.Generator 
 def train_tiny_backbone(config: dict, hooks: TrainHooks) -> None:
     """Train a tiny DiT on the real train split; report a diffusers model dir as the checkpoint.
     Data-parallel when hooks.world_size > 1 (each rank draws its own batches)."""
-    from raydd.backbone import load_vae, save_transformer, tiny_dit
+    from raydd.backbone import drop_labels, load_vae, save_transformer, tiny_dit
     from raydd.data import load_real
 
     bcfg, scfg, dcfg = BackboneConfig(**config["backbone"]), SamplerConfig(**config["sampler"]), DataConfig(**config["data"])
@@ -138,24 +176,20 @@ def train_tiny_backbone(config: dict, hooks: TrainHooks) -> None:
     channels = vae.latent_channels or dcfg.channels                       # the DiT's input: [channels, side, side]
     side = dcfg.image_size // vae.downscale_factor
     model = tiny_dit(data.num_classes, channels, side, bcfg.hidden_size, bcfg.depth, bcfg.heads, bcfg.patch_size,
-                     learned_sigma=True)
-    ema = tiny_dit(data.num_classes, channels, side, bcfg.hidden_size, bcfg.depth, bcfg.heads, bcfg.patch_size,
-                   learned_sigma=True)
-    ema.load_state_dict(model.state_dict())
-    ema.requires_grad_(False)
+                     learned_sigma=True)                                  # one shared embedder, no module dropout
     opt = torch.optim.AdamW(model.parameters(), lr=bcfg.train_lr, weight_decay=0.0)
+    net = hooks.prepare_model(model)
+    device = hooks.device
+    ema = EMA(model, decay=0.999, warmup=True)                            # (DiT: 0.9999 over 400k steps)
     start = 0
     if hooks.restore_dir():                                                # resume after a worker failure
         state = torch.load(f"{hooks.restore_dir()}/state.pt", map_location="cpu", weights_only=True)
         model.load_state_dict(state["model"]), ema.load_state_dict(state["ema"]), opt.load_state_dict(state["opt"])
         start = int(state["step"])
-    net = hooks.prepare_model(model)
-    device = hooks.device
-    ema = ema.to(device)
     schedule = make_schedule(scfg, steps=scfg.train_timesteps)
     predict = transformer_predict(net, channels)
     gen = torch.Generator().manual_seed(config["seed"] * 1000 + hooks.world_rank)
-    net.train()                                                           # label dropout to the null class is on
+    net.train()
     # a log line every 1/20 of the steps, a report with a checkpoint every 1/5 (a Ray Train report blocks
     # until the controller's next poll, up to 2 s, when the previous one is still pending)
     t0, seen, log_every = time.time(), 0, max(1, bcfg.train_steps // 20)
@@ -165,16 +199,14 @@ def train_tiny_backbone(config: dict, hooks: TrainHooks) -> None:
         t = torch.randint(0, scfg.train_timesteps, (bcfg.train_batch,), generator=gen).to(device)
         x0 = encode_batch(vae, x_all[idx], device, gen)                    # [B, channels, side, side]
         noise = torch.randn(x0.shape, generator=gen).to(device)
-        losses = diffusion_losses(predict, x0, y_all[idx].to(device), t, noise, schedule)
+        y = drop_labels(y_all[idx], data.num_classes, gen).to(device)     # CFG: 10% null, once per sample
+        losses = diffusion_losses(predict, x0, y, t, noise, schedule)
         loss = losses["loss"].mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(net.parameters(), 1.0)
         opt.step()
-        with torch.no_grad():                                             # EMA of the weights (DiT: 0.9999)
-            decay = min(0.999, (1 + step) / (10 + step))
-            for pe, pm in zip(ema.parameters(), model.parameters()):
-                pe.mul_(decay).add_(pm.detach(), alpha=1 - decay)
+        ema.update(model, step)
         seen += bcfg.train_batch
         last = step == bcfg.train_steps - 1
         if (step + 1) % log_every == 0 or last:
@@ -189,7 +221,7 @@ def train_tiny_backbone(config: dict, hooks: TrainHooks) -> None:
                     torch.save({"model": model.state_dict(), "ema": ema.state_dict(), "opt": opt.state_dict(),
                                 "step": step + 1}, f"{d}/state.pt")
                     if last:
-                        save_transformer(ema.cpu(), f"{d}/transformer")
+                        save_transformer(ema.copy_to(model).cpu(), f"{d}/transformer")
                 hooks.report(metrics, checkpoint_dir=d if hooks.world_rank == 0 else None)
 
 
@@ -237,25 +269,28 @@ def peft_parameters(model: torch.nn.Module, mode: str) -> list[str]:
 
 def finetune_config(backbone_source: str, data: DataConfig, sampler: SamplerConfig, *, steps: int, batch: int,
                     lr: float, peft: str, terms: dict[str, float], term_options: dict | None = None,
-                    seed: int = 0, weight_decay: float = 0.0, latent_size: int = 32, vae: str = "identity",
-                    vae_scale: float = 0.18215) -> dict:
+                    seed: int = 0, weight_decay: float = 0.0, ema: float = 0.9999, latent_size: int = 32,
+                    vae: str = "identity", vae_scale: float = 0.18215) -> dict:
+    """ema: the EMA decay of the weights that are saved and sampled from (Minimax/IMS3: 0.9999; 0 = the last)."""
     schedule = SamplerConfig(train_timesteps=sampler.train_timesteps, beta_start=sampler.beta_start,
                              beta_end=sampler.beta_end)
     return {"backbone_source": backbone_source, "vae": vae, "vae_scale": vae_scale, "latent_size": latent_size,
             "data": asdict(data), "sampler": asdict(schedule), "steps": steps, "batch": batch, "lr": lr,
-            "weight_decay": weight_decay, "peft": peft, "terms": dict(terms), "term_options": term_options or {},
-            "seed": seed,
+            "weight_decay": weight_decay, "ema": ema, "peft": peft, "terms": dict(terms),
+            "term_options": term_options or {}, "seed": seed, "recipe": RECIPE,
             # the files that registered the terms: a Ray Train worker is a fresh process, the loop imports them
             "term_modules": sorted({LOSS_TERMS[k].__module__ for k in terms if k in LOSS_TERMS})}
 
 
 def finetune_loop(config: dict, hooks: TrainHooks) -> None:
     """Fine-tune a DiT on the real train split: L = L_simple + L_vlb + sum_k lambda_k * term_k.
-    Data-parallel across workers (DDP via hooks.prepare_model); reports a diffusers model dir
-    `transformer/` as the final checkpoint, loadable with backbone.source=<dir>/transformer."""
-    from raydd.backbone import load_transformer, load_vae, save_transformer
+    peft="difffit" adds DiffFit's gammas and trains them with biases, norms and the label table. Real images
+    are encoded a batch at a time on the worker's device. Data-parallel across workers (DDP via
+    hooks.prepare_model); reports a diffusers model dir `transformer/` (the EMA weights, gammas folded) as
+    the final checkpoint, loadable with backbone.source=<dir>/transformer."""
+    from raydd.backbone import add_difffit_gammas, drop_labels, fold_difffit_gammas, load_transformer, load_vae, \
+        save_transformer
     from raydd.data import load_real
-    from raydd.evaluation import to_float
 
     for module in config.get("term_modules", []):                         # registers the terms here
         importlib.import_module(module)
@@ -265,50 +300,52 @@ def finetune_loop(config: dict, hooks: TrainHooks) -> None:
     dcfg, scfg = DataConfig(**config["data"]), SamplerConfig(**config["sampler"])
     torch.manual_seed(config["seed"])
     data = load_real(dcfg)
-    model = load_transformer(config["backbone_source"])
+    x_all = data.train.x                                                   # uint8 [N, C, H, W] on the CPU
+    y_all = torch.tensor(data.backbone_class_ids())[data.train.y]          # backbone class ids [N]
+    model = load_transformer(config["backbone_source"])                    # one shared embedder (backbone.py)
+    null_class, channels = int(model.config.num_embeds_ada_norm), int(model.config.in_channels)
+    if config["peft"] == "difffit":
+        add_difffit_gammas(model)
     trainable = set(peft_parameters(model, config["peft"]))
     for n, p in model.named_parameters():
         p.requires_grad_(n in trainable)
-    vae = load_vae(config["vae"], config["vae_scale"])
-    with torch.no_grad():                                                  # latents once: [N, c, h, w]
-        z_all = torch.cat([vae.encode(to_float(x)) for x in data.train.x.split(64)])
-    y_all = torch.tensor(data.backbone_class_ids())[data.train.y]
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=config["lr"],
                             weight_decay=config["weight_decay"])
+    net = hooks.prepare_model(model)
+    device = hooks.device
+    vae = load_vae(config["vae"], config["vae_scale"]).to(device).eval()
+    ema = EMA(model, config["ema"])
     start, history = 0, []                                                 # history: every report (loss curve)
     if hooks.restore_dir():
         state = torch.load(f"{hooks.restore_dir()}/state.pt", map_location="cpu", weights_only=True)
-        model.load_state_dict(state["model"]), opt.load_state_dict(state["opt"])
+        model.load_state_dict(state["model"]), opt.load_state_dict(state["opt"]), ema.load_state_dict(state["ema"])
         start = int(state["step"])
         if Path(hooks.restore_dir(), "history.json").exists():
             history = json.loads(Path(hooks.restore_dir(), "history.json").read_text())
-    net = hooks.prepare_model(model)
-    device = hooks.device
-    z_all, y_all = z_all.to(device), y_all.to(device)
     schedule = make_schedule(scfg, steps=scfg.train_timesteps)
-    channels = z_all.shape[1]
     predict = transformer_predict(net, channels)
     gen = torch.Generator().manual_seed(config["seed"] * 1000 + hooks.world_rank)
     net.train()
     B, log_every = config["batch"], max(1, config["steps"] // 20)
-    ckpt_every = log_every * max(1, config["steps"] // 5 // log_every)     # as in backbone_loop
+    ckpt_every = log_every * max(1, config["steps"] // 5 // log_every)     # as in train_tiny_backbone
     for step in range(start, config["steps"]):
-        idx = torch.randint(0, len(y_all), (B,), generator=gen).to(device)
+        idx = torch.randint(0, len(y_all), (B,), generator=gen)
         t = torch.randint(0, scfg.train_timesteps, (B,), generator=gen).to(device)
-        noise = torch.randn(z_all[idx].shape, generator=gen).to(device)
-        x0 = z_all[idx]
-        out = diffusion_losses(predict, x0, y_all[idx], t, noise, schedule)
+        x0 = encode_batch(vae, x_all[idx], device, gen)                   # [B, c, h, w] latents
+        noise = torch.randn(x0.shape, generator=gen).to(device)
+        y = drop_labels(y_all[idx], null_class, gen).to(device)           # CFG: 10% null, once per sample
+        out = diffusion_losses(predict, x0, y, t, noise, schedule)
         loss, parts = out["loss"], {"mse": out["mse"].mean().item(), "vb": out["vb"].detach().mean().item()}
         x_t = q_sample(x0, t, noise, schedule)
         for name, lam in config["terms"].items():
-            term = LOSS_TERMS[name](predict, x0, y_all[idx], t, x_t, noise, out, schedule,
-                                    config["term_options"].get(name, {}))
+            term = LOSS_TERMS[name](predict, x0, y, t, x_t, noise, out, schedule, config["term_options"].get(name, {}))
             loss = loss + lam * term
             parts[name] = term.detach().mean().item()
         loss = loss.mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
+        ema.update(model, step)
         last = step == config["steps"] - 1
         if (step + 1) % log_every == 0 or last:
             history.append({"step": step + 1, "loss": loss.item(), **parts})
@@ -317,8 +354,9 @@ def finetune_loop(config: dict, hooks: TrainHooks) -> None:
         if (step + 1) % ckpt_every == 0 or last:
             with tempfile.TemporaryDirectory() as d:
                 if hooks.world_rank == 0:
-                    torch.save({"model": model.state_dict(), "opt": opt.state_dict(), "step": step + 1}, f"{d}/state.pt")
+                    torch.save({"model": model.state_dict(), "opt": opt.state_dict(), "ema": ema.state_dict(),
+                                "step": step + 1}, f"{d}/state.pt")
                     Path(d, "history.json").write_text(json.dumps(history))   # the loss curve, kept with the model
-                    if last:
-                        save_transformer(model, f"{d}/transformer")
+                    if last:                                               # EMA weights, gammas folded: a plain DiT
+                        save_transformer(fold_difffit_gammas(ema.copy_to(model)).cpu(), f"{d}/transformer")
                 hooks.report(history[-1], checkpoint_dir=d if hooks.world_rank == 0 else None)

@@ -13,7 +13,8 @@ import torch
 from diffusers import AutoencoderKL
 from safetensors.torch import save_file
 
-from raydd.backbone import (Backbone, IdentityVAE, SDVAE, convert_original_dit, infer_num_heads, load_backbone,
+from raydd.backbone import (DIFFFIT_BLOCKS, LABEL_DROPOUT, Backbone, IdentityVAE, SDVAE, add_difffit_gammas,
+                            convert_original_dit, drop_labels, fold_difffit_gammas, infer_num_heads, load_backbone,
                             load_transformer, load_vae, save_transformer, tiny_dit)
 from raydd.config import BackboneConfig
 
@@ -356,7 +357,125 @@ def test_load_backbone(tmp_path, inputs):
 def test_tiny_dit_details(inputs):
     model = tiny_dit(NUM_CLASSES, CHANNELS, SIZE, hidden_size=HIDDEN, depth=DEPTH, heads=HEADS, learned_sigma=False)
     emb = model.transformer_blocks[0].norm1.emb.class_embedder
-    assert emb.embedding_table.num_embeddings == NUM_CLASSES + 1 and emb.dropout_prob == 0.1
+    assert emb.embedding_table.num_embeddings == NUM_CLASSES + 1 and emb.dropout_prob == 0.0   # loops drop labels
     assert model.config.out_channels == CHANNELS
     zero = tiny_dit(NUM_CLASSES, CHANNELS, SIZE, hidden_size=HIDDEN, depth=DEPTH, heads=HEADS, zero_init=True)
     assert torch.count_nonzero(run(zero.eval(), inputs)) == 0             # adaLN-Zero: output starts at 0
+
+
+# ---- one embedder, labels dropped once per sample (the original DiT's CFG training) ----------
+def embedders(model):
+    return [b.norm1.emb for b in model.transformer_blocks]
+
+
+def test_one_shared_embedder_and_no_dropout_inside_the_model(inputs):
+    """diffusers' DiT drops labels in every block independently in train(): the all-null input CFG needs
+    then occurs with p = 0.1^depth. raydd's models share one embedder and drop nothing themselves."""
+    model = make_dit()
+    first, *rest = embedders(model)
+    assert all(e is first for e in rest)
+    peft_tables = [n for n, _ in model.named_parameters() if "class_embedder" in n]
+    assert peft_tables == ["transformer_blocks.0.norm1.emb.class_embedder.embedding_table.weight"]  # one table
+    x, t, y = inputs
+    x, t, y = x.repeat(20, 1, 1, 1), t.repeat(20), y.repeat(20)            # 120 samples: some would drop
+    model.train()
+    with torch.no_grad():
+        train_out = model(x, timestep=t, class_labels=y).sample
+    model.eval()
+    with torch.no_grad():
+        assert torch.equal(train_out, model(x, timestep=t, class_labels=y).sample)
+
+
+def test_drop_labels_once_per_sample():
+    y = torch.arange(10).repeat(2000)                                     # [20000]
+    dropped = drop_labels(y, 10, torch.Generator().manual_seed(0))
+    null = dropped == 10
+    assert torch.equal(dropped[~null], y[~null])                          # a label is kept or made null, whole
+    assert abs(null.float().mean().item() - LABEL_DROPOUT) < 0.01
+    again = drop_labels(y, 10, torch.Generator().manual_seed(0))
+    assert torch.equal(dropped, again)                                    # seeded by the loop's generator
+
+
+def test_loading_ties_equal_embedders_and_keeps_different_ones(tmp_path, inputs):
+    model = make_dit()
+    torch.save(to_original(model), tmp_path / "dit.pt")
+    loaded = load_transformer(str(tmp_path / "dit.pt"), num_heads=HEADS)  # original format: one embedder
+    assert all(e is embedders(loaded)[0] for e in embedders(loaded))
+    save_transformer(loaded, str(tmp_path / "tied"))                     # written as one copy per block
+    from safetensors.torch import load_file
+
+    sd = load_file(str(tmp_path / "tied" / "diffusion_pytorch_model.safetensors"))
+    assert "transformer_blocks.1.norm1.emb.class_embedder.embedding_table.weight" in sd
+    again = load_transformer(str(tmp_path / "tied"))
+    assert all(e is embedders(again)[0] for e in embedders(again))
+    assert same(run(again, inputs), run(model, inputs))
+    # a diffusers model trained with per-block embedders keeps them (tying would change its outputs)
+    untied = make_dit()
+    for b in untied.transformer_blocks[1:]:
+        b.norm1.emb = __import__("copy").deepcopy(b.norm1.emb)
+    with torch.no_grad():
+        untied.transformer_blocks[1].norm1.emb.class_embedder.embedding_table.weight.add_(1.0)
+    reference = run(untied, inputs)
+    save_transformer(untied, str(tmp_path / "untied"))
+    with pytest.warns(UserWarning, match="embedders differ"):
+        kept = load_transformer(str(tmp_path / "untied"))
+    assert embedders(kept)[1] is not embedders(kept)[0]
+    assert same(run(kept, inputs), reference)
+
+
+# ---- DiffFit (Minimax / IMS3) -----------------------------------------------------------------
+def close(a, b):
+    """Folding scales weights before the matmul instead of its output: equal up to float rounding."""
+    return torch.allclose(a, b, atol=1e-5, rtol=1e-4)
+
+
+def random_gammas(model, seed=3):
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if n.rsplit(".", 1)[-1] in ("gamma1", "gamma2"):
+                p.copy_(1 + 0.3 * torch.randn(p.shape, generator=g))
+
+
+def test_difffit_gammas_start_neutral_fold_exactly_and_train_in_peft(inputs):
+    from raydd.finetune import peft_parameters
+
+    model = make_dit()
+    reference = run(model, inputs)
+    add_difffit_gammas(model)
+    names = {n for n, _ in model.named_parameters() if "gamma" in n}
+    assert names == {f"transformer_blocks.{i}.{g}" for i in range(min(DEPTH, DIFFFIT_BLOCKS))
+                     for g in ("gamma1", "gamma2", "attn1.gamma1", "attn1.gamma2")}
+    assert model.transformer_blocks[0].attn1.gamma1.shape == (3 * HIDDEN,)
+    assert same(run(model, inputs), reference)                            # all ones: nothing changes yet
+    assert names <= set(peft_parameters(model, "difffit"))
+    random_gammas(model)
+    scaled = run(model, inputs)
+    assert not same(scaled, reference)                                    # the hooks act
+    fold_difffit_gammas(model)
+    assert not any("gamma" in n for n, _ in model.named_parameters())
+    assert close(run(model, inputs), scaled)                              # folded: the same function
+
+
+def test_minimax_ims3_checkpoint_loads(tmp_path, inputs):
+    """Minimax/IMS3 fine-tunes save {"model", "ema", "opt", "args"} in the original key format plus DiffFit's
+    blocks.N.gamma1/gamma2 [D] and blocks.N.attn.gamma1 [3D] / attn.gamma2 [D]; sampling uses the EMA."""
+    model = make_dit()
+    add_difffit_gammas(model)
+    random_gammas(model)
+    expected = run(model, inputs)
+    sd = to_original(model)
+    for i in range(DEPTH):
+        b = model.transformer_blocks[i]
+        sd |= {f"blocks.{i}.gamma1": b.gamma1.detach().clone(), f"blocks.{i}.gamma2": b.gamma2.detach().clone(),
+               f"blocks.{i}.attn.gamma1": b.attn1.gamma1.detach().clone(),
+               f"blocks.{i}.attn.gamma2": b.attn1.gamma2.detach().clone()}
+    other = to_original(make_dit(seed=4))
+    torch.save({"model": other, "ema": sd, "opt": {}, "args": argparse.Namespace(lr=1e-3)}, tmp_path / "0008000.pt")
+    loaded = load_transformer(str(tmp_path / "0008000.pt"), num_heads=HEADS)
+    assert close(run(loaded, inputs), expected)
+    bad = dict(sd)
+    del bad["blocks.1.attn.gamma2"]
+    torch.save(bad, tmp_path / "bad.pt")
+    with pytest.raises(ValueError, match="block 1 has some gammas but not"):
+        load_transformer(str(tmp_path / "bad.pt"), num_heads=HEADS)

@@ -40,7 +40,7 @@ def test_difffit_selects_biases_norms_and_label_table_only(tiny_dit_dir):
 def test_finetune_changes_only_peft_parameters_and_loads_as_backbone(digits_cfg, tiny_dit_dir):
     torch.manual_seed(0)
     config = finetune_config(tiny_dit_dir, digits_cfg.data, digits_cfg.sampler, steps=3, batch=4, lr=1e-2,
-                             peft="difffit", terms={"im": 1.0}, term_options={"im": {"inversion_steps": 2}})
+                             peft="difffit", terms={"im": 1.0}, term_options={"im": {"inversion_steps": 2}}, ema=0.0)
     assert config["term_modules"] == ["raydd.objectives.inversion"]   # a Ray worker imports it
     hooks = run_local(finetune_loop, config)
     out = Path(hooks.checkpoint_dir) / "transformer"
@@ -48,12 +48,20 @@ def test_finetune_changes_only_peft_parameters_and_loads_as_backbone(digits_cfg,
     from raydd.backbone import load_transformer
 
     peft = set(peft_parameters(load_transformer(tiny_dit_dir), "difffit"))
-    assert before.keys() == after.keys()
+    peft |= {k.replace("blocks.0.", f"blocks.{i}.") for k in peft if "norm1.emb" in k for i in range(2)}  # per-block copies
+    assert before.keys() == after.keys()                              # gammas folded: a plain diffusers DiT
+    # the layers DiffFit's gammas scale (every block: depth 2 < 14): rows scaled by the trained gammas
+    scaled = {f"transformer_blocks.{i}.{layer}.weight" for i in range(2)
+              for layer in ("attn1.to_q", "attn1.to_k", "attn1.to_v", "attn1.to_out.0", "ff.net.2")}
+    for k in scaled:
+        ratio = after[k] / before[k]                                  # [out, in]: one gamma per row
+        assert torch.allclose(ratio, ratio[:, :1].expand_as(ratio), rtol=1e-4), k
+        assert not torch.allclose(ratio, torch.ones_like(ratio)), k   # the gammas trained
     changed = {k for k in before if not torch.equal(before[k], after[k])}
-    frozen = set(before) - peft
+    frozen = set(before) - peft - scaled
     assert all(torch.equal(before[k], after[k]) for k in frozen)      # bit-identical
-    assert changed and changed <= peft
-    assert len(changed) >= 0.8 * len(peft)                            # (a bias may get no gradient)
+    assert changed and changed - scaled <= peft
+    assert len(changed & peft) >= 0.8 * len(peft)                     # (a bias may get no gradient)
     assert {"loss", "mse", "vb", "im"} <= set(hooks.reports[-1])
     assert Path(hooks.checkpoint_dir, "history.json").exists()
     # the checkpoint is a backbone for any method: backbone.source=<dir>/transformer
@@ -62,6 +70,30 @@ def test_finetune_changes_only_peft_parameters_and_loads_as_backbone(digits_cfg,
     spec = BackboneSpec(dataclasses.replace(digits_cfg.backbone, source=str(out)), 10, 1, 16, list(range(10)))
     eps, var = spec.load("cpu")(torch.zeros(2, 1, 16, 16), torch.tensor([5, 5]), torch.tensor([0, 1]))
     assert eps.shape == (2, 1, 16, 16) and torch.isfinite(eps).all()
+
+
+def test_finetune_saves_the_ema_weights(digits_cfg, tiny_dit_dir):
+    """Minimax/IMS3 sample from an EMA (0.9999) of the fine-tuned weights: after 3 steps it has barely moved."""
+    from raydd.finetune import EMA
+
+    conf = dict(steps=3, batch=4, lr=1e-2, peft="difffit", terms={})
+    last = weights(Path(run_local(finetune_loop, finetune_config(tiny_dit_dir, digits_cfg.data, digits_cfg.sampler,
+                                                                 ema=0.0, **conf)).checkpoint_dir) / "transformer")
+    ema = weights(Path(run_local(finetune_loop, finetune_config(tiny_dit_dir, digits_cfg.data, digits_cfg.sampler,
+                                                                ema=0.9999, **conf)).checkpoint_dir) / "transformer")
+    before = weights(tiny_dit_dir)
+    moved = max((last[k] - before[k]).abs().max().item() for k in before)
+    moved_ema = max((ema[k] - before[k]).abs().max().item() for k in before)
+    assert moved > 1e-3 and 0 < moved_ema < 0.01 * moved
+    p = torch.nn.Linear(1, 1, bias=False)                             # the update rule itself
+    with torch.no_grad():
+        p.weight.fill_(0.0)
+    e = EMA(p, decay=0.9)
+    for step in range(2):
+        with torch.no_grad():
+            p.weight.fill_(1.0)
+        e.update(p, step)
+    assert e.shadow["weight"].item() == pytest.approx(1 - 0.9 ** 2)
 
 
 def test_im_term_is_per_sample_and_trains_through_the_inversion(digits_cfg, tiny_dit_dir):

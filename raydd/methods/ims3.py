@@ -51,6 +51,7 @@ class Config:
     steps: int = 0                 # > 0 overrides epochs: optimizer steps
     batch: int = 8                 # real latents per step and worker (paper 8)
     lr: float = 1e-3               # AdamW learning rate (paper 1e-3)
+    ema: float = 0.9999            # EMA decay of the weights sampled from (the reference pipeline's; 0 = last weights)
     finetune_seed: int = 0         # fixed (not the run seed), so every run seed reuses one fine-tune
     # --- S3 ---
     G: int = 5                     # candidate subgroups per class
@@ -70,6 +71,8 @@ def check(cfg: Config) -> None:
         raise ConfigError(f"ims3.encoder={cfg.encoder!r}; allowed: teacher, timm:<model name>")
     if cfg.G < 1 or cfg.K < 1 or cfg.batch < 1 or cfg.inversion_steps < 1 or cfg.lambda_im < 0:
         raise ConfigError("ims3: need G >= 1, K >= 1, batch >= 1, inversion_steps >= 1, lambda_im >= 0")
+    if not 0 <= cfg.ema < 1:
+        raise ConfigError(f"ims3.ema={cfg.ema} must be in [0, 1)")
 
 
 def im_finetune(ctx, cfg: Config) -> BackboneSpec:
@@ -82,7 +85,8 @@ def im_finetune(ctx, cfg: Config) -> BackboneSpec:
     config = finetune_config(b.checkpoint or b.source, ctx.cfg.data, ctx.cfg.sampler, steps=steps, batch=cfg.batch,
                              lr=cfg.lr, peft=cfg.peft, terms={"im": cfg.lambda_im},
                              term_options={"im": {"inversion_steps": cfg.inversion_steps, "im_matrix": cfg.im_matrix}},
-                             seed=cfg.finetune_seed, latent_size=b.latent_size, vae=b.vae, vae_scale=b.vae_scale)
+                             seed=cfg.finetune_seed, ema=cfg.ema, latent_size=b.latent_size, vae=b.vae,
+                             vae_scale=b.vae_scale)
     path = ctx.train_cached("finetune", finetune_loop, config)
     curve = json.loads((path / ("history.json" if (path / "history.json").exists() else "metrics.json")).read_text())
     for h in curve if isinstance(curve, list) else [curve]:              # the curve: loss, mse, vb, im

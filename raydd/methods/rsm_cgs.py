@@ -39,6 +39,8 @@ class Config:
     ft_steps: int = 300            # optimizer steps
     ft_batch: int = 32             # real latents per step
     ft_lr: float = 1e-3            # AdamW learning rate (DiffFit's)
+    ft_ema: float = 0.99           # EMA decay of the weights sampled from (Minimax/IMS3 use 0.9999 over ~10k steps;
+                                   # over 300 steps that would keep 97% of the starting weights; 0 = last weights)
     # --- CGS ---
     eta_dpp: float = 1.0           # eta_dpp: step on grad L_dpp (diversity; no effect at IPC 1)
     eta_dm: float = 0.05           # eta_dm: step on grad L_dm (grad per sample = 2/N (mean - target))
@@ -55,8 +57,8 @@ def check(cfg: Config) -> None:
         raise ValueError(f"rsm_cgs.on={cfg.on!r}; allowed: {', '.join(ON)}")
     if not cfg.eps > 0:
         raise ValueError(f"rsm_cgs.eps={cfg.eps} must be > 0")
-    if cfg.rsm and (cfg.ft_steps < 1 or cfg.ft_batch < 1 or cfg.lam < 0):
-        raise ValueError("rsm_cgs: need ft_steps >= 1, ft_batch >= 1 and lam >= 0")
+    if cfg.rsm and (cfg.ft_steps < 1 or cfg.ft_batch < 1 or cfg.lam < 0 or not 0 <= cfg.ft_ema < 1):
+        raise ValueError("rsm_cgs: need ft_steps >= 1, ft_batch >= 1, lam >= 0 and 0 <= ft_ema < 1")
 
 
 def rsm_finetune(ctx, cfg: Config) -> BackboneSpec:
@@ -65,7 +67,8 @@ def rsm_finetune(ctx, cfg: Config) -> BackboneSpec:
     b = ctx.spec.cfg
     config = finetune_config(b.checkpoint or b.source, ctx.cfg.data, ctx.cfg.sampler, steps=cfg.ft_steps,
                              batch=cfg.ft_batch, lr=cfg.ft_lr, peft=cfg.peft, terms={"rsm": cfg.lam},
-                             seed=ctx.cfg.seed, latent_size=b.latent_size, vae=b.vae, vae_scale=b.vae_scale)
+                             seed=ctx.cfg.seed, ema=cfg.ft_ema, latent_size=b.latent_size, vae=b.vae,
+                             vae_scale=b.vae_scale)
     path = ctx.train_cached("finetune", finetune_loop, config)
     return dataclasses.replace(ctx.spec, cfg=dataclasses.replace(b, source=str(path / "transformer"), checkpoint=""))
 
