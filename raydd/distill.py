@@ -108,8 +108,23 @@ def produce(cfg: Config, data: RealData, runner, tracker, scratch: Path) -> tupl
                     extra={"method": cfg.method, "ipc": cfg.ipc, "seed": cfg.seed, "preset": cfg.preset})
     log(f"wrote {len(distilled)} images to {out_dir} in {t_distill:.1f}s")
     tracker.log_images("distilled_grid", image_grid(distilled.images, distilled.labels))
+    diagnostics = set_diagnostics(cfg, data, runner, distilled)
+    log("set diagnostics: " + "  ".join(f"{k.split('/')[1]} {v:.3f}" for k, v in diagnostics.items()))
     return out_dir, len(distilled), {"time_backbone_s": timer["backbone"], "time_distill_s": t_distill,
-                                     "images_per_s": len(distilled) / max(t_distill, 1e-9)}
+                                     "images_per_s": len(distilled) / max(t_distill, 1e-9)} | diagnostics
+
+
+def set_diagnostics(cfg: Config, data: RealData, runner, distilled) -> dict:
+    """distilled/teacher_acc, distilled/diversity, distilled/latent_std (raydd.diagnostics): the real-data
+    teacher scores the set on the actor pool (a class is a unit)."""
+    from raydd.diagnostics import TeacherScores, summarise
+    from raydd.eval_jobs import teacher_encoder
+
+    labels = distilled.labels.numpy()
+    scores = runner.map(TeacherScores, {"encoder": teacher_encoder(cfg, data, runner),
+                                        "gpus": cfg.compute.gpus_per_actor},
+                        {"class_idx": labels, "unit": labels, "image": distilled.images.numpy()})
+    return summarise(scores, distilled.latents)
 
 
 def summary_metrics(summary: dict) -> dict:

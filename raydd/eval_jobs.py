@@ -213,6 +213,13 @@ def ensure_teacher(cfg: Config, runner) -> str:
     return str(path)
 
 
+def teacher_encoder(cfg: Config, data: RealData, runner) -> dict:
+    """The real-data teacher as a feature/score model spec for raydd.s3.load_encoder (trained once, cached)."""
+    d = cfg.data
+    return {"kind": "student", "arch": cfg.eval.teacher_arch, "path": ensure_teacher(cfg, runner),
+            "num_classes": data.num_classes, "channels": d.channels, "image_size": d.image_size}
+
+
 def eval_key(config: dict) -> str:
     """Names an evaluation job by everything that decides its results (the set's arrays by their sha256), so
     a rerun of the same run resumes its finished jobs and a changed evaluation starts afresh."""

@@ -153,13 +153,13 @@ def tiny_backbone_config(backbone: BackboneConfig, sampler: SamplerConfig, data:
 
 
 @torch.no_grad()
-def encode_batch(vae, x_uint8: torch.Tensor, device, generator: torch.Generator | None = None) -> torch.Tensor:
-    """Real images uint8 [B, C, H, W] -> the DiT's inputs on `device`: VAE latents (a posterior sample when a
-    generator is given, as DiT's train.py draws them), or the pixels in [-1, 1] for pixel-space backbones."""
+def encode_real(vae, x_uint8: torch.Tensor, device, batch: int = 256) -> torch.Tensor:
+    """Real images uint8 [N, C, H, W] (on the CPU) -> the DiT's inputs [N, c, h, w] on `device`, encoded there
+    `batch` images at a time: VAE latents (the posterior mean, scaled; DiT's train.py draws a posterior
+    sample, whose std is small for SD's VAE), or the pixels in [-1, 1] for pixel-space backbones."""
     from raydd.evaluation import to_float
 
-    x = to_float(x_uint8).to(device)
-    return vae.encode(x, generator=generator)
+    return torch.cat([vae.encode(to_float(x).to(device)) for x in x_uint8.split(batch)])
 
 
 def train_tiny_backbone(config: dict, hooks: TrainHooks) -> None:
@@ -171,8 +171,8 @@ def train_tiny_backbone(config: dict, hooks: TrainHooks) -> None:
     bcfg, scfg, dcfg = BackboneConfig(**config["backbone"]), SamplerConfig(**config["sampler"]), DataConfig(**config["data"])
     torch.manual_seed(config["seed"])
     data = load_real(dcfg)
-    x_all, y_all = data.train.x, data.train.y                             # uint8 [N,C,H,W], int64 [N]
     vae = load_vae(bcfg.vae, bcfg.vae_scale).to(hooks.device)             # identity in pixel space
+    x_all, y_all = encode_real(vae, data.train.x, hooks.device), data.train.y.to(hooks.device)   # [N,c,h,w], [N]
     channels = vae.latent_channels or dcfg.channels                       # the DiT's input: [channels, side, side]
     side = dcfg.image_size // vae.downscale_factor
     model = tiny_dit(data.num_classes, channels, side, bcfg.hidden_size, bcfg.depth, bcfg.heads, bcfg.patch_size,
@@ -197,9 +197,9 @@ def train_tiny_backbone(config: dict, hooks: TrainHooks) -> None:
     for step in range(start, bcfg.train_steps):
         idx = torch.randint(0, len(y_all), (bcfg.train_batch,), generator=gen)
         t = torch.randint(0, scfg.train_timesteps, (bcfg.train_batch,), generator=gen).to(device)
-        x0 = encode_batch(vae, x_all[idx], device, gen)                    # [B, channels, side, side]
+        x0 = x_all[idx.to(device)]                                        # [B, channels, side, side]
         noise = torch.randn(x0.shape, generator=gen).to(device)
-        y = drop_labels(y_all[idx], data.num_classes, gen).to(device)     # CFG: 10% null, once per sample
+        y = drop_labels(y_all[idx.to(device)], data.num_classes, gen)     # CFG: 10% null, once per sample
         losses = diffusion_losses(predict, x0, y, t, noise, schedule)
         loss = losses["loss"].mean()
         opt.zero_grad(set_to_none=True)
@@ -285,7 +285,7 @@ def finetune_config(backbone_source: str, data: DataConfig, sampler: SamplerConf
 def finetune_loop(config: dict, hooks: TrainHooks) -> None:
     """Fine-tune a DiT on the real train split: L = L_simple + L_vlb + sum_k lambda_k * term_k.
     peft="difffit" adds DiffFit's gammas and trains them with biases, norms and the label table. Real images
-    are encoded a batch at a time on the worker's device. Data-parallel across workers (DDP via
+    are encoded once, a batch at a time, on the worker's device. Data-parallel across workers (DDP via
     hooks.prepare_model); reports a diffusers model dir `transformer/` (the EMA weights, gammas folded) as
     the final checkpoint, loadable with backbone.source=<dir>/transformer."""
     from raydd.backbone import add_difffit_gammas, drop_labels, fold_difffit_gammas, load_transformer, load_vae, \
@@ -300,7 +300,6 @@ def finetune_loop(config: dict, hooks: TrainHooks) -> None:
     dcfg, scfg = DataConfig(**config["data"]), SamplerConfig(**config["sampler"])
     torch.manual_seed(config["seed"])
     data = load_real(dcfg)
-    x_all = data.train.x                                                   # uint8 [N, C, H, W] on the CPU
     y_all = torch.tensor(data.backbone_class_ids())[data.train.y]          # backbone class ids [N]
     model = load_transformer(config["backbone_source"])                    # one shared embedder (backbone.py)
     null_class, channels = int(model.config.num_embeds_ada_norm), int(model.config.in_channels)
@@ -314,6 +313,7 @@ def finetune_loop(config: dict, hooks: TrainHooks) -> None:
     net = hooks.prepare_model(model)
     device = hooks.device
     vae = load_vae(config["vae"], config["vae_scale"]).to(device).eval()
+    z_all, y_all = encode_real(vae, data.train.x, device), y_all.to(device)   # latents [N, c, h, w] on the device
     ema = EMA(model, config["ema"])
     start, history = 0, []                                                 # history: every report (loss curve)
     if hooks.restore_dir():
@@ -329,11 +329,11 @@ def finetune_loop(config: dict, hooks: TrainHooks) -> None:
     B, log_every = config["batch"], max(1, config["steps"] // 20)
     ckpt_every = log_every * max(1, config["steps"] // 5 // log_every)     # as in train_tiny_backbone
     for step in range(start, config["steps"]):
-        idx = torch.randint(0, len(y_all), (B,), generator=gen)
+        idx = torch.randint(0, len(y_all), (B,), generator=gen).to(device)
         t = torch.randint(0, scfg.train_timesteps, (B,), generator=gen).to(device)
-        x0 = encode_batch(vae, x_all[idx], device, gen)                   # [B, c, h, w] latents
+        x0 = z_all[idx]                                                   # [B, c, h, w] latents
         noise = torch.randn(x0.shape, generator=gen).to(device)
-        y = drop_labels(y_all[idx], null_class, gen).to(device)           # CFG: 10% null, once per sample
+        y = drop_labels(y_all[idx], null_class, gen)                      # CFG: 10% null, once per sample
         out = diffusion_losses(predict, x0, y, t, noise, schedule)
         loss, parts = out["loss"], {"mse": out["mse"].mean().item(), "vb": out["vb"].detach().mean().item()}
         x_t = q_sample(x0, t, noise, schedule)

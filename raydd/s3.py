@@ -127,6 +127,11 @@ def s3_brute_force(c: torch.Tensor, r: torch.Tensor, alpha: float = 0.4, beta: f
 # --------------------------------------------------------------------------------------------
 # The frozen encoder phi (a callable class for ctx.map: loads once per actor)
 # --------------------------------------------------------------------------------------------
+def classifier_head(model: torch.nn.Module) -> torch.nn.Linear:
+    """A raydd student's last linear layer: its input is the penultimate feature, its output the logits."""
+    return [m for m in model.modules() if isinstance(m, torch.nn.Linear)][-1]
+
+
 def load_encoder(encoder: dict, device: torch.device) -> tuple[torch.nn.Module, Callable[[torch.Tensor], torch.Tensor]]:
     """-> (model, features(x_uint8 [B,C,H,W]) -> [B, D] raw features)."""
     from raydd.evaluation import to_float
@@ -139,7 +144,7 @@ def load_encoder(encoder: dict, device: torch.device) -> tuple[torch.nn.Module, 
         model = create_student(encoder["arch"], encoder["num_classes"], encoder["channels"], encoder["image_size"])
         model.load_state_dict(load_file(encoder["path"]))
         model = model.to(device).eval().requires_grad_(False)
-        head = [m for m in model.modules() if isinstance(m, torch.nn.Linear)][-1]   # the classifier
+        head = classifier_head(model)
         captured = {}
         head.register_forward_pre_hook(lambda _m, args: captured.__setitem__("f", args[0]))
 

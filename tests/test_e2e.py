@@ -45,6 +45,7 @@ def test_dit_smoke_writes_set_and_one_mlflow_run(world):
     m = run.data.metrics
     assert 0.0 <= m["acc_mean/convnet_d3"] <= 1.0 and m["images_per_s"] > 0 and m["time_total_s"] > 0
     assert {"HLR/convnet_d3", "IOR/convnet_d3", "LRS/convnet_d3", "acc_random/convnet_d3"} <= set(m)
+    assert {"distilled/teacher_acc", "distilled/diversity", "distilled/latent_std"} <= set(m)   # set diagnostics
     assert run.data.tags["output_dir"] == str(out_dir)
     arts = {a.path for a in mlflow.MlflowClient().list_artifacts(run.info.run_id)}
     assert {"distilled_grid.png", "result.json"} <= arts
