@@ -451,6 +451,25 @@ def convert_original_dit(state_dict: dict) -> dict:
     return _convert(state_dict)[0]
 
 
+def to_original_dit(model: DiTTransformer2DModel) -> dict:
+    """A diffusers DiT -> a state dict in facebookresearch/DiT's layout (how DiT-XL-2-256x256.pt is saved):
+    the inverse of convert_original_dit, with block 0's embedder as the shared t/y embedders and the
+    pos_embed sin-cos table. Fold DiffFit gammas first."""
+    sd, emb = model.state_dict(), "transformer_blocks.0.norm1.emb"
+    out = {"pos_embed": model.pos_embed.pos_embed}                        # [1, T, D]
+    for original, new in list(_TOP_MAP.items()) + [(k, f"{emb}.{v[len('norm1.emb.'):]}") for k, v in _SHARED_MAP.items()]:
+        for leaf in ("weight", "bias"):
+            if f"{new}.{leaf}" in sd:
+                out[f"{original}.{leaf}"] = sd[f"{new}.{leaf}"]
+    for i in range(len(model.transformer_blocks)):
+        b = f"transformer_blocks.{i}"
+        for leaf in ("weight", "bias"):
+            out[f"blocks.{i}.attn.qkv.{leaf}"] = torch.cat([sd[f"{b}.attn1.{n}.{leaf}"] for n in ("to_q", "to_k", "to_v")])
+            for original, new in _BLOCK_MAP.items():
+                out[f"blocks.{i}.{original}.{leaf}"] = sd[f"{b}.{new}.{leaf}"]
+    return {k: v.detach().clone().contiguous() for k, v in out.items()}
+
+
 # --------------------------------------------------------------------------------------------
 # Reading state dicts
 # --------------------------------------------------------------------------------------------

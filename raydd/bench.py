@@ -240,14 +240,16 @@ def bench_train(repeats: int) -> dict:
     return out | {"speedup": out["fit_s_poll_2s"] / out["fit_s_poll_0.25s"]}
 
 
-def peak_tree_rss(cmd: list[str], env: dict, cwd: str) -> tuple[int, float, float, float, list]:
-    """Run cmd; every 0.5 s sum the memory of it and all its descendants (Ray workers included).
+def peak_tree_rss(cmd: list[str], env: dict, cwd: str, output: str | None = None) -> tuple[int, float, float, float, list]:
+    """Run cmd (its stdout and stderr to the file `output`, or discarded); every 0.5 s sum the memory of it and
+    all its descendants (Ray workers included).
     Returns (exit code, peak summed RSS GiB, peak summed PSS GiB, wall s, the largest processes at the PSS
     peak as [name, PSS MiB]). RSS counts shared pages (torch's libraries, the object store) once per
     process; PSS splits them between the processes sharing them."""
     import psutil
 
-    p = subprocess.Popen(cmd, env=env, cwd=cwd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    sink = open(output, "w") if output else subprocess.DEVNULL
+    p = subprocess.Popen(cmd, env=env, cwd=cwd, stdout=sink, stderr=subprocess.STDOUT)
     proc, peak_rss, peak_pss, top, t0 = psutil.Process(p.pid), 0, 0, [], time.time()
     while p.poll() is None:
         rss = pss = 0
@@ -263,6 +265,8 @@ def peak_tree_rss(cmd: list[str], env: dict, cwd: str) -> tuple[int, float, floa
         if pss > peak_pss:
             peak_pss, top = pss, [[name, round(m / 2**20)] for m, name in sorted(procs, reverse=True)[:8]]
         time.sleep(0.5)
+    if output:
+        sink.close()
     return p.returncode, peak_rss / 2**30, peak_pss / 2**30, time.time() - t0, top
 
 

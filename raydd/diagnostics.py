@@ -32,7 +32,7 @@ class TeacherScores:
 
     @torch.no_grad()
     def __call__(self, rows: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        x = torch.from_numpy(np.ascontiguousarray(rows["image"]))
+        x = torch.from_numpy(np.array(rows["image"]))                             # a writable copy
         f = torch.cat([self.features(xb) for xb in x.split(self.batch)])          # [N, D]
         pred = self.head(f.to(self.device)).argmax(1).cpu().numpy()               # the classifier's own logits
         return {"class_idx": rows["class_idx"], "unit": rows["unit"],

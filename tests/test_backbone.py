@@ -15,7 +15,7 @@ from safetensors.torch import save_file
 
 from raydd.backbone import (DIFFFIT_BLOCKS, LABEL_DROPOUT, Backbone, IdentityVAE, SDVAE, add_difffit_gammas,
                             convert_original_dit, drop_labels, fold_difffit_gammas, infer_num_heads, load_backbone,
-                            load_transformer, load_vae, save_transformer, tiny_dit)
+                            load_transformer, load_vae, save_transformer, tiny_dit, to_original_dit)
 from raydd.config import BackboneConfig
 
 NUM_CLASSES, CHANNELS, SIZE, HIDDEN, HEADS, DEPTH, PATCH = 5, 2, 8, 32, 2, 2, 2
@@ -37,33 +37,8 @@ def make_dit(seed: int = 0, learned_sigma: bool = True):
 
 
 def to_original(model) -> dict:
-    """Inverse of the conversion, written out with facebookresearch/DiT's key names."""
-    sd = model.state_dict()
-    emb = "transformer_blocks.0.norm1.emb"
-    out = {
-        "x_embedder.proj.weight": sd["pos_embed.proj.weight"],
-        "x_embedder.proj.bias": sd["pos_embed.proj.bias"],
-        "t_embedder.mlp.0.weight": sd[f"{emb}.timestep_embedder.linear_1.weight"],
-        "t_embedder.mlp.0.bias": sd[f"{emb}.timestep_embedder.linear_1.bias"],
-        "t_embedder.mlp.2.weight": sd[f"{emb}.timestep_embedder.linear_2.weight"],
-        "t_embedder.mlp.2.bias": sd[f"{emb}.timestep_embedder.linear_2.bias"],
-        "y_embedder.embedding_table.weight": sd[f"{emb}.class_embedder.embedding_table.weight"],
-        "final_layer.adaLN_modulation.1.weight": sd["proj_out_1.weight"],
-        "final_layer.adaLN_modulation.1.bias": sd["proj_out_1.bias"],
-        "final_layer.linear.weight": sd["proj_out_2.weight"],
-        "final_layer.linear.bias": sd["proj_out_2.bias"],
-        "pos_embed": model.pos_embed.pos_embed.clone(),  # [1, T, D] fixed sin-cos table
-    }
-    for i in range(DEPTH):
-        b = f"transformer_blocks.{i}"
-        for leaf in ("weight", "bias"):
-            out[f"blocks.{i}.attn.qkv.{leaf}"] = torch.cat(
-                [sd[f"{b}.attn1.to_q.{leaf}"], sd[f"{b}.attn1.to_k.{leaf}"], sd[f"{b}.attn1.to_v.{leaf}"]])
-            out[f"blocks.{i}.attn.proj.{leaf}"] = sd[f"{b}.attn1.to_out.0.{leaf}"]
-            out[f"blocks.{i}.mlp.fc1.{leaf}"] = sd[f"{b}.ff.net.0.proj.{leaf}"]
-            out[f"blocks.{i}.mlp.fc2.{leaf}"] = sd[f"{b}.ff.net.2.{leaf}"]
-            out[f"blocks.{i}.adaLN_modulation.1.{leaf}"] = sd[f"{b}.norm1.linear.{leaf}"]
-    return {k: v.clone().contiguous() for k, v in out.items()}
+    """The model written out with facebookresearch/DiT's key names (the converter's inverse)."""
+    return to_original_dit(model)
 
 
 @pytest.fixture(scope="module")
