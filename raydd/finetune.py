@@ -210,7 +210,7 @@ def train_tiny_backbone(config: dict, hooks: TrainHooks) -> None:
         seen += bcfg.train_batch
         last = step == bcfg.train_steps - 1
         if (step + 1) % log_every == 0 or last:
-            metrics = {"step": step + 1, "loss": float(loss), "mse": float(losses["mse"].mean()),
+            metrics = {"step": step + 1, "loss": loss.item(), "mse": losses["mse"].mean().item(),
                        "vb": float(losses["vb"].mean()), "images_per_s": seen / (time.time() - t0)}
             if hooks.world_rank == 0:
                 print(f"[backbone] step {step + 1}/{bcfg.train_steps} " + " ".join(

@@ -38,7 +38,7 @@ def test_bad_overrides_name_the_problem(override, expected):
 
 
 def test_unknown_preset_lists_allowed():
-    with pytest.raises(ConfigError, match="allowed: digits, imageidc"):
+    with pytest.raises(ConfigError, match="allowed: digits, digits-latent, imageidc"):
         load_config("cifar")
 
 

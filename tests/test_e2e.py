@@ -67,6 +67,18 @@ def test_random_smoke_and_rerun_reuses_run(world):
     assert run.info.status == "FINISHED" and "acc_mean/convnet_d3" in run.data.metrics
 
 
+def test_latent_world_guided_method_through_the_cli(world):
+    """digits-latent on Ray: the tiny VAE and the latent DiT train as Ray Train jobs, IGDS's guidance decodes
+    x0_hat through the VAE on the sampling actor, and the run logs the set diagnostics."""
+    rc, out = run_cli(["raydd.distill", "--method", "igds", "--preset", "digits-latent", "--smoke"],
+                      world["env"], world["tmp"])
+    assert rc == 0, out[-3000:]
+    assert "training vaes" in out and "set diagnostics: teacher_acc" in out
+    (run,) = runs(world, raydd_run="digits-latent-igds-ipc2-s0")
+    assert run.info.status == "FINISHED" and run.data.params["backbone.vae"] == "tiny"
+    assert {"distilled/teacher_acc", "distilled/latent_std", "acc_mean/convnet_d3"} <= set(run.data.metrics)
+
+
 def test_driver_dies_mid_stage_and_between_stages_and_rerun_resumes_identically(world):
     """The driver exits after saving the first sampled unit (mid-stage); the rerun of the same run name
     samples only the other unit and exits once it is saved (the sampling stage is complete, evaluation
