@@ -38,7 +38,10 @@ def check_method(cfg: Config):
     unknown = [m for m in cfg.methods if m not in list_methods()]
     if unknown:
         raise ConfigError(f"settings given for unknown method(s) {unknown}; methods: {', '.join(list_methods())}")
-    return method, make_method_config(method.Config, cfg.methods.get(cfg.method, {}), cfg.method)
+    mcfg = make_method_config(method.Config, cfg.methods.get(cfg.method, {}), cfg.method)
+    if method.check is not None:                                   # allowed values and ranges
+        method.check(mcfg, cfg)
+    return method, mcfg
 
 
 def check_backbone(cfg: Config) -> None:

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import json
 import math
 import sys
@@ -25,7 +26,7 @@ from pathlib import Path
 from raydd.config import Config, ConfigError, flatten, load_config
 from raydd.distill import (build_parser, check_backbone, check_method, distill, ensure_backbone, log, prepare_method,
                            produce, run_cli)
-from raydd.tune_space import SearchSpace, load_space
+from raydd.tune_space import SearchSpace, config_key_validator, load_space
 
 STAGES = (0.25, 0.5, 1.0)      # fractions of the student-training epochs, one report each
 
@@ -199,7 +200,15 @@ def sweep(method: str, base: Config, final_eval, *, trials: int, max_concurrent:
     from raydd.tracking import Tracker, check_reachable, find_run
 
     check_method(base)                                           # unknown method / method keys fail here
-    space = load_space(method)                                   # bad YAML / unknown keys fail here
+    space = load_space(method, validate_key=functools.partial(config_key_validator, run=base))  # bad YAML,
+    # unknown keys and values the method rejects (for this run's IPC and settings) fail here
+    if "://" not in storage:                                     # a local --storage must be writable, now
+        try:
+            Path(storage).expanduser().mkdir(parents=True, exist_ok=True)
+            Path(storage).expanduser().joinpath(".raydd-write-test").touch()
+        except OSError as e:
+            raise ConfigError(f"--storage {storage}: cannot write there ({e.strerror}); give a writable "
+                              f"directory or an s3:// / gs:// URI") from None
     # trials run in their own directories: hand them the resolved (absolute) tracking URI
     base = dataclasses.replace(base, tracking=dataclasses.replace(base.tracking, uri=check_reachable(base.tracking)))
     data = load_real(base.data)

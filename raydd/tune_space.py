@@ -241,12 +241,14 @@ def _probe_values(p: Param) -> list[Any]:
 # --------------------------------------------------------------------------------------------
 # Default key validator: raydd.config's keys, and a method's own Config fields
 # --------------------------------------------------------------------------------------------
-def config_key_validator(name: str, value: Any) -> None:
+def config_key_validator(name: str, value: Any, run: Any = None) -> None:
     """Raise ValueError unless `name=value` is a valid override.
 
     Keys whose first part is a field of `raydd.config.Config` go through `config.set_key` (unknown
     keys and wrong types raise ConfigError, a ValueError). `<method>.<field>` keys are checked
-    against the method's `Config` dataclass when `raydd.methods.get_method` is importable.
+    against the method's `Config` dataclass when `raydd.methods.get_method` is importable, and by the
+    method's own `check` (allowed values, ranges), on top of the run config `run` (the sweep's base:
+    its IPC and the method's other settings; default: the dataclass defaults).
     """
     from raydd import config as C
 
@@ -271,4 +273,7 @@ def config_key_validator(name: str, value: Any) -> None:
     method_cfg = getattr(entry, "Config", None)
     if method_cfg is None or not dataclasses.is_dataclass(method_cfg):
         return
-    C.make_method_config(method_cfg, {fld: value}, method)
+    run = run if run is not None else C.Config(method=method)
+    mcfg = C.make_method_config(method_cfg, dict(run.methods.get(method, {})) | {fld: value}, method)
+    if getattr(entry, "check", None) is not None:
+        entry.check(mcfg, run)

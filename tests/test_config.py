@@ -71,3 +71,42 @@ def test_method_config_coerces_types():
     assert c.lam == 2.0 and isinstance(c.lam, float) and c.k == 5
     with pytest.raises(ConfigError, match="'m.k': expected int"):
         make_method_config(C, {"k": 2.5}, "m")
+
+
+# ---- a method's own settings fail in seconds, before Ray or MLflow start (in-process CLI calls) ----------
+@pytest.mark.parametrize("args, message", [
+    (["raydd.distill", "--method", "lgd", "lgd.kappa=0"], "lgd.increment and lgd.kappa must be >= 1"),
+    (["raydd.distill", "--method", "igds", "igds.mode=bogus"], "igds.mode='bogus'; allowed: full, x0"),
+    (["raydd.distill", "--method", "cao2", "cao2.order=random"], "cao2.order='random' is not allowed; allowed: auto"),
+    (["raydd.distill", "--method", "ims3", "ims3.ema=1.5"], "ims3.ema=1.5 must be in [0, 1)"),
+    (["raydd.distill", "--method", "rsm_cgs", "rsm_cgs.on=bogus"], "rsm_cgs.on='bogus'; allowed"),
+    (["raydd.sweep", "--method", "dit", "--storage", "/proc/nope"], "--storage /proc/nope: cannot write there"),
+])
+def test_method_settings_and_sweep_storage_fail_before_ray(args, message, capsys, monkeypatch, tmp_path):
+    import importlib
+    import time
+
+    import ray
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    t0 = time.time()
+    rc = importlib.import_module(args[0]).main(args[1:])
+    assert rc == 2 and message in capsys.readouterr().err
+    assert not ray.is_initialized() and time.time() - t0 < 30
+    assert not (tmp_path / "mlflow.db").exists()                     # no MLflow run was created
+
+
+def test_a_search_space_value_the_method_rejects_fails_when_the_space_loads(tmp_path):
+    from raydd.config import load_config
+    from raydd.tune_space import SpaceError, config_key_validator, load_space
+
+    space = tmp_path / "igds.yaml"
+    space.write_text("method: igds\nparams:\n  igds.mode: {type: categorical, choices: [x0, full, bogus], default: x0}\n")
+    with pytest.raises(SpaceError, match="igds.mode='bogus'; allowed: full, x0"):
+        load_space("igds", space)
+    lgd = tmp_path / "lgd.yaml"                                     # valid only for some IPCs: checked on the run's
+    lgd.write_text("method: lgd\nparams:\n  lgd.increment: {type: categorical, choices: [1, 5], default: 1}\n")
+    load_space("lgd", lgd, validate_key=lambda k, v: config_key_validator(k, v, run=load_config(overrides=["ipc=10"])))
+    with pytest.raises(SpaceError, match="lgd.increment"):
+        load_space("lgd", lgd, validate_key=lambda k, v: config_key_validator(k, v, run=load_config(overrides=["ipc=7"])))

@@ -207,10 +207,10 @@ def test_resume_after_interruption_does_not_redo_finished_increments(digits_cfg,
     assert done["increment"] == 2 and not stage1.exists()
 
 
-def test_bad_increment_fails_before_heavy_work(digits_cfg, spec, tmp_path):
+def test_bad_increment_fails_before_heavy_work(digits_cfg):
     from raydd.config import ConfigError
+    from raydd.distill import check_method
 
-    method = get_method("lgd")
-    ctx = Context(digits_cfg, load_real(digits_cfg.data), spec, runner=LocalRunner(digits_cfg), scratch=tmp_path)
+    cfg = dataclasses.replace(digits_cfg, method="lgd", methods={"lgd": {"increment": 3}})   # IPC 2
     with pytest.raises(ConfigError, match="lgd.increment=1"):
-        method.run(ctx, make_method_config(method.Config, {"increment": 3}, "lgd"))
+        check_method(cfg)

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from raydd.config import ComputeConfig, SamplerConfig
+from raydd.config import ComputeConfig, ConfigError, SamplerConfig
 from raydd.context import Context, LocalRunner
 from raydd.data import load_real
 from raydd.methods import get_method
@@ -165,8 +165,10 @@ def test_full_method_and_switches(world, spec):
     assert len(both) == 12 and torch.equal(both.labels, torch.arange(3).repeat_interleave(4))
     rsm_only, tr = run_method(world, spec, cgs=False, ft_steps=2, ft_batch=8)
     assert not torch.equal(both.latents, rsm_only.latents) and tr.metrics == []
-    with pytest.raises(ValueError, match="allowed"):
-        run_method(world, spec, peft="lora")
+    from raydd.methods.rsm_cgs import check
+
+    with pytest.raises(ConfigError, match="allowed: difffit, full"):
+        check(get_method("rsm_cgs").Config(peft="lora"))
 
 
 # ---------------------------------------------------------------------------------------------- sharding

@@ -1,5 +1,8 @@
 """Methods registry. A method is one file: a `Config` dataclass (paper defaults, a comment per
 field) and `run(ctx, cfg) -> DistilledSet`, registered with `@register_method(name, Config)`.
+`check(cfg, run_cfg)`, optional: raises ConfigError for values the Config's types allow but the method does
+not (allowed values, ranges, what depends on the run's IPC). raydd.distill.check_method calls it before Ray
+or MLflow start, and a sweep's search-space loader calls it for every value a trial can reach.
 `prepare(ctx, cfg)`, optional: the cached training jobs `run` needs whatever the values a sweep searches
 (IGDS's estimator); a sweep calls it once, with all of a node's CPUs, before its trials."""
 from __future__ import annotations
@@ -16,15 +19,17 @@ class Method:
     run: Callable[[Any, Any], Any]
     summary: str
     prepare: Callable[[Any, Any], Any] | None = None
+    check: Callable[[Any, Any], None] | None = None
 
 
 _METHODS: dict[str, Method] = {}
 
 
-def register_method(name: str, config_cls: type, prepare: Callable[[Any, Any], Any] | None = None):
+def register_method(name: str, config_cls: type, prepare: Callable[[Any, Any], Any] | None = None,
+                    check: Callable[[Any, Any], None] | None = None):
     def deco(run: Callable) -> Callable:
         doc = (sys.modules[run.__module__].__doc__ or name).strip()
-        _METHODS[name] = Method(name, config_cls, run, doc.splitlines()[0], prepare)
+        _METHODS[name] = Method(name, config_cls, run, doc.splitlines()[0], prepare, check)
         return run
     return deco
 

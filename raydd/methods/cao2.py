@@ -63,8 +63,9 @@ class Config:
     generator: str = "dit"         # registered method whose output CaO2 refines (pool: its run() with ipc = m*IPC)
 
 
-def resolve(ctx, cfg: Config) -> Config:
-    """Check allowed values and fill the task-dependent defaults (before any heavy work)."""
+def check(cfg: Config, run=None) -> None:
+    """Allowed values and ranges (called by the registry before anything starts; m = 0 and the other 0 /
+    "auto" values mean the task's defaults)."""
     allowed = {"task": ("auto", "easy", "hard"), "order": ("auto", "most", "least"),
                "condition": ("auto", "true", "null")}
     for key, values in allowed.items():
@@ -72,12 +73,20 @@ def resolve(ctx, cfg: Config) -> Config:
             raise ConfigError(f"cao2.{key}={getattr(cfg, key)!r} is not allowed; allowed: {', '.join(values)}")
     if cfg.generator == "cao2":
         raise ConfigError("cao2.generator=cao2 would recurse; name another method (e.g. dit)")
-    get_method(cfg.generator)                                    # unknown -> ValueError listing the methods
+    try:
+        get_method(cfg.generator)
+    except ValueError as e:                                      # unknown: the message lists the methods
+        raise ConfigError(f"cao2.generator: {e}") from None
     for key, ok in (("m", cfg.m >= 0), ("iterations", cfg.iterations >= 1), ("lr", cfg.lr > 0), ("lam", cfg.lam >= 0),
                     ("t_hat", 0 <= cfg.t_hat <= 1), ("eta", cfg.eta >= 0), ("least_from_ipc", cfg.least_from_ipc >= 1),
                     ("selector_epochs", cfg.selector_epochs >= 0)):
         if not ok:
             raise ConfigError(f"cao2.{key}={getattr(cfg, key)} is out of range")
+
+
+def resolve(ctx, cfg: Config) -> Config:
+    """Fill the task-dependent defaults (the 0 / "auto" fields)."""
+    check(cfg)
     hard = cfg.task == "hard" or (cfg.task == "auto" and ctx.cfg.data.classes in HARD_CLASS_SETS)
     order = cfg.order if cfg.order != "auto" else ("most" if ctx.cfg.ipc < cfg.least_from_ipc else "least")
     return dataclasses.replace(
@@ -181,7 +190,7 @@ def optimize(ctx, cfg: Config, kept: DistilledSet) -> DistilledSet:
                         kept.scores)
 
 
-@register_method("cao2", Config)
+@register_method("cao2", Config, check=check)
 def run(ctx, cfg: Config):
     cfg = resolve(ctx, cfg)
     ctx.tracker.log_dict(dataclasses.asdict(cfg), "cao2_resolved.json")   # the task-dependent values it used

@@ -89,10 +89,21 @@ def log_ve(ctx, path: Path) -> dict:
     return meta
 
 
-@register_method("igds", Config, prepare=ensure_ve)     # a sweep trains the VE once, before its trials
-def run(ctx, cfg: Config):
+def check(cfg: Config, run=None) -> None:
+    """Allowed values and ranges (called by the registry before anything starts)."""
     if cfg.mode not in ("full", "x0"):
         raise ConfigError(f"igds.mode={cfg.mode!r}; allowed: full, x0")
+    if not 0 <= cfg.window_lo <= cfg.window_hi <= 1:
+        raise ConfigError(f"igds.window_lo={cfg.window_lo}, window_hi={cfg.window_hi}: need 0 <= lo <= hi <= 1")
+    for key in ("ve_width", "ve_embed_dim", "ve_queue", "ve_steps", "ve_batch"):
+        if getattr(cfg, key) < 1:
+            raise ConfigError(f"igds.{key}={getattr(cfg, key)} must be >= 1")
+    if cfg.eta < 0 or cfg.beta_max < 0 or cfg.ve_tau <= 0 or cfg.ve_lr <= 0 or cfg.ve_cls_steps < 0:
+        raise ConfigError("igds: need eta >= 0, beta_max >= 0, ve_tau > 0, ve_lr > 0 and ve_cls_steps >= 0")
+
+
+@register_method("igds", Config, prepare=ensure_ve, check=check)   # a sweep trains the VE once, before its trials
+def run(ctx, cfg: Config):
     window = step_window(cfg.window_lo, cfg.window_hi, ctx.cfg.sampler.steps)
     beta = cfg.beta if cfg.beta >= 0 else beta_for_ipc(ctx.cfg.ipc, cfg.beta_max)
 

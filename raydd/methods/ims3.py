@@ -64,7 +64,8 @@ class Config:
     encoder_epochs: int = 0        # teacher epochs (0 = eval.teacher_epochs)
 
 
-def check(cfg: Config) -> None:
+def check(cfg: Config, run=None) -> None:
+    """Allowed values and ranges (called by the registry before anything starts)."""
     if cfg.peft not in ("difffit", "full"):
         raise ConfigError(f"ims3.peft={cfg.peft!r}; allowed: difffit, full")
     if not (cfg.encoder == "teacher" or cfg.encoder.startswith("timm:")):
@@ -154,9 +155,8 @@ def selective_subgroup_sampling(ctx, cfg: Config) -> DistilledSet:
     return chosen.sorted()
 
 
-@register_method("ims3", Config)
+@register_method("ims3", Config, check=check)
 def run(ctx, cfg: Config):
-    check(cfg)
     if cfg.finetune:                                           # stage 1: sample from the IM-fine-tuned DiT
         ctx = dataclasses.replace(ctx, backbone=im_finetune(ctx, cfg))
     if not cfg.s3:

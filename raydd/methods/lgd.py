@@ -55,11 +55,12 @@ class Config:
     memory_side: int = 32         # memory images are avg-pooled to at most this side (keeps M small)
 
 
-def check(cfg: Config, ipc: int) -> int:
-    """Validate before any heavy work; returns the seed IPC."""
+def check(cfg: Config, run) -> None:
+    """Allowed values and ranges, and the run's IPC = seed IPC + k increments (called by the registry before
+    anything starts)."""
     from raydd.students import list_students
 
-    seed_ipc = cfg.seed_ipc or cfg.increment
+    ipc, seed_ipc = run.ipc, cfg.seed_ipc or cfg.increment
     problems = [
         (cfg.increment >= 1 and cfg.kappa >= 1, "lgd.increment and lgd.kappa must be >= 1"),
         (1 <= seed_ipc <= ipc and (ipc - seed_ipc) % cfg.increment == 0,
@@ -78,7 +79,6 @@ def check(cfg: Config, ipc: int) -> int:
         get_method(cfg.seed_method)  # unknown names fail here with the list of methods
     elif not Path(cfg.seed_path).expanduser().is_dir():
         raise ConfigError(f"lgd.seed_path={cfg.seed_path} is not a directory")
-    return seed_ipc
 
 
 def respaced_window(cfg: Config, steps: int) -> tuple[int, int]:
@@ -228,10 +228,10 @@ def candidate_rows(ctx, cfg: Config, i: int, n: int) -> dict[str, np.ndarray]:
     return {key: np.concatenate([p[key] for p in parts]) for key in parts[0]}
 
 
-@register_method("lgd", Config)
+@register_method("lgd", Config, check=check)
 def run(ctx, cfg: Config):
     ipc, n, d = ctx.cfg.ipc, cfg.increment, ctx.cfg.data
-    seed_ipc = check(cfg, ipc)
+    seed_ipc = cfg.seed_ipc or cfg.increment
     fingerprint = config_hash(asdict(cfg), ctx.cfg.seed, ctx.cfg.data, ctx.cfg.backbone, ctx.cfg.sampler,
                               ctx.cfg.eval, ctx.cfg.methods.get(cfg.seed_method, {}))
     work = Path(ctx.scratch) / "lgd"

@@ -22,6 +22,7 @@ import numpy as np
 import torch
 
 import raydd.objectives.sparsity  # noqa: F401  registers the fine-tuning loss term "rsm"
+from raydd.config import ConfigError
 from raydd.finetune import finetune_config, finetune_loop
 from raydd.generate import BackboneSpec, DistilledSet
 from raydd.methods import register_method
@@ -50,15 +51,16 @@ class Config:
     compare_unguided: bool = True  # also sample CGS-off from the same noise, to log before/after diagnostics
 
 
-def check(cfg: Config) -> None:
+def check(cfg: Config, run=None) -> None:
+    """Allowed values and ranges (called by the registry before anything starts)."""
     if cfg.peft not in ("difffit", "full"):
-        raise ValueError(f"rsm_cgs.peft={cfg.peft!r}; allowed: difffit, full")
+        raise ConfigError(f"rsm_cgs.peft={cfg.peft!r}; allowed: difffit, full")
     if cfg.on not in ON:
-        raise ValueError(f"rsm_cgs.on={cfg.on!r}; allowed: {', '.join(ON)}")
+        raise ConfigError(f"rsm_cgs.on={cfg.on!r}; allowed: {', '.join(ON)}")
     if not cfg.eps > 0:
-        raise ValueError(f"rsm_cgs.eps={cfg.eps} must be > 0")
+        raise ConfigError(f"rsm_cgs.eps={cfg.eps} must be > 0")
     if cfg.rsm and (cfg.ft_steps < 1 or cfg.ft_batch < 1 or cfg.lam < 0 or not 0 <= cfg.ft_ema < 1):
-        raise ValueError("rsm_cgs: need ft_steps >= 1, ft_batch >= 1, lam >= 0 and 0 <= ft_ema < 1")
+        raise ConfigError("rsm_cgs: need ft_steps >= 1, ft_batch >= 1, lam >= 0 and 0 <= ft_ema < 1")
 
 
 def rsm_finetune(ctx, cfg: Config) -> BackboneSpec:
@@ -103,9 +105,8 @@ def log_diagnostics(ctx, after: DistilledSet, before: DistilledSet | None, mu: n
     ctx.log_metrics({k.replace("cgs/", "cgs/mean_"): float(np.mean(v)) for k, v in sums.items()})
 
 
-@register_method("rsm_cgs", Config)
+@register_method("rsm_cgs", Config, check=check)
 def run(ctx, cfg: Config):
-    check(cfg)
     if cfg.rsm:                                                # stage 1: sample from the RSM-fine-tuned DiT
         ctx = dataclasses.replace(ctx, backbone=rsm_finetune(ctx, cfg))
     if not cfg.cgs:
