@@ -246,7 +246,7 @@ def fold_difffit_gammas(model: DiTTransformer2DModel) -> DiTTransformer2DModel:
         if not hasattr(block, "gamma1"):
             continue
         attn = block.attn1
-        layers = [(l, g) for l, g in zip((attn.to_q, attn.to_k, attn.to_v), attn.gamma1.chunk(3))]
+        layers = list(zip((attn.to_q, attn.to_k, attn.to_v), attn.gamma1.chunk(3)))
         layers += [(attn.to_out[0], attn.gamma2 * block.gamma1), (block.ff.net[2], block.gamma2)]
         for layer, g in layers:
             w, b = _scale_rows(layer.weight, layer.bias, g)

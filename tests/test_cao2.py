@@ -233,10 +233,19 @@ def test_cao2_end_to_end_on_a_dit_pool(digits_cfg, spec, shared_cache):
 # --------------------------------------------------------------------------------------------
 def test_task_dependent_defaults_and_bad_values(digits_cfg, spec):
     method = get_method("cao2")
-    ctx = Context(digits_cfg, None, spec, runner=LocalRunner(digits_cfg))
-    woof = dataclasses.replace(digits_cfg, data=dataclasses.replace(digits_cfg.data, classes="imagewoof"), ipc=50)
-    r = resolve(dataclasses.replace(ctx, cfg=woof), method.Config())
+    from types import SimpleNamespace
+
+    from raydd.data import subset_classes
+
+    ctx = Context(digits_cfg, SimpleNamespace(class_names=[str(i) for i in range(10)]), spec,
+                  runner=LocalRunner(digits_cfg))
+    fifty = dataclasses.replace(digits_cfg, ipc=50)
+    # hard from the classes, whatever the class set is called: two Woof wnids given as a comma list
+    woof = dataclasses.replace(ctx, cfg=fifty, data=SimpleNamespace(class_names=subset_classes("imagewoof")[:2]))
+    r = resolve(woof, method.Config())
     assert (r.task, r.m, r.t_hat, r.condition, r.order) == ("hard", 4, 0.125, "null", "least")
+    nette = dataclasses.replace(woof, data=SimpleNamespace(class_names=subset_classes("imagenette")))
+    assert resolve(nette, method.Config()).task == "easy"
     r = resolve(ctx, make_method_config(method.Config, {"order": "least", "condition": "null", "m": 3}, "cao2"))
     assert (r.task, r.m, r.t_hat, r.condition, r.order) == ("easy", 3, 0.5, "null", "least")
     with pytest.raises(ConfigError, match="allowed: auto, true, null"):

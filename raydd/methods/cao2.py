@@ -38,9 +38,10 @@ from raydd.methods import get_method, register_method
 from raydd.objectives.latent_opt import LatentOptBatches
 from raydd.outputs import image_grid
 from raydd.sampling import sample_seed
+from raydd.data import subset_classes
 from raydd.selection import SelectorScores, confidence_selection, load_selector
 
-HARD_CLASS_SETS = ("imagewoof", "imagenet1k")   # the paper's "hard" tasks (Woof, IN-1K)
+HARD_SUBSET, HARD_MIN_CLASSES = "imagewoof", 1000   # the paper's "hard" tasks: ImageWoof's dog breeds, IN-1K
 
 
 @dataclass
@@ -87,7 +88,11 @@ def check(cfg: Config, run=None) -> None:
 def resolve(ctx, cfg: Config) -> Config:
     """Fill the task-dependent defaults (the 0 / "auto" fields)."""
     check(cfg)
-    hard = cfg.task == "hard" or (cfg.task == "auto" and ctx.cfg.data.classes in HARD_CLASS_SETS)
+    # auto: decided from the classes themselves (any subset of ImageWoof's fine-grained dog breeds, or 1000+
+    # classes), not from the class-set's name, so a comma list of Woof wnids is hard too
+    names = ctx.data.class_names
+    hard = cfg.task == "hard" or (cfg.task == "auto" and (set(names) <= set(subset_classes(HARD_SUBSET))
+                                                          or len(names) >= HARD_MIN_CLASSES))
     order = cfg.order if cfg.order != "auto" else ("most" if ctx.cfg.ipc < cfg.least_from_ipc else "least")
     return dataclasses.replace(
         cfg, task="hard" if hard else "easy", order=order, m=cfg.m or (4 if hard else 2),
