@@ -40,13 +40,14 @@ class FaultySampleBatches(SampleBatches):
 
 
 def map_ray(udf: type, udf_kwargs: dict, columns: dict[str, np.ndarray], compute: ComputeConfig,
-            stage_dir: Path | None = None) -> dict[str, np.ndarray]:
+            stage_dir: Path | None = None, fail_driver_after: int = -1) -> dict[str, np.ndarray]:
     """Run a callable class (constructor loads models once per actor; __call__: dict of numpy columns ->
     dict of numpy columns) over `columns` on an actor pool. Rows with the same `unit` form one block,
     so they are always processed together, whatever the number of actors.
 
     With stage_dir, every finished unit is saved there as it arrives (temp file + rename), and units
-    already there are not run again: a driver that dies mid-stage resumes where it stopped."""
+    already there are not run again: a driver that dies mid-stage resumes where it stopped.
+    fail_driver_after >= 0 (fault injection, sampling stages only): the driver exits after saving that many."""
     done: list[dict[str, np.ndarray]] = []
     if stage_dir is not None:
         stage_dir.mkdir(parents=True, exist_ok=True)
@@ -86,7 +87,7 @@ def map_ray(udf: type, udf_kwargs: dict, columns: dict[str, np.ndarray], compute
                     np.savez(tmp, **rows_so_far)
                     os.replace(tmp, stage_dir / f"unit-{int(u)}.npz")
                     saved += 1
-                    if 0 <= compute.fail_driver_after <= saved:   # fault injection: the driver dies here
+                    if 0 <= fail_driver_after <= saved:           # fault injection: the driver dies here
                         print(f"[raydd] fault injection: driver exits after saving {saved} unit(s)", flush=True)
                         os._exit(3)
     return {k: np.concatenate([d[k] for d in done]) for k in done[0]}
@@ -131,7 +132,7 @@ def generate_ray(spec: BackboneSpec, sampler: SamplerConfig, rows: dict[str, np.
         key = stage_key({k: v.tolist() for k, v in rows.items()}, sampler, spec, guidance_factory, post_step_factory,
                         compute.precision)
         stage_dir = Path(scratch) / f"generate-{key}"
-    out = map_ray(udf, kwargs, rows, compute, stage_dir)
+    out = map_ray(udf, kwargs, rows, compute, stage_dir, fail_driver_after=compute.fail_driver_after)
     check_complete(rows, out)
     return rows_to_set(out)
 
