@@ -205,7 +205,9 @@ def sweep(method: str, base: Config, final_eval, *, trials: int, max_concurrent:
     if "://" not in storage:                                     # a local --storage must be writable, now
         try:
             Path(storage).expanduser().mkdir(parents=True, exist_ok=True)
-            Path(storage).expanduser().joinpath(".raydd-write-test").touch()
+            probe = Path(storage).expanduser() / ".raydd-write-test"
+            probe.touch()
+            probe.unlink()
         except OSError as e:
             raise ConfigError(f"--storage {storage}: cannot write there ({e.strerror}); give a writable "
                               f"directory or an s3:// / gs:// URI") from None

@@ -33,12 +33,12 @@ import numpy as np
 import torch
 
 from raydd.config import ConfigError, make_method_config
+from raydd.data import subset_classes
 from raydd.generate import DistilledSet
 from raydd.methods import get_method, register_method
 from raydd.objectives.latent_opt import LatentOptBatches
 from raydd.outputs import image_grid
 from raydd.sampling import sample_seed
-from raydd.data import subset_classes
 from raydd.selection import SelectorScores, confidence_selection, load_selector
 
 HARD_SUBSET, HARD_MIN_CLASSES = "imagewoof", 1000   # the paper's "hard" tasks: ImageWoof's dog breeds, IN-1K
