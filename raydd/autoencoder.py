@@ -17,7 +17,7 @@ from dataclasses import asdict
 import torch
 
 from raydd.config import BackboneConfig, DataConfig
-from raydd.train_hooks import TrainHooks
+from raydd.train_hooks import TrainHooks, print_progress
 
 LATENT_CHANNELS = 4    # as SD's VAE
 KL_WEIGHT = 1e-6       # on the summed KL relative to the summed squared error (SD's first stage)
@@ -74,9 +74,7 @@ def train_tiny_vae(config: dict, hooks: TrainHooks) -> None:
         if (step + 1) % log_every == 0 or last:
             metrics = {"step": step + 1, "loss": float(loss), "mse": float(mse), "kl": float(kl),
                        "images_per_s": seen / (time.time() - t0)}
-            if hooks.world_rank == 0:
-                print(f"[vae] step {step + 1}/{steps} " + " ".join(
-                    f"{k} {v:.4g}" for k, v in metrics.items() if k != "step"), flush=True)
+            print_progress(hooks, "vae", step + 1, steps, metrics)
         if (step + 1) % ckpt_every == 0 or last:
             with tempfile.TemporaryDirectory() as d:
                 if hooks.world_rank == 0:

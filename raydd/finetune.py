@@ -22,7 +22,7 @@ import torch
 
 from raydd.config import BackboneConfig, DataConfig, SamplerConfig
 from raydd.sampling import Schedule, make_schedule
-from raydd.train_hooks import TrainHooks
+from raydd.train_hooks import TrainHooks, print_progress
 
 Predict = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor | None]]
 
@@ -212,9 +212,7 @@ def train_tiny_backbone(config: dict, hooks: TrainHooks) -> None:
         if (step + 1) % log_every == 0 or last:
             metrics = {"step": step + 1, "loss": loss.item(), "mse": losses["mse"].mean().item(),
                        "vb": float(losses["vb"].mean()), "images_per_s": seen / (time.time() - t0)}
-            if hooks.world_rank == 0:
-                print(f"[backbone] step {step + 1}/{bcfg.train_steps} " + " ".join(
-                    f"{k} {v:.4g}" for k, v in metrics.items() if k != "step"), flush=True)
+            print_progress(hooks, "backbone", step + 1, bcfg.train_steps, metrics)
         if (step + 1) % ckpt_every == 0 or last:
             with tempfile.TemporaryDirectory() as d:
                 if hooks.world_rank == 0:

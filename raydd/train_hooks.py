@@ -56,6 +56,13 @@ class TrainHooks:
         return [obj]
 
 
+def print_progress(hooks: TrainHooks, tag: str, step: int, total: int, metrics: dict) -> None:
+    """A training loop's progress line, from rank 0 only: "[tag] step s/total k v k v ..." (metrics but 'step')."""
+    if hooks.world_rank == 0:
+        print(f"[{tag}] step {step}/{total} " + " ".join(f"{k} {v:.4g}" for k, v in metrics.items() if k != "step"),
+              flush=True)
+
+
 def run_local(loop: Callable[[dict, TrainHooks], None], config: dict) -> TrainHooks:
     hooks = TrainHooks()
     loop(config, hooks)
