@@ -75,6 +75,10 @@ class SamplerConfig:
     cfg_scale: float = 4.0         # classifier-free guidance scale (1.0 = off)
     cfg_first3_quirk: bool = False # original DiT code: CFG on the first 3 channels only
     clip_x0: bool = False          # clip x0_hat to [-1, 1] (pixel-space backbones)
+    guidance_norm: str = "variance"  # guided methods' step size rho_t: "variance" (IGD's code: beta_t·‖ε̂‖/‖g‖)
+                                   #   | "eps" (the LGD summary: sqrt(1 − abar_t)·‖ε̂‖/‖g‖); raydd.sampling.Guidance
+    guidance_micro_batch: int = 0  # rows per guided backward pass (0 = the whole batch): bounds its memory,
+                                   #   results unchanged
 
 
 @dataclass
@@ -162,6 +166,7 @@ ALLOWED = {
     "data.dataset": ("digits", "imagefolder"),
     "data.channels": (1, 3),
     "sampler.scheduler": ("ddpm", "ddim"),
+    "sampler.guidance_norm": ("variance", "eps"),
     "compute.precision": ("fp32", "bf16"),
     "eval.protocol": ("hard", "soft"),
     "eval.split": ("test", "val"),
@@ -307,6 +312,8 @@ def validate(cfg: Config) -> None:
          f"sampler.steps={cfg.sampler.steps} must be in [1, sampler.train_timesteps={cfg.sampler.train_timesteps}]"),
         (0 < cfg.sampler.beta_start < cfg.sampler.beta_end < 1, "need 0 < sampler.beta_start < sampler.beta_end < 1"),
         (cfg.sampler.cfg_scale >= 1.0, f"sampler.cfg_scale={cfg.sampler.cfg_scale} must be >= 1 (1 = no guidance)"),
+        (cfg.sampler.guidance_micro_batch >= 0,
+         f"sampler.guidance_micro_batch={cfg.sampler.guidance_micro_batch} must be >= 0 (0 = the whole batch)"),
         (cfg.compute.num_actors >= 1, f"compute.num_actors={cfg.compute.num_actors} must be >= 1"),
         (cfg.compute.batch_size >= 1, f"compute.batch_size={cfg.compute.batch_size} must be >= 1"),
         (cfg.compute.train_workers >= 1, "compute.train_workers must be >= 1"),

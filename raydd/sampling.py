@@ -164,11 +164,19 @@ Objective = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, Any], torch.Tens
 class Guidance:
     """Steer sampling toward higher J(x0_hat, t, y, state) -> [B] (maximised).
 
-    eps_tilde = eps_hat - scale * rho_t * g,  g = grad_{x_t} J,
-    rho_t = sqrt(1 - abar_t) * ||eps_hat|| / ||g||  (per sample),
-    applied only at respaced steps i with window[0] <= i <= window[1] (i = 0 cleanest, S-1 noisiest).
+    eps_tilde = eps_hat - scale * rho_t * g,  g = grad_{x_t} J, per sample, with rho_t by sampler.guidance_norm:
+      "variance" (IGD's reference code): rho_t = beta_t * ||eps_hat|| / ||g||, beta_t the respaced step's
+          beta (the top of DiT's learned variance range), so ||eps_tilde - eps_hat|| = scale * beta_t *
+          ||eps_hat|| and x_{t-1}'s mean moves by scale * beta_t^2 / sqrt(alpha_t (1 - abar_t)) * ||eps_hat||:
+          bounded, on pixels and on unclipped latents alike;
+      "eps" (the LGD summary's formula): rho_t = sqrt(1 - abar_t) * ||eps_hat|| / ||g||, a step of
+          scale * sqrt(1 - abar_t) * ||eps_hat|| in eps: at scale 15 it moves x_{t-1} by 1.25-5.5 x
+          ||eps_hat|| on the 50-step schedule, which only clip_x0 survives.
+    Applied only at respaced steps i with window[0] <= i <= window[1] (i = 0 cleanest, S-1 noisiest).
     mode "full": g through the DiT; "x0": eps_hat treated as constant (cheaper, g = grad_x0 J / sqrt(abar)).
     on_images: decode x0_hat through the VAE before J (objectives on pixels, e.g. classifiers).
+    sampler.guidance_micro_batch: rows per backward pass (0 = the whole batch); the activations of one
+    guided step through the DiT and the VAE decoder grow with it, the result does not (rows are independent).
     """
     objective: Objective
     scale: float
@@ -182,10 +190,29 @@ class Guidance:
 
 
 def guided_eps(backbone, guidance: Guidance, x_t: torch.Tensor, t: torch.Tensor, y: torch.Tensor,
-               abar: float, cfg: SamplerConfig) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
-    """One guided prediction -> (eps_tilde, var_values, J [B]). Raises GuidanceError on NaN/Inf."""
+               abar: float, beta: float, cfg: SamplerConfig
+               ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
+    """One guided prediction -> (eps_tilde, var_values, J [B]). abar, beta: the step's abar_t and beta_t.
+    Rows go through in micro-batches of cfg.guidance_micro_batch. Raises GuidanceError on NaN/Inf."""
     if guidance.mode not in ("full", "x0"):
         raise ValueError(f"guidance mode {guidance.mode!r}; allowed: full, x0")
+    step = cfg.guidance_micro_batch if cfg.guidance_micro_batch > 0 else len(x_t)
+    parts = [_guided_rows(backbone, guidance, x_t[r:r + step], t[r:r + step], y[r:r + step], abar, cfg)
+             for r in range(0, len(x_t), step)]
+    eps, g, var, J = (torch.cat(p) if p[0] is not None else None for p in zip(*parts))
+    if not (torch.isfinite(g).all() and torch.isfinite(J).all()):
+        bad = (~torch.isfinite(g).flatten(1).all(1) | ~torch.isfinite(J)).nonzero().flatten().tolist()
+        raise GuidanceError(f"guidance objective gave NaN/Inf at timestep {int(t[0])} for batch rows {bad} "
+                            f"(labels {y[bad].tolist()}); the run stops rather than write corrupt samples")
+    size = beta if cfg.guidance_norm == "variance" else math.sqrt(1.0 - abar)   # see Guidance
+    rho = size * eps.flatten(1).norm(dim=1) / g.flatten(1).norm(dim=1).clamp_min(1e-12)  # [B]
+    rho = rho.view((-1,) + (1,) * (eps.dim() - 1))
+    return eps - guidance.scale * rho * g, var, J
+
+
+
+def _guided_rows(backbone, guidance: Guidance, x_t, t, y, abar: float, cfg: SamplerConfig):
+    """eps_hat, g = grad_{x_t} J, var values and J for some rows (one backward pass)."""
     x_in = x_t.detach().requires_grad_(True)
     with torch.enable_grad():
         if guidance.mode == "full":
@@ -195,17 +222,9 @@ def guided_eps(backbone, guidance: Guidance, x_t: torch.Tensor, t: torch.Tensor,
                 eps, var = predict_eps(backbone, x_t, t, y, cfg.cfg_scale, cfg.cfg_first3_quirk)
         x0_hat = predict_x0(x_in, eps, abar)
         target = backbone.vae.decode(x0_hat) if guidance.on_images else x0_hat
-        J = guidance.objective(target, t, y, guidance.state)  # [B]
+        J = guidance.objective(target, t, y, guidance.state)  # [b]
         (g,) = torch.autograd.grad(J.sum(), x_in)
-    eps = eps.detach()
-    if not (torch.isfinite(g).all() and torch.isfinite(J).all()):
-        bad = (~torch.isfinite(g).flatten(1).all(1) | ~torch.isfinite(J)).nonzero().flatten().tolist()
-        raise GuidanceError(f"guidance objective gave NaN/Inf at timestep {int(t[0])} for batch rows {bad} "
-                            f"(labels {y[bad].tolist()}); the run stops rather than write corrupt samples")
-    shape = (-1,) + (1,) * (eps.dim() - 1)
-    rho = math.sqrt(1.0 - abar) * eps.flatten(1).norm(dim=1) / g.flatten(1).norm(dim=1).clamp_min(1e-12)  # [B]
-    rho = rho.view(shape)
-    return eps - guidance.scale * rho * g, (var.detach() if var is not None else None), J.detach()
+    return eps.detach(), g, (var.detach() if var is not None else None), J.detach()
 
 
 # --------------------------------------------------------------------------------------------
@@ -251,7 +270,8 @@ def sample(backbone, y: torch.Tensor, seeds: list[int], cfg: SamplerConfig, guid
         with torch.autocast(device_type=torch.device(device).type, dtype=autocast_dtype or torch.float32,
                             enabled=autocast_dtype is not None):
             if guidance is not None and guidance.active(i):
-                eps, var, J = guided_eps(backbone, guidance, x, t, y, float(schedule.alphas_cumprod[i]), cfg)
+                eps, var, J = guided_eps(backbone, guidance, x, t, y, float(schedule.alphas_cumprod[i]),
+                                         float(schedule.betas[i]), cfg)
             else:
                 eps, var = predict_eps(backbone, x, t, y, cfg.cfg_scale, cfg.cfg_first3_quirk)
         step_noise = noise.next() if i > 0 else None

@@ -113,6 +113,36 @@ def test_guidance_raises_the_objective(backbone, mode):
     assert torch.isfinite(out["J"]).all()
 
 
+@pytest.mark.parametrize("norm", ["variance", "eps"])
+def test_guidance_step_size_follows_the_norm(backbone, norm):
+    """||eps_tilde - eps_hat|| = scale * size_t * ||eps_hat|| per sample, whatever the objective's scale:
+    size_t = beta_t ("variance", IGD's code) or sqrt(1 - abar_t) ("eps", the LGD summary)."""
+    from raydd.sampling import guided_eps
+
+    cfg = SamplerConfig(steps=10, cfg_scale=2.0, guidance_norm=norm)
+    s = make_schedule(cfg)
+    x = torch.randn(3, 1, 16, 16, generator=torch.Generator().manual_seed(0))
+    y, i = torch.tensor([1, 4, 7]), 6
+    t = torch.full((3,), int(s.timesteps[i]))
+    huge = Guidance(objective=lambda x0, t, y, st: 1e6 * _target_objective(x0, t, y, st), scale=15.0,
+                    state=torch.zeros(1))
+    eps_tilde, _, _ = guided_eps(backbone, huge, x, t, y, float(s.alphas_cumprod[i]), float(s.betas[i]), cfg)
+    eps_hat, _ = predict_eps(backbone, x, t, y, cfg.cfg_scale)
+    size = s.betas[i] if norm == "variance" else np.sqrt(1 - s.alphas_cumprod[i])
+    step = (eps_tilde - eps_hat).flatten(1).norm(dim=1) / eps_hat.flatten(1).norm(dim=1)
+    np.testing.assert_allclose(step.numpy(), 15.0 * size, rtol=1e-4)
+
+
+@pytest.mark.parametrize("mode", ["full", "x0"])
+def test_guidance_micro_batch_changes_memory_not_results(backbone, mode):
+    y, seeds = torch.arange(5) % 10, [sample_seed(3, k, 0) for k in range(5)]
+    guide = Guidance(objective=_target_objective, scale=1.0, mode=mode, state=torch.full((1, 1, 16, 16), 0.7))
+    whole = sample(backbone, y, seeds, SamplerConfig(steps=6, cfg_scale=2.0), guidance=guide)
+    split = sample(backbone, y, seeds, SamplerConfig(steps=6, cfg_scale=2.0, guidance_micro_batch=2), guidance=guide)
+    torch.testing.assert_close(split["z0"], whole["z0"], rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(split["J"], whole["J"], rtol=1e-4, atol=1e-5)
+
+
 def test_guidance_outside_window_is_exactly_unguided(backbone):
     cfg = SamplerConfig(steps=6, cfg_scale=2.0)
     y, seeds = torch.tensor([1, 2]), [11, 12]
