@@ -136,17 +136,23 @@ def test_larger_beta_gives_larger_contextual_information(digits_cfg, spec, ve_di
     assert h[4.0] > h[0.0]
 
 
-def test_per_sample_H_Yhat_is_exact_in_value_and_gradient():
-    torch.manual_seed(0)
-    logits = torch.randn(6, 4, requires_grad=True)
-    p = logits.softmax(1)
-    p_bar = p.mean(0)
-    h_batch = -(p_bar * p_bar.log()).sum()                                    # H(Ŷ) of the batch
-    h_i = -(p * p_bar.detach().log()).sum(1)                                  # the per-sample split
-    assert h_i.mean().item() == pytest.approx(h_batch.item(), abs=1e-6)
-    (g_batch,) = torch.autograd.grad(len(p) * h_batch, logits, retain_graph=True)
-    (g_split,) = torch.autograd.grad(h_i.sum(), logits)
-    assert torch.allclose(g_batch, g_split, atol=1e-6)
+def test_a_samples_objective_does_not_depend_on_its_batch_mates(digits_cfg, spec, ve_dir):
+    """H(Ŷ) at the fixed uniform marginal: J of a sample alone equals its J next to other classes' samples
+    (with the batch's p̄, a batch of one class pushed every sample toward the classes absent from it)."""
+    ve, _ = load_ve(ve_dir)
+    ds = make_ctx(digits_cfg, spec).data
+    x, y = to_float(ds.train.x[:12]), ds.train.y[:12]
+    same = y == y[0]
+    with torch.no_grad():
+        in_mixed = per_sample_objective(ve, x, y, 0.3)[same]
+        alone = per_sample_objective(ve, x[same], y[same], 0.3)
+        one = per_sample_objective(ve, x[:1], y[:1], 0.3)
+    assert torch.allclose(in_mixed, alone, atol=1e-5) and torch.allclose(one, alone[:1], atol=1e-5)
+    x_in = x[same][:1].clone().requires_grad_(True)                       # its gradient has no batch term either
+    (g_alone,) = torch.autograd.grad(per_sample_objective(ve, x_in, y[same][:1], 0.3).sum(), x_in)
+    x_mix = x.clone().requires_grad_(True)
+    (g_mix,) = torch.autograd.grad(per_sample_objective(ve, x_mix, y, 0.3).sum(), x_mix)
+    assert torch.allclose(g_mix[same][:1], g_alone, atol=1e-6)
 
 
 def test_beta_rule_and_window():

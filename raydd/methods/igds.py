@@ -6,7 +6,12 @@
    Or bring one: igds.ve_checkpoint=<dir> (a missing or ill-fitting checkpoint is an error).
 2. Estimates: Î(X;Y) = H(Ŷ) + E log P(ŷ=y|x),  Ĥ(X|Y) = E KL(σ(x̂) ‖ Q_y)   (objectives/information.py).
 3. Sampling: at every step i in the window, eps_tilde = eps_hat − η·ρ_t·∇_{x_t} J on the decoded x̂0,
-   J = Î(X;Y) + β·Ĥ(X|Y) in its per-sample form; β grows with IPC (≈0 at IPC 1, ≈0.5 at IPC 50+).
+   J = Î(X;Y) + β·Ĥ(X|Y) in its per-sample form (H(Ŷ) at the uniform marginal: a sample's guidance
+   does not depend on its batch mates); β grows with IPC (≈0 at IPC 1, ≈0.5 at IPC 50+); ρ_t as
+   `sampler.guidance_norm` says (default IGD's β_t·‖ε̂‖/‖g‖, raydd.sampling.Guidance).
+   Not the paper's Alg. 2 literally: there the VE reads the intermediate x'_{t−1} and x_{t−1} =
+   x'_{t−1} + η∇L, unnormalised, over 250 steps; raydd guides ε̂ through x̂0 like the other guided
+   methods, so the step is scale-free and one helper serves all of them.
 Logged: the VE's training curve and its estimates on real data and on the distilled set, and the
 guidance cost `guidance_s_per_image` (wall seconds of guided sampling per distilled image).
 """
@@ -31,11 +36,11 @@ SMOKE_VE = {"steps": 30, "cls_steps": 20, "batch": 32}   # --smoke: the same job
 class Config:
     beta: float = -1.0          # β, weight of Ĥ(X|Y) in J; < 0 = the IPC rule below
     beta_max: float = 0.5       # rule β(IPC) = beta_max·min(1, ln IPC / ln 50): 0 at IPC 1, .29 at 10, .5 at 50+
-    eta: float = 0.1            # η, guidance scale; the step is η·ρ_t·g, ρ_t = √(1−ᾱ_t)‖ε̂‖/‖g‖ (a relative size)
+    eta: float = 0.1            # η, guidance scale: ε̃ = ε̂ − η·ρ_t·g, ρ_t = β_t‖ε̂‖/‖g‖ (sampler.guidance_norm)
     window_lo: float = 0.0      # guidance window as fractions of the trajectory: 0 = cleanest step,
     window_hi: float = 1.0      #   1 = noisiest (paper: every step)
-    mode: str = "x0"            # "x0": ε̂ held constant, ∇ through the VE only (paper's Alg. 2);
-                                #   "full": also back through the DiT (dearer)
+    mode: str = "x0"            # "x0": ε̂ held constant, ∇ through the VAE decoder and the VE only (the paper
+                                #   differentiates the VE alone, at x'_{t−1}); "full": also back through the DiT
     ve_checkpoint: str = ""     # a trained VE (dir with ve.safetensors + ve.json, or that file); "" = train one
     ve_encoder: str = "convnet_d3"  # f_θ architecture (any raydd student name)
     ve_width: int = 64          # convnet_dN encoders: channels per block

@@ -16,11 +16,15 @@ the VE tightens by maximising them; λ < 0 gives the other reading of the paper'
 class-clustering regulariser). During training Q_y is an EMA of batch class means (no gradient);
 after training it is recomputed exactly on the real train split.
 
-Per-sample J for guidance. H(Ŷ) is a batch quantity; we use its exact per-sample split
-    h_i = −Σ_c p_ic · log sg(p̄_c),   p̄ = mean_i p_i over the batch (sg = stop-gradient)
-so mean_i h_i = H(p̄) in value and ∇Σ_i h_i = B·∇H(p̄) (the "+1" of dH/dp̄ sums to zero on the
-simplex). A sample's J therefore depends on its batch mates only through the constant p̄; batches
-are the driver's fixed units, so outputs stay independent of the actor count.
+Per-sample J for guidance, with a FIXED marginal: H(Ŷ) is a property of a whole set, and its
+batch estimate (p̄ over the sampling batch) made a sample's gradient depend on its batch mates and,
+with class-major batches (~4 classes in a batch of 32 at ImageNet-100), pushed every sample toward
+the classes absent from its batch. A distilled set is class-balanced by construction, so its
+predicted marginal is the uniform one when every sample is classified as its label: we take
+p̄ = 1/C, so h_i = −Σ_c p_ic log p̄_c = log C is a constant and
+    J_i = log C + log P(ŷ = y_i | x_i) + β·KL(σ(x̂_i) ‖ Q_{y_i}),
+a function of the sample alone (outputs independent of batch size and actor count). `estimate`
+still reports the set-level H(Ŷ) of what was made.
 
 Checkpoint: <dir>/ve.safetensors (encoder.*, classifier.*, q_y [C, D]) + <dir>/ve.json (architecture,
 data shape, estimates on real data) + <dir>/curve.json (training curve).
@@ -101,12 +105,10 @@ def information_terms(ve: VariationalEstimator, x: torch.Tensor, y: torch.Tensor
 
 
 def per_sample_objective(ve: VariationalEstimator, x: torch.Tensor, y: torch.Tensor, beta: float) -> torch.Tensor:
-    """J_i = h_i + log P(ŷ=y_i|x_i) + β·KL(σ(x̂_i) ‖ Q_{y_i}), with h_i = −Σ_c p_ic log sg(p̄_c)
-    (mean_i J_i = Î(X;Y) + β·Ĥ(X|Y) on the batch). x [B,C,H,W], y [B] labels -> [B]."""
+    """J_i = log C + log P(ŷ=y_i|x_i) + β·KL(σ(x̂_i) ‖ Q_{y_i})   (H(Ŷ) at the uniform marginal, log C).
+    x [B,C,H,W] in [-1,1], y [B] labels -> [B]; row i depends on row i only."""
     terms = information_terms(ve, x, y)
-    p_bar = terms["p"].mean(0).detach()                                                # [C]
-    h = -(terms["p"] * p_bar.clamp_min(1e-12).log()).sum(1)                            # [B]
-    return h + terms["log_p_y"] + beta * terms["kl"]
+    return math.log(terms["p"].shape[1]) + terms["log_p_y"] + beta * terms["kl"]
 
 
 @torch.no_grad()
