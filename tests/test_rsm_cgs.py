@@ -75,13 +75,25 @@ def test_dpp_step_decorrelates_and_dm_step_moves_the_mean():
     base = torch.randn(1, 1, 8, 8, generator=g)
     z = base + 0.3 * torch.randn(6, 1, 8, 8, generator=g)              # a collapsed set
     target = torch.randn(1, 8, 8, generator=g)
-    stepped = z - cgs_direction(z, target, eta_dpp=0.5, eta_dm=0.0, eps=1e-3)
+    stepped = z - cgs_direction(z, target, eta_dpp=0.005, eta_dm=0.0, eps=1e-3)
     assert dpp_loss(stepped) < dpp_loss(z) and mean_pairwise_cosine(stepped) < mean_pairwise_cosine(z)
     stepped = z - cgs_direction(z, target, eta_dpp=0.0, eta_dm=0.5, eps=1e-3)
     assert dm_loss(stepped, target) < dm_loss(z, target)
     assert mean_distance(stepped, target) < mean_distance(z, target)
     single = z[:1]                                                      # IPC 1: the DPP term is constant
     assert torch.equal(cgs_direction(single, target, 5.0, 0.0, 1e-3), torch.zeros_like(single))
+
+
+@pytest.mark.parametrize("c", [0.1, 8.0])
+def test_cgs_steps_are_scale_free(c):
+    """Scaling the latents (and the target) by c scales the update by c: the same eta_dpp / eta_dm do the
+    same relative thing on [-1, 1] pixels and on latents of any norm (an absolute DPP step scales as 1/c)."""
+    g = torch.Generator().manual_seed(1)
+    z = torch.randn(5, 4, 8, 8, generator=g)
+    target = torch.randn(4, 8, 8, generator=g)
+    for eta_dpp, eta_dm in ((0.01, 0.0), (0.0, 0.05), (0.01, 0.05)):
+        torch.testing.assert_close(cgs_direction(c * z, c * target, eta_dpp, eta_dm, 1e-3),
+                                   c * cgs_direction(z, target, eta_dpp, eta_dm, 1e-3), rtol=1e-4, atol=1e-6)
 
 
 def test_cgs_post_step_updates_each_class_separately():
@@ -146,7 +158,7 @@ def world(digits_cfg):
 
 
 def test_dpp_guidance_lowers_pairwise_cosine(world, spec):
-    out, tr = run_method(world, spec, rsm=False, eta_dpp=1.0, eta_dm=0.0)
+    out, tr = run_method(world, spec, rsm=False, eta_dpp=0.01, eta_dm=0.0)
     before, after = tr.per_class("cgs/cos_before"), tr.per_class("cgs/cos_after")
     assert len(out) == 12 and sorted(after) == [0, 1, 2]
     assert all(after[c] < before[c] for c in after), (before, after)

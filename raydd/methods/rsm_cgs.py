@@ -4,7 +4,8 @@ Paper: "Mitigating the Distribution Shift of Diffusion-based Dataset Distillatio
   Stage 1, RSM (training-stage shift): fine-tune the DiT on the real data with
       L = ||eps - eps_theta(x_t, t, y)||^2 + lambda ||x0_hat(x_t, t)||_1          (raydd/objectives/sparsity.py)
   Stage 2, CGS (sampling-stage shift): the IPC noises of a class are denoised together as one batch and
-      after every scheduler step  Z <- Z - (eta_dpp grad L_dpp + eta_dm grad L_dm)   (raydd/objectives/dpp.py)
+      after every scheduler step  z_i <- z_i - (eta_dpp ||z_i||^2 grad L_dpp + eta_dm grad L_dm)   (objectives/dpp.py:
+      both steps scale-free, so one default holds on 16x16 pixels and on 4x32x32 latents)
       L_dpp = -log det(K + eps I) (K: cosine kernel of the class's latents), L_dm = ||mean z - sqrt(abar) mu_c||^2.
 Ablations: rsm_cgs.rsm=false (CGS only), rsm_cgs.cgs=false (RSM only); both false is `dit`.
 
@@ -43,7 +44,8 @@ class Config:
     ft_ema: float = 0.99           # EMA decay of the weights sampled from (Minimax/IMS3 use 0.9999 over ~10k steps;
                                    # over 300 steps that would keep 97% of the starting weights; 0 = last weights)
     # --- CGS ---
-    eta_dpp: float = 1.0           # eta_dpp: step on grad L_dpp (diversity; no effect at IPC 1)
+    eta_dpp: float = 0.01          # eta_dpp: relative step on grad L_dpp (diversity; no effect at IPC 1); 1.0
+                                   #   absolute on digits pixels (||z||^2 ~ 100) before steps were made relative
     eta_dm: float = 0.05           # eta_dm: step on grad L_dm (grad per sample = 2/N (mean - target))
     eps: float = 1e-3              # eps: jitter in log det(K + eps I)
     on: str = "z_t"                # "z_t": losses on the current latents (default) | "x0": on the clean prediction

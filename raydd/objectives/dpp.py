@@ -8,6 +8,12 @@ The N = IPC samples of class c are denoised together (one batch). After every sc
 
 with mu_c the mean clean latent of class c's real images (VAE encode; identity on pixel backbones) and
 abar the noise level of Z (z_t = sqrt(abar) z_0 + sqrt(1 - abar) eps, so E z_t = sqrt(abar) mu_c).
+Both steps are scale-free. K holds cosines, so grad_{z_i} L_dpp is perpendicular to z_i with norm ~ 1/||z_i||:
+an absolute eta_dpp set on 16x16 pixels (||z|| ~ 11) would be ~40x weaker, relative to the latent, on
+4x32x32 SD latents (||z|| ~ 64); the factor ||z_i||^2 makes the relative move ||dz_i|| / ||z_i|| =
+eta_dpp * ||z_i|| * ||grad_{z_i} L_dpp|| a function of directions only. grad_{z_i} L_dm = (2/N)(mean - target)
+is already a fraction of the class's gap to its target, whatever the scale: eta_dm = 0.05 at N = 10 closes
+1 % of the gap per step. eps is added to cosines, which have no scale.
 
 Where the losses are evaluated (decisions, see METHODS.md):
   on="z_t" (default): on the freshly stepped latents Z_{t-1} themselves (target sqrt(abar_{t-1}) mu_c), the
@@ -61,14 +67,16 @@ def dm_loss(z: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
 
 
 def cgs_direction(z: torch.Tensor, target: torch.Tensor, eta_dpp: float, eta_dm: float, eps: float) -> torch.Tensor:
-    """g = eta_dpp grad L_dpp + eta_dm grad L_dm for one class's latents z [N, ...] (float64 maths).
-    With one sample (IPC 1) log det(K + eps I) is constant: only mean matching acts."""
+    """g_i = eta_dpp ||z_i||^2 grad_{z_i} L_dpp + eta_dm grad_{z_i} L_dm for one class's latents z [N, ...]
+    (float64 maths; module docstring for the ||z_i||^2). With one sample (IPC 1) log det(K + eps I) is
+    constant: only mean matching acts."""
     zz = z.detach().double().requires_grad_(True)
     with torch.enable_grad():
-        loss = eta_dm * dm_loss(zz, target.double())
+        (g,) = torch.autograd.grad(eta_dm * dm_loss(zz, target.double()), zz)
         if eta_dpp != 0 and len(z) > 1:
-            loss = loss + eta_dpp * dpp_loss(zz, eps)
-        (g,) = torch.autograd.grad(loss, zz)
+            (g_dpp,) = torch.autograd.grad(dpp_loss(zz, eps), zz)
+            sq_norm = zz.detach().flatten(1).pow(2).sum(1).view((-1,) + (1,) * (z.dim() - 1))   # [N, 1, ...]
+            g = g + eta_dpp * sq_norm * g_dpp
     return g.to(z.dtype)
 
 
@@ -80,7 +88,7 @@ class CGS:
     mu: torch.Tensor      # [K, c, h, w] real mean clean latents mu_c, one row per entry of class_ids
     class_ids: list[int]  # backbone class id of each row of mu (the y the sampler sees)
     schedule: Schedule    # the sampler's respaced schedule
-    eta_dpp: float        # step size on grad L_dpp
+    eta_dpp: float        # relative step size on grad L_dpp (times ||z_i||^2)
     eta_dm: float         # step size on grad L_dm
     eps: float = 1e-3     # jitter in log det(K + eps I)
     on: str = "z_t"       # "z_t" | "x0": which latents the losses see (module docstring)
