@@ -4,8 +4,11 @@ subgroup centroids sit close to their class's real centroid and far from the oth
     phi            frozen feature encoder, l2-normalised features on the unit sphere
     r_i            centroid of K_i real images of class i                          [C, D]
     c_{i,g}        centroid of candidate subgroup g (IPC images) of class i        [C, G, D]
-    L_S3(g) = alpha * sum_i log(1 - cos(c_{i,g_i}, r_i))
-              - beta / (C - 1) * sum_i sum_{j != i} log(1 - cos(c_{i,g_i}, c_{j,g_j}))
+    L_S3(g) = alpha * sum_i log(1 - cos(c_{i,g_i}, r_i)) - w * sum_i sum_{j != i} log(1 - cos(c_{i,g_i}, c_{j,g_j}))
+    w = beta / (C - 1)   separation="paper": the paper's normalised form
+    w = beta / 2         separation="reference": the reference code's beta * sum_{i<j} (no 1/(C-1)), the form its
+                         alpha = 0.4, beta = 0.9 were tuned under; (C - 1)/2 times stronger than "paper"
+                         (4.5x at C = 10, ~50x at C = 100)
     g* = argmin_g L_S3(g): coordinate descent from the closest-to-real start g_i = argmax_g cos(c_{i,g}, r_i).
 
 Coordinate descent sets one class's group at a time to its exact best reply (others fixed) and
@@ -19,11 +22,13 @@ The selection sees all classes at once: it is the one global step between two pe
 Encoders (`load_encoder`): {"kind": "student", "arch", "path", ...}: a raydd classifier (e.g. the
 hard-label teacher trained on the real train split), features = the input of its last linear layer
 (penultimate); {"kind": "timm", "name"}: a pretrained timm model from the local HF cache with its
-classifier removed (the paper: an ImageNet ResNet-18, e.g. "resnet18.a1_in1k").
+classifier removed (the paper: an ImageNet ResNet-18, "resnet18.tv_in1k"), fed as timm's eval transform
+feeds it (resize to input / crop_pct, centre crop, the model's mean/std).
 """
 from __future__ import annotations
 
 import itertools
+import math
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -32,6 +37,14 @@ import torch
 import torch.nn.functional as F
 
 LOG_EPS = 1e-6   # log(1 - cos) is clamped at log(1e-6) when two centroids coincide
+SEPARATIONS = ("reference", "paper")
+
+
+def separation_weight(beta: float, num_classes: int, separation: str) -> float:
+    """w, the weight of sum_{i != j} log(1 - cos(c_i, c_j)) in L_S3 (module docstring)."""
+    if separation not in SEPARATIONS:
+        raise ValueError(f"S3 separation {separation!r}; allowed: {', '.join(SEPARATIONS)}")
+    return beta / 2 if separation == "reference" else beta / max(num_classes - 1, 1)
 
 
 # --------------------------------------------------------------------------------------------
@@ -61,7 +74,8 @@ def _log1m_cos(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return torch.log((1 - cos).clamp_min(LOG_EPS))
 
 
-def s3_objective(c: torch.Tensor, r: torch.Tensor, g, alpha: float, beta: float) -> float:
+def s3_objective(c: torch.Tensor, r: torch.Tensor, g, alpha: float, beta: float,
+                 separation: str = "reference") -> float:
     """L_S3 for one choice g [C] of subgroups; c [C, G, D], r [C, D]."""
     C = c.shape[0]
     picked = c[torch.arange(C), torch.as_tensor(g)]                         # [C, D]
@@ -70,7 +84,7 @@ def s3_objective(c: torch.Tensor, r: torch.Tensor, g, alpha: float, beta: float)
         return float(alpha * rep)
     pair = _log1m_cos(picked[:, None], picked[None, :])                     # [C, C]
     sep = pair.sum() - pair.diagonal().sum()                                # sum over i != j
-    return float(alpha * rep - beta / (C - 1) * sep)
+    return float(alpha * rep - separation_weight(beta, C, separation) * sep)
 
 
 @dataclass
@@ -84,14 +98,15 @@ class S3Result:
 
 
 def s3_search(c: torch.Tensor, r: torch.Tensor, alpha: float = 0.4, beta: float = 0.9,
-              max_sweeps: int = 100) -> S3Result:
+              max_sweeps: int = 100, separation: str = "reference") -> S3Result:
     """Coordinate descent on L_S3 from the closest-to-real start; c [C, G, D], r [C, D]."""
     c, r = c.double(), r.double()
     C, G, _ = c.shape
     rep = _log1m_cos(c, r[:, None])                                          # [C, G] log(1 - cos(c_{i,g}, r_i))
     g = torch.argmin(rep, dim=1)                                             # closest to real: max cos = min log(1-cos)
     start = g.clone()
-    trace = [s3_objective(c, r, g, alpha, beta)]
+    w = separation_weight(beta, C, separation)
+    trace = [s3_objective(c, r, g, alpha, beta, separation)]
     sweeps = 0
     for sweeps in range(1, max_sweeps + 1):
         changed = False
@@ -101,26 +116,27 @@ def s3_search(c: torch.Tensor, r: torch.Tensor, alpha: float = 0.4, beta: float 
                 picked = c[others, g[others]]                                # [C-1, D]
                 # class i appears in both (i, j) and (j, i): twice the pair term
                 sep = 2 * _log1m_cos(c[i][:, None], picked[None]).sum(dim=1)  # [G]
-                cost = alpha * rep[i] - beta / (C - 1) * sep                  # [G] terms of L_S3 that involve g_i
+                cost = alpha * rep[i] - w * sep                               # [G] terms of L_S3 that involve g_i
             else:
                 cost = alpha * rep[i]
             best = int(torch.argmin(cost))
             if best != int(g[i]) and cost[best] < cost[g[i]] - 1e-12:        # strict improvement only
                 g[i], changed = best, True
-        trace.append(s3_objective(c, r, g, alpha, beta))
+        trace.append(s3_objective(c, r, g, alpha, beta, separation))
         if not changed:
             break
     return S3Result(groups=g.numpy(), start=start.numpy(), objective_start=trace[0], objective_end=trace[-1],
                     sweeps=sweeps, trace=trace)
 
 
-def s3_brute_force(c: torch.Tensor, r: torch.Tensor, alpha: float = 0.4, beta: float = 0.9) -> np.ndarray:
+def s3_brute_force(c: torch.Tensor, r: torch.Tensor, alpha: float = 0.4, beta: float = 0.9,
+                   separation: str = "reference") -> np.ndarray:
     """The global minimiser of L_S3 by enumerating all G^C choices (small instances only)."""
     C, G, _ = c.shape
     if G ** C > 10 ** 6:
         raise ValueError(f"brute force over G^C = {G}^{C} choices is too many")
     c, r = c.double(), r.double()
-    best = min(itertools.product(range(G), repeat=C), key=lambda g: s3_objective(c, r, list(g), alpha, beta))
+    best = min(itertools.product(range(G), repeat=C), key=lambda g: s3_objective(c, r, list(g), alpha, beta, separation))
     return np.array(best)
 
 
@@ -155,15 +171,28 @@ def load_encoder(encoder: dict, device: torch.device) -> tuple[torch.nn.Module, 
     if encoder["kind"] == "timm":
         import timm
 
-        model = timm.create_model(encoder["name"], pretrained=True, num_classes=0)   # pooled features
+        try:
+            model = timm.create_model(encoder["name"], pretrained=True, num_classes=0)   # pooled features
+        except Exception as e:   # no network here: only weights already in the local HF cache load
+            raise RuntimeError(f"timm encoder {encoder['name']!r}: its pretrained weights are not in the local "
+                               f"Hugging Face cache ({type(e).__name__}: {e}); put them there (e.g. on a machine "
+                               f"with network: timm.create_model('{encoder['name']}', pretrained=True)) or use "
+                               f"the 'teacher' encoder") from e
         model = model.to(device).eval().requires_grad_(False)
-        mean = torch.tensor(model.pretrained_cfg["mean"], device=device).view(1, -1, 1, 1)
-        std = torch.tensor(model.pretrained_cfg["std"], device=device).view(1, -1, 1, 1)
+        pc = model.pretrained_cfg
+        mean = torch.tensor(pc["mean"], device=device).view(1, -1, 1, 1)
+        std = torch.tensor(pc["std"], device=device).view(1, -1, 1, 1)
+        crop = int(pc["input_size"][-1])                     # 224 for resnet18.tv_in1k
+        resize = int(math.floor(crop / pc.get("crop_pct", 0.875)))
 
         def features(x: torch.Tensor) -> torch.Tensor:
             x = x.to(device).float() / 255.0
             if x.shape[1] == 1:                       # grayscale -> the RGB the model was trained on
                 x = x.expand(-1, 3, -1, -1)
+            # timm's eval transform on square images: resize to crop / crop_pct, centre crop to `crop`
+            x = F.interpolate(x, size=(resize, resize), mode="bilinear", antialias=True, align_corners=False)
+            o = (resize - crop) // 2
+            x = x[..., o:o + crop, o:o + crop]
             return model((x - mean) / std)            # [B, D]
         return model, features
     raise ValueError(f"S3 encoder kind {encoder['kind']!r}; allowed: student, timm")

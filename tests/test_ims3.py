@@ -134,13 +134,19 @@ def random_instance(seed, C=3, G=3, D=8, spread=1.0):
 
 
 def test_s3_objective_matches_the_formula():
+    """Both normalisations of the separation term: the reference code's beta * sum_{i<j} (default, the form
+    its alpha, beta were tuned under) and the paper's beta / (C - 1) * sum_{i != j}."""
     c, r = random_instance(0, C=4, G=2)
     g = [1, 0, 0, 1]
     cos = lambda a, b: float(torch.dot(a, b) / (a.norm() * b.norm()))  # noqa: E731
     p = [c[i, g[i]] for i in range(4)]
-    want = 0.4 * sum(np.log(1 - cos(p[i], r[i])) for i in range(4)) \
-        - 0.9 / 3 * sum(np.log(1 - cos(p[i], p[j])) for i in range(4) for j in range(4) if i != j)
-    assert s3_objective(c, r, g, 0.4, 0.9) == pytest.approx(want, rel=1e-9)
+    rep = 0.4 * sum(np.log(1 - cos(p[i], r[i])) for i in range(4))
+    paper = rep - 0.9 / 3 * sum(np.log(1 - cos(p[i], p[j])) for i in range(4) for j in range(4) if i != j)
+    reference = rep - 0.9 * sum(np.log(1 - cos(p[i], p[j])) for i in range(4) for j in range(i + 1, 4))
+    assert s3_objective(c, r, g, 0.4, 0.9) == pytest.approx(reference, rel=1e-9)
+    assert s3_objective(c, r, g, 0.4, 0.9, separation="paper") == pytest.approx(paper, rel=1e-9)
+    res = s3_search(c, r, 0.4, 0.9, separation="paper")
+    assert np.array_equal(res.groups, s3_brute_force(c, r, 0.4, 0.9, separation="paper"))
 
 
 @pytest.mark.parametrize("seed", [0, 2, 4, 5, 6, 7, 8, 9])

@@ -7,13 +7,16 @@ Paper: "IMS3: Breaking Distributional Aggregation in Diffusion-Based Dataset Dis
       z_t the forward-noised latent, z_t^inv the model's DDIM inversion of z0 to the same step.
   Stage 2, S3 (training-free): per class G candidate subgroups of IPC images; a frozen encoder phi;
       choose one subgroup per class minimising (raydd/s3.py)
-          alpha sum_i log(1 - cos(c_{i,g_i}, r_i)) - beta/(C-1) sum_i sum_{j!=i} log(1 - cos(c_{i,g_i}, c_{j,g_j}))
+          alpha sum_i log(1 - cos(c_{i,g_i}, r_i)) - w sum_i sum_{j!=i} log(1 - cos(c_{i,g_i}, c_{j,g_j}))
+      w = beta/2 (ims3.separation=reference: the reference code's beta sum_{i<j}, under which its alpha = 0.4,
+      beta = 0.9 were tuned) or beta/(C-1) (separation=paper: the paper's form, (C-1)/2 times weaker)
       by coordinate descent from the closest-to-real start: one global step between the per-class
       stages (generate + encode on the actors; take the chosen groups).
 Ablations: ims3.finetune=false (+S3 only), ims3.s3=false (+IM only); both false is `dit` (same noise).
 
-Encoder: the paper uses an ImageNet ResNet-18 (ims3.encoder=timm:resnet18.a1_in1k, from the local HF
-cache). The default, "teacher", is a raydd classifier trained on the real train split with
+Encoder: the paper uses an ImageNet ResNet-18: ims3.encoder=timm:resnet18.tv_in1k (torchvision's weights
+through timm, from the local HF cache; images resized and centre-cropped to 224 and normalised as timm's
+eval transform does). The default, "teacher", is a raydd classifier trained on the real train split with
 raydd.evaluation.train_teacher (the soft protocol's teacher job, shared cache), its penultimate features.
 """
 from __future__ import annotations
@@ -32,7 +35,7 @@ from raydd.eval_jobs import teacher_loop
 from raydd.finetune import finetune_config, finetune_loop
 from raydd.generate import BackboneSpec, DistilledSet
 from raydd.methods import register_method
-from raydd.s3 import EncodeImages, class_centroids, s3_search, subgroup_centroids
+from raydd.s3 import SEPARATIONS, EncodeImages, class_centroids, s3_search, subgroup_centroids
 from raydd.sampling import sample_seed
 
 SMOKE_FINETUNE_STEPS = 8   # --smoke: the same fine-tuning job, a few steps
@@ -58,6 +61,7 @@ class Config:
     K: int = 200                   # K_i, real images per class averaged into r_i (capped at what the class has)
     alpha: float = 0.4             # weight of the closeness-to-real term
     beta: float = 0.9              # weight of the inter-class separation term
+    separation: str = "reference"  # "reference": beta * sum_{i<j} (the defaults' form) | "paper": beta/(C-1) sum_{i!=j}
     max_sweeps: int = 100          # coordinate-descent sweeps at most (stops when a sweep changes nothing)
     encoder: str = "teacher"       # "teacher" | "timm:<name>" (pretrained, local HF cache)
     encoder_arch: str = ""         # teacher architecture ("" = eval.teacher_arch)
@@ -68,6 +72,8 @@ def check(cfg: Config, run=None) -> None:
     """Allowed values and ranges (called by the registry before anything starts)."""
     if cfg.peft not in ("difffit", "full"):
         raise ConfigError(f"ims3.peft={cfg.peft!r}; allowed: difffit, full")
+    if cfg.separation not in SEPARATIONS:
+        raise ConfigError(f"ims3.separation={cfg.separation!r}; allowed: {', '.join(SEPARATIONS)}")
     if not (cfg.encoder == "teacher" or cfg.encoder.startswith("timm:")):
         raise ConfigError(f"ims3.encoder={cfg.encoder!r}; allowed: teacher, timm:<model name>")
     if cfg.G < 1 or cfg.K < 1 or cfg.batch < 1 or cfg.inversion_steps < 1 or cfg.lambda_im < 0:
@@ -140,14 +146,15 @@ def selective_subgroup_sampling(ctx, cfg: Config) -> DistilledSet:
     f_real = encode(ctx, encoder, x_real, y_real)                         # [sum_i K_i, D]
     c = subgroup_centroids(f_syn, cand.labels, group, C, cfg.G)           # c_{i,g}  [C, G, D]
     r = class_centroids(f_real, y_real, C)                                # r_i      [C, D]
-    res = s3_search(c, r, cfg.alpha, cfg.beta, cfg.max_sweeps)            # the global step
+    res = s3_search(c, r, cfg.alpha, cfg.beta, cfg.max_sweeps, cfg.separation)   # the global step
     cos_real = torch.nn.functional.cosine_similarity(c, r[:, None], dim=-1)   # [C, G]
     ctx.log_metrics({"s3/objective_start": res.objective_start, "s3/objective_end": res.objective_end,
                      "s3/sweeps": res.sweeps, "s3/classes_moved": int((res.groups != res.start).sum()),
                      "s3/real_images": len(y_real)})
     ctx.tracker.log_dict({"groups": res.groups.tolist(), "start": res.start.tolist(), "trace": res.trace,
                           "objective_start": res.objective_start, "objective_end": res.objective_end,
-                          "cos_to_real": cos_real.tolist(), "alpha": cfg.alpha, "beta": cfg.beta, "G": cfg.G},
+                          "cos_to_real": cos_real.tolist(), "alpha": cfg.alpha, "beta": cfg.beta, "G": cfg.G,
+                          "separation": cfg.separation},
                          "s3.json")
     keep = torch.from_numpy(res.groups)[cand.labels] == group             # candidates in the chosen groups
     chosen = cand.take(torch.nonzero(keep).flatten())
