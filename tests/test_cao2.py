@@ -231,6 +231,19 @@ def test_cao2_end_to_end_on_a_dit_pool(digits_cfg, spec, shared_cache):
 # --------------------------------------------------------------------------------------------
 # Configuration, selector checkpoints, search space
 # --------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("scale, want", [(2.7, 2.7), (0.0, 4.0)])
+def test_pool_is_sampled_at_the_papers_cfg_scale(digits_cfg, spec, monkeypatch, scale, want):
+    """The pool's CFG is cao2.cfg_scale (paper: 2.7), not the dit baseline's sampler.cfg_scale (0 = use it)."""
+    seen = []
+    generate = Context.generate
+    monkeypatch.setattr(Context, "generate", lambda self, *a, **k: seen.append(self.cfg.sampler.cfg_scale)
+                        or generate(self, *a, **k))
+    cfg = dataclasses.replace(digits_cfg, ipc=1, sampler=dataclasses.replace(digits_cfg.sampler, steps=3))
+    assert cfg.sampler.cfg_scale == 4.0
+    run_cao2(cfg, spec, select=False, optimize=False, cfg_scale=scale)
+    assert seen == [want]
+
+
 def test_task_dependent_defaults_and_bad_values(digits_cfg, spec):
     method = get_method("cao2")
     from types import SimpleNamespace

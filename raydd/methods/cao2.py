@@ -19,9 +19,9 @@ Algorithm 1 of the paper, per class c with N = IPC:
 Task-oriented defaults (Sec. 3.4 / 4.3 / App. 8): the paper treats ImageWoof and ImageNet-1K as
 "hard" (m = 4, T_hat = T/8, c_hat = null) and ImageNette / ImageNet-100 as "easy" (m = 2,
 T_hat = T/2, c_hat = true). `task=auto` is hard for the imagewoof / imagenet1k class sets, easy
-otherwise (digits included). The reference code samples its pool at CFG 2.7: set
-`sampler.cfg_scale=2.7` to do the same (the default keeps the `dit` baseline's scale, so the two
-differ only by CaO2's stages). Ablations: `select=false` (optimisation alone, on IPC plain samples),
+otherwise (digits included). The pool is sampled at CFG 2.7 as in the paper and its reference code
+(`cao2.cfg_scale`; 0 = `sampler.cfg_scale`, the `dit` baseline's 4.0, so the two differ only by CaO2's
+stages). Ablations: `select=false` (optimisation alone, on IPC plain samples),
 `optimize=false` (selection alone).
 """
 from __future__ import annotations
@@ -48,6 +48,7 @@ HARD_SUBSET, HARD_MIN_CLASSES = "imagewoof", 1000   # the paper's "hard" tasks: 
 class Config:
     task: str = "auto"             # "easy" | "hard" | "auto" (hard: imagewoof/imagenet1k); fills the 0/"auto" fields
     m: int = 0                     # pool size factor: m*IPC candidates per class (0 = auto: 2 easy, 4 hard)
+    cfg_scale: float = 2.7         # the pool's classifier-free guidance scale (paper: 2.7); 0 = sampler.cfg_scale
     select: bool = True            # stage 1, objective-guided selection (false: no pool, IPC plain samples)
     order: str = "auto"            # "most" | "least" confident of the correct | "auto": most if IPC < least_from_ipc
     least_from_ipc: int = 50       # auto order: least confident from this IPC on (reference code: 10 most, 50 least)
@@ -79,6 +80,7 @@ def check(cfg: Config, run=None) -> None:
     except ValueError as e:                                      # unknown: the message lists the methods
         raise ConfigError(f"cao2.generator: {e}") from None
     for key, ok in (("m", cfg.m >= 0), ("iterations", cfg.iterations >= 1), ("lr", cfg.lr > 0), ("lam", cfg.lam >= 0),
+                    ("cfg_scale", cfg.cfg_scale == 0 or cfg.cfg_scale >= 1),
                     ("t_hat", 0 <= cfg.t_hat <= 1), ("eta", cfg.eta >= 0), ("least_from_ipc", cfg.least_from_ipc >= 1),
                     ("selector_epochs", cfg.selector_epochs >= 0)):
         if not ok:
@@ -118,11 +120,13 @@ def selector_path(ctx, cfg: Config) -> str:
 
 
 def sample_pool(ctx, cfg: Config, per_class: int) -> DistilledSet:
-    """per_class candidates of every class from the generator, in (label, slot) order."""
+    """per_class candidates of every class from the generator at CFG cfg.cfg_scale, in (label, slot) order."""
+    sampler = dataclasses.replace(ctx.cfg.sampler, cfg_scale=cfg.cfg_scale or ctx.cfg.sampler.cfg_scale)
+    sub = dataclasses.replace(ctx, cfg=dataclasses.replace(ctx.cfg, ipc=per_class, sampler=sampler),
+                              backbone=lambda: ctx.spec)
     if cfg.generator == "dit":
-        return ctx.generate(ctx.rows(per_class=per_class, stream="pool"))
+        return sub.generate(sub.rows(per_class=per_class, stream="pool"))
     other = get_method(cfg.generator)
-    sub = dataclasses.replace(ctx, cfg=dataclasses.replace(ctx.cfg, ipc=per_class), backbone=lambda: ctx.spec)
     pool = other.run(sub, make_method_config(other.Config, ctx.cfg.methods.get(cfg.generator, {}), cfg.generator))
     return pool.sorted()
 
