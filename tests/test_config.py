@@ -1,4 +1,5 @@
 import pytest
+import torch
 
 from raydd.config import ConfigError, load_config, make_method_config
 from raydd.distill import check_method
@@ -110,3 +111,16 @@ def test_a_search_space_value_the_method_rejects_fails_when_the_space_loads(tmp_
     load_space("lgd", lgd, validate_key=lambda k, v: config_key_validator(k, v, run=load_config(overrides=["ipc=10"])))
     with pytest.raises(SpaceError, match="lgd.increment"):
         load_space("lgd", lgd, validate_key=lambda k, v: config_key_validator(k, v, run=load_config(overrides=["ipc=7"])))
+
+
+@pytest.mark.parametrize("preset", ["imagenette", "imagewoof", "imageidc", "imagenet100"])
+def test_imagenet_presets_evaluate_with_the_papers_convnet6_and_guide_lgd_with_a_student(preset):
+    """The papers evaluate 256 px subsets with ConvNet-6 (IDC / Minimax), not ConvNet-5; LGD's θ*, θ_{i−1} are
+    an evaluation student there, not a ConvNet-D3 with a 131k-wide head."""
+    from raydd.students import create_student
+
+    for smoke in (False, True):
+        cfg = load_config(preset, ["data.root=/nowhere"], smoke=smoke)
+        assert cfg.eval.students[0] == "convnet_d6" and cfg.methods["lgd"]["arch"] == "resnetap10"
+    net = create_student("convnet_d6", 10, 3, 256)
+    assert net(torch.zeros(1, 3, 256, 256)).shape == (1, 10)
