@@ -150,7 +150,7 @@ def eval_loop(config: dict, hooks: TrainHooks) -> None:
     fault, rounds_run = config.get("fault") or {}, 0
     for stage in sorted({job.get("stage", 1) for job in jobs}):
         in_stage = [i for i in range(len(jobs)) if jobs[i].get("stage", 1) == stage]
-        syn_jobs = [i for i in in_stage if jobs[i]["kind"] == "syn"]
+        syn_jobs = [i for i in in_stage if jobs[i]["kind"] == "syn" and jobs[i]["protocol"] == ecfg.protocol]
         todo = sorted((i for i in in_stage if i not in done), key=lambda i: (-cost(i), i))
         # [[]]: a stage restored whole still reports (its stage metrics, and the final checkpoint)
         rounds = [todo[k:k + hooks.world_size] for k in range(0, len(todo), hooks.world_size)] or [[]]
@@ -247,6 +247,9 @@ def evaluate_set(cfg: Config, source: dict, runner, max_workers: int = 1, stages
     jobs = [{"kind": "syn", "student": s, "seed": r, "protocol": e.protocol, "ipc": cfg.ipc}
             | ({"stage": k, "epochs": max(1, round(full * frac))} if last > 1 else {})
             for k, frac in enumerate(stages, start=1) for s in e.students for r in range(e.seeds)]
+    if e.ranking and e.protocol == "soft":   # HLR / LRS need the set's hard-label accuracy: train that too
+        jobs += [{"kind": "syn", "student": s, "seed": r, "protocol": "hard", "ipc": cfg.ipc}
+                 | ({"stage": last} if last > 1 else {}) for s in e.students for r in range(e.seeds)]
     refs_dir = cfg.resolved_cache_dir() / "references"
     cached: dict[tuple, list] = {}
     if e.ranking:
@@ -269,8 +272,8 @@ def evaluate_set(cfg: Config, source: dict, runner, max_workers: int = 1, stages
                           resume_key=eval_key(config), callbacks=callbacks)
     by_index = json.loads(Path(result.checkpoint_dir, "results.json").read_text())
     staged = [by_index[str(i)] for i in range(len(jobs))]
-    stage_accs = [statistics.mean(r["best_acc"] for r in staged if r["kind"] == "syn" and r.get("stage", 1) == k)
-                  for k in range(1, last + 1)]
+    own = [r for r in staged if r["kind"] == "syn" and r["protocol"] == e.protocol]   # the protocol's own jobs
+    stage_accs = [statistics.mean(r["best_acc"] for r in own if r.get("stage", 1) == k) for k in range(1, last + 1)]
     results = [r for r in staged if r.get("stage", last) == last]
     for r in results:
         key = (r["kind"], r["student"], r["protocol"])
@@ -283,22 +286,20 @@ def evaluate_set(cfg: Config, source: dict, runner, max_workers: int = 1, stages
             f.write_text(json.dumps(rs))
     summary: dict = {"students": {}, "ranking": {}, "jobs": results, "stages": stage_accs}
     for s in e.students:
-        accs = [r["best_acc"] for r in results if r["kind"] == "syn" and r["student"] == s]
+        accs = [r["best_acc"] for r in results if r["kind"] == "syn" and r["student"] == s and r["protocol"] == e.protocol]
         summary["students"][s] = {"acc_mean": statistics.mean(accs), "acc_std": statistics.pstdev(accs),
                                   "accs": accs, "protocol": e.protocol,
-                                  "images_per_s": statistics.mean(r["images_per_s"] for r in results
-                                                                  if r["kind"] == "syn" and r["student"] == s)}
+                                  "images_per_s": statistics.mean(r["images_per_s"] for r in results if r["kind"] == "syn"
+                                                                  and r["student"] == s and r["protocol"] == e.protocol)}
         if e.ranking:
             mean = lambda rs: statistics.mean(r["best_acc"] for r in rs)  # noqa: E731
             real_hard = mean(cached[("real", s, "hard")])
             rand_hard, rand_proto = mean(cached[("random", s, "hard")]), mean(cached[("random", s, e.protocol)])
             syn = summary["students"][s]["acc_mean"]
-            # HLR needs the synthetic set's hard-label accuracy: equal to `syn` under the hard protocol
-            syn_hard = syn if e.protocol == "hard" else float("nan")
-            rank = {"acc_real_hard": real_hard, "acc_random": rand_proto, "acc_random_hard": rand_hard}
-            if e.protocol == "hard":
-                rank.update(dd_ranking(real_hard, syn_hard, syn, rand_proto))
-            else:
-                rank["IOR"] = syn - rand_proto
-            summary["ranking"][s] = rank
+            # HLR needs the synthetic set's hard-label accuracy: `syn` under the hard protocol, its own jobs under soft
+            syn_hard = syn if e.protocol == "hard" else mean([r for r in results if r["kind"] == "syn"
+                                                              and r["student"] == s and r["protocol"] == "hard"])
+            rank = {"acc_real_hard": real_hard, "acc_random": rand_proto, "acc_random_hard": rand_hard,
+                    "acc_syn_hard": syn_hard}
+            summary["ranking"][s] = rank | dd_ranking(real_hard, syn_hard, syn, rand_proto)
     return summary

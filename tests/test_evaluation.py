@@ -226,3 +226,33 @@ def test_round_threads_share_a_nodes_idle_threads_among_its_busy_ranks():
     assert [round_threads(mixed, 4, r) for r in range(4)] == [2, 2, 4, 2]
     odd = [("a", 1)] * 5
     assert [round_threads(odd, 2, r) for r in (0, 1)] == [3, 2]          # 5 threads over 2: the first gets one more
+
+
+def test_soft_protocol_reports_hlr_and_lrs_from_the_sets_own_hard_label_accuracy(digits_cfg, tmp_path):
+    """DD-Ranking under the soft protocol: HLR needs acc(syn, hard), so the set is also trained with hard labels;
+    the soft accuracy stays the headline and the hard jobs do not leak into it."""
+    import dataclasses
+
+    from raydd.context import LocalRunner
+    from raydd.data import load_real
+    from raydd.eval_jobs import evaluate_set
+    from raydd.evaluation import dd_ranking
+    from raydd.methods.random import random_subset
+
+    data = load_real(digits_cfg.data)
+    subset = random_subset(data.train, 2, seed=0)
+    cfg = dataclasses.replace(digits_cfg, cache_dir=str(tmp_path), eval=dataclasses.replace(
+        digits_cfg.eval, students=["convnet_d1"], seeds=1, epochs=3, soft_epochs=3, teacher_epochs=1,
+        teacher_arch="convnet_d1", protocol="soft", ranking=True))
+    source = {"kind": "arrays", "x": subset.images.numpy(), "y": subset.labels.numpy()}
+    summary = evaluate_set(cfg, source, LocalRunner(cfg))
+    jobs = [(j["kind"], j["protocol"]) for j in summary["jobs"]]
+    assert ("syn", "hard") in jobs and ("syn", "soft") in jobs
+    soft = [j["best_acc"] for j in summary["jobs"] if j["kind"] == "syn" and j["protocol"] == "soft"]
+    hard = [j["best_acc"] for j in summary["jobs"] if j["kind"] == "syn" and j["protocol"] == "hard"]
+    s = summary["students"]["convnet_d1"]
+    assert s["accs"] == soft and s["protocol"] == "soft"
+    r = summary["ranking"]["convnet_d1"]
+    assert r["acc_syn_hard"] == pytest.approx(hard[0])
+    want = dd_ranking(r["acc_real_hard"], hard[0], s["acc_mean"], r["acc_random"])
+    assert r["HLR"] == pytest.approx(want["HLR"]) and r["LRS"] == pytest.approx(want["LRS"])
