@@ -22,11 +22,9 @@ import os
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from raydd.config import ComputeConfig, SamplerConfig, load_config

@@ -1,13 +1,18 @@
 """What a method's `run(ctx, cfg)` receives: the run config, the real data, the backbone spec, and
-two verbs — `generate` (sharded sampling) and `train` (a training job) — plus logging.
+the verbs methods need — `generate` (sharded sampling), `map` (any model over rows on the actors),
+`train` / `train_cached` (training jobs), `real_classifier` and `set_classifier` (classifiers on real
+data or on a set), `run_method` (another method's set) — plus logging.
 
 The verbs go to a runner: `LocalRunner` (in-process, plain PyTorch: unit tests, benchmarks) or
 `raydd.distributed.runner.RayRunner` (Ray Data / Ray Train). Method code never sees which.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
-from dataclasses import dataclass, field
+import os
+import shutil
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
@@ -142,6 +147,38 @@ class Context:
                      cpus_per_worker: float | None = None) -> Path:
         """A training job run once per config (reference models, estimators, selectors, fine-tunes)."""
         return train_cached(self.runner, self.cfg.resolved_cache_dir(), kind, loop, config, cpus_per_worker)
+
+    def real_classifier(self, arch: str = "", epochs: int = 0) -> Path:
+        """A classifier trained on the real train split, cached (raydd.eval_jobs.real_classifier)."""
+        from raydd.eval_jobs import real_classifier  # eval_jobs imports methods, which import this module
+
+        return real_classifier(self.cfg, self.runner, arch, epochs)
+
+    def set_classifier(self, set_dir: Path, arch: str, epochs: int, dst: Path) -> Path:
+        """A classifier trained on a distilled set (hard labels, the eval protocol's recipe), kept as `dst`
+        (safetensors, written atomically; reused when it exists): raydd.eval_jobs.set_classifier_loop."""
+        from raydd.eval_jobs import set_classifier_loop
+
+        if not dst.exists():
+            config = {"set_path": str(set_dir), "arch": arch, "num_classes": self.data.num_classes,
+                      "eval": asdict(self.cfg.eval), "epochs": epochs, "seed": self.cfg.seed}
+            result = self.train(set_classifier_loop, config, name=f"{self.cfg.resolved_run_name()}-{dst.stem}",
+                                num_workers=1)
+            tmp = dst.with_name(dst.name + ".partial")
+            shutil.copyfile(Path(result.checkpoint_dir) / "model.safetensors", tmp)
+            os.replace(tmp, dst)
+        return dst
+
+    def run_method(self, name: str, ipc: int) -> DistilledSet:
+        """Another registered method's set at `ipc`, with its own `<name>.<field>` settings and this backbone
+        (CaO2's pool from a generator, LGD's seed set)."""
+        from raydd.config import make_method_config
+        from raydd.methods import get_method
+
+        method = get_method(name)
+        sub = dataclasses.replace(self, cfg=dataclasses.replace(self.cfg, ipc=ipc, method=name),
+                                  backbone=lambda: self.spec)
+        return method.run(sub, make_method_config(method.Config, self.cfg.methods.get(name, {}), name))
 
     def log_metrics(self, metrics: dict, step: int | None = None) -> None:
         self.tracker.log_metrics(metrics, step)

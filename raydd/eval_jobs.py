@@ -177,6 +177,26 @@ def eval_loop(config: dict, hooks: TrainHooks) -> None:
                 os._exit(1)
 
 
+def set_classifier_loop(config: dict, hooks: TrainHooks) -> None:
+    """Train a classifier on a distilled set (config: set_path, arch, num_classes, eval, epochs, seed):
+    LGD's θ_{i−1}. Hard labels, the eval protocol's recipe; saves model.safetensors."""
+    import tempfile
+
+    from safetensors.torch import save_file
+
+    from raydd.outputs import read_distilled
+
+    s = read_distilled(config["set_path"])
+    res = train_student(s.images, s.labels, None, None, student=config["arch"], num_classes=config["num_classes"],
+                        cfg=EvalConfig(**config["eval"]), epochs=config["epochs"], seed=config["seed"],
+                        device=hooks.device, return_model=True)
+    with tempfile.TemporaryDirectory() as d:
+        if hooks.world_rank == 0:
+            save_file({k: v.contiguous().cpu() for k, v in res["model"].state_dict().items()}, f"{d}/model.safetensors")
+        hooks.report({"train_s": res["train_s"], "epochs": res["epochs"]},
+                     checkpoint_dir=d if hooks.world_rank == 0 else None)
+
+
 def teacher_loop(config: dict, hooks: TrainHooks) -> None:
     import tempfile
 
@@ -199,18 +219,25 @@ def _ref_key(kind: str, student: str, cfg: Config, protocol: str) -> str:
     return config_hash(kind, student, protocol, ipc, cfg.data, relevant)
 
 
+def real_classifier(cfg: Config, runner, arch: str = "", epochs: int = 0) -> Path:
+    """A hard-label classifier trained on the real train split (raydd.evaluation.train_teacher), cached under
+    teachers/ by its config: the soft protocol's teacher, the diagnostics' teacher, CaO2's selector, LGD's θ*
+    and S3's encoder are one job when their arch and epochs agree. arch / epochs: "" / 0 = eval.teacher_*."""
+    from raydd.context import train_cached
+
+    e = asdict(cfg.eval) | {"students": [], "seeds": 0, "teacher": "", "teacher_arch": arch or cfg.eval.teacher_arch,
+                            "teacher_epochs": epochs or cfg.eval.teacher_epochs}
+    config = {"data": asdict(cfg.data), "eval": e, "seed": 0}
+    return train_cached(runner, cfg.resolved_cache_dir(), "teachers", teacher_loop, config) / "teacher.safetensors"
+
+
 def ensure_teacher(cfg: Config, runner) -> str:
     """The soft protocol's teacher: the user's checkpoint, or one trained on the real train split (cached)."""
     if cfg.eval.teacher:
         if not Path(cfg.eval.teacher).exists():
             raise FileNotFoundError(f"eval.teacher={cfg.eval.teacher} does not exist")
         return cfg.eval.teacher
-    from raydd.context import train_cached
-
-    e = cfg.eval
-    config = {"data": asdict(cfg.data), "eval": asdict(e) | {"students": [], "seeds": 0, "teacher": ""}, "seed": 0}
-    path = train_cached(runner, cfg.resolved_cache_dir(), "teachers", teacher_loop, config) / "teacher.safetensors"
-    return str(path)
+    return str(real_classifier(cfg, runner))
 
 
 def teacher_encoder(cfg: Config, data: RealData, runner) -> dict:

@@ -175,6 +175,8 @@ class Guidance:
     Applied only at respaced steps i with window[0] <= i <= window[1] (i = 0 cleanest, S-1 noisiest).
     mode "full": g through the DiT; "x0": eps_hat treated as constant (cheaper, g = grad_x0 J / sqrt(abar)).
     on_images: decode x0_hat through the VAE before J (objectives on pixels, e.g. classifiers).
+    latent_term(x0_hat, t, y, state) -> [B]: added to J, on x0_hat itself even when on_images (e.g. LGD's
+    repulsion from the memory, a cosine in the DiT's latent space).
     sampler.guidance_micro_batch: rows per backward pass (0 = the whole batch); the activations of one
     guided step through the DiT and the VAE decoder grow with it, the result does not (rows are independent).
     """
@@ -184,6 +186,7 @@ class Guidance:
     mode: str = "full"
     on_images: bool = False
     state: Any = None
+    latent_term: Objective | None = None
 
     def active(self, i: int) -> bool:
         return self.scale != 0 and self.window[0] <= i <= self.window[1]
@@ -223,6 +226,8 @@ def _guided_rows(backbone, guidance: Guidance, x_t, t, y, abar: float, cfg: Samp
         x0_hat = predict_x0(x_in, eps, abar)
         target = backbone.vae.decode(x0_hat) if guidance.on_images else x0_hat
         J = guidance.objective(target, t, y, guidance.state)  # [b]
+        if guidance.latent_term is not None:
+            J = J + guidance.latent_term(x0_hat, t, y, guidance.state)
         (g,) = torch.autograd.grad(J.sum(), x_in)
     return eps.detach(), g, (var.detach() if var is not None else None), J.detach()
 

@@ -9,7 +9,6 @@ from __future__ import annotations
 import socket
 import tempfile
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Callable
 
 import torch

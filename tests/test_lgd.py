@@ -14,7 +14,7 @@ from raydd.context import Context, LocalRunner
 from raydd.data import load_real
 from raydd.evaluation import to_float
 from raydd.methods import get_method
-from raydd.objectives.learnability import (LearnabilityState, learnability_objective, max_memory_cosine,
+from raydd.objectives.learnability import (LearnabilityState, learnability_objective, max_memory_cosine, memory_term,
                                            score_images, top_kappa)
 from raydd.redundancy import load_with_slots, off_diagonal_mean, redundancy_figure, redundancy_matrix, split_increments
 from raydd.sampling import Guidance, sample, to_uint8
@@ -70,7 +70,8 @@ def test_learnability_guidance_raises_S_over_unguided_from_the_same_noise(world)
 def test_memory_term_lowers_the_max_cosine_to_earlier_samples(world):
     w = world
     earlier = draw(w["backbone"], w["sampler"], w["y"], list(range(100, 120)))       # the memory buffer
-    guidance = lambda st: Guidance(learnability_objective, 15.0, (2, 7), "full", True, st)  # noqa: E731
+    guidance = lambda st: Guidance(learnability_objective, 15.0, (2, 7), "full", True, st,  # noqa: E731
+                                   latent_term=memory_term)   # on latents: the pixel backbone's are its images
     without = draw(w["backbone"], w["sampler"], w["y"], w["seeds"], guidance(state(w)))
     with_mem = draw(w["backbone"], w["sampler"], w["y"], w["seeds"],
                     guidance(state(w, diversity=50.0 / 15.0, memory=earlier, memory_labels=w["y"])))
@@ -141,7 +142,7 @@ def test_guidance_factory_pickles_and_window_maps_to_the_respaced_steps():
     assert respaced_window(Config(), 250) == (50, 225)
     factory = partial(learnability_guidance, theta="a.safetensors", reference="b.safetensors", memory="stage",
                       arch="convnet_d3", num_classes=10, channels=1, image_size=16, class_ids=list(range(10)),
-                      lam=15.0, omega=0.5, gamma=50.0, memory_side=32, window=(2, 7), mode="full")
+                      lam=15.0, omega=0.5, gamma=50.0, window=(2, 7), mode="full")
     assert pickle.loads(pickle.dumps(factory)).keywords == factory.keywords
 
 
@@ -205,6 +206,31 @@ def test_resume_after_interruption_does_not_redo_finished_increments(digits_cfg,
     assert torch.isfinite(ds.scores[ds.slots == 2]).all()   # the new increment carries its S
     done = json.loads((scratch / "lgd" / "stage-002" / "manifest.json").read_text())
     assert done["increment"] == 2 and not stage1.exists()
+
+
+def test_memory_grows_as_samples_are_accepted_within_an_increment(digits_cfg, spec, tmp_path):
+    """IGD's sequential memory: an increment of 2 slots is sampled in 2 rounds, and the second round is guided
+    away from a memory that already holds the first round's kept samples (latents, one per class more)."""
+    from raydd.outputs import read_distilled
+
+    cfg = dataclasses.replace(digits_cfg, ipc=3, data=dataclasses.replace(digits_cfg.data, max_train_per_class=10),
+                              eval=dataclasses.replace(digits_cfg.eval, epochs=2, teacher_epochs=1))
+    cfg.sampler = dataclasses.replace(cfg.sampler, steps=4)
+    seen = []
+
+    class Recording(LocalRunner):
+        def generate(self, spec, rows, guidance_factory=None, **kw):
+            if guidance_factory is not None:
+                mem = read_distilled(guidance_factory.keywords["memory"])
+                seen.append((sorted(set(rows["slot"] % 2)), torch.bincount(mem.labels).tolist(), mem.latents.shape))
+            return super().generate(spec, rows, guidance_factory, **kw)
+
+    method = get_method("lgd")
+    ctx = Context(cfg, load_real(cfg.data), spec, runner=Recording(cfg), scratch=tmp_path)
+    ds = method.run(ctx, make_method_config(method.Config, {"seed_ipc": 1, "increment": 2, "kappa": 2}, "lgd"))
+    assert len(ds) == 30 and ds.slots.tolist() == [0, 1, 2] * 10
+    assert [(slots, counts) for slots, counts, _ in seen] == [([0], [1] * 10), ([1], [2] * 10)]
+    assert seen[0][2][1:] == (1, 16, 16)                    # latents [M, c, h, w]
 
 
 def test_bad_increment_fails_before_heavy_work(digits_cfg):

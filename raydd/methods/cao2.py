@@ -32,7 +32,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from raydd.config import ConfigError, make_method_config
+from raydd.config import ConfigError
 from raydd.data import subset_classes
 from raydd.generate import DistilledSet
 from raydd.methods import get_method, register_method
@@ -111,12 +111,7 @@ def selector_path(ctx, cfg: Config) -> str:
     if cfg.selector:
         load_selector(cfg.selector, cfg.selector_arch, d.num_classes, c.data.channels, c.data.image_size)
         return cfg.selector
-    from raydd.eval_jobs import teacher_loop
-
-    e = dataclasses.asdict(c.eval) | {"students": [], "seeds": 0, "teacher": "",
-                                      "teacher_arch": cfg.selector_arch, "teacher_epochs": cfg.selector_epochs}
-    config = {"data": dataclasses.asdict(c.data), "eval": e, "seed": 0}
-    return str(ctx.train_cached("teachers", teacher_loop, config) / "teacher.safetensors")
+    return str(ctx.real_classifier(cfg.selector_arch, cfg.selector_epochs))
 
 
 def sample_pool(ctx, cfg: Config, per_class: int) -> DistilledSet:
@@ -126,9 +121,7 @@ def sample_pool(ctx, cfg: Config, per_class: int) -> DistilledSet:
                               backbone=lambda: ctx.spec)
     if cfg.generator == "dit":
         return sub.generate(sub.rows(per_class=per_class, stream="pool"))
-    other = get_method(cfg.generator)
-    pool = other.run(sub, make_method_config(other.Config, ctx.cfg.methods.get(cfg.generator, {}), cfg.generator))
-    return pool.sorted()
+    return sub.run_method(cfg.generator, per_class).sorted()
 
 
 def udf_resources(ctx) -> dict:

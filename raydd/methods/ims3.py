@@ -31,7 +31,6 @@ import torch
 
 import raydd.objectives.inversion  # noqa: F401  registers the fine-tuning loss term "im"
 from raydd.config import ConfigError
-from raydd.eval_jobs import teacher_loop
 from raydd.finetune import finetune_config, finetune_loop
 from raydd.generate import BackboneSpec, DistilledSet
 from raydd.methods import register_method
@@ -106,14 +105,10 @@ def encoder_spec(ctx, cfg: Config) -> dict:
     """phi: a pretrained timm model, or the real-data teacher (trained once, cached under teachers/)."""
     if cfg.encoder.startswith("timm:"):
         return {"kind": "timm", "name": cfg.encoder[len("timm:"):]}
-    e = dataclasses.replace(ctx.cfg.eval, teacher_arch=cfg.encoder_arch or ctx.cfg.eval.teacher_arch,
-                            teacher_epochs=cfg.encoder_epochs or ctx.cfg.eval.teacher_epochs)
-    config = {"data": dataclasses.asdict(ctx.cfg.data),                  # = eval_jobs.ensure_teacher's job
-              "eval": dataclasses.asdict(e) | {"students": [], "seeds": 0, "teacher": ""}, "seed": 0}
-    path = ctx.train_cached("teachers", teacher_loop, config) / "teacher.safetensors"
+    path = ctx.real_classifier(cfg.encoder_arch, cfg.encoder_epochs)
     d = ctx.cfg.data
-    return {"kind": "student", "arch": e.teacher_arch, "path": str(path), "num_classes": ctx.data.num_classes,
-            "channels": d.channels, "image_size": d.image_size}
+    return {"kind": "student", "arch": cfg.encoder_arch or ctx.cfg.eval.teacher_arch, "path": str(path),
+            "num_classes": ctx.data.num_classes, "channels": d.channels, "image_size": d.image_size}
 
 
 def encode(ctx, encoder: dict, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:

@@ -4,19 +4,18 @@ The distilled set D grows in increments of `increment` IPC. Increment 0 is a see
 method's output, default dit); then for i = 1 .. K−1:
   1. train θ_{i−1} on D_{i−1} (a training job);
   2. sample κ candidates per new slot, guided on  S(x, y) = L(θ_{i−1}, x, y) − ω·L(θ*, x, y)  (λ, window
-     t ∈ [10, 45] of 50, ρ_t normalisation) plus deviation away from the most cosine-similar image of
-     the class in the memory buffer M = D_{i−1} (γ) — one objective, raydd.objectives.learnability;
+     t ∈ [10, 45] of 50, ρ_t normalisation) plus deviation away from the most cosine-similar latent of
+     the class in the memory buffer M (γ) — one objective, raydd.objectives.learnability;
   3. keep the candidate with the highest S per slot (top-κ) and merge: D_i = D_{i−1} ∪ I_i.
+The memory is sequential as in IGD: an increment's slots are sampled in `memory_rounds` rounds, and the
+samples a round keeps join M (= D_{i−1} at the first round) before the next round is sampled.
 θ* is a reference classifier trained once on the full real train split (cached like the teachers).
 Each D_i is written under ctx.scratch (atomically, with its increment index in the manifest): a
 re-run with the same run name resumes after the last finished increment.
 """
 from __future__ import annotations
 
-import dataclasses
-import os
 import shutil
-import tempfile
 from dataclasses import asdict, dataclass
 from functools import partial
 from pathlib import Path
@@ -25,14 +24,15 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from raydd.config import ConfigError, EvalConfig, config_hash, make_method_config
-from raydd.evaluation import accuracy, epochs_for, to_float, train_student
+from raydd.config import ConfigError, config_hash
+from raydd.evaluation import accuracy, epochs_for, to_float
 from raydd.generate import DistilledSet
 from raydd.methods import get_method, register_method
-from raydd.objectives.learnability import (LearnabilityState, learnability_objective, rank_in_class, score_images,
-                                           top_kappa)
+from raydd.objectives.learnability import (LearnabilityState, learnability_objective, memory_term, rank_in_class,
+                                           score_images, top_kappa)
 from raydd.outputs import read_distilled, write_distilled
 from raydd.sampling import Guidance
+from raydd.selection import load_selector
 
 
 @dataclass
@@ -52,7 +52,8 @@ class Config:
     arch: str = "convnet_d3"      # architecture of θ* and of every θ_{i−1}
     reference_epochs: int = 0     # θ* epochs on the real train split (0 = eval.teacher_epochs)
     model_epochs: int = 0         # θ_{i−1} epochs (0 = the eval protocol's epochs for D_{i−1}'s IPC)
-    memory_side: int = 32         # memory images are avg-pooled to at most this side (keeps M small)
+    memory_rounds: int = 0        # rounds per increment, each round's kept samples join M before the next
+                                  #   (0 = one per slot: IGD's sequential memory; 1 = M stays D_{i−1})
 
 
 def check(cfg: Config, run) -> None:
@@ -62,7 +63,8 @@ def check(cfg: Config, run) -> None:
 
     ipc, seed_ipc = run.ipc, cfg.seed_ipc or cfg.increment
     problems = [
-        (cfg.increment >= 1 and cfg.kappa >= 1, "lgd.increment and lgd.kappa must be >= 1"),
+        (cfg.increment >= 1 and cfg.kappa >= 1 and cfg.memory_rounds >= 0,
+         "lgd.increment and lgd.kappa must be >= 1, lgd.memory_rounds >= 0"),
         (1 <= seed_ipc <= ipc and (ipc - seed_ipc) % cfg.increment == 0,
          f"ipc={ipc} must be lgd.seed_ipc ({seed_ipc}) plus a multiple of lgd.increment ({cfg.increment}); "
          f"e.g. lgd.increment=1 for small IPCs"),
@@ -88,67 +90,30 @@ def respaced_window(cfg: Config, steps: int) -> tuple[int, int]:
 
 
 # --- models: θ* (reference, cached) and θ_{i−1} (one training job per increment) -------------------
-def load_classifier(path: str, arch: str, num_classes: int, channels: int, image_size: int, device="cpu"):
-    from safetensors.torch import load_file
-
-    from raydd.students import create_student
-
-    model = create_student(arch, num_classes, channels, image_size)
-    model.load_state_dict(load_file(str(path)))
-    return model.to(device).eval().requires_grad_(False)
-
-
 def train_reference(ctx, cfg: Config) -> Path:
     """θ*: a hard-label classifier on the full real train split; shares the teachers' cache."""
-    from raydd.eval_jobs import teacher_loop  # raydd.evaluation.train_teacher + safetensors
-
-    e = asdict(ctx.cfg.eval) | {"students": [], "seeds": 0, "teacher": "", "teacher_arch": cfg.arch,
-                                "teacher_epochs": cfg.reference_epochs or ctx.cfg.eval.teacher_epochs}
-    return ctx.train_cached("teachers", teacher_loop, {"data": asdict(ctx.cfg.data), "eval": e, "seed": 0}) \
-        / "teacher.safetensors"
-
-
-def theta_loop(config: dict, hooks) -> None:
-    """Train θ on a distilled set (config: set_path, arch, num_classes, eval, epochs, seed)."""
-    from safetensors.torch import save_file
-
-    s = read_distilled(config["set_path"])
-    res = train_student(s.images, s.labels, None, None, student=config["arch"], num_classes=config["num_classes"],
-                        cfg=EvalConfig(**config["eval"]), epochs=config["epochs"], seed=config["seed"],
-                        device=hooks.device, return_model=True)
-    with tempfile.TemporaryDirectory() as d:
-        if hooks.world_rank == 0:
-            save_file({k: v.contiguous().cpu() for k, v in res["model"].state_dict().items()}, f"{d}/model.safetensors")
-        hooks.report({"train_s": res["train_s"], "epochs": res["epochs"]},
-                     checkpoint_dir=d if hooks.world_rank == 0 else None)
+    return ctx.real_classifier(cfg.arch, cfg.reference_epochs)
 
 
 def train_theta(ctx, cfg: Config, set_dir: Path, ipc: int, dst: Path) -> Path:
-    """θ_{i−1} on D_{i−1}, kept as `dst` (safetensors; reused when it exists: written atomically)."""
-    if not dst.exists():
-        config = {"set_path": str(set_dir), "arch": cfg.arch, "num_classes": ctx.data.num_classes,
-                  "eval": asdict(ctx.cfg.eval), "epochs": cfg.model_epochs or epochs_for(ipc, ctx.cfg.eval),
-                  "seed": ctx.cfg.seed}
-        result = ctx.train(theta_loop, config, name=f"lgd-{ctx.cfg.resolved_run_name()}-{dst.stem}", num_workers=1)
-        tmp = dst.with_name(dst.name + ".partial")
-        shutil.copyfile(Path(result.checkpoint_dir) / "model.safetensors", tmp)
-        os.replace(tmp, dst)
-    return dst
+    """θ_{i−1} on D_{i−1}, kept as `dst` (reused when it exists)."""
+    return ctx.set_classifier(set_dir, cfg.arch, cfg.model_epochs or epochs_for(ipc, ctx.cfg.eval), dst)
 
 
 # --- the guidance: built once per sampling actor from checkpoint paths (picklable) -----------------
 def learnability_guidance(backbone, device, *, theta: str, reference: str, memory: str, arch: str, num_classes: int,
                           channels: int, image_size: int, class_ids: list[int], lam: float, omega: float,
-                          gamma: float, memory_side: int, window: tuple[int, int], mode: str) -> Guidance:
+                          gamma: float, window: tuple[int, int], mode: str) -> Guidance:
     mem = read_distilled(memory)
-    side = min(image_size, memory_side)
+    latents = mem.latents if mem.latents is not None else torch.cat(   # a real-image seed set: encode it once
+        [backbone.vae.encode(to_float(b).to(device)).cpu() for b in mem.images.split(64)])
     state = LearnabilityState(
-        model=load_classifier(theta, arch, num_classes, channels, image_size, device),
-        reference=load_classifier(reference, arch, num_classes, channels, image_size, device),
-        omega=omega, diversity=gamma / lam if lam else 0.0,
-        memory=F.adaptive_avg_pool2d(to_float(mem.images), side).to(device),   # [M, C, side, side]
-        memory_labels=mem.labels.to(device), class_ids=torch.tensor(class_ids, device=device), pool_side=side)
-    return Guidance(learnability_objective, scale=lam, window=window, mode=mode, on_images=True, state=state)
+        model=load_selector(theta, arch, num_classes, channels, image_size, device),
+        reference=load_selector(reference, arch, num_classes, channels, image_size, device),
+        omega=omega, diversity=gamma / lam if lam else 0.0, memory=latents.float().to(device),  # [M, c, h, w]
+        memory_labels=mem.labels.to(device), class_ids=torch.tensor(class_ids, device=device))
+    return Guidance(learnability_objective, scale=lam, window=window, mode=mode, on_images=True, state=state,
+                    latent_term=memory_term if gamma else None)
 
 
 # --- stages: D_i under ctx.scratch, one complete directory per finished increment ------------------
@@ -185,11 +150,7 @@ def seed_set(ctx, cfg: Config, seed_ipc: int) -> DistilledSet:
             ds = DistilledSet(*load_with_slots(root, ctx.data.class_names, ctx.cfg.data.image_size,
                                                ctx.cfg.data.channels))
     else:
-        method = get_method(cfg.seed_method)
-        mcfg = make_method_config(method.Config, ctx.cfg.methods.get(cfg.seed_method, {}), cfg.seed_method)
-        sub = dataclasses.replace(ctx, cfg=dataclasses.replace(ctx.cfg, ipc=seed_ipc, method=cfg.seed_method),
-                                  backbone=ctx.spec)
-        ds = method.run(sub, mcfg)
+        ds = ctx.run_method(cfg.seed_method, seed_ipc)
     counts = torch.bincount(ds.labels, minlength=ctx.data.num_classes)
     if int(counts.min()) < seed_ipc:
         raise ValueError(f"the seed set has {int(counts.min())} images in class {int(counts.argmin())}; "
@@ -217,6 +178,10 @@ def mean_ce(model, ds: DistilledSet, batch_size: int = 256) -> float:
     return float(sum(losses)) / max(1, len(ds))
 
 
+def take_rows(rows: dict[str, np.ndarray], mask: np.ndarray) -> dict[str, np.ndarray]:
+    return {k: v[mask] for k, v in rows.items()}
+
+
 def candidate_rows(ctx, cfg: Config, i: int, n: int) -> dict[str, np.ndarray]:
     """κ independent draws (streams) of n slots per class; candidate k of slot j is row slot k·n + j."""
     parts = []
@@ -238,7 +203,7 @@ def run(ctx, cfg: Config):
     work.mkdir(parents=True, exist_ok=True)
     classify = dict(arch=cfg.arch, num_classes=ctx.data.num_classes, channels=d.channels, image_size=d.image_size)
     reference = train_reference(ctx, cfg)                                    # θ*
-    theta_star = load_classifier(reference, **classify)
+    theta_star = load_selector(reference, **classify)
 
     resumed = last_stage(work, fingerprint)
     if resumed is None:
@@ -251,21 +216,26 @@ def run(ctx, cfg: Config):
     for i in range(done + 1, 1 + (ipc - seed_ipc) // n):
         have = seed_ipc + (i - 1) * n                                        # IPC of D_{i−1}
         theta_path = train_theta(ctx, cfg, stage, have, work / f"theta-{i - 1:03d}-{fingerprint}.safetensors")
-        theta = load_classifier(theta_path, **classify)                      # θ_{i−1}
-        factory = partial(learnability_guidance, theta=str(theta_path), reference=str(reference), memory=str(stage),
+        theta = load_selector(theta_path, **classify)                        # θ_{i−1}
+        factory = partial(learnability_guidance, theta=str(theta_path), reference=str(reference),
                           class_ids=ctx.data.backbone_class_ids(), lam=cfg.lam, omega=cfg.omega, gamma=cfg.gamma,
-                          memory_side=cfg.memory_side, window=respaced_window(cfg, ctx.cfg.sampler.steps),
-                          mode=cfg.mode, **classify)
-        cands = ctx.generate(candidate_rows(ctx, cfg, i, n), guidance_factory=factory)   # κ·n per class
-        s = score_images(theta, theta_star, to_float(cands.images), cands.labels, cfg.omega)  # S [κ·n·C]
-        keep = torch.from_numpy(top_kappa(s, (cands.labels * n + cands.slots % n).numpy()))
-        new = DistilledSet(cands.images[keep], cands.labels[keep], have + cands.slots[keep] % n,
-                           None if cands.latents is None else cands.latents[keep], s[keep])
+                          window=respaced_window(cfg, ctx.cfg.sampler.steps), mode=cfg.mode, **classify)
+        rows, memory, new = candidate_rows(ctx, cfg, i, n), stage, None      # κ·n candidates per class
+        for r, js in enumerate(np.array_split(np.arange(n), cfg.memory_rounds or n)):   # sequential memory
+            cands = ctx.generate(take_rows(rows, np.isin(rows["slot"] % n, js)), partial(factory, memory=str(memory)))
+            s = score_images(theta, theta_star, to_float(cands.images), cands.labels, cfg.omega)  # S
+            keep = torch.from_numpy(top_kappa(s, (cands.labels * n + cands.slots % n).numpy()))
+            kept = DistilledSet(cands.images[keep], cands.labels[keep], have + cands.slots[keep] % n,
+                                None if cands.latents is None else cands.latents[keep], s[keep])
+            new = kept if new is None else merge(new, kept)
+            if r < (cfg.memory_rounds or n) - 1 and len(js):                  # M ← M ∪ kept, for the next round
+                memory = write_distilled(merge(current, new), work / f"memory-{i:03d}", ctx.data.class_names)
+        s = new.scores
         merged = merge(current, new)
         ctx.log_metrics({"lgd/ipc": have + n,
                          "lgd/theta_acc": accuracy(theta, eval_split.x, eval_split.y),    # θ_{i−1} on eval split
                          "lgd/loss_new": mean_ce(theta, new),                             # L(θ_{i−1}, I_i)
                          "lgd/loss_jump": mean_ce(theta, merged) - mean_ce(theta, current),  # the loss spike
-                         "lgd/score_kept": float(s[keep].mean()), "lgd/score_candidates": float(s.mean())}, step=i)
+                         "lgd/score_kept": float(s.mean())}, step=i)
         stage, current = save_stage(work, i, merged, ctx.data.class_names, fingerprint), merged
     return current

@@ -6,15 +6,17 @@
 real training split: a high S marks a sample the current model gets wrong but a well-informed
 model gets right (a learnable gap, not noise). Guidance ascends
 
-    J(x̂0, y) = S(x̂0, y) − (γ/λ) · max_{m ∈ M_y} cos(x̂0, m)
+    J(x̂0, y) = S(D(x̂0), y) − (γ/λ) · max_{m ∈ M_y} cos(x̂0, m)
 
 (with the Guidance helper's scale λ, so ε̃ = ε̂ − ρ_t ∇(λ·S − γ·max cos): learnability plus deviation
 away from the most similar sample already in the class's memory buffer M_y, under one shared ρ_t).
+S sees the decoded image D(x̂0) (`learnability_objective`, the Guidance helper's on_images); the
+memory term sees the latent x̂0 itself (`memory_term`, its latent_term): M_y holds latents of the
+class's accepted samples, which LGD adds as it accepts them (IGD's memory is sequential).
 Then κ candidates are drawn per slot and the one with the highest S is kept (`top_kappa`).
 
 Every classifier input is in [-1, 1]: `raydd.evaluation.to_float`'s normalisation, which on
-pixel-space backbones is x̂0 itself (the Guidance helper decodes through the VAE first, on_images).
-The memory lives in the same image space as the classifier input (on pixel backbones: the latents).
+pixel-space backbones is x̂0 itself.
 """
 from __future__ import annotations
 
@@ -56,10 +58,9 @@ class LearnabilityState:
     reference: nn.Module          # θ*: trained on the full real training split (eval mode, frozen)
     omega: float                  # ω: weight of the reference loss in S
     diversity: float              # γ/λ: weight of the memory term relative to S
-    memory: torch.Tensor          # [M, C, H, W] the current set's images in [-1, 1] (the buffer M)
+    memory: torch.Tensor          # [M, c, h, w] latents of the samples accepted so far (the buffer M)
     memory_labels: torch.Tensor   # [M] labels of the memory items
     class_ids: torch.Tensor       # [K] label -> backbone class id (the sampler passes backbone ids)
-    pool_side: int = 0            # x̂0 is avg-pooled to the memory's side before the cosine (0 = as is)
 
 
 def labels_of(y: torch.Tensor, class_ids: torch.Tensor) -> torch.Tensor:
@@ -70,18 +71,17 @@ def labels_of(y: torch.Tensor, class_ids: torch.Tensor) -> torch.Tensor:
     return match.float().argmax(dim=1)
 
 
-def learnability_objective(x0_hat: torch.Tensor, t: torch.Tensor, y: torch.Tensor,
+def learnability_objective(x0_images: torch.Tensor, t: torch.Tensor, y: torch.Tensor,
                            state: LearnabilityState) -> torch.Tensor:
-    """J = S(x̂0, y) − (γ/λ)·max cos(x̂0, M_y), maximised by the Guidance helper.
-    x0_hat [B,C,H,W] (decoded, in [-1, 1]), t [B], y [B] backbone class ids -> [B]."""
+    """S(D(x̂0), y), maximised by the Guidance helper. x0_images [B,C,H,W] (decoded, in [-1, 1]), t [B],
+    y [B] backbone class ids -> [B]."""
+    return learnability_score(state.model, state.reference, x0_images, labels_of(y, state.class_ids), state.omega)
+
+
+def memory_term(x0_hat: torch.Tensor, t: torch.Tensor, y: torch.Tensor, state: LearnabilityState) -> torch.Tensor:
+    """−(γ/λ)·max_{m ∈ M_y} cos(x̂0, m) on latents: x0_hat [B,c,h,w], y [B] backbone ids -> [B]."""
     labels = labels_of(y, state.class_ids)
-    s = learnability_score(state.model, state.reference, x0_hat, labels, state.omega)
-    if state.diversity == 0:
-        return s
-    x = x0_hat
-    if state.pool_side and x.shape[-1] != state.pool_side:
-        x = F.adaptive_avg_pool2d(x, state.pool_side)                        # [B, C, side, side]
-    return s - state.diversity * max_memory_cosine(x, labels, state.memory, state.memory_labels)
+    return -state.diversity * max_memory_cosine(x0_hat, labels, state.memory, state.memory_labels)
 
 
 def rank_in_class(labels: torch.Tensor) -> torch.Tensor:
