@@ -28,7 +28,6 @@ feeds it (resize to input / crop_pct, centre crop, the model's mean/std).
 from __future__ import annotations
 
 import itertools
-import math
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -169,31 +168,12 @@ def load_encoder(encoder: dict, device: torch.device) -> tuple[torch.nn.Module, 
             return captured["f"].flatten(1)           # penultimate: the last linear layer's input [B, D]
         return model, features
     if encoder["kind"] == "timm":
-        import timm
+        from raydd.students import pretrained_timm
 
-        try:
-            model = timm.create_model(encoder["name"], pretrained=True, num_classes=0)   # pooled features
-        except Exception as e:   # no network here: only weights already in the local HF cache load
-            raise RuntimeError(f"timm encoder {encoder['name']!r}: its pretrained weights are not in the local "
-                               f"Hugging Face cache ({type(e).__name__}: {e}); put them there (e.g. on a machine "
-                               f"with network: timm.create_model('{encoder['name']}', pretrained=True)) or use "
-                               f"the 'teacher' encoder") from e
-        model = model.to(device).eval().requires_grad_(False)
-        pc = model.pretrained_cfg
-        mean = torch.tensor(pc["mean"], device=device).view(1, -1, 1, 1)
-        std = torch.tensor(pc["std"], device=device).view(1, -1, 1, 1)
-        crop = int(pc["input_size"][-1])                     # 224 for resnet18.tv_in1k
-        resize = int(math.floor(crop / pc.get("crop_pct", 0.875)))
+        model, prepare = pretrained_timm(encoder["name"], device, num_classes=0)   # pooled features
 
         def features(x: torch.Tensor) -> torch.Tensor:
-            x = x.to(device).float() / 255.0
-            if x.shape[1] == 1:                       # grayscale -> the RGB the model was trained on
-                x = x.expand(-1, 3, -1, -1)
-            # timm's eval transform on square images: resize to crop / crop_pct, centre crop to `crop`
-            x = F.interpolate(x, size=(resize, resize), mode="bilinear", antialias=True, align_corners=False)
-            o = (resize - crop) // 2
-            x = x[..., o:o + crop, o:o + crop]
-            return model((x - mean) / std)            # [B, D]
+            return model(prepare(x))                  # [B, D]
         return model, features
     raise ValueError(f"S3 encoder kind {encoder['kind']!r}; allowed: student, timm")
 

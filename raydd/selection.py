@@ -3,8 +3,10 @@
 Confidence selection (CaO2, "objective-guided sample selection"): a selector classifier scores
 every candidate; per class keep the candidates it classifies correctly, ordered by confidence.
 
-A selector is any raydd classifier (raydd.students) fed `raydd.evaluation.to_float` images; it is
-stored as a safetensors state dict. `SelectorScores` is the callable class that scores candidates
+A selector is any raydd classifier (raydd.students) fed `raydd.evaluation.to_float` images, stored
+as a safetensors state dict, or "timm:<name>": a pretrained 1000-way ImageNet classifier from the local
+HF cache (the paper's ImageNet ResNet-18: "timm:resnet18.tv_in1k"), whose class k is the k-th wnid in
+sorted order, the backbone's class id. `SelectorScores` is the callable class that scores candidates
 on the actor pool (`ctx.map`): the constructor loads the selector once, each call scores a batch.
 """
 from __future__ import annotations
@@ -96,19 +98,42 @@ def predict_probs(model: torch.nn.Module, images: torch.Tensor, batch_size: int 
     return torch.cat(out)
 
 
+@torch.no_grad()
+def subset_probs(logits: torch.Tensor, class_ids: list[int]) -> torch.Tensor:
+    """A 1000-way classifier's view of a K-class run: logits [N, 1000] -> [N, K + 1], the softmax over all 1000
+    at the run's classes (column k = backbone class id class_ids[k]) plus, last, the largest probability of any
+    other class. argmax over the K + 1 columns is a run class exactly when the 1000-way argmax is one, so
+    "classified correctly" and the confidence p(y|x) keep the 1000-way meaning (the paper's selector)."""
+    p = F.softmax(logits.float(), dim=1)
+    ids = torch.as_tensor(class_ids, device=p.device)
+    others = p.clone()
+    others[:, ids] = -1.0
+    return torch.cat([p[:, ids], others.max(dim=1, keepdim=True).values], dim=1)
+
+
 class SelectorScores:
-    """rows {"image" uint8 [N,C,H,W], ...} -> the same rows plus "probs" [N, K]. Loads the selector once."""
+    """rows {"image" uint8 [N,C,H,W], ...} -> the same rows plus "probs" [N, K] ([N, K + 1] for a timm 1000-way
+    selector, see subset_probs). Loads the selector once."""
 
     def __init__(self, path: str, arch: str, num_classes: int, channels: int, image_size: int,
-                 gpus: float = 0.0, threads: int = 0):
+                 gpus: float = 0.0, threads: int = 0, class_ids: list[int] | None = None):
         from raydd.generate import pick_device
 
         if threads > 0:
             torch.set_num_threads(threads)
         self.device = pick_device(gpus)
-        self.model = load_selector(path, arch, num_classes, channels, image_size, self.device)
+        self.class_ids = class_ids
+        if path.startswith("timm:"):
+            from raydd.students import pretrained_timm
+
+            self.model, self.prepare = pretrained_timm(path[len("timm:"):], self.device)
+        else:
+            self.model, self.prepare = load_selector(path, arch, num_classes, channels, image_size, self.device), None
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         images = torch.from_numpy(np.array(batch["image"]))                 # a writable copy, uint8 [N,C,H,W]
-        probs = predict_probs(self.model, images, device=self.device)
+        if self.prepare is None:
+            probs = predict_probs(self.model, images, device=self.device)
+        else:
+            probs = torch.cat([subset_probs(self.model(self.prepare(b)), self.class_ids).cpu() for b in images.split(64)])
         return {**{k: v for k, v in batch.items() if k != "image"}, "probs": probs.numpy()}

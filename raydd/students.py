@@ -49,6 +49,40 @@ def create_student(name: str, num_classes: int, in_chans: int, image_size: int) 
     return timm.create_model(name, pretrained=False, num_classes=num_classes, in_chans=in_chans)
 
 
+def pretrained_timm(name: str, device, num_classes: int | None = None):
+    """A pretrained timm model from the local Hugging Face cache (no network here) and its eval transform
+    on uint8 images: -> (model, prepare(x_uint8 [B,C,H,W]) -> float [B,3,crop,crop]). prepare resizes square
+    images to crop / crop_pct, centre-crops `crop` and normalises with the model's mean/std, as timm's eval
+    transform does (grayscale is repeated to RGB). num_classes=0 drops the head (pooled features)."""
+    import math
+
+    import timm
+    import torch.nn.functional as F
+
+    try:
+        kw = {} if num_classes is None else {"num_classes": num_classes}
+        model = timm.create_model(name, pretrained=True, **kw)
+    except Exception as e:
+        raise RuntimeError(f"timm model {name!r}: its pretrained weights are not in the local Hugging Face cache "
+                           f"({type(e).__name__}: {e}); put them there (timm.create_model('{name}', pretrained=True) "
+                           f"on a machine with network, then copy ~/.cache/huggingface)") from e
+    model = model.to(device).eval().requires_grad_(False)
+    pc = model.pretrained_cfg
+    mean = torch.tensor(pc["mean"], device=device).view(1, -1, 1, 1)
+    std = torch.tensor(pc["std"], device=device).view(1, -1, 1, 1)
+    crop = int(pc["input_size"][-1])                                     # 224 for resnet18.tv_in1k
+    resize = int(math.floor(crop / pc.get("crop_pct", 0.875)))
+
+    def prepare(x: torch.Tensor) -> torch.Tensor:
+        x = x.to(device).float() / 255.0
+        if x.shape[1] == 1:
+            x = x.expand(-1, 3, -1, -1)
+        x = F.interpolate(x, size=(resize, resize), mode="bilinear", antialias=True, align_corners=False)
+        o = (resize - crop) // 2
+        return (x[..., o:o + crop, o:o + crop] - mean) / std
+    return model, prepare
+
+
 def register_in_timm() -> None:
     """Make raydd's own students creatable through `timm.create_model` (e.g. from timm-based training
     scripts): convnet_d1..6 and resnetap10, under those names. Idempotent."""

@@ -291,3 +291,64 @@ def test_search_space_loads_with_paper_defaults_first():
     d = load_space("cao2").defaults()
     assert d == {"cao2.m": 2, "cao2.lam": 10.0, "cao2.lr": 6e-4, "cao2.iterations": 100, "cao2.t_hat": 0.5,
                  "cao2.condition": "true", "cao2.order": "auto"}
+
+
+def test_subset_probs_keeps_the_1000_way_argmax_and_confidence():
+    from raydd.selection import subset_probs
+
+    logits = torch.full((3, 1000), -5.0)
+    logits[0, 217], logits[1, 5], logits[2, 482] = 4.0, 6.0, 3.0      # run classes [0, 217, 482]
+    logits[2, 7] = 2.0
+    p = subset_probs(logits, [0, 217, 482])
+    full = torch.softmax(logits, 1)
+    assert p.shape == (3, 4)
+    assert p.argmax(1).tolist() == [1, 3, 2]                          # row 1's argmax is class 5: "other"
+    torch.testing.assert_close(p[:, :3], full[:, [0, 217, 482]])
+    idx, conf = confidence_selection(p, torch.tensor([1, 1, 2]), 1)
+    assert conf.tolist() == pytest.approx(full[[0, 1, 2], [217, 217, 482]].tolist())
+
+
+def test_timm_imagenet_selector_loads_from_the_local_hf_cache(tmp_path):
+    """cao2.selector=timm:resnet18.tv_in1k: timm's own loader reads weights saved where the Hugging Face cache
+    keeps them (random here: no network), and the scores equal the 1000-way model's on timm's eval transform."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    import timm
+    from safetensors.torch import save_file
+
+    torch.manual_seed(0)
+    model = timm.create_model("resnet18", num_classes=1000).eval()
+    commit = "0" * 40
+    repo = tmp_path / "hub" / "models--timm--resnet18.tv_in1k"
+    (repo / "snapshots" / commit).mkdir(parents=True)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(commit)
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()},
+              str(repo / "snapshots" / commit / "model.safetensors"))
+    images = np.random.default_rng(0).integers(0, 256, (2, 3, 64, 64), dtype=np.uint8)
+    np.save(tmp_path / "images.npy", images)
+    code = ("import json, sys, numpy as np; from raydd.selection import SelectorScores; "
+            "s = SelectorScores('timm:resnet18.tv_in1k', '', 3, 3, 64, class_ids=[0, 217, 482]); "
+            f"print(json.dumps(s({{'image': np.load(r'{tmp_path / 'images.npy'}')}})['probs'].tolist()))")
+    env = os.environ | {"HF_HUB_CACHE": str(tmp_path / "hub"), "HF_HUB_OFFLINE": "1"}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    got = torch.tensor(json.loads(out.stdout.strip().splitlines()[-1]))
+    x = torch.nn.functional.interpolate(torch.from_numpy(images).float() / 255, size=(256, 256), mode="bilinear",
+                                        antialias=True, align_corners=False)[..., 16:240, 16:240]
+    mean, std = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1), torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
+    with torch.no_grad():
+        from raydd.selection import subset_probs
+        want = subset_probs(model((x - mean) / std), [0, 217, 482])
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-6)
+    env["HF_HUB_CACHE"] = str(tmp_path / "empty")
+    miss = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert miss.returncode != 0 and "local Hugging Face cache" in miss.stderr
+
+
+def test_timm_selector_on_non_imagenet_classes_is_a_clear_error(digits_cfg, spec):
+    with pytest.raises(ConfigError, match="needs ImageNet classes"):
+        run_cao2(digits_cfg, spec, selector="timm:resnet18.tv_in1k", optimize=False)

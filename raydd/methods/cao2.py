@@ -40,6 +40,9 @@ from raydd.objectives.latent_opt import LatentOptBatches
 from raydd.outputs import image_grid
 from raydd.sampling import sample_seed
 from raydd.selection import SelectorScores, confidence_selection, load_selector
+from raydd.students import pretrained_timm
+
+WNIDS = set(subset_classes("imagenet1k"))
 
 HARD_SUBSET, HARD_MIN_CLASSES = "imagewoof", 1000   # the paper's "hard" tasks: ImageWoof's dog breeds, IN-1K
 
@@ -52,7 +55,8 @@ class Config:
     select: bool = True            # stage 1, objective-guided selection (false: no pool, IPC plain samples)
     order: str = "auto"            # "most" | "least" confident of the correct | "auto": most if IPC < least_from_ipc
     least_from_ipc: int = 50       # auto order: least confident from this IPC on (reference code: 10 most, 50 least)
-    selector: str = ""             # selector checkpoint (safetensors); "" = train one on the real train split, cached
+    selector: str = ""             # selector checkpoint (safetensors) | "timm:<name>" (pretrained 1000-way, e.g. the
+                                   #   paper's timm:resnet18.tv_in1k; ImageNet classes) | "" = train one, cached
     selector_arch: str = ""        # "" = eval.teacher_arch (convnet_d3 on digits, resnet18 on ImageNet presets)
     selector_epochs: int = 0       # 0 = eval.teacher_epochs (then the selector IS the soft-label teacher's cache entry)
     optimize: bool = True          # stage 2, condition-aware latent optimisation
@@ -108,6 +112,12 @@ def selector_path(ctx, cfg: Config) -> str:
     """The user's checkpoint (checked now: missing / wrong shape fails before sampling), or a classifier
     trained on the real train split by raydd.evaluation.train_teacher, cached like the soft-label teacher."""
     c, d = ctx.cfg, ctx.data
+    if cfg.selector.startswith("timm:"):
+        if not set(d.class_names) <= WNIDS:
+            raise ConfigError(f"cao2.selector={cfg.selector}: a 1000-way ImageNet selector needs ImageNet classes "
+                              f"(wnids); this run's are {d.class_names[:5]}")
+        pretrained_timm(cfg.selector[len("timm:"):], "cpu")   # fails now, before sampling, if not in the HF cache
+        return cfg.selector
     if cfg.selector:
         load_selector(cfg.selector, cfg.selector_arch, d.num_classes, c.data.channels, c.data.image_size)
         return cfg.selector
@@ -147,7 +157,8 @@ def select(ctx, cfg: Config, pool: DistilledSet) -> DistilledSet:
     ipc, C, d = ctx.cfg.ipc, ctx.data.num_classes, ctx.cfg.data
     path = selector_path(ctx, cfg)
     cols = ctx.map(SelectorScores, dict(path=path, arch=cfg.selector_arch, num_classes=C, channels=d.channels,
-                                        image_size=d.image_size, **udf_resources(ctx)),
+                                        image_size=d.image_size, class_ids=ctx.data.backbone_class_ids(),
+                                        **udf_resources(ctx)),
                    {"row": np.arange(len(pool)), "unit": np.arange(len(pool)) // ctx.cfg.compute.batch_size,
                     "image": pool.images.numpy()})
     probs = torch.from_numpy(cols["probs"][np.argsort(cols["row"])])              # p(k | x)  [N_pool, C]
