@@ -146,10 +146,15 @@ class EMA:
 def tiny_backbone_config(backbone: BackboneConfig, sampler: SamplerConfig, data: DataConfig, seed: int) -> dict:
     """The training job's config (also its cache key): only what changes the trained weights. With a VAE
     (digits-latent: backbone.vae is the trained tiny VAE's dir), the DiT learns that VAE's latents."""
-    schedule = SamplerConfig(train_timesteps=sampler.train_timesteps, beta_start=sampler.beta_start,
-                             beta_end=sampler.beta_end)
-    return {"backbone": asdict(backbone), "sampler": asdict(schedule), "data": asdict(data), "seed": seed,
+    return {"backbone": asdict(backbone), "sampler": schedule_key(sampler), "data": asdict(data), "seed": seed,
             "recipe": RECIPE}
+
+
+def schedule_key(sampler: SamplerConfig) -> dict:
+    """The noise schedule a DiT trains under: the part of the sampler config that enters a training job's
+    config and cache key. Sampling-only settings (steps, CFG, guidance) stay out, so adding or changing one
+    never invalidates trained backbones and fine-tunes."""
+    return {"train_timesteps": sampler.train_timesteps, "beta_start": sampler.beta_start, "beta_end": sampler.beta_end}
 
 
 @torch.no_grad()
@@ -270,10 +275,8 @@ def finetune_config(backbone_source: str, data: DataConfig, sampler: SamplerConf
                     seed: int = 0, weight_decay: float = 0.0, ema: float = 0.9999, latent_size: int = 32,
                     vae: str = "identity", vae_scale: float = 0.18215) -> dict:
     """ema: the EMA decay of the weights that are saved and sampled from (Minimax/IMS3: 0.9999; 0 = the last)."""
-    schedule = SamplerConfig(train_timesteps=sampler.train_timesteps, beta_start=sampler.beta_start,
-                             beta_end=sampler.beta_end)
     return {"backbone_source": backbone_source, "vae": vae, "vae_scale": vae_scale, "latent_size": latent_size,
-            "data": asdict(data), "sampler": asdict(schedule), "steps": steps, "batch": batch, "lr": lr,
+            "data": asdict(data), "sampler": schedule_key(sampler), "steps": steps, "batch": batch, "lr": lr,
             "weight_decay": weight_decay, "ema": ema, "peft": peft, "terms": dict(terms),
             "term_options": term_options or {}, "seed": seed, "recipe": RECIPE,
             # the files that registered the terms: a Ray Train worker is a fresh process, the loop imports them
