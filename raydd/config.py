@@ -38,7 +38,8 @@ class DataConfig:
                                    # a comma list of class names (digits: "0,3,8"), or "" = all classes
     image_size: int = 16           # side length images are resized to (digits: 8x8 upsampled)
     channels: int = 1              # 1 (grayscale) or 3 (RGB)
-    val_fraction: float = 0.15     # digits / imagefolder without val/: stratified fractions per class
+    val_fraction: float = 0.15     # held out of train as val, stratified per class (ImageNet presets: 0, train on all
+                                   #   of it; sweeps then hold out 0.15 for their trials, named in their params)
     test_fraction: float = 0.25    # digits only (an imagefolder's val/ is its test split)
     split_seed: int = 0            # the split is a deterministic function of this seed
     max_train_per_class: int = 0   # cap on real train images per class (0 = all)
@@ -321,6 +322,8 @@ def validate(cfg: Config) -> None:
              cfg.compute.gpus_per_worker) >= 0, "compute.cpus_per_actor, gpus_per_actor, cpus_per_worker and "
                                                 "gpus_per_worker must be >= 0"),
         (cfg.eval.seeds >= 1, f"eval.seeds={cfg.eval.seeds} must be >= 1"),
+        (cfg.eval.split != "val" or cfg.data.val_fraction > 0,
+         "eval.split=val needs a val split: set data.val_fraction > 0 (e.g. 0.15)"),
         (len(cfg.eval.students) >= 1, "eval.students must name at least one student"),
         (cfg.backbone.hidden_size % cfg.backbone.heads == 0, "backbone.hidden_size must be divisible by backbone.heads"),
         (cfg.data.image_size % cfg.backbone.patch_size == 0 or cfg.backbone.source != "tiny",

@@ -187,7 +187,7 @@ def log_optuna_plots(tracker, study) -> None:
 
 
 def sweep(method: str, base: Config, final_eval, *, trials: int, max_concurrent: int, time_budget: float | None,
-          storage: str, name: str, resume: bool, seed: int = 0) -> dict:
+          storage: str, name: str, resume: bool, seed: int = 0, final_data=None) -> dict:
     import ray.tune
     from ray.tune.schedulers import ASHAScheduler
     from ray.tune.search.optuna import OptunaSearch
@@ -284,7 +284,7 @@ def sweep(method: str, base: Config, final_eval, *, trials: int, max_concurrent:
         # the best configuration, fresh sampling and student seeds, evaluated on TEST
         final = trial_config(base, best_params, "best", sweep_dir)
         final = dataclasses.replace(final, seed=base.seed + 1000, run_name=f"{name}-best", out_dir=str(sweep_dir),
-                                    eval=final_eval)
+                                    eval=final_eval, data=final_data or base.data)
         rerun = distill(final, parent_run_id=parent.run_id)
         test_acc = sum(r["acc_mean"] for r in rerun["summary"]["students"].values()) / len(rerun["summary"]["students"])
         parent.log_params({f"best.{k}": v for k, v in best_params.items()})
@@ -303,6 +303,16 @@ def sweep(method: str, base: Config, final_eval, *, trials: int, max_concurrent:
         f"{parent.run_id}); compare trials with: mlflow ui --backend-store-uri {parent.uri}")
     return {"parent_run_id": parent.run_id, "best_params": best_params, "best_val_acc": best.metrics["val_acc"],
             "best_test_acc": test_acc, "trials": len(grid)}
+
+
+def trial_base_config(user: Config) -> Config:
+    """What every trial runs: one student seed on the val split, no DD-Ranking references, and a val split
+    held out of train (HOLDOUT of it) where the user's data has none (ImageNet presets train on all of it)."""
+    data = user.data if user.data.val_fraction > 0 else dataclasses.replace(user.data, val_fraction=HOLDOUT)
+    return dataclasses.replace(user, data=data, eval=dataclasses.replace(user.eval, seeds=1, ranking=False, split="val"))
+
+
+HOLDOUT = 0.15
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -328,13 +338,16 @@ def main(argv: list[str] | None = None) -> int:
                 raise ConfigError(msg)
         user = load_config(args.preset, args.overrides, smoke=args.smoke, method=args.method)
         # trials: one student seed on the val split, no DD-Ranking references; the best config's re-run
-        # gets the user's evaluation settings on the test split
-        trial_base = dataclasses.replace(user, eval=dataclasses.replace(user.eval, seeds=1, ranking=False, split="val"))
+        # gets the user's evaluation settings (and data: the whole train split) on the test split
+        trial_base = trial_base_config(user)
+        if trial_base.data.val_fraction != user.data.val_fraction:
+            log(f"trials hold out data.val_fraction={trial_base.data.val_fraction} of the train split as val; "
+                f"the best configuration's re-run trains on all of it")
         name = args.name or f"{args.preset}-{args.method}-sweep{'-smoke' if args.smoke else ''}"
         t0 = time.time()
         sweep(args.method, trial_base, dataclasses.replace(user.eval, split="test"), trials=trials,
               max_concurrent=args.max_concurrent, time_budget=args.time_budget, storage=args.storage, name=name,
-              resume=args.resume, seed=user.seed)
+              resume=args.resume, seed=user.seed, final_data=user.data)
         log(f"total {time.time() - t0:.0f}s")
     return run_cli(body)
 

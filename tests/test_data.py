@@ -36,7 +36,7 @@ def _folder(root, classes, n=3, size=20, bad=None):
     for c in classes:
         (root / c).mkdir(parents=True)
         for k in range(n):
-            Image.fromarray(np.full((size, size, 3), 40 * k, np.uint8)).save(root / c / f"{k}.png")
+            Image.fromarray(np.full((size, size, 3), 40 * k % 256, np.uint8)).save(root / c / f"{k}.png")
     if bad:
         (root / classes[0] / "broken.png").write_bytes(b"not a png at all")
 
@@ -112,3 +112,24 @@ def test_digits_read_without_sklearn_equal_load_digits():
             "r = load_digits_data(DataConfig(image_size=16)); print('sklearn' in sys.modules, len(r.train))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.stdout.split()[0] == "False", out.stdout + out.stderr[-2000:]
+
+
+def test_imagenet_presets_train_on_the_whole_train_split_and_only_sweeps_hold_out_val(tmp_path):
+    """An ImageFolder with its own val/ (the test split): final references, teachers, selectors and fine-tunes
+    train on every train image; a sweep's trials hold out 15 % as val, and their config says so."""
+    from raydd.config import ConfigError, load_config
+    from raydd.sweep import trial_base_config
+
+    woof = subset_classes("imagewoof")
+    _folder(tmp_path / "train", woof, n=8)
+    _folder(tmp_path / "val", woof, n=2)
+    user = load_config("imagewoof", [f"data.root={tmp_path}", "data.image_size=8"])
+    data = load_imagefolder_data(user.data)
+    assert len(data.train) == 80 and len(data.val) == 0 and len(data.test) == 20
+    trial = trial_base_config(user)
+    assert trial.data.val_fraction == 0.15 and trial.eval.split == "val"
+    held = load_imagefolder_data(trial.data)
+    assert len(held.val) == 10 and len(held.train) == 70 and len(held.test) == 20
+    assert trial_base_config(load_config("digits")).data.val_fraction == load_config("digits").data.val_fraction
+    with pytest.raises(ConfigError, match="data.val_fraction > 0"):
+        load_config("imagewoof", [f"data.root={tmp_path}", "eval.split=val"])
