@@ -60,7 +60,8 @@ from torch import Tensor, nn
 from diffusers import AutoencoderKL, DiTTransformer2DModel
 from diffusers.utils import is_accelerate_available
 
-from raydd.config import BackboneConfig
+from raydd.config import BackboneConfig, ConfigError
+from raydd.errors import CheckpointError
 
 # Keys that wrap the real state dict in training checkpoints, in order of preference:
 # DiT's train.py saves {"model", "ema", "opt", "args"}; the EMA weights are the ones to sample with.
@@ -133,7 +134,7 @@ class Backbone(nn.Module):
         self.latent_shape = (int(cfg.in_channels), int(cfg.sample_size), int(cfg.sample_size))
         out_channels = int(cfg.out_channels or cfg.in_channels)
         if out_channels not in (cfg.in_channels, 2 * cfg.in_channels):
-            raise ValueError(f"DiT out_channels={out_channels} must be in_channels ({cfg.in_channels}) "
+            raise CheckpointError(f"DiT out_channels={out_channels} must be in_channels ({cfg.in_channels}) "
                              f"or 2*in_channels (learned sigma)")
         self.learned_sigma = out_channels == 2 * cfg.in_channels
 
@@ -264,7 +265,7 @@ def fold_difffit_gammas(model: DiTTransformer2DModel) -> DiTTransformer2DModel:
 def _build_dit(*, num_classes: int, in_channels: int, out_channels: int, sample_size: int, hidden_size: int,
                depth: int, heads: int, patch_size: int) -> DiTTransformer2DModel:
     if hidden_size % heads:
-        raise ValueError(f"hidden size {hidden_size} is not divisible by {heads} heads")
+        raise ConfigError(f"hidden size {hidden_size} is not divisible by {heads} heads")
     model = DiTTransformer2DModel(
         num_attention_heads=heads,
         attention_head_dim=hidden_size // heads,
@@ -300,7 +301,7 @@ def tiny_dit(num_classes: int, channels: int, image_size: int, hidden_size: int 
     non-trivial outputs and gradients (useful in tests).
     """
     if image_size % patch_size:
-        raise ValueError(f"image_size {image_size} is not divisible by patch_size {patch_size}")
+        raise ConfigError(f"image_size {image_size} is not divisible by patch_size {patch_size}")
     model = _build_dit(num_classes=num_classes, in_channels=channels,
                        out_channels=2 * channels if learned_sigma else channels, sample_size=image_size,
                        hidden_size=hidden_size, depth=depth, heads=heads, patch_size=patch_size)
@@ -340,7 +341,7 @@ def infer_num_heads(hidden_size: int) -> int:
         return DIT_HEADS_BY_HIDDEN[hidden_size]
     if hidden_size % 64 == 0:
         return hidden_size // 64
-    raise ValueError(f"cannot infer the number of attention heads for hidden size {hidden_size} "
+    raise ConfigError(f"cannot infer the number of attention heads for hidden size {hidden_size} "
                      f"(known DiT sizes: {DIT_HEADS_BY_HIDDEN}); pass num_heads=")
 
 
@@ -395,14 +396,14 @@ def _convert(sd: dict) -> tuple[dict, dict]:
             put(f"{_TOP_MAP[prefix]}.{leaf}", key, value)
         elif prefix in _SHARED_MAP:
             if depth == 0:
-                raise ValueError(f"original DiT state dict has {key!r} but no 'blocks.N.*' keys")
+                raise CheckpointError(f"original DiT state dict has {key!r} but no 'blocks.N.*' keys")
             for i in range(depth):  # shared in DiT, per block in diffusers
                 put(f"transformer_blocks.{i}.{_SHARED_MAP[prefix]}.{leaf}", key, value)
         elif m := re.fullmatch(r"blocks\.(\d+)\.(.+)", prefix):
             i, sub = m.group(1), m.group(2)
             if sub == "attn.qkv":  # [3D, D] / [3D] -> q, k, v rows
                 if value.shape[0] % 3:
-                    raise ValueError(f"weight {key!r}: first dim {value.shape[0]} is not divisible by 3 (q, k, v)")
+                    raise CheckpointError(f"weight {key!r}: first dim {value.shape[0]} is not divisible by 3 (q, k, v)")
                 for name, part in zip(("to_q", "to_k", "to_v"), value.chunk(3, dim=0)):
                     put(f"transformer_blocks.{i}.attn1.{name}.{leaf}", key, part)
             elif sub in _BLOCK_MAP:
@@ -422,7 +423,7 @@ def _fold_original_gammas(gammas: dict, out: dict) -> None:
     def scale(layer: str, g: Tensor, key: str) -> None:
         w = out.get(f"{layer}.weight")
         if w is None or w.shape[0] != g.shape[0]:
-            raise ValueError(f"DiffFit weight {key!r} of shape {tuple(g.shape)} does not fit {layer!r} "
+            raise CheckpointError(f"DiffFit weight {key!r} of shape {tuple(g.shape)} does not fit {layer!r} "
                              f"({None if w is None else tuple(w.shape)})")
         out[f"{layer}.weight"], bias = _scale_rows(w, out.get(f"{layer}.bias"), g)
         if bias is not None:
@@ -431,7 +432,7 @@ def _fold_original_gammas(gammas: dict, out: dict) -> None:
     for i in sorted({int(k.split(".")[1]) for k in gammas}):
         names = [f"blocks.{i}.{n}" for n in ("gamma1", "gamma2", "attn.gamma1", "attn.gamma2")]
         if missing := [n for n in names if n not in gammas]:
-            raise ValueError(f"DiffFit checkpoint: block {i} has some gammas but not {missing}")
+            raise CheckpointError(f"DiffFit checkpoint: block {i} has some gammas but not {missing}")
         g1, g2, attn_g1, attn_g2 = (gammas[n] for n in names)
         base = f"transformer_blocks.{i}"
         for name, part in zip(("to_q", "to_k", "to_v"), attn_g1.chunk(3)):
@@ -482,7 +483,7 @@ def _read_state_dict(path: Path) -> dict:
         try:
             sd = load_file(str(path), device="cpu")
         except Exception as e:  # noqa: BLE001 - any failure means the file is unusable
-            raise ValueError(f"cannot read safetensors file {path}: {e}") from e
+            raise CheckpointError(f"cannot read safetensors file {path}: {e}") from e
     else:
         try:
             # weights_only: tensors and plain containers only; argparse.Namespace is allowed too
@@ -490,25 +491,25 @@ def _read_state_dict(path: Path) -> dict:
             with torch.serialization.safe_globals([argparse.Namespace]):
                 sd = torch.load(str(path), map_location="cpu", weights_only=True)
         except pickle.UnpicklingError as e:
-            raise ValueError(
+            raise CheckpointError(
                 f"refusing to load {path}: it holds objects other than tensors, which weights-only "
                 f"loading does not allow (a checkpoint must be a plain state dict). If you trust the "
                 f"file, re-save just its state dict. Details: {str(e).splitlines()[0]}") from e
         except Exception as e:  # noqa: BLE001 - corrupt zip, truncated file, not a torch file...
-            raise ValueError(f"cannot read checkpoint {path}: {type(e).__name__}: {e}") from e
+            raise CheckpointError(f"cannot read checkpoint {path}: {type(e).__name__}: {e}") from e
     return _unwrap(sd, path)
 
 
 def _unwrap(obj, path: Path) -> dict:
     if not isinstance(obj, dict):
-        raise ValueError(f"checkpoint {path} holds a {type(obj).__name__}, not a state dict")
+        raise CheckpointError(f"checkpoint {path} holds a {type(obj).__name__}, not a state dict")
     for key in NESTING_KEYS:  # {"ema": sd, "model": sd, ...} -> the preferred one
         if not _all_tensors(obj) and isinstance(obj.get(key), dict):
             obj = obj[key]
             break
     if not _all_tensors(obj):
         bad = [k for k, v in obj.items() if not isinstance(v, Tensor)][:5]
-        raise ValueError(f"checkpoint {path} is not a state dict of tensors (non-tensor entries: {bad}; "
+        raise CheckpointError(f"checkpoint {path} is not a state dict of tensors (non-tensor entries: {bad}; "
                          f"looked for nesting under {list(NESTING_KEYS)})")
     for prefix in ("module.", "_orig_mod."):  # DDP / torch.compile wrappers
         if obj and all(k.startswith(prefix) for k in obj):
@@ -528,12 +529,12 @@ def _to_diffusers(sd: dict, path: Path) -> tuple[dict, dict, int | None]:
             tokens = sd["pos_embed"].shape[-2]
             grid = math.isqrt(tokens)
             if grid * grid != tokens:
-                raise ValueError(f"{path}: pos_embed has {tokens} tokens, not a square grid")
+                raise CheckpointError(f"{path}: pos_embed has {tokens} tokens, not a square grid")
         converted, source = _convert(sd)
         return converted, source, grid
     if _is_diffusers_format(sd):
         return dict(sd), {k: k for k in sd}, None
-    raise ValueError(f"{path}: keys match neither the original DiT nor the diffusers DiT layout "
+    raise CheckpointError(f"{path}: keys match neither the original DiT nor the diffusers DiT layout "
                      f"(first keys: {list(sd)[:5]})")
 
 
@@ -543,13 +544,13 @@ def _load_strict(model: nn.Module, sd: dict, source: dict, origin: str) -> None:
     missing = [k for k in expected if k not in sd]
     unexpected = [k for k in sd if k not in expected]
     if missing or unexpected:
-        raise ValueError(f"{origin}: state dict does not match the DiT: "
+        raise CheckpointError(f"{origin}: state dict does not match the DiT: "
                          f"{len(missing)} missing keys (e.g. {missing[:5]}), "
                          f"{len(unexpected)} unexpected keys (e.g. {[source.get(k, k) for k in unexpected[:5]]})")
     for k, v in sd.items():
         if tuple(v.shape) != tuple(expected[k].shape):
             named = k if source.get(k, k) == k else f"{source[k]!r} (-> {k!r})"
-            raise ValueError(f"{origin}: weight {named} has shape {tuple(v.shape)}, "
+            raise CheckpointError(f"{origin}: weight {named} has shape {tuple(v.shape)}, "
                              f"expected {tuple(expected[k].shape)}")
     model.load_state_dict(sd, strict=True)
 
@@ -609,11 +610,11 @@ def _from_pretrained_strict(cls, path: Path, subfolder: str | None, what: str):
                                           low_cpu_mem_usage=is_accelerate_available())
     except (OSError, ValueError, RuntimeError, EnvironmentError) as e:
         where = path / subfolder if subfolder else path
-        raise ValueError(f"cannot load {what} from {where}: {e}") from e
+        raise CheckpointError(f"cannot load {what} from {where}: {e}") from e
     problems = {k: info.get(k) for k in ("missing_keys", "unexpected_keys", "mismatched_keys", "error_msgs")
                 if info.get(k)}
     if problems:
-        raise ValueError(f"{what} at {path}: weights do not match the config: "
+        raise CheckpointError(f"{what} at {path}: weights do not match the config: "
                          + "; ".join(f"{k}: {list(v)[:5]}" for k, v in problems.items()))
     return model
 
@@ -654,7 +655,7 @@ def load_transformer(source: str, checkpoint: str = "", *, num_heads: int | None
         sd, src, grid = _to_diffusers(_read_state_dict(ckpt_path), ckpt_path)
         side = model.config.sample_size // model.config.patch_size
         if grid is not None and grid != side:
-            raise ValueError(f"checkpoint {ckpt_path}: pos_embed is a {grid}x{grid} token grid, "
+            raise CheckpointError(f"checkpoint {ckpt_path}: pos_embed is a {grid}x{grid} token grid, "
                              f"the model's is {side}x{side}")
         _load_strict(model, sd, src, f"checkpoint {ckpt_path}")
     return tie_after_load(model, f"DiT {source}" + (f" + {checkpoint}" if checkpoint else "")).eval()
@@ -664,7 +665,7 @@ def _dit_from_state_dict(sd: dict, src: dict, grid: int | None, path: Path, num_
                          sample_size: int | None) -> DiTTransformer2DModel:
     def need(key: str) -> Tensor:
         if key not in sd:
-            raise ValueError(f"{path}: missing weight {src.get(key, key)!r} needed to infer the architecture")
+            raise CheckpointError(f"{path}: missing weight {src.get(key, key)!r} needed to infer the architecture")
         return sd[key]
 
     patch_w = need("pos_embed.proj.weight")                     # [D, C_in, p, p]
@@ -672,7 +673,7 @@ def _dit_from_state_dict(sd: dict, src: dict, grid: int | None, path: Path, num_
     depth = 1 + max(int(m.group(1)) for k in sd if (m := re.match(r"transformer_blocks\.(\d+)\.", k)))
     out_rows = need("proj_out_2.weight").shape[0]               # [p*p*C_out, D]
     if out_rows % (patch * patch):
-        raise ValueError(f"{path}: final linear has {out_rows} rows, not a multiple of patch^2={patch * patch}")
+        raise CheckpointError(f"{path}: final linear has {out_rows} rows, not a multiple of patch^2={patch * patch}")
     out_channels = out_rows // (patch * patch)
     table = need("transformer_blocks.0.norm1.emb.class_embedder.embedding_table.weight")  # [classes+1, D]
     num_classes = table.shape[0] - 1
@@ -681,7 +682,7 @@ def _dit_from_state_dict(sd: dict, src: dict, grid: int | None, path: Path, num_
     elif sample_size is not None:
         side = int(sample_size)
     else:
-        raise ValueError(f"{path}: cannot infer the input size (no original 'pos_embed'); pass sample_size=")
+        raise CheckpointError(f"{path}: cannot infer the input size (no original 'pos_embed'); pass sample_size=")
     heads = num_heads or infer_num_heads(hidden)
     model = _build_dit(num_classes=num_classes, in_channels=in_channels, out_channels=out_channels,
                        sample_size=side, hidden_size=hidden, depth=depth, heads=heads, patch_size=patch)
@@ -701,7 +702,7 @@ def load_vae(source: str, scale: float = 0.18215) -> IdentityVAE | SDVAE:
                          "(raydd.distill.ensure_backbone) and pass its saved directory")
     path = _resolve(source, "VAE source")
     if not path.is_dir():
-        raise ValueError(f"VAE source {path} must be a diffusers AutoencoderKL dir or hub id, not a file")
+        raise CheckpointError(f"VAE source {path} must be a diffusers AutoencoderKL dir or hub id, not a file")
     subfolder = _find_model_dir(path, "vae")
     vae = _from_pretrained_strict(AutoencoderKL, path, subfolder, "VAE")
     return SDVAE(vae.eval(), scale=scale)
@@ -728,13 +729,13 @@ def load_backbone(cfg: BackboneConfig, num_classes: int, channels: int, image_si
     c, side, _ = backbone.latent_shape
     want_c = channels if isinstance(vae, IdentityVAE) else vae.latent_channels
     if c != want_c:
-        raise ValueError(f"DiT {cfg.source!r} takes {c} input channels but backbone.vae={cfg.vae!r} with "
+        raise CheckpointError(f"DiT {cfg.source!r} takes {c} input channels but backbone.vae={cfg.vae!r} with "
                          f"{channels}-channel images gives {want_c}")
     if side * vae.downscale_factor != image_size:
-        raise ValueError(f"DiT {cfg.source!r} works on {side}x{side} latents = {side * vae.downscale_factor} px "
+        raise CheckpointError(f"DiT {cfg.source!r} works on {side}x{side} latents = {side * vae.downscale_factor} px "
                          f"images through backbone.vae={cfg.vae!r}, but data.image_size={image_size}")
     if backbone.num_classes < num_classes:
-        raise ValueError(f"DiT {cfg.source!r} knows {backbone.num_classes} classes, the data has {num_classes}")
+        raise CheckpointError(f"DiT {cfg.source!r} knows {backbone.num_classes} classes, the data has {num_classes}")
     backbone.requires_grad_(False)
     return backbone.to(device).eval()
 

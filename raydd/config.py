@@ -20,10 +20,12 @@ from typing import Any
 
 import yaml
 
+from raydd.errors import RayddError
+
 PRESET_DIR = Path(__file__).parent / "presets"
 
 
-class ConfigError(ValueError):
+class ConfigError(RayddError, ValueError):
     """A configuration key or value is invalid; the message names the allowed values."""
 
 

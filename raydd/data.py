@@ -13,13 +13,14 @@ import torch
 import torch.nn.functional as F
 
 from raydd.config import DataConfig
+from raydd.errors import RayddError
 
 SUBSET_DIR = Path(__file__).parent / "imagenet"
 SUBSETS = ("imagenette", "imagewoof", "imageidc", "imagenet100", "imagenet1k")
 IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".JPEG")
 
 
-class DataError(ValueError):
+class DataError(RayddError, ValueError):
     """Bad data input: unknown/duplicate classes, unreadable images (named by path), empty splits."""
 
 

@@ -18,6 +18,7 @@ from pathlib import Path
 
 from raydd.config import Config, ConfigError, flatten, list_presets, load_config, make_method_config
 from raydd.data import RealData, load_real
+from raydd.errors import RayddError
 from raydd.context import log  # (the CLIs' "[raydd]" lines; evaluate and sweep import it from here)
 from raydd.generate import BackboneSpec
 
@@ -214,11 +215,11 @@ def build_parser(prog: str, description: str) -> argparse.ArgumentParser:
 
 
 def run_cli(body) -> int:
-    """Run a CLI's body: a bad input ends with one clear line and exit code 2; Ray is shut down either way.
-    (DataError, SpaceError are ValueErrors; TrackingError, GuidanceError are RuntimeErrors.)"""
+    """Run a CLI's body: a bad input (a RayddError, or a path that does not exist) ends with one clear line and
+    exit code 2; anything else is a bug and keeps its traceback (exit 1). Ray is shut down either way."""
     try:
         body()
-    except (ConfigError, FileNotFoundError, ValueError, RuntimeError) as e:
+    except (RayddError, FileNotFoundError) as e:
         print(f"raydd: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt as e:

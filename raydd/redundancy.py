@@ -25,7 +25,8 @@ from typing import Callable
 import numpy as np
 import torch
 
-from raydd.config import DataConfig, EvalConfig
+from raydd.config import ConfigError, DataConfig, EvalConfig
+from raydd.data import DataError
 from raydd.evaluation import accuracy, epochs_for, train_student
 
 
@@ -34,13 +35,13 @@ def split_increments(labels: torch.Tensor, slots: torch.Tensor, k: int) -> list[
     (sizes differ by at most one when a class's count is not a multiple of K).
     labels, slots [N] -> K index tensors."""
     if k < 2:
-        raise ValueError(f"the redundancy diagnostic needs K >= 2 increments, got {k}")
+        raise ConfigError(f"the redundancy diagnostic needs K >= 2 increments, got {k}")
     parts: list[list[torch.Tensor]] = [[] for _ in range(k)]
     for c in labels.unique().tolist():
         idx = torch.nonzero(labels == c).flatten()
         idx = idx[torch.argsort(slots[idx], stable=True)]                   # this class in slot order
         if len(idx) < k:
-            raise ValueError(f"class {c} has {len(idx)} images: too few for K={k} increments")
+            raise DataError(f"class {c} has {len(idx)} images: too few for K={k} increments")
         for j, block in enumerate(torch.tensor_split(idx, k)):
             parts[j].append(block)
     return [torch.cat(p) for p in parts]

@@ -19,9 +19,10 @@ import numpy as np
 import torch
 
 from raydd.config import SamplerConfig
+from raydd.errors import RayddError
 
 
-class GuidanceError(RuntimeError):
+class GuidanceError(RayddError, RuntimeError):
     """A guidance objective produced NaN/Inf: the run stops (no sample is silently re-drawn)."""
 
 

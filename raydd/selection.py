@@ -17,6 +17,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from raydd.errors import CheckpointError
+
 ORDERS = ("most", "least")
 
 
@@ -75,13 +77,13 @@ def load_selector(path: str | Path, arch: str, num_classes: int, channels: int, 
     try:
         state = load_file(str(path))
     except (SafetensorError, OSError) as e:
-        raise ValueError(f"selector checkpoint {path} is not a readable safetensors file: {e}") from None
+        raise CheckpointError(f"selector checkpoint {path} is not a readable safetensors file: {e}") from None
     model = create_student(arch, num_classes=num_classes, in_chans=channels, image_size=image_size)
     try:
         model.load_state_dict(state)
     except RuntimeError as e:
         lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()][:6]
-        raise ValueError(f"selector checkpoint {path} does not fit a {arch} with {num_classes} classes, {channels} "
+        raise CheckpointError(f"selector checkpoint {path} does not fit a {arch} with {num_classes} classes, {channels} "
                          f"channel(s), {image_size}px images (set the arch with the selector's own key): "
                          + " ".join(lines)) from None
     return model.to(device).eval().requires_grad_(False)

@@ -23,6 +23,9 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
+from raydd.config import ConfigError
+from raydd.errors import CheckpointError
+
 __all__ = ["list_students", "create_student", "register_in_timm", "ConvNet", "ResNetAP", "BasicBlockAP",
            "instance_norm"]
 
@@ -39,7 +42,7 @@ def list_students() -> list[str]:
 def create_student(name: str, num_classes: int, in_chans: int, image_size: int) -> nn.Module:
     """A freshly initialised student (never pretrained, never downloads anything)."""
     if name not in list_students():
-        raise ValueError(f"unknown student {name!r}; allowed: {', '.join(list_students())}")
+        raise ConfigError(f"unknown student {name!r}; allowed: {', '.join(list_students())}")
     if name in OWN_STUDENTS:
         builder = globals()[name]                          # convnet_d1 ... resnetap10, defined below
         return builder(num_classes=num_classes, in_chans=in_chans, img_size=image_size)
@@ -63,7 +66,7 @@ def pretrained_timm(name: str, device, num_classes: int | None = None):
         kw = {} if num_classes is None else {"num_classes": num_classes}
         model = timm.create_model(name, pretrained=True, **kw)
     except Exception as e:
-        raise RuntimeError(f"timm model {name!r}: its pretrained weights are not in the local Hugging Face cache "
+        raise CheckpointError(f"timm model {name!r}: its pretrained weights are not in the local Hugging Face cache "
                            f"({type(e).__name__}: {e}); put them there (timm.create_model('{name}', pretrained=True) "
                            f"on a machine with network, then copy ~/.cache/huggingface)") from e
     model = model.to(device).eval().requires_grad_(False)
@@ -118,7 +121,7 @@ class ConvNet(nn.Module):
         # every block halves the side (floor); the last block's conv output must still have at
         # least 2x2 positions, otherwise instance norm sees one value per channel and outputs 0
         if h < 2 ** depth or w < 2 ** depth:
-            raise ValueError(f"convnet_d{depth} needs images of at least {2 ** depth}x{2 ** depth} "
+            raise ConfigError(f"convnet_d{depth} needs images of at least {2 ** depth}x{2 ** depth} "
                              f"pixels ({depth} 2x average-poolings); got {h}x{w}. Use a shallower "
                              f"ConvNet (convnet_d{max(1, min(h, w).bit_length() - 1)}) or larger images")
         layers: list[nn.Module] = []
@@ -215,7 +218,7 @@ class ResNetAP(nn.Module):
         # needs >= 2x2 positions there
         min_side = 16 if small else 65
         if min(h, w) < min_side:
-            raise ValueError(f"resnetap10 needs images of at least {min_side}x{min_side} pixels; got {h}x{w}")
+            raise ConfigError(f"resnetap10 needs images of at least {min_side}x{min_side} pixels; got {h}x{w}")
         if small:   # CIFAR-style stem keeps the resolution
             self.stem = nn.Sequential(nn.Conv2d(in_chans, 64, kernel_size=3, padding=1, bias=False),
                                       instance_norm(64), nn.ReLU(inplace=True))

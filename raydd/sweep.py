@@ -219,9 +219,9 @@ def sweep(method: str, base: Config, final_eval, *, trials: int, max_concurrent:
     sweep_dir = Path(path) / name if "://" not in storage else Path(name)
     exists = ray.tune.Tuner.can_restore(f"{path}/{name}")
     if resume and not exists:
-        raise ValueError(f"--resume: no sweep named {name!r} in {path}; start it without --resume")
+        raise ConfigError(f"--resume: no sweep named {name!r} in {path}; start it without --resume")
     if exists and not resume:
-        raise ValueError(f"a sweep named {name!r} already exists in {path}; pass --resume to continue it "
+        raise ConfigError(f"a sweep named {name!r} already exists in {path}; pass --resume to continue it "
                          f"or --name to start a new one")
     init_ray(base.compute)
     runner = RayRunner(base, sweep_dir)

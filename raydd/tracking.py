@@ -13,9 +13,10 @@ from pathlib import Path
 import numpy as np
 
 from raydd.config import TrackingConfig
+from raydd.errors import RayddError
 
 
-class TrackingError(RuntimeError):
+class TrackingError(RayddError, RuntimeError):
     """The MLflow tracking store cannot be reached or used."""
 
 

@@ -23,6 +23,8 @@ from typing import Any, Callable
 
 import yaml
 
+from raydd.errors import RayddError
+
 TYPES = ("float", "int", "categorical")
 TOP_KEYS = ("method", "metric", "params")
 SPEC_KEYS = {  # keys a parameter spec may have, by type
@@ -35,7 +37,7 @@ DEFAULT_METRIC = "val_acc"
 KeyValidator = Callable[[str, Any], None]  # (config key, value) -> None, raises ValueError if invalid
 
 
-class SpaceError(ValueError):
+class SpaceError(RayddError, ValueError):
     """A search-space file is missing or invalid; the message names the file and the parameter."""
 
 

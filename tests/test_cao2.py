@@ -290,7 +290,7 @@ def test_search_space_loads_with_paper_defaults_first():
 
     d = load_space("cao2").defaults()
     assert d == {"cao2.m": 2, "cao2.lam": 10.0, "cao2.lr": 6e-4, "cao2.iterations": 100, "cao2.t_hat": 0.5,
-                 "cao2.condition": "true", "cao2.order": "auto"}
+                 "cao2.condition": "true", "cao2.order": "auto", "cao2.cfg_scale": 2.7}
 
 
 def test_subset_probs_keeps_the_1000_way_argmax_and_confidence():

@@ -124,3 +124,21 @@ def test_imagenet_presets_evaluate_with_the_papers_convnet6_and_guide_lgd_with_a
         assert cfg.eval.students[0] == "convnet_d6" and cfg.methods["lgd"]["arch"] == "resnetap10"
     net = create_student("convnet_d6", 10, 3, 256)
     assert net(torch.zeros(1, 3, 256, 256)).shape == (1, 10)
+
+
+def test_cli_tells_bad_input_from_bugs():
+    """A RayddError (bad input) is one line and exit 2; any other exception is a bug and keeps its traceback."""
+    from raydd.distill import run_cli
+    from raydd.errors import CheckpointError
+
+    def bad_input():
+        raise CheckpointError("checkpoint /x does not fit")
+
+    def bug():
+        raise ValueError("shapes [2, 3] and [4] do not broadcast")
+
+    assert run_cli(bad_input) == 2
+    with pytest.raises(ValueError, match="broadcast"):
+        run_cli(bug)
+    with pytest.raises(RuntimeError):
+        run_cli(lambda: (_ for _ in ()).throw(RuntimeError("actor died")))

@@ -6,6 +6,7 @@ import os
 import ray
 
 from raydd.config import ComputeConfig
+from raydd.errors import ClusterError
 
 
 def init_ray(compute: ComputeConfig) -> None:
@@ -48,7 +49,7 @@ def check_fits(compute: ComputeConfig, joined: bool) -> None:
     a joined cluster an autoscaler may still add a larger node, so there it is a warning."""
     def refuse(msg: str) -> None:
         if not joined:
-            raise ValueError(msg)
+            raise ClusterError(msg)
         print(f"[raydd] warning: {msg}; waiting for the autoscaler to add what is missing", flush=True)
 
     nodes = [n["Resources"] for n in ray.nodes() if n["Alive"]]
@@ -79,7 +80,7 @@ def check_address(address: str) -> None:
     try:
         socket.create_connection((host, int(port)), timeout=5).close()
     except OSError as e:
-        raise RuntimeError(f"Ray address {address!r} (compute.ray_address or RAY_ADDRESS): nothing answers there "
+        raise ClusterError(f"Ray address {address!r} (compute.ray_address or RAY_ADDRESS): nothing answers there "
                            f"({e}). Start the cluster (`ray start --head`), fix the address, or leave both unset "
                            f"to start a local Ray") from None
 

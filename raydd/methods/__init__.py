@@ -11,6 +11,8 @@ import sys
 from dataclasses import dataclass
 from typing import Any, Callable
 
+from raydd.config import ConfigError
+
 
 @dataclass(frozen=True)
 class Method:
@@ -40,7 +42,7 @@ def list_methods() -> list[str]:
 
 def get_method(name: str) -> Method:
     if name not in _METHODS:
-        raise ValueError(f"unknown method {name!r}; allowed: {', '.join(list_methods())}")
+        raise ConfigError(f"unknown method {name!r}; allowed: {', '.join(list_methods())}")
     return _METHODS[name]
 
 

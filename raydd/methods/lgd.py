@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from raydd.config import ConfigError, config_hash
+from raydd.data import DataError
 from raydd.evaluation import accuracy, epochs_for, to_float
 from raydd.generate import DistilledSet
 from raydd.methods import get_method, register_method
@@ -153,7 +154,7 @@ def seed_set(ctx, cfg: Config, seed_ipc: int) -> DistilledSet:
         ds = ctx.run_method(cfg.seed_method, seed_ipc)
     counts = torch.bincount(ds.labels, minlength=ctx.data.num_classes)
     if int(counts.min()) < seed_ipc:
-        raise ValueError(f"the seed set has {int(counts.min())} images in class {int(counts.argmin())}; "
+        raise DataError(f"the seed set has {int(counts.min())} images in class {int(counts.argmin())}; "
                          f"lgd needs {seed_ipc} per class")
     ds = ds.sorted()
     rank = rank_in_class(ds.labels)                                          # position in class, slot order

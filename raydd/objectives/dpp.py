@@ -33,6 +33,7 @@ import torch
 import torch.nn.functional as F
 
 from raydd.config import SamplerConfig
+from raydd.data import DataError
 from raydd.sampling import GuidanceError, Schedule, make_schedule
 
 ON = ("z_t", "x0")
@@ -156,7 +157,7 @@ def class_means(parts: dict[str, np.ndarray], num_classes: int) -> np.ndarray:
     np.add.at(sums, parts["class_idx"], parts["sum"])
     np.add.at(counts, parts["class_idx"], parts["count"])
     if (counts == 0).any():
-        raise ValueError(f"no real images for class(es) {np.nonzero(counts == 0)[0].tolist()}: mu_c is undefined")
+        raise DataError(f"no real images for class(es) {np.nonzero(counts == 0)[0].tolist()}: mu_c is undefined")
     return (sums / counts.reshape(-1, *([1] * (sums.ndim - 1)))).astype(np.float32)
 
 

@@ -44,13 +44,14 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from raydd.config import DataConfig
+from raydd.errors import CheckpointError
 from raydd.sampling import Guidance
 from raydd.train_hooks import TrainHooks
 
 VE_WEIGHTS, VE_META, VE_CURVE = "ve.safetensors", "ve.json", "curve.json"
 
 
-class VEError(ValueError):
+class VEError(CheckpointError):
     """A variational-estimator checkpoint is missing pieces or does not fit the run."""
 
 
