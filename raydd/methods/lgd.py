@@ -38,9 +38,13 @@ from raydd.selection import load_selector
 
 @dataclass
 class Config:
-    lam: float = 15.0             # λ: learnability guidance scale (the Guidance helper's scale)
+    lam: float = 0.5              # λ: learnability guidance scale (the Guidance helper's scale). The paper's 15 was
+                                  #   set for the LGD summary's ρ_t; under IGD's variance-scaled step (the default
+                                  #   sampler.guidance_norm) 0.5 raises S with samples intact on digits-latent, 1 bends
+                                  #   them (README, "Guidance scale")
     omega: float = 0.5            # ω: weight of the reference loss L(θ*, x, y) in S
-    gamma: float = 50.0           # γ: deviation (memory) guidance weight; enters the objective as γ/λ
+    gamma: float = 1.667          # γ: deviation (memory) guidance weight; enters the objective as γ/λ (the paper's
+                                  #   γ/λ = 50/15)
     kappa: int = 3                # κ: candidates drawn per slot; the one with the highest S is kept
     increment: int = 10           # IPC added per increment (the paper: 10)
     seed_ipc: int = 0             # IPC of the seed set (0 = one increment; the paper: 10)
