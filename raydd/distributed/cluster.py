@@ -1,7 +1,11 @@
 """Start a local Ray or join an existing cluster."""
 from __future__ import annotations
 
+import contextlib
 import os
+import tempfile
+import time
+from pathlib import Path
 
 import ray
 
@@ -33,10 +37,16 @@ def init_ray(compute: ComputeConfig) -> None:
         # The cleaner finds it through RAY_API_SERVER_ADDRESS, which every Ray process started here
         # inherits: without it, a second local Ray on the machine (two raydd commands at once) makes the
         # lookup fail, the CPUs are never freed and the next Train job waits forever.
-        port = _free_port(8265)
-        os.environ["RAY_API_SERVER_ADDRESS"] = f"http://127.0.0.1:{port}"
-        ray.init(num_cpus=compute.num_cpus or None, include_dashboard=True, dashboard_host="127.0.0.1",
-                 dashboard_port=port, log_to_driver=True, configure_logging=True, logging_level="WARNING")
+        # A free port is only free until someone binds it, and the dashboard binds it seconds after ray.init
+        # starts (up to a minute under load): two raydd commands started together both found 8265 free and
+        # collided. Local starts on this machine take turns: choose the port, start Ray, wait until the
+        # dashboard listens, then let the next one choose.
+        with _machine_lock("raydd-local-ray-start"):
+            port = _free_port(compute.dashboard_port)
+            os.environ["RAY_API_SERVER_ADDRESS"] = f"http://127.0.0.1:{port}"
+            ray.init(num_cpus=compute.num_cpus or None, include_dashboard=True, dashboard_host="127.0.0.1",
+                     dashboard_port=port, log_to_driver=True, configure_logging=True, logging_level="WARNING")
+            _wait_listening(port, timeout_s=90)
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = True
     ctx.print_on_execution_start = False
@@ -83,6 +93,33 @@ def check_address(address: str) -> None:
         raise ClusterError(f"Ray address {address!r} (compute.ray_address or RAY_ADDRESS): nothing answers there "
                            f"({e}). Start the cluster (`ray start --head`), fix the address, or leave both unset "
                            f"to start a local Ray") from None
+
+
+@contextlib.contextmanager
+def _machine_lock(name: str):
+    """An exclusive lock shared by every process on this machine (flock on a file in the temp dir)."""
+    import fcntl
+
+    with open(Path(tempfile.gettempdir()) / f"{name}.lock", "w") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def _wait_listening(port: int, timeout_s: float) -> None:
+    """Return once something accepts connections on 127.0.0.1:port (or after timeout_s: Ray then runs without
+    its dashboard, which only the state API and the UI need)."""
+    import socket
+
+    end = time.time() + timeout_s
+    while time.time() < end:
+        with socket.socket() as s:
+            s.settimeout(1.0)
+            if s.connect_ex(("127.0.0.1", port)) == 0:
+                return
+        time.sleep(0.2)
 
 
 def _free_port(preferred: int) -> int:
