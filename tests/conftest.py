@@ -58,3 +58,10 @@ def cli_env(tmp_path):
     env["MLFLOW_TRACKING_URI"] = f"sqlite:///{tmp_path / 'mlflow.db'}"
     env.pop("RAY_ADDRESS", None)
     return env
+
+
+def pytest_collection_modifyitems(items):
+    """Every test that starts a local Ray carries the `ray` marker (select with -m ray / -m 'not ray')."""
+    for item in items:
+        if "ray_local" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.ray)

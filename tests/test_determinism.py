@@ -7,6 +7,8 @@ import torch
 
 from raydd.config import ComputeConfig
 
+pytestmark = [pytest.mark.slow, pytest.mark.ray]
+
 
 @pytest.fixture(scope="module")
 def ray_local():

@@ -7,6 +7,8 @@ import time
 import mlflow
 import pytest
 
+pytestmark = [pytest.mark.slow, pytest.mark.ray]
+
 
 def run_cli(args, env, cwd, timeout=600):
     p = subprocess.run([sys.executable, "-m", *args], env=env, cwd=cwd, capture_output=True, text=True, timeout=timeout)

@@ -3,6 +3,10 @@ import os
 import subprocess
 import sys
 
+import pytest
+
+pytestmark = [pytest.mark.slow, pytest.mark.ray]
+
 CODE = """
 import os, sys
 from raydd.config import ComputeConfig

@@ -7,6 +7,8 @@ import sys
 import mlflow
 import pytest
 
+pytestmark = [pytest.mark.slow, pytest.mark.ray]
+
 
 @pytest.fixture(scope="module")
 def env(tmp_path_factory, smoke_cache):
