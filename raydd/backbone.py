@@ -61,6 +61,7 @@ from diffusers import AutoencoderKL, DiTTransformer2DModel
 from diffusers.utils import is_accelerate_available
 
 from raydd.config import BackboneConfig, ConfigError
+from raydd.diffusion import split_output
 from raydd.errors import CheckpointError
 
 # Keys that wrap the real state dict in training checkpoints, in order of preference:
@@ -138,10 +139,6 @@ class Backbone(nn.Module):
                              f"or 2*in_channels (learned sigma)")
         self.learned_sigma = out_channels == 2 * cfg.in_channels
 
-    @property
-    def null_class(self) -> int:
-        return self.num_classes
-
     def forward(self, x_t: Tensor, t: Tensor, y: Tensor) -> tuple[Tensor, Tensor | None]:
         """x_t [B,C,H,W]; t [B] int64 true timesteps in [0, 1000); y [B] int64 labels (num_classes = null).
 
@@ -156,10 +153,7 @@ class Backbone(nn.Module):
         if y.ndim == 0:
             y = y.expand(b)
         out = self.transformer(x_t, timestep=t, class_labels=y, return_dict=False)[0]  # [B, out_ch, H, W]
-        c = x_t.shape[1]
-        if self.learned_sigma:
-            return out[:, :c], out[:, c:]
-        return out, None
+        return split_output(out, x_t.shape[1])
 
 
 # --------------------------------------------------------------------------------------------

@@ -21,16 +21,11 @@ import numpy as np
 import torch
 
 from raydd.config import BackboneConfig, DataConfig, SamplerConfig
-from raydd.sampling import Schedule, make_schedule
+from raydd.diffusion import (Schedule, coef, learned_range_log_variance, make_schedule, predict_x0, q_sample,
+                             split_output)
 from raydd.train_hooks import TrainHooks, print_progress
 
 Predict = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor | None]]
-
-
-def _gather(arr: np.ndarray, t: torch.Tensor, ndim: int) -> torch.Tensor:
-    """Per-sample coefficients arr[t] shaped [B, 1, 1, 1]."""
-    v = torch.as_tensor(arr, dtype=torch.float32, device=t.device)[t]
-    return v.reshape(-1, *([1] * (ndim - 1)))
 
 
 def normal_kl(mean1, logvar1, mean2, logvar2):
@@ -54,46 +49,28 @@ def discretized_gaussian_nll(x, mean, log_scale):
     return -log_probs
 
 
-def q_sample(x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor, s: Schedule) -> torch.Tensor:
-    """x_t = sqrt(abar_t) x0 + sqrt(1 - abar_t) eps."""
-    ab = _gather(s.alphas_cumprod, t, x0.dim())
-    return ab.sqrt() * x0 + (1 - ab).sqrt() * noise
-
-
 def diffusion_losses(predict: Predict, x0: torch.Tensor, y: torch.Tensor, t: torch.Tensor, noise: torch.Tensor,
                      s: Schedule) -> dict[str, torch.Tensor]:
     """Per-sample losses [B]: {'loss', 'mse', 'vb', 'x0_hat'(batch)}; s is the full (unrespaced) schedule."""
-    nd = x0.dim()
     x_t = q_sample(x0, t, noise, s)
     eps, var = predict(x_t, t, y)
-    dims = tuple(range(1, nd))
+    dims = tuple(range(1, x0.dim()))
     mse = ((noise - eps) ** 2).mean(dim=dims)
-    ab = _gather(s.alphas_cumprod, t, nd)
-    x0_hat = (x_t - (1 - ab).sqrt() * eps) / ab.sqrt()
-    out = {"mse": mse, "x0_hat": x0_hat}
+    ab = coef(s.alphas_cumprod, t, x0)
+    out = {"mse": mse, "x0_hat": predict_x0(x_t, eps, ab)}
     if var is None:
         out["vb"] = torch.zeros_like(mse)
     else:
-        c1, c2 = _gather(s.posterior_mean_coef1, t, nd), _gather(s.posterior_mean_coef2, t, nd)
+        c1, c2 = coef(s.posterior_mean_coef1, t, x0), coef(s.posterior_mean_coef2, t, x0)
         true_mean = c1 * x0 + c2 * x_t
-        true_logvar = _gather(s.posterior_log_variance_clipped, t, nd)
-        x0_frozen = (x_t - (1 - ab).sqrt() * eps.detach()) / ab.sqrt()     # stop-grad: vb trains variance only
-        model_mean = c1 * x0_frozen + c2 * x_t
-        min_log, max_log = true_logvar, _gather(np.log(s.betas), t, nd)
-        frac = (var + 1) / 2
-        model_logvar = frac * max_log + (1 - frac) * min_log
+        true_logvar = coef(s.posterior_log_variance_clipped, t, x0)
+        model_mean = c1 * predict_x0(x_t, eps.detach(), ab) + c2 * x_t     # stop-grad: vb trains variance only
+        model_logvar = learned_range_log_variance(var, true_logvar, coef(np.log(s.betas), t, x0))
         kl = normal_kl(true_mean, true_logvar, model_mean, model_logvar).mean(dim=dims) / math.log(2.0)
         nll = discretized_gaussian_nll(x0, model_mean, 0.5 * model_logvar).mean(dim=dims) / math.log(2.0)
         out["vb"] = torch.where(t == 0, nll, kl)
     out["loss"] = out["mse"] + out["vb"]
     return out
-
-
-def split_output(model_out: torch.Tensor, channels: int) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """DiT output [B, C or 2C, H, W] -> (eps, var_values | None)."""
-    if model_out.shape[1] == 2 * channels:
-        return model_out[:, :channels], model_out[:, channels:]
-    return model_out, None
 
 
 def transformer_predict(model, channels: int) -> Predict:

@@ -1,5 +1,5 @@
-"""Diffusion schedule, the two schedulers, classifier-free guidance, the one guidance helper and
-the visible denoising loop.
+"""The two schedulers, classifier-free guidance, the one guidance helper and the visible denoising loop
+(the schedule maths they share with training lives in raydd.diffusion).
 
 Conventions (as in DiT / improved DDPM):
   * a linear beta schedule of `train_timesteps` (1000) steps, respaced to `steps` (50) evenly
@@ -19,68 +19,12 @@ import numpy as np
 import torch
 
 from raydd.config import SamplerConfig
+from raydd.diffusion import Schedule, coef, learned_range_log_variance, make_schedule, predict_x0
 from raydd.errors import RayddError
 
 
 class GuidanceError(RayddError, RuntimeError):
     """A guidance objective produced NaN/Inf: the run stops (no sample is silently re-drawn)."""
-
-
-# --------------------------------------------------------------------------------------------
-# Schedule
-# --------------------------------------------------------------------------------------------
-@dataclass
-class Schedule:
-    """Coefficients at the S respaced steps, index i = 0 (cleanest) .. S-1 (noisiest). float64."""
-    timesteps: np.ndarray            # [S] true timesteps, ascending
-    alphas_cumprod: np.ndarray       # [S] abar at each respaced step
-    alphas_cumprod_prev: np.ndarray  # [S] abar at the previous respaced step (1.0 for i = 0)
-    betas: np.ndarray                # [S] respaced betas: 1 - abar_i / abar_{i-1}
-    posterior_variance: np.ndarray   # [S] beta_tilde
-    posterior_log_variance_clipped: np.ndarray  # [S] log beta_tilde, with i = 0 clipped to i = 1
-    posterior_mean_coef1: np.ndarray # [S] coefficient of x0 in the posterior mean
-    posterior_mean_coef2: np.ndarray # [S] coefficient of x_t in the posterior mean
-
-    def __len__(self) -> int:
-        return len(self.timesteps)
-
-
-def respaced_timesteps(train_timesteps: int, steps: int) -> np.ndarray:
-    """`steps` evenly spaced true timesteps including 0 and T-1 (DiT's space_timesteps(T, "S"))."""
-    if steps == train_timesteps:
-        return np.arange(train_timesteps)
-    stride = (train_timesteps - 1) / max(steps - 1, 1)
-    return np.array(sorted({round(i * stride) for i in range(steps)}), dtype=np.int64)
-
-
-def make_schedule(cfg: SamplerConfig, steps: int | None = None) -> Schedule:
-    """Linear betas over cfg.train_timesteps, respaced to `steps` (default cfg.steps)."""
-    steps = cfg.steps if steps is None else steps
-    base_betas = np.linspace(cfg.beta_start, cfg.beta_end, cfg.train_timesteps, dtype=np.float64)
-    base_abar = np.cumprod(1.0 - base_betas)
-    ts = respaced_timesteps(cfg.train_timesteps, steps)
-    abar = base_abar[ts]
-    abar_prev = np.append(1.0, abar[:-1])
-    betas = 1.0 - abar / abar_prev
-    post_var = betas * (1.0 - abar_prev) / (1.0 - abar)
-    # log(0) at i = 0: clip to the next value, as improved DDPM does
-    post_logvar = np.log(np.append(post_var[1], post_var[1:])) if len(post_var) > 1 else np.log(betas)
-    return Schedule(
-        timesteps=ts, alphas_cumprod=abar, alphas_cumprod_prev=abar_prev, betas=betas,
-        posterior_variance=post_var, posterior_log_variance_clipped=post_logvar,
-        posterior_mean_coef1=betas * np.sqrt(abar_prev) / (1.0 - abar),
-        posterior_mean_coef2=(1.0 - abar_prev) * np.sqrt(1.0 - betas) / (1.0 - abar),
-    )
-
-
-def _at(arr: np.ndarray, i: int, ref: torch.Tensor) -> torch.Tensor:
-    """Scalar coefficient i as a tensor broadcastable to ref [B,C,H,W] (computed in float64)."""
-    return torch.tensor(float(arr[i]), dtype=ref.dtype, device=ref.device)
-
-
-def predict_x0(x_t: torch.Tensor, eps: torch.Tensor, abar: float) -> torch.Tensor:
-    """x0_hat = (x_t - sqrt(1 - abar) eps) / sqrt(abar)."""
-    return (x_t - math.sqrt(1.0 - abar) * eps) / math.sqrt(abar)
 
 
 # --------------------------------------------------------------------------------------------
@@ -96,12 +40,10 @@ class DDPMScheduler:
     def log_variance(self, i: int, var_values: torch.Tensor | None, ref: torch.Tensor) -> torch.Tensor:
         """Learned range: log var = f * log beta_i + (1 - f) * log beta_tilde_i, f = (v + 1) / 2.
         Without a learned variance: the fixed posterior variance (log beta_tilde_i)."""
-        min_log = _at(self.s.posterior_log_variance_clipped, i, ref)
+        min_log = coef(self.s.posterior_log_variance_clipped, i, ref)
         if var_values is None:
             return min_log.expand_as(ref)
-        max_log = _at(np.log(self.s.betas), i, ref)
-        frac = (var_values + 1.0) / 2.0
-        return frac * max_log + (1.0 - frac) * min_log
+        return learned_range_log_variance(var_values, min_log, coef(np.log(self.s.betas), i, ref))
 
     def step(self, eps: torch.Tensor, i: int, x_t: torch.Tensor, var_values: torch.Tensor | None = None,
              noise: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -109,7 +51,7 @@ class DDPMScheduler:
         if self.clip_x0:
             x0 = x0.clamp(-1, 1)
         # posterior mean of q(x_{i-1} | x_i, x0)
-        mean = _at(self.s.posterior_mean_coef1, i, x_t) * x0 + _at(self.s.posterior_mean_coef2, i, x_t) * x_t
+        mean = coef(self.s.posterior_mean_coef1, i, x_t) * x0 + coef(self.s.posterior_mean_coef2, i, x_t) * x_t
         if i == 0:
             return mean, x0  # no noise at the last step
         log_var = self.log_variance(i, var_values, x_t)

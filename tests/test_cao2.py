@@ -12,7 +12,7 @@ from raydd.data import load_real
 from raydd.methods import get_method
 from raydd.methods.cao2 import resolve, selector_path
 from raydd.objectives.latent_opt import fixed_noise, latent_objective, optimize_latents
-from raydd.sampling import make_schedule
+from raydd.diffusion import make_schedule
 from raydd.selection import confidence_selection, load_selector, predict_probs
 
 

@@ -11,8 +11,8 @@ from safetensors.torch import load_file
 
 from raydd.context import Context, LocalRunner
 from raydd.data import load_real
-from raydd.finetune import LOSS_TERMS, finetune_config, finetune_loop, make_schedule, peft_parameters, q_sample, \
-    transformer_predict
+from raydd.diffusion import make_schedule, q_sample
+from raydd.finetune import LOSS_TERMS, finetune_config, finetune_loop, peft_parameters, transformer_predict
 from raydd.objectives.inversion import ddim_invert
 from raydd.s3 import s3_brute_force, s3_objective, s3_search
 from raydd.train_hooks import run_local

@@ -14,7 +14,7 @@ from raydd.data import load_real
 from raydd.methods import get_method
 from raydd.objectives.dpp import (CGS, cgs_direction, cgs_post_step, class_means, dm_loss, dpp_loss, mean_distance,
                                   mean_pairwise_cosine)
-from raydd.sampling import make_schedule
+from raydd.diffusion import make_schedule
 
 
 @pytest.fixture(autouse=True, scope="module")

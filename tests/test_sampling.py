@@ -4,8 +4,8 @@ import pytest
 import torch
 
 from raydd.config import SamplerConfig
-from raydd.sampling import (DDIMScheduler, DDPMScheduler, Guidance, GuidanceError, NoiseStreams, make_schedule,
-                            predict_eps, respaced_timesteps, sample, sample_seed)
+from raydd.diffusion import make_schedule, respaced_timesteps
+from raydd.sampling import DDIMScheduler, DDPMScheduler, Guidance, GuidanceError, NoiseStreams, predict_eps, sample, sample_seed
 
 
 def reference_schedule(T=1000, S=50, b0=1e-4, b1=0.02):
@@ -185,3 +185,28 @@ def test_bf16_on_a_cpu_without_bf16_stays_fp32_and_says_so(monkeypatch):
         assert generate.autocast_for("bf16", torch.device("cpu")) is None
     assert generate.autocast_for("fp32", torch.device("cpu")) is None
     assert generate.autocast_for("bf16", torch.device("cuda")) is torch.bfloat16
+
+
+def test_pinned_output_slices_of_sampling_and_the_training_loss(backbone):
+    """diffusers' habit: a few output values of the seed-0 tiny DiT pinned (to 1e-3), so a change to the shared
+    diffusion maths (raydd.diffusion), the schedulers, guidance or the training loss cannot drift unnoticed."""
+    from raydd.finetune import diffusion_losses, transformer_predict
+
+    y, seeds = torch.tensor([1, 7]), [3, 4]
+    want = {"ddpm": [0.1213, 0.6582, -0.8799, -1.0, 0.9944, -0.4478, -0.591, 0.0399],
+            "ddim": [1.0, -1.0, -1.0, 1.0, -0.4738, 1.0, -1.0, 1.0]}
+    for sched, values in want.items():
+        z = sample(backbone, y, seeds, SamplerConfig(steps=6, cfg_scale=2.0, clip_x0=True, scheduler=sched))["z0"]
+        np.testing.assert_allclose(z[:, 0, 5, 5:9].flatten().numpy(), values, atol=1e-3)
+    g = Guidance(lambda x0, t, y, s: -((x0 - 0.5) ** 2).flatten(1).mean(1), scale=1.0)
+    z = sample(backbone, y, seeds, SamplerConfig(steps=6, cfg_scale=2.0, clip_x0=True), guidance=g)["z0"]
+    np.testing.assert_allclose(z[:, 0, 5, 5:9].flatten().numpy(),
+                               [0.1696, 0.6798, -0.8596, -1.0, 0.9914, 0.1071, -0.3137, 0.2426], atol=1e-3)
+    gen = torch.Generator().manual_seed(5)
+    x0 = torch.rand(3, 1, 16, 16, generator=gen) * 2 - 1
+    noise = torch.randn(3, 1, 16, 16, generator=gen)
+    with torch.no_grad():
+        out = diffusion_losses(transformer_predict(backbone.transformer, 1), x0, torch.tensor([1, 2, 10]),
+                               torch.tensor([0, 400, 999]), noise, make_schedule(SamplerConfig(), steps=1000))
+    np.testing.assert_allclose(out["mse"].numpy(), [1.0265, 1.2735, 1.658], atol=1e-3)
+    np.testing.assert_allclose(out["vb"].numpy(), [2.4584, 0.0093, 0.0244], atol=1e-3)

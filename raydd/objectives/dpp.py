@@ -34,7 +34,8 @@ import torch.nn.functional as F
 
 from raydd.config import SamplerConfig
 from raydd.data import DataError
-from raydd.sampling import GuidanceError, Schedule, make_schedule
+from raydd.diffusion import Schedule, make_schedule
+from raydd.sampling import GuidanceError
 
 ON = ("z_t", "x0")
 

@@ -25,15 +25,10 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from raydd.diffusion import coef, predict_x0
 from raydd.finetune import register_loss_term
 
 IM_OPTIONS = {"inversion_steps": 2, "im_matrix": False}
-
-
-def _abar(schedule, s: torch.Tensor, ndim: int) -> torch.Tensor:
-    """abar at per-sample (true) timesteps s [B] -> [B, 1, 1, 1]; `schedule` is the full 1000-step one."""
-    a = torch.as_tensor(schedule.alphas_cumprod, dtype=torch.float32, device=s.device)[s]
-    return a.reshape(-1, *([1] * (ndim - 1)))
 
 
 def ddim_invert(predict, z0: torch.Tensor, y: torch.Tensor, t: torch.Tensor, schedule, steps: int) -> torch.Tensor:
@@ -43,8 +38,8 @@ def ddim_invert(predict, z0: torch.Tensor, y: torch.Tensor, t: torch.Tensor, sch
     for k in range(1, steps + 1):
         s_next = torch.div(k * t, steps, rounding_mode="floor")      # [B] next grid point (s_K = t)
         eps, _ = predict(z, s, y)                                    # eps_theta(z_s, s, y)  [B,C,H,W]
-        a, a_next = _abar(schedule, s, z.dim()), _abar(schedule, s_next, z.dim())
-        x0_hat = (z - (1 - a).sqrt() * eps) / a.sqrt()               # [B,C,H,W]
+        a, a_next = coef(schedule.alphas_cumprod, s, z), coef(schedule.alphas_cumprod, s_next, z)   # full schedule
+        x0_hat = predict_x0(z, eps, a)                               # [B,C,H,W]
         z = a_next.sqrt() * x0_hat + (1 - a_next).sqrt() * eps       # z_{s_next}
         s = s_next
     return z

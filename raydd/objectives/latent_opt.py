@@ -19,9 +19,9 @@ import numpy as np
 import torch
 
 from raydd.config import SamplerConfig
-from raydd.finetune import q_sample
+from raydd.diffusion import Schedule, make_schedule, q_sample
 from raydd.generate import map_units
-from raydd.sampling import Schedule, make_schedule, to_uint8
+from raydd.sampling import to_uint8
 
 
 def latent_objective(backbone, x: torch.Tensor, y: torch.Tensor, t: torch.Tensor, eps: torch.Tensor,
