@@ -139,8 +139,8 @@ def test_guidance_micro_batch_changes_memory_not_results(backbone, mode):
     guide = Guidance(objective=_target_objective, scale=1.0, mode=mode, state=torch.full((1, 1, 16, 16), 0.7))
     whole = sample(backbone, y, seeds, SamplerConfig(steps=6, cfg_scale=2.0), guidance=guide)
     split = sample(backbone, y, seeds, SamplerConfig(steps=6, cfg_scale=2.0, guidance_micro_batch=2), guidance=guide)
-    torch.testing.assert_close(split["z0"], whole["z0"], rtol=1e-4, atol=1e-5)
-    torch.testing.assert_close(split["J"], whole["J"], rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(split["z0"], whole["z0"], rtol=1e-3, atol=1e-4)   # matmuls of other batch sizes
+    torch.testing.assert_close(split["J"], whole["J"], rtol=1e-3, atol=1e-4)
 
 
 def test_guidance_outside_window_is_exactly_unguided(backbone):
