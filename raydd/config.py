@@ -348,10 +348,6 @@ def get_key(cfg: Config, key: str) -> Any:
     return obj
 
 
-def to_dict(cfg: Any) -> dict:
-    return dataclasses.asdict(cfg)
-
-
 def flatten(d: dict, prefix: str = "") -> dict[str, Any]:
     """{'a': {'b': 1}} -> {'a.b': 1}; lists become JSON strings (MLflow params are strings)."""
     out: dict[str, Any] = {}

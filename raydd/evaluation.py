@@ -1,6 +1,6 @@
 """Student evaluation protocols for distilled sets (plain PyTorch; no Ray, no MLflow here).
 
-Two protocols (METHODS.md, "Evaluation protocols"):
+Two protocols (those of the reference repositories):
 
 * hard-label (IDC / Minimax): train a fresh student on the distilled images with their class
   labels; SGD + MultiStepLR, RandomResizedCrop + flip + CutMix on every batch, λ-mixed CE.

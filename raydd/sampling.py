@@ -200,7 +200,6 @@ class NoiseStreams:
 @torch.no_grad()
 def sample(backbone, y: torch.Tensor, seeds: list[int], cfg: SamplerConfig, guidance: Guidance | None = None,
            device: str | torch.device = "cpu", autocast_dtype: torch.dtype | None = None,
-           on_step: Callable[[int, torch.Tensor, torch.Tensor], None] | None = None,
            post_step: Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
            ) -> dict[str, torch.Tensor]:
     """Denoise one batch. y [B] labels, seeds [B] per-sample seeds.
@@ -226,8 +225,6 @@ def sample(backbone, y: torch.Tensor, seeds: list[int], cfg: SamplerConfig, guid
         x, x0_hat = scheduler.step(eps.float(), i, x, None if var is None else var.float(), step_noise)
         if post_step is not None:                           # batch-level update of x_{i-1}
             x = post_step(i, x, x0_hat, y)
-        if on_step is not None:
-            on_step(i, x, x0_hat)
     return {"z0": x.float(), "J": J.float()}
 
 

@@ -44,8 +44,7 @@ def create_student(name: str, num_classes: int, in_chans: int, image_size: int) 
     if name not in list_students():
         raise ConfigError(f"unknown student {name!r}; allowed: {', '.join(list_students())}")
     if name in OWN_STUDENTS:
-        builder = globals()[name]                          # convnet_d1 ... resnetap10, defined below
-        return builder(num_classes=num_classes, in_chans=in_chans, img_size=image_size)
+        return OWN_BUILDERS[name](num_classes=num_classes, in_chans=in_chans, img_size=image_size)
     import timm
 
     # stock timm models size themselves from the input (global pooling): no img_size kwarg
@@ -93,7 +92,7 @@ def register_in_timm() -> None:
 
     for name in OWN_STUDENTS:
         if not is_model(name):
-            register_model(globals()[name])
+            register_model(OWN_BUILDERS[name])
 
 
 def instance_norm(channels: int) -> nn.GroupNorm:
@@ -251,3 +250,9 @@ def resnetap10(pretrained: bool = False, **kwargs) -> ResNetAP:
         raise ValueError("resnetap10 has no pretrained weights")
     keep = {k: kwargs[k] for k in ("num_classes", "in_chans", "img_size") if k in kwargs}
     return ResNetAP(layers=(1, 1, 1, 1), **keep)
+
+
+# the builders by name (one per entry of OWN_STUDENTS), for create_student and register_in_timm
+OWN_BUILDERS = {f.__name__: f for f in (convnet_d1, convnet_d2, convnet_d3, convnet_d4, convnet_d5, convnet_d6,
+                                        resnetap10)}
+assert list(OWN_BUILDERS) == OWN_STUDENTS

@@ -47,6 +47,26 @@ def check_reachable(cfg: TrackingConfig) -> str:
     return uri
 
 
+def source_tags() -> dict[str, str]:
+    """Where a run's code came from: raydd's version and, in a git checkout, the commit (+ "-dirty")."""
+    import subprocess
+
+    import raydd
+
+    tags = {"raydd.version": raydd.__version__}
+    root = Path(raydd.__file__).resolve().parent.parent
+    try:
+        commit = subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True, text=True,
+                                timeout=10).stdout.strip()
+        dirty = subprocess.run(["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no"],
+                               capture_output=True, text=True, timeout=10).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        commit = ""
+    if commit:
+        tags["mlflow.source.git.commit"] = commit + ("-dirty" if dirty else "")
+    return tags
+
+
 class Tracker:
     """One MLflow run, addressed by id through MlflowClient (no global "active run": a sweep's parent and
     its children live side by side). Reuses an existing run id (resume) instead of creating a duplicate."""
@@ -59,7 +79,8 @@ class Tracker:
         self.client = mlflow.MlflowClient(self.uri)
         exp = self.client.get_experiment_by_name(cfg.experiment)
         exp_id = exp.experiment_id if exp else self.client.create_experiment(cfg.experiment)
-        tags = {k: str(v) for k, v in (tags or {}).items()} | ({"mlflow.parentRunId": parent_run_id} if parent_run_id else {})
+        tags = (source_tags() | {k: str(v) for k, v in (tags or {}).items()}
+                | ({"mlflow.parentRunId": parent_run_id} if parent_run_id else {}))
         if run_id:
             self.client.update_run(run_id, status="RUNNING")
             for k, v in tags.items():
@@ -93,9 +114,6 @@ class Tracker:
 
     def log_dict(self, d: dict, name: str) -> None:
         self.client.log_dict(self.run_id, d, name)
-
-    def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
-        self.client.log_artifact(self.run_id, str(path), artifact_path=artifact_path)
 
     def log_figure(self, fig, name: str) -> None:
         self.client.log_figure(self.run_id, fig, name)

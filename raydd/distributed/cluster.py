@@ -140,10 +140,6 @@ def cluster_cpus() -> float:
     return float(ray.cluster_resources().get("CPU", 1))
 
 
-def cluster_gpus() -> float:
-    return float(ray.cluster_resources().get("GPU", 0))
-
-
 def shutdown() -> None:
     if ray.is_initialized():
         ray.shutdown()

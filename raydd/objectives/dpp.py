@@ -15,7 +15,7 @@ eta_dpp * ||z_i|| * ||grad_{z_i} L_dpp|| a function of directions only. grad_{z_
 is already a fraction of the class's gap to its target, whatever the scale: eta_dm = 0.05 at N = 10 closes
 1 % of the gap per step. eps is added to cosines, which have no scale.
 
-Where the losses are evaluated (decisions, see METHODS.md):
+Where the losses are evaluated (a decision: the paper leaves it open):
   on="z_t" (default): on the freshly stepped latents Z_{t-1} themselves (target sqrt(abar_{t-1}) mu_c), the
       same latents the update moves; cheap, no backprop through the DiT. At the last step abar = 1, so the
       final z_0 is pulled toward mu_c directly. (The paper writes g_t from Z_t and applies it to Z_{t-1}; the

@@ -280,7 +280,7 @@ def ve_train_loop(config: dict, hooks: TrainHooks) -> None:
     queue, q_ema = queue.to(device), q_ema.to(device)
     gen = torch.Generator().manual_seed(cfg.seed * 1000 + hooks.world_rank + start)
     total, log_every, t0 = cfg.steps + cfg.cls_steps, max(1, (cfg.steps + cfg.cls_steps) // 20), time.time()
-    ckpt_every = log_every * max(1, total // 5 // log_every)           # as in finetune.backbone_loop
+    ckpt_every = log_every * max(1, total // 5 // log_every)           # as in finetune.train_tiny_backbone
     for step in range(start, total):
         idx = torch.randint(0, N, (cfg.batch,), generator=gen)
         x, y = to_float(x_all[idx]).to(device), y_all[idx].to(device)                # [B,C,H,W] in [-1,1], [B]
