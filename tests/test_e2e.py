@@ -58,6 +58,7 @@ def test_training_progress_reaches_the_driver_once(world):
     assert world["rc"] == 0, world["out"][-3000:]
     lines = [ln for ln in world["out"].splitlines() if "[syn convnet_d3 hard seed 0] [hard] epoch 1/" in ln]
     assert len(lines) == 1, lines
+    assert "Total Progress" not in world["out"]       # no Ray Data progress blocks when stdout is not a terminal
 
 
 def test_random_smoke_and_rerun_reuses_run(world):

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -48,7 +49,9 @@ def init_ray(compute: ComputeConfig) -> None:
                      dashboard_port=port, log_to_driver=True, configure_logging=True, logging_level="WARNING")
             _wait_listening(port, timeout_s=90)
     ctx = ray.data.DataContext.get_current()
-    ctx.enable_progress_bars = True
+    # on a terminal, Ray Data's progress bars; elsewhere (CI, `ray job logs`, a file) it would print a
+    # progress block every 10 s (the default run's log was 650 lines): there the [raydd] lines are the progress
+    ctx.enable_progress_bars = sys.stderr.isatty()
     ctx.print_on_execution_start = False
     check_fits(compute, joined=bool(address))
 
