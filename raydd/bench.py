@@ -283,6 +283,8 @@ def bench_memory(quick: bool) -> dict:
 
 
 DIT_XL_2 = {"hidden_size": 1152, "depth": 28, "heads": 16, "patch_size": 2}   # DiT-XL/2
+DIT_S_2 = {"hidden_size": 384, "depth": 12, "heads": 6, "patch_size": 2}      # DiT-S/2
+ARCHS = {"xl": DIT_XL_2, "s": DIT_S_2}
 SD_VAE = {"block_out_channels": (128, 256, 512, 512), "layers_per_block": 2}   # sd-vae-ft-*: 8x down, 4 channels
 
 
@@ -316,6 +318,51 @@ def count_flops(arch: dict, vae_arch: dict, image_size: int) -> tuple[float, flo
         with FlopCounterMode(display=False) as vae:
             backbone.vae.decode(x)
     return float(dit.get_total_flops()), float(vae.get_total_flops())
+
+
+def _guided_step_peak(arch: str, mode: str, batch: int, micro_batch: int, device: str) -> dict:
+    """In a fresh process: one guided step (J on the VAE-decoded x̂0, as LGD/IGDS) of `batch` rows through a
+    random DiT of `arch` + SD VAE at 256 px, fp32. -> peak memory above the loaded models, in GiB."""
+    import resource
+
+    from raydd.sampling import Guidance, guided_eps
+
+    torch.manual_seed(0)
+    dev = torch.device(device)
+    backbone = random_backbone(ARCHS[arch], SD_VAE, 256).to(dev)
+    x = torch.randn(batch, *backbone.latent_shape, device=dev)
+    t, y = torch.full((batch,), 500, device=dev), torch.arange(batch, device=dev)
+    guidance = Guidance(lambda img, t, y, st: img.flatten(1).mean(1), scale=1.0, mode=mode, on_images=True)
+    cfg = SamplerConfig(cfg_scale=4.0, guidance_micro_batch=micro_batch)
+    if dev.type == "cuda":
+        torch.cuda.synchronize()
+        base = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+    else:
+        base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    t0 = time.time()
+    guided_eps(backbone, guidance, x, t, y, 0.5, 0.02, cfg)
+    seconds = time.time() - t0
+    peak = torch.cuda.max_memory_allocated() if dev.type == "cuda" else \
+        resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    return {"extra_gib": (peak - base) / 2 ** 30, "seconds": seconds}
+
+
+def bench_guided_memory(arch: str, batch: int, device: str = "cpu") -> dict:
+    """Peak memory of one guided step above the models, per mode (full: through the DiT; x0: ε̂ constant) and
+    sampler.guidance_micro_batch (0 = the whole batch at once, 1 = a row at a time). Each in a fresh process."""
+    import concurrent.futures
+    import multiprocessing
+
+    out = {"arch": arch, "batch": batch, "device": device}
+    ctx = multiprocessing.get_context("spawn")
+    for mode in ("x0", "full"):
+        for mb in (0, 1):
+            with concurrent.futures.ProcessPoolExecutor(1, mp_context=ctx) as pool:
+                r = pool.submit(_guided_step_peak, arch, mode, batch, mb, device).result()
+            out[f"{mode}_mb{mb}_gib"], out[f"{mode}_mb{mb}_s"] = r["extra_gib"], r["seconds"]
+        out[f"{mode}_per_image_gib"] = out[f"{mode}_mb0_gib"] / batch
+    return out
 
 
 def bench_gpu(steps: int, batch: int, compile_model: bool, device: str = "cuda", arch: dict = DIT_XL_2,
@@ -376,7 +423,8 @@ def bench_gpu(steps: int, batch: int, compile_model: bool, device: str = "cuda",
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m raydd.bench", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split("\n\n", 1)[1])
-    p.add_argument("--only", default="", help="comma list of: sharding,batching,guidance,train,student,memory,gpu")
+    p.add_argument("--only", default="", help="comma list of: sharding,batching,guidance,train,student,memory,gpu,"
+                                              "guided-memory (not in the default set: minutes at DiT-XL/2 on a CPU)")
     p.add_argument("--out", default="bench.json")
     p.add_argument("--smoke", "--quick", dest="quick", action="store_true", help="small sizes (a few minutes)")
     p.add_argument("--no-mlflow", action="store_true")
@@ -408,6 +456,10 @@ def main(argv: list[str] | None = None) -> int:
     if "memory" in only:
         log("memory (runs python -m raydd.distill twice) ...")
         results["memory"] = bench_memory(q)
+    if "guided-memory" in only:
+        log("guided-memory (one guided step of a random DiT + SD VAE at 256 px, in fresh processes) ...")
+        results["guided_memory"] = bench_guided_memory("s" if q else "xl", batch=2,
+                                                       device="cuda" if torch.cuda.is_available() else "cpu")
     if "gpu" in only:
         log("gpu ...")
         results["gpu"] = bench_gpu(steps=10 if q else 50, batch=8 if q else 32, compile_model=not q)

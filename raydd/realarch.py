@@ -27,9 +27,7 @@ from pathlib import Path
 
 import numpy as np
 
-ARCHS = {"xl": {"hidden_size": 1152, "depth": 28, "heads": 16, "patch_size": 2},     # DiT-XL/2
-         "s": {"hidden_size": 384, "depth": 12, "heads": 6, "patch_size": 2}}        # DiT-S/2
-SD_VAE = {"block_out_channels": (128, 256, 512, 512), "layers_per_block": 2}
+from raydd.bench import ARCHS, SD_VAE
 
 
 def write_models(out: Path, arch: str, seed: int = 0) -> tuple[str, str]:
