@@ -44,10 +44,23 @@ def test_dit_space_loads_with_paper_defaults():
 
 
 @pytest.mark.parametrize("method", tune_space.list_spaces())
-def test_every_shipped_space_loads_and_defaults_are_declared(method):
+def test_every_shipped_space_starts_from_the_methods_own_defaults(method):
+    """A sweep's first trial is the default point: each shipped space's defaults must be the values a plain
+    run uses (the method's Config, or the sampler's), except where the Config says "auto" (0 / "auto")."""
+    import dataclasses
+
+    from raydd.config import SamplerConfig
+    from raydd.methods import get_method
+
     space = load_space(method)
     assert space.names(), method
-    assert space.defaults() == {n: p.default for n, p in space.params.items()}
+    for name, value in space.defaults().items():
+        section, field = name.split(".", 1)
+        own = getattr(SamplerConfig() if section == "sampler" else get_method(section).Config(), field)
+        if own in (0, "auto") and not isinstance(own, bool):
+            continue
+        assert own == pytest.approx(value) if isinstance(own, float) else own == value, (name, own, value)
+    assert dataclasses.is_dataclass(get_method(method).Config())
 
 
 def test_defaults_equal_the_declared_defaults(tmp_path):
