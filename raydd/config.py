@@ -181,7 +181,22 @@ ALLOWED = {
 # Loading, overrides, validation
 # --------------------------------------------------------------------------------------------
 def list_presets() -> list[str]:
-    return sorted(p.stem for p in PRESET_DIR.glob("*.yaml"))
+    """Preset names (files starting with "_" are shared bases that presets extend, not presets)."""
+    return sorted(p.stem for p in PRESET_DIR.glob("*.yaml") if not p.stem.startswith("_"))
+
+
+def read_preset(name: str) -> dict:
+    """A preset file's mapping; `extends: <base>` merges it over that base file (nested sections key by key)."""
+    raw = yaml.safe_load((PRESET_DIR / f"{name}.yaml").read_text()) or {}
+    base = raw.pop("extends", None)
+    return _merge(read_preset(base), raw) if base else raw
+
+
+def _merge(base: dict, over: dict) -> dict:
+    out = dict(base)
+    for k, v in over.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
 
 
 def load_config(preset: str = "digits", overrides: list[str] | None = None, smoke: bool = False,
@@ -189,7 +204,7 @@ def load_config(preset: str = "digits", overrides: list[str] | None = None, smok
     """Resolve defaults <- preset <- smoke section <- overrides, then validate."""
     if preset not in list_presets():
         raise ConfigError(f"unknown preset {preset!r}; allowed: {', '.join(list_presets())}")
-    raw = yaml.safe_load((PRESET_DIR / f"{preset}.yaml").read_text()) or {}
+    raw = read_preset(preset)
     smoke_section = raw.pop("smoke", {}) or {}
     cfg = Config(preset=preset)
     apply_dict(cfg, raw)

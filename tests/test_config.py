@@ -142,3 +142,16 @@ def test_cli_tells_bad_input_from_bugs():
         run_cli(bug)
     with pytest.raises(RuntimeError):
         run_cli(lambda: (_ for _ in ()).throw(RuntimeError("actor died")))
+
+
+def test_presets_extend_a_shared_base_key_by_key():
+    """imagenet1k `extends: _imagenet` and overrides only its classes and students: the base's other settings,
+    including the rest of its smoke section, still apply; "_" files are bases, not presets."""
+    from raydd.config import list_presets
+
+    assert "_imagenet" not in list_presets() and "imagenet1k" in list_presets()
+    woof, full = load_config("imagewoof", ["data.root=/x"], smoke=True), load_config("imagenet1k", ["data.root=/x"], smoke=True)
+    assert (woof.data.classes, full.data.classes) == ("imagewoof", "imagenet1k")
+    assert full.eval.students == ["resnet18"] and woof.eval.students == ["convnet_d6"]
+    assert full.ipc == woof.ipc == 1 and full.sampler.steps == woof.sampler.steps == 3
+    assert full.methods == woof.methods and full.data.image_size == 256
