@@ -44,7 +44,8 @@ class DataConfig:
                                    #   of it; sweeps then hold out 0.15 for their trials, named in their params)
     test_fraction: float = 0.25    # digits only (an imagefolder's val/ is its test split)
     split_seed: int = 0            # the split is a deterministic function of this seed
-    max_train_per_class: int = 0   # cap on real train images per class (0 = all)
+    max_train_per_class: int = 0   # cap on real train images per class (0 = all); an ImageFolder decodes only
+                                   #   the first ~cap / (1 - hold-out) files of each class (file-name order)
 
 
 @dataclass

@@ -5,6 +5,7 @@ the class list's order (ImageNet subsets: the order of the files in raydd/imagen
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -202,8 +203,13 @@ def load_imagefolder_data(cfg: DataConfig) -> RealData:
         raise DataError(f"data.root {root} is not a directory")
     available = [p.name for p in train_dir.iterdir() if p.is_dir()]
     classes = resolve_classes(cfg.classes, available)
-    full = load_image_folder(train_dir, classes, cfg.image_size, cfg.channels)
-    if (root / "val").is_dir():  # ImageNet convention: val/ is the held-out test split
+    has_val = (root / "val").is_dir()
+    # data.max_train_per_class bounds what is decoded, not only what trains: read the first files of each class
+    # (file-name order), enough that the val (and test) hold-out leaves the cap for train
+    kept = 1.0 - cfg.val_fraction - (0.0 if has_val else cfg.test_fraction)
+    decode = math.ceil(cfg.max_train_per_class / kept) + 2 if cfg.max_train_per_class > 0 else 0
+    full = load_image_folder(train_dir, classes, cfg.image_size, cfg.channels, cap=decode)
+    if has_val:  # ImageNet convention: val/ is the held-out test split
         test = load_image_folder(root / "val", classes, cfg.image_size, cfg.channels)
         tr, va, _ = stratified_split(full.y.numpy(), (cfg.val_fraction, 0.0), cfg.split_seed)
     else:

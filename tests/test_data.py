@@ -133,3 +133,20 @@ def test_imagenet_presets_train_on_the_whole_train_split_and_only_sweeps_hold_ou
     assert trial_base_config(load_config("digits")).data.val_fraction == load_config("digits").data.val_fraction
     with pytest.raises(ConfigError, match="data.val_fraction > 0"):
         load_config("imagewoof", [f"data.root={tmp_path}", "eval.split=val"])
+
+
+def test_max_train_per_class_bounds_what_is_decoded(tmp_path, monkeypatch):
+    """The cap used to apply after every image was decoded (it bounded nothing at ImageNet-1K): now only the
+    first files of each class are read, enough for the hold-out and the cap."""
+    import raydd.data as data_mod
+
+    _folder(tmp_path / "train", ["a", "b"], n=40)
+    _folder(tmp_path / "val", ["a", "b"], n=2)
+    reads = []
+    read = data_mod.read_image
+    monkeypatch.setattr(data_mod, "read_image", lambda f, *a: reads.append(f) or read(f, *a))
+    d = load_imagefolder_data(DataConfig(dataset="imagefolder", root=str(tmp_path), image_size=8, channels=3,
+                                         val_fraction=0.15, max_train_per_class=5))
+    assert torch.bincount(d.train.y).tolist() == [5, 5] and len(d.val) > 0
+    train_reads = [f for f in reads if "/train/" in str(f)]
+    assert len(train_reads) <= 2 * 8, len(train_reads)         # ceil(5 / 0.85) + 2 = 8 per class, not 40
