@@ -20,6 +20,7 @@ import torch
 from raydd.config import Config, DataConfig, EvalConfig, config_hash
 from raydd.data import RealData, load_distilled_folder, load_real
 from raydd.evaluation import dd_ranking, epochs_for, train_student, train_teacher
+from raydd.generate import random_subset
 from raydd.train_hooks import TrainHooks
 
 
@@ -105,7 +106,6 @@ def eval_loop(config: dict, hooks: TrainHooks) -> None:
     all finished results: a worker failure (FailureConfig) or a rerun of the same run after the driver died
     resumes with only the unfinished jobs. A stage's last report also carries {"stage", "acc"}: the mean
     top-1 of its synthetic-set jobs (what a Tune trial reports)."""
-    from raydd.methods.random import random_subset
 
     dcfg, ecfg = DataConfig(**config["data"]), EvalConfig(**config["eval"])
     data = load_real(dcfg)

@@ -18,6 +18,7 @@ import numpy as np
 import torch
 
 from raydd.config import BackboneConfig, SamplerConfig
+from raydd.data import DataError, Split
 from raydd.sampling import Guidance, sample, sample_seed, to_uint8
 
 
@@ -161,3 +162,20 @@ def generate_local(spec: BackboneSpec, sampler: SamplerConfig, rows: dict[str, n
     """The in-process path (tests, benchmarks): same code as one actor, units in order."""
     fn = SampleBatches(spec, sampler, guidance_factory, post_step_factory=post_step_factory)
     return rows_to_set(fn(rows))
+
+
+def random_subset(train: Split, ipc: int, seed: int) -> DistilledSet:
+    """`ipc` real images per class from a Split, a function of (seed, class) only: the `random` baseline and
+    DD-Ranking's reference."""
+    counts = torch.bincount(train.y)
+    if int(counts.min()) < ipc:
+        raise DataError(f"ipc={ipc} is larger than the real pool: class {int(counts.argmin())} has only "
+                        f"{int(counts.min())} training images")
+    picks = []
+    for c in range(len(counts)):
+        idx = torch.nonzero(train.y == c).flatten()
+        g = torch.Generator().manual_seed(sample_seed(seed, c, 0, "random"))
+        picks.append(idx[torch.randperm(len(idx), generator=g)[:ipc]])
+    idx = torch.cat(picks)
+    return DistilledSet(images=train.x[idx], labels=train.y[idx],
+                        slots=torch.arange(ipc).repeat(len(counts)))

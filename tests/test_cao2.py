@@ -138,7 +138,7 @@ def test_selection_through_the_method(digits_cfg, spec, shared_cache):
     ipc = cfg.ipc
     assert len(ds) == 10 * ipc and ds.slots.tolist() == list(range(ipc)) * 10
 
-    from raydd.methods.random import random_subset
+    from raydd.generate import random_subset
 
     pool = random_subset(ctx.data.train, 3 * ipc, cfg.seed).sorted()
     model = load_selector(selector_path(ctx, resolve(ctx, mcfg)), "convnet_d3", 10, 1, 16)

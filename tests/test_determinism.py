@@ -138,7 +138,7 @@ def test_student_jobs_resume_after_driver_death_and_worker_failure(ray_local, di
     from raydd.data import load_real
     from raydd.distributed.train import fit
     from raydd.eval_jobs import eval_loop
-    from raydd.methods.random import random_subset
+    from raydd.generate import random_subset
 
     data = load_real(digits_cfg.data)
     subset = random_subset(data.train, 2, seed=0)

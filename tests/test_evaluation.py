@@ -186,7 +186,7 @@ def test_staged_evaluation_reports_each_stage_and_summarises_the_last(digits_cfg
     from raydd.context import LocalRunner
     from raydd.data import load_real
     from raydd.eval_jobs import evaluate_set
-    from raydd.methods.random import random_subset
+    from raydd.generate import random_subset
 
     data = load_real(digits_cfg.data)
     subset = random_subset(data.train, 2, seed=0)
@@ -237,7 +237,7 @@ def test_soft_protocol_reports_hlr_and_lrs_from_the_sets_own_hard_label_accuracy
     from raydd.data import load_real
     from raydd.eval_jobs import evaluate_set
     from raydd.evaluation import dd_ranking
-    from raydd.methods.random import random_subset
+    from raydd.generate import random_subset
 
     data = load_real(digits_cfg.data)
     subset = random_subset(data.train, 2, seed=0)
