@@ -10,14 +10,12 @@ rule behind SD's 0.18215, so that the DiT sees latents of unit variance.
 """
 from __future__ import annotations
 
-import tempfile
-import time
 from dataclasses import asdict
 
 import torch
 
 from raydd.config import BackboneConfig, DataConfig
-from raydd.train_hooks import TrainHooks, print_progress
+from raydd.train_hooks import TrainHooks, TrainLoop
 
 LATENT_CHANNELS = 4    # as SD's VAE
 KL_WEIGHT = 1e-6       # on the summed KL relative to the summed squared error (SD's first stage)
@@ -51,17 +49,11 @@ def train_tiny_vae(config: dict, hooks: TrainHooks) -> None:
     x_all = load_real(dcfg).train.x                                      # uint8 [N, C, H, W]
     vae = tiny_vae(dcfg.channels, dcfg.image_size, config["vae_width"])
     opt = torch.optim.AdamW(vae.parameters(), lr=LR, weight_decay=0.0)
-    start = 0
-    if hooks.restore_dir():                                              # resume after a worker failure
-        state = torch.load(f"{hooks.restore_dir()}/state.pt", map_location="cpu", weights_only=True)
-        vae.load_state_dict(state["vae"]), opt.load_state_dict(state["opt"])
-        start = int(state["step"])
+    loop = TrainLoop(hooks, "vae", steps, {"vae": vae, "opt": opt})   # restores both after a worker failure
     net = hooks.prepare_model(VAELoss(vae))                              # DDP-wrapped when world_size > 1
     device = hooks.device
     gen = torch.Generator().manual_seed(config["seed"] * 1000 + hooks.world_rank)
-    t0, seen, log_every = time.time(), 0, max(1, steps // 20)
-    ckpt_every = log_every * max(1, steps // 5 // log_every)
-    for step in range(start, steps):
+    for step in loop.steps():
         idx = torch.randint(0, len(x_all), (BATCH,), generator=gen)
         x = to_float(x_all[idx]).to(device)                              # [B, C, H, W] in [-1, 1]
         mse, kl = net(x, gen)
@@ -69,19 +61,8 @@ def train_tiny_vae(config: dict, hooks: TrainHooks) -> None:
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
-        seen += BATCH
-        last = step == steps - 1
-        if (step + 1) % log_every == 0 or last:
-            metrics = {"step": step + 1, "loss": float(loss), "mse": float(mse), "kl": float(kl),
-                       "images_per_s": seen / (time.time() - t0)}
-            print_progress(hooks, "vae", step + 1, steps, metrics)
-        if (step + 1) % ckpt_every == 0 or last:
-            with tempfile.TemporaryDirectory() as d:
-                if hooks.world_rank == 0:
-                    torch.save({"vae": vae.state_dict(), "opt": opt.state_dict(), "step": step + 1}, f"{d}/state.pt")
-                    if last:
-                        metrics["scaling_factor"] = save_with_scaling_factor(vae, x_all, f"{d}/vae", device)
-                hooks.report(metrics, checkpoint_dir=d if hooks.world_rank == 0 else None)
+        loop.end_step(step, BATCH, metrics=lambda: {"loss": float(loss), "mse": float(mse), "kl": float(kl)},
+                      final=lambda d: {"scaling_factor": save_with_scaling_factor(vae, x_all, f"{d}/vae", device)})
 
 
 class VAELoss(torch.nn.Module):

@@ -9,12 +9,8 @@ with the mean in L_vlb built from a stop-gradient eps, so L_vlb trains only the 
 from __future__ import annotations
 
 import importlib
-import json
 import math
-import tempfile
-import time
 from dataclasses import asdict
-from pathlib import Path
 from typing import Callable
 
 import numpy as np
@@ -23,7 +19,7 @@ import torch
 from raydd.config import BackboneConfig, DataConfig, SamplerConfig
 from raydd.diffusion import (Schedule, coef, learned_range_log_variance, make_schedule, predict_x0, q_sample,
                              split_output)
-from raydd.train_hooks import TrainHooks, print_progress
+from raydd.train_hooks import TrainHooks, TrainLoop
 
 Predict = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor | None]]
 
@@ -163,20 +159,12 @@ def train_tiny_backbone(config: dict, hooks: TrainHooks) -> None:
     net = hooks.prepare_model(model)
     device = hooks.device
     ema = EMA(model, decay=0.999, warmup=True)                            # (DiT: 0.9999 over 400k steps)
-    start = 0
-    if hooks.restore_dir():                                                # resume after a worker failure
-        state = torch.load(f"{hooks.restore_dir()}/state.pt", map_location="cpu", weights_only=True)
-        model.load_state_dict(state["model"]), ema.load_state_dict(state["ema"]), opt.load_state_dict(state["opt"])
-        start = int(state["step"])
+    loop = TrainLoop(hooks, "backbone", bcfg.train_steps, {"model": model, "ema": ema, "opt": opt})
     schedule = make_schedule(scfg, steps=scfg.train_timesteps)
     predict = transformer_predict(net, channels)
     gen = torch.Generator().manual_seed(config["seed"] * 1000 + hooks.world_rank)
     net.train()
-    # a log line every 1/20 of the steps, a report with a checkpoint every 1/5 (a Ray Train report blocks
-    # until the controller's next poll, up to 2 s, when the previous one is still pending)
-    t0, seen, log_every = time.time(), 0, max(1, bcfg.train_steps // 20)
-    ckpt_every = log_every * max(1, bcfg.train_steps // 5 // log_every)   # a multiple: reports carry the log metrics
-    for step in range(start, bcfg.train_steps):
+    for step in loop.steps():
         idx = torch.randint(0, len(y_all), (bcfg.train_batch,), generator=gen)
         t = torch.randint(0, scfg.train_timesteps, (bcfg.train_batch,), generator=gen).to(device)
         x0 = x_all[idx.to(device)]                                        # [B, channels, side, side]
@@ -189,20 +177,10 @@ def train_tiny_backbone(config: dict, hooks: TrainHooks) -> None:
         torch.nn.utils.clip_grad_norm_(net.parameters(), 1.0)
         opt.step()
         ema.update(model, step)
-        seen += bcfg.train_batch
-        last = step == bcfg.train_steps - 1
-        if (step + 1) % log_every == 0 or last:
-            metrics = {"step": step + 1, "loss": loss.item(), "mse": losses["mse"].mean().item(),
-                       "vb": float(losses["vb"].mean()), "images_per_s": seen / (time.time() - t0)}
-            print_progress(hooks, "backbone", step + 1, bcfg.train_steps, metrics)
-        if (step + 1) % ckpt_every == 0 or last:
-            with tempfile.TemporaryDirectory() as d:
-                if hooks.world_rank == 0:
-                    torch.save({"model": model.state_dict(), "ema": ema.state_dict(), "opt": opt.state_dict(),
-                                "step": step + 1}, f"{d}/state.pt")
-                    if last:
-                        save_transformer(ema.copy_to(model).cpu(), f"{d}/transformer")
-                hooks.report(metrics, checkpoint_dir=d if hooks.world_rank == 0 else None)
+        loop.end_step(step, bcfg.train_batch,
+                      metrics=lambda: {"loss": loss.item(), "mse": losses["mse"].mean().item(),
+                                       "vb": float(losses["vb"].mean())},
+                      final=lambda d: save_transformer(ema.copy_to(model).cpu(), f"{d}/transformer"))
 
 
 # --------------------------------------------------------------------------------------------
@@ -293,20 +271,15 @@ def finetune_loop(config: dict, hooks: TrainHooks) -> None:
     vae = load_vae(config["vae"], config["vae_scale"]).to(device).eval()
     z_all, y_all = encode_real(vae, data.train.x, device), y_all.to(device)   # latents [N, c, h, w] on the device
     ema = EMA(model, config["ema"])
-    start, history = 0, []                                                 # history: every report (loss curve)
-    if hooks.restore_dir():
-        state = torch.load(f"{hooks.restore_dir()}/state.pt", map_location="cpu", weights_only=True)
-        model.load_state_dict(state["model"]), opt.load_state_dict(state["opt"]), ema.load_state_dict(state["ema"])
-        start = int(state["step"])
-        if Path(hooks.restore_dir(), "history.json").exists():
-            history = json.loads(Path(hooks.restore_dir(), "history.json").read_text())
+    # the logged rows (the loss curve) are kept with the model as history.json
+    loop = TrainLoop(hooks, "finetune", config["steps"], {"model": model, "opt": opt, "ema": ema},
+                     curve_file="history.json")
     schedule = make_schedule(scfg, steps=scfg.train_timesteps)
     predict = transformer_predict(net, channels)
     gen = torch.Generator().manual_seed(config["seed"] * 1000 + hooks.world_rank)
     net.train()
-    B, log_every = config["batch"], max(1, config["steps"] // 20)
-    ckpt_every = log_every * max(1, config["steps"] // 5 // log_every)     # as in train_tiny_backbone
-    for step in range(start, config["steps"]):
+    B = config["batch"]
+    for step in loop.steps():
         idx = torch.randint(0, len(y_all), (B,), generator=gen).to(device)
         t = torch.randint(0, scfg.train_timesteps, (B,), generator=gen).to(device)
         x0 = z_all[idx]                                                   # [B, c, h, w] latents
@@ -324,17 +297,5 @@ def finetune_loop(config: dict, hooks: TrainHooks) -> None:
         loss.backward()
         opt.step()
         ema.update(model, step)
-        last = step == config["steps"] - 1
-        if (step + 1) % log_every == 0 or last:
-            history.append({"step": step + 1, "loss": loss.item(), **parts})
-            if hooks.world_rank == 0:
-                print("[finetune] " + " ".join(f"{k} {v:.4g}" for k, v in history[-1].items()), flush=True)
-        if (step + 1) % ckpt_every == 0 or last:
-            with tempfile.TemporaryDirectory() as d:
-                if hooks.world_rank == 0:
-                    torch.save({"model": model.state_dict(), "opt": opt.state_dict(), "ema": ema.state_dict(),
-                                "step": step + 1}, f"{d}/state.pt")
-                    Path(d, "history.json").write_text(json.dumps(history))   # the loss curve, kept with the model
-                    if last:                                               # EMA weights, gammas folded: a plain DiT
-                        save_transformer(fold_difffit_gammas(ema.copy_to(model)).cpu(), f"{d}/transformer")
-                hooks.report(history[-1], checkpoint_dir=d if hooks.world_rank == 0 else None)
+        loop.end_step(step, B, metrics=lambda: {"loss": loss.item(), **parts},   # EMA weights, gammas folded
+                      final=lambda d: save_transformer(fold_difffit_gammas(ema.copy_to(model)).cpu(), f"{d}/transformer"))

@@ -6,9 +6,12 @@ runs under `raydd.distributed.train.fit` (Ray Train) and under `run_local` (unit
 """
 from __future__ import annotations
 
+import json
 import socket
 import tempfile
+import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Callable
 
 import torch
@@ -60,6 +63,61 @@ def print_progress(hooks: TrainHooks, tag: str, step: int, total: int, metrics: 
     if hooks.world_rank == 0:
         print(f"[{tag}] step {step}/{total} " + " ".join(f"{k} {v:.4g}" for k, v in metrics.items() if k != "step"),
               flush=True)
+
+
+class TrainLoop:
+    """The skeleton every raydd training loop shares (tiny DiT, fine-tunes, tiny VAE, IGDS's estimator), so
+    resume, logging and checkpoints cannot drift apart between them:
+
+        loop = TrainLoop(hooks, "vae", total, {"vae": vae, "opt": opt})   # restores them after a failure
+        for step in loop.steps():                                          # from the restored step on
+            ... one optimizer step on `n` samples ...
+            loop.end_step(step, n, metrics=lambda: {...}, final=lambda d: ...)
+
+    A progress line every 1/20 of the steps (and at `breaks`, e.g. a phase boundary), a report with a
+    checkpoint every 1/5 (a multiple of the log cadence, so reports carry the log metrics). A checkpoint is
+    state.pt (every entry's state_dict, `extra()`'s values and the step) and the curve of every logged row;
+    the last one also holds what `final(dir)` writes (the model the job exists for; the dict it returns is
+    added to the last report)."""
+
+    def __init__(self, hooks: TrainHooks, tag: str, total: int, state: dict[str, Any], curve_file: str = "curve.json",
+                 breaks: tuple[int, ...] = ()):
+        self.hooks, self.tag, self.total, self.state, self.curve_file = hooks, tag, total, state, curve_file
+        self.log_every = max(1, total // 20)
+        self.ckpt_every = self.log_every * max(1, total // 5 // self.log_every)
+        self.breaks = set(breaks)
+        self.start, self.saved, self.curve, self.metrics = 0, {}, [], {}
+        if hooks.restore_dir():                                          # resume after a worker failure
+            self.saved = torch.load(f"{hooks.restore_dir()}/state.pt", map_location="cpu", weights_only=True)
+            for name, obj in state.items():
+                obj.load_state_dict(self.saved[name])
+            self.start = int(self.saved["step"])
+            curve = Path(hooks.restore_dir(), curve_file)
+            self.curve = json.loads(curve.read_text()) if curve.exists() else []
+        self.t0, self.seen = time.time(), 0
+
+    def steps(self) -> range:
+        return range(self.start, self.total)
+
+    def end_step(self, step: int, samples: int, metrics: Callable[[], dict],
+                 final: Callable[[str], dict | None] | None = None, extra: Callable[[], dict] | None = None) -> None:
+        """After optimizer step `step` (0-based) over `samples` samples; metrics() runs on log steps only."""
+        self.seen += samples
+        done, last = step + 1, step == self.total - 1
+        if done % self.log_every == 0 or last or done in self.breaks:
+            self.metrics = {"step": done, **metrics(), "images_per_s": self.seen / (time.time() - self.t0)}
+            self.curve.append(self.metrics)
+            print_progress(self.hooks, self.tag, done, self.total, self.metrics)
+        if done % self.ckpt_every == 0 or last or done in self.breaks:
+            rank0 = self.hooks.world_rank == 0
+            with tempfile.TemporaryDirectory() as d:
+                if rank0:
+                    if last and final is not None:
+                        self.metrics = self.metrics | (final(d) or {})
+                    torch.save({**{k: v.state_dict() for k, v in self.state.items()}, **(extra() if extra else {}),
+                                "step": done}, f"{d}/state.pt")
+                    Path(d, self.curve_file).write_text(json.dumps(self.curve))
+                self.hooks.report(self.metrics, checkpoint_dir=d if rank0 else None)
 
 
 def run_local(loop: Callable[[dict, TrainHooks], None], config: dict) -> TrainHooks:

@@ -34,8 +34,6 @@ from __future__ import annotations
 import copy
 import json
 import math
-import tempfile
-import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -46,7 +44,7 @@ import torch.nn.functional as F
 from raydd.config import DataConfig
 from raydd.errors import CheckpointError
 from raydd.sampling import Guidance
-from raydd.train_hooks import TrainHooks
+from raydd.train_hooks import TrainHooks, TrainLoop
 
 VE_WEIGHTS, VE_META, VE_CURVE = "ve.safetensors", "ve.json", "curve.json"
 
@@ -266,22 +264,19 @@ def ve_train_loop(config: dict, hooks: TrainHooks) -> None:
     q_ema = torch.full((C, D), 1.0 / D)                                             # Q_y during training
     opt_f = torch.optim.AdamW(ve.encoder.parameters(), lr=cfg.lr, weight_decay=1e-4)
     opt_g = torch.optim.AdamW(ve.classifier.parameters(), lr=cfg.cls_lr, weight_decay=1e-4)
-    start, ptr, curve = 0, 0, []
-    if hooks.restore_dir():                                                         # resume after a failure
-        s = torch.load(f"{hooks.restore_dir()}/state.pt", map_location="cpu", weights_only=True)
-        ve.load_state_dict(s["ve"]), key_encoder.load_state_dict(s["key"])
-        opt_f.load_state_dict(s["opt_f"]), opt_g.load_state_dict(s["opt_g"])
-        queue, q_ema, ptr, start = s["queue"], s["q_ema"], int(s["ptr"]), int(s["step"])
-        curve = json.loads(Path(f"{hooks.restore_dir()}/{VE_CURVE}").read_text())
+    total = cfg.steps + cfg.cls_steps                       # a log row and a checkpoint at the phase boundary too
+    loop = TrainLoop(hooks, "ve", total, {"ve": ve, "key": key_encoder, "opt_f": opt_f, "opt_g": opt_g},
+                     curve_file=VE_CURVE, breaks=(cfg.steps,))
+    ptr = 0
+    if loop.saved:                                                                  # resumed: the rest of the state
+        queue, q_ema, ptr = loop.saved["queue"], loop.saved["q_ema"], int(loop.saved["ptr"])
     device = hooks.device
     encoder = hooks.prepare_model(ve.encoder)                                       # DDP when world_size > 1
     classifier = hooks.prepare_model(ve.classifier)
     ve.to(device), key_encoder.to(device)
     queue, q_ema = queue.to(device), q_ema.to(device)
-    gen = torch.Generator().manual_seed(cfg.seed * 1000 + hooks.world_rank + start)
-    total, log_every, t0 = cfg.steps + cfg.cls_steps, max(1, (cfg.steps + cfg.cls_steps) // 20), time.time()
-    ckpt_every = log_every * max(1, total // 5 // log_every)           # as in finetune.train_tiny_backbone
-    for step in range(start, total):
+    gen = torch.Generator().manual_seed(cfg.seed * 1000 + hooks.world_rank + loop.start)
+    for step in loop.steps():
         idx = torch.randint(0, N, (cfg.batch,), generator=gen)
         x, y = to_float(x_all[idx]).to(device), y_all[idx].to(device)                # [B,C,H,W] in [-1,1], [B]
         if step < cfg.steps:                                                        # phase 1: f_θ
@@ -316,23 +311,9 @@ def ve_train_loop(config: dict, hooks: TrainHooks) -> None:
             ce.backward()
             opt_g.step()
             row = {"ce": ce.item(), "cls_acc": float((logits.argmax(1) == y).float().mean())}
-        last = step == total - 1
-        if (step + 1) % log_every == 0 or last or step + 1 == cfg.steps:
-            row = {"step": step + 1, "phase": 1 if step < cfg.steps else 2, **row,
-                   "images_per_s": (step + 1 - start) * cfg.batch / (time.time() - t0)}
-            curve.append(row)
-            if hooks.world_rank == 0:
-                print("[ve] " + " ".join(f"{k} {v:.4g}" for k, v in row.items()), flush=True)
-        if (step + 1) % ckpt_every == 0 or last or step + 1 == cfg.steps:
-            with tempfile.TemporaryDirectory() as d:
-                if hooks.world_rank == 0:
-                    if last:
-                        _finish(ve, data, cfg, d, device)
-                    torch.save({"ve": ve.state_dict(), "key": key_encoder.state_dict(), "opt_f": opt_f.state_dict(),
-                                "opt_g": opt_g.state_dict(), "queue": queue.cpu(), "q_ema": q_ema.cpu(),
-                                "ptr": ptr, "step": step + 1}, f"{d}/state.pt")
-                    Path(d, VE_CURVE).write_text(json.dumps(curve))
-                hooks.report(row, checkpoint_dir=d if hooks.world_rank == 0 else None)
+        loop.end_step(step, cfg.batch, metrics=lambda: {"phase": 1 if step < cfg.steps else 2, **row},
+                      final=lambda d: _finish(ve, data, cfg, d, device),
+                      extra=lambda: {"queue": queue.cpu(), "q_ema": q_ema.cpu(), "ptr": ptr})
 
 
 @torch.no_grad()
