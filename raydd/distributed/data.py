@@ -6,6 +6,7 @@ output does not depend on how many actors ran (checked by tests/test_determinism
 """
 from __future__ import annotations
 
+import fcntl
 import os
 from pathlib import Path
 
@@ -48,16 +49,31 @@ def map_ray(udf: type, udf_kwargs: dict, columns: dict[str, np.ndarray], compute
     With stage_dir, every finished unit is saved there as it arrives (temp file + rename), and units
     already there are not run again: a driver that dies mid-stage resumes where it stopped.
     fail_driver_after >= 0 (fault injection, sampling stages only): the driver exits after saving that many."""
+    if stage_dir is None:
+        return _map_units(udf, udf_kwargs, columns, compute, None, fail_driver_after)
+    # processes that need the same stage at once (sweep trials sharing a pool) take turns: the first samples,
+    # the others wait, then find every unit done (a local file lock: one machine or a shared POSIX file system)
+    stage_dir.mkdir(parents=True, exist_ok=True)
+    with open(stage_dir.with_name(stage_dir.name + ".lock"), "w") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            print(f"[raydd] waiting for another process running stage {stage_dir.name} ...", flush=True)
+            fcntl.flock(lock, fcntl.LOCK_EX)
+        return _map_units(udf, udf_kwargs, columns, compute, stage_dir, fail_driver_after)
+
+
+def _map_units(udf: type, udf_kwargs: dict, columns: dict[str, np.ndarray], compute: ComputeConfig,
+               stage_dir: Path | None, fail_driver_after: int) -> dict[str, np.ndarray]:
     done: list[dict[str, np.ndarray]] = []
     if stage_dir is not None:
-        stage_dir.mkdir(parents=True, exist_ok=True)
         for f in sorted(stage_dir.glob("unit-*.npz")):
             with np.load(f, allow_pickle=False) as z:
                 done.append({k: z[k] for k in z.files})
     finished = {int(u) for d in done for u in np.unique(d["unit"])}
     todo = ~np.isin(columns["unit"], list(finished))
     if finished:
-        print(f"[raydd] resuming stage {stage_dir.name}: {len(finished)} unit(s) already done, "
+        print(f"[raydd] stage {stage_dir.name}: {len(finished)} unit(s) already done (reused), "
               f"{len(np.unique(columns['unit'][todo]))} to go", flush=True)
     saved = 0
     if todo.any():
@@ -107,19 +123,41 @@ def _batches_or_init_error(ds, udf: type):
 
 
 def stage_key(*parts) -> str:
-    """A stable key for a generation stage: rows, sampler, backbone and the guidance recipe
-    (memory addresses in reprs are dropped so the key survives a restart)."""
-    import re
-
+    """A stable content key for a stage: rows, sampler, backbone and the guidance recipe. Factories
+    (functools.partial) count by their function and arguments, arrays by their bytes (a repr would summarise
+    a large array with "..."), anything else by its repr without memory addresses, so the key survives a
+    restart and two runs asking for the same samples share them."""
     from raydd.config import config_hash
 
-    return config_hash(*[re.sub(r" at 0x[0-9a-f]+", "", repr(p)) if not isinstance(p, (dict, list, str)) else p
-                         for p in parts])
+    return config_hash(*[_fingerprint(p) for p in parts])
+
+
+def _fingerprint(obj):
+    import functools
+    import hashlib
+    import re
+
+    if isinstance(obj, functools.partial):
+        return {"fn": f"{obj.func.__module__}.{obj.func.__qualname__}", "args": [_fingerprint(a) for a in obj.args],
+                "kw": {k: _fingerprint(v) for k, v in sorted(obj.keywords.items())}}
+    if isinstance(obj, np.ndarray):
+        return f"{obj.dtype}{obj.shape}:{hashlib.sha256(np.ascontiguousarray(obj).tobytes()).hexdigest()}"
+    if isinstance(obj, dict):
+        return {str(k): _fingerprint(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_fingerprint(v) for v in obj]
+    if isinstance(obj, (str, int, float, bool)) or obj is None:
+        return obj
+    return re.sub(r" at 0x[0-9a-f]+", "", repr(obj))
 
 
 def generate_ray(spec: BackboneSpec, sampler: SamplerConfig, rows: dict[str, np.ndarray], compute: ComputeConfig,
                  guidance_factory: GuidanceFactory | None = None, scratch: str | Path | None = None,
-                 post_step_factory=None) -> DistilledSet:
+                 post_step_factory=None, stages: str | Path | None = None) -> DistilledSet:
+    """Sample `rows` on the actor pool. The stage is kept under `stages` (else `scratch`), keyed by its content
+    (rows with their seeds, sampler, backbone, guidance and post-step recipes, precision): every run that
+    asks for the same samples reuses the finished units (a sweep whose trials differ after sampling samples
+    once; a rerun after the driver died resumes)."""
     kwargs = dict(spec=spec, sampler=sampler, guidance_factory=guidance_factory, gpus=compute.gpus_per_actor,
                   threads=max(1, int(compute.cpus_per_actor)), precision=compute.precision,
                   post_step_factory=post_step_factory)
@@ -127,11 +165,11 @@ def generate_ray(spec: BackboneSpec, sampler: SamplerConfig, rows: dict[str, np.
     if compute.fail_actor_after >= 0:
         udf = FaultySampleBatches
         kwargs.update(fail_after=compute.fail_actor_after, marker=str(Path(scratch or ".") / "actor_fault_injected"))
-    stage_dir = None
-    if scratch is not None:
+    stage_dir, home = None, stages if stages is not None else scratch
+    if home is not None:
         key = stage_key({k: v.tolist() for k, v in rows.items()}, sampler, spec, guidance_factory, post_step_factory,
                         compute.precision)
-        stage_dir = Path(scratch) / f"generate-{key}"
+        stage_dir = Path(home) / f"generate-{key}"
     out = map_ray(udf, kwargs, rows, compute, stage_dir, fail_driver_after=compute.fail_driver_after)
     check_complete(rows, out)
     return rows_to_set(out)

@@ -27,8 +27,11 @@ class RayRunner:
 
     def generate(self, spec: BackboneSpec, rows: dict[str, np.ndarray],
                  guidance_factory: GuidanceFactory | None = None, post_step_factory=None) -> DistilledSet:
+        # generation stages are shared by content across runs (the cache's stages/); without a scratch dir
+        # (python -m raydd.evaluate) nothing is kept
+        stages = self.cfg.resolved_cache_dir() / "stages" if self.scratch is not None else None
         return generate_ray(spec, self.cfg.sampler, rows, self.cfg.compute, guidance_factory, scratch=self.scratch,
-                            post_step_factory=post_step_factory)
+                            post_step_factory=post_step_factory, stages=stages)
 
     def map(self, udf: type, udf_kwargs: dict, columns: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         """Like generate, each finished unit is kept under the run's scratch dir, so a rerun after the

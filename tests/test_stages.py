@@ -1,0 +1,51 @@
+"""Generation stages are kept by content: two runs that ask for the same samples share them (a sweep whose
+trials differ only after sampling samples once), and the key tells apart inputs a repr would not."""
+import dataclasses
+import functools
+
+import numpy as np
+import pytest
+import torch
+
+from raydd.config import ComputeConfig
+from raydd.distributed.data import stage_key
+
+
+def _factory(backbone, device, *, mu):
+    return None
+
+
+def test_stage_key_counts_arrays_by_content_not_by_their_repr():
+    a = np.zeros((10, 4, 32, 32), np.float32)
+    b = a.copy()
+    b[5, 2, 16, 16] = 1.0                                    # hidden in the "..." of numpy's repr
+    fa, fb = functools.partial(_factory, mu=a), functools.partial(_factory, mu=b)
+    assert repr(fa) == repr(fb)
+    assert stage_key(fa) != stage_key(fb) and stage_key(fa) == stage_key(functools.partial(_factory, mu=a.copy()))
+
+
+@pytest.mark.ray
+def test_a_second_run_reuses_the_first_runs_samples(digits_cfg, spec, tmp_path, capsys):
+    import ray
+
+    from raydd.distributed.cluster import init_ray
+    from raydd.distributed.data import generate_ray
+    from raydd.generate import make_rows
+
+    init_ray(ComputeConfig(num_cpus=2))
+    try:
+        sampler = dataclasses.replace(digits_cfg.sampler, steps=4)
+        rows = make_rows(num_classes=10, per_class=2, run_seed=3, unit_size=10)
+        stages = tmp_path / "cache" / "stages"
+        first = generate_ray(spec, sampler, rows, ComputeConfig(batch_size=10), scratch=tmp_path / "run1", stages=stages)
+        capsys.readouterr()
+        second = generate_ray(spec, sampler, rows, ComputeConfig(batch_size=10), scratch=tmp_path / "run2",
+                              stages=stages)
+        assert "2 unit(s) already done (reused), 0 to go" in capsys.readouterr().out
+        assert torch.equal(first.images, second.images) and torch.equal(first.latents, second.latents)
+        other = generate_ray(spec, dataclasses.replace(sampler, cfg_scale=1.5), rows, ComputeConfig(batch_size=10),
+                             scratch=tmp_path / "run3", stages=stages)
+        assert not torch.equal(other.images, first.images)              # another sampler: its own stage
+        assert len([d for d in stages.glob("generate-*") if d.is_dir()]) == 2
+    finally:
+        ray.shutdown()
