@@ -37,7 +37,7 @@ class Config:
     beta: float = -1.0          # β, weight of Ĥ(X|Y) in J; < 0 = the IPC rule below
     beta_max: float = 0.5       # rule β(IPC) = beta_max·min(1, ln IPC / ln 50): 0 at IPC 1, .29 at 10, .5 at 50+
     eta: float = 2.0            # η, guidance scale: ε̃ = ε̂ − η·ρ_t·g, ρ_t = β_t‖ε̂‖/‖g‖ (sampler.guidance_norm);
-                                #   on digits-latent samples break near η = 5 (README, "Guidance scale")
+                                #   on digits-latent samples break near η = 5 (README, "Guided methods on latents")
     window_lo: float = 0.0      # guidance window as fractions of the trajectory: 0 = cleanest step,
     window_hi: float = 1.0      #   1 = noisiest (paper: every step)
     mode: str = "x0"            # "x0": ε̂ held constant, ∇ through the VAE decoder and the VE only (the paper

@@ -41,7 +41,7 @@ class Config:
     lam: float = 0.5              # λ: learnability guidance scale (the Guidance helper's scale). The paper's 15 was
                                   #   set for the LGD summary's ρ_t; under IGD's variance-scaled step (the default
                                   #   sampler.guidance_norm) 0.5 raises S with samples intact on digits-latent, 1 bends
-                                  #   them (README, "Guidance scale")
+                                  #   them (README, "Guided methods on latents")
     omega: float = 0.5            # ω: weight of the reference loss L(θ*, x, y) in S
     gamma: float = 1.667          # γ: deviation (memory) guidance weight; enters the objective as γ/λ (the paper's
                                   #   γ/λ = 50/15)
@@ -226,21 +226,21 @@ def run(ctx, cfg: Config):
                           class_ids=ctx.data.backbone_class_ids(), lam=cfg.lam, omega=cfg.omega, gamma=cfg.gamma,
                           window=respaced_window(cfg, ctx.cfg.sampler.steps), mode=cfg.mode, **classify)
         rows, memory, new = candidate_rows(ctx, cfg, i, n), stage, None      # κ·n candidates per class
-        for r, js in enumerate(np.array_split(np.arange(n), cfg.memory_rounds or n)):   # sequential memory
+        rounds = min(cfg.memory_rounds or n, n)
+        for r, js in enumerate(np.array_split(np.arange(n), rounds)):        # sequential memory: slots js
             cands = ctx.generate(take_rows(rows, np.isin(rows["slot"] % n, js)), partial(factory, memory=str(memory)))
             s = score_images(theta, theta_star, to_float(cands.images), cands.labels, cfg.omega)  # S
             keep = torch.from_numpy(top_kappa(s, (cands.labels * n + cands.slots % n).numpy()))
             kept = DistilledSet(cands.images[keep], cands.labels[keep], have + cands.slots[keep] % n,
                                 None if cands.latents is None else cands.latents[keep], s[keep])
             new = kept if new is None else merge(new, kept)
-            if r < (cfg.memory_rounds or n) - 1 and len(js):                  # M ← M ∪ kept, for the next round
+            if r < rounds - 1:                                                # M ← M ∪ kept, for the next round
                 memory = write_distilled(merge(current, new), work / f"memory-{i:03d}", ctx.data.class_names)
-        s = new.scores
         merged = merge(current, new)
         ctx.log_metrics({"lgd/ipc": have + n,
                          "lgd/theta_acc": accuracy(theta, eval_split.x, eval_split.y),    # θ_{i−1} on eval split
                          "lgd/loss_new": mean_ce(theta, new),                             # L(θ_{i−1}, I_i)
                          "lgd/loss_jump": mean_ce(theta, merged) - mean_ce(theta, current),  # the loss spike
-                         "lgd/score_kept": float(s.mean())}, step=i)
+                         "lgd/score_kept": float(new.scores.mean())}, step=i)
         stage, current = save_stage(work, i, merged, ctx.data.class_names, fingerprint), merged
     return current
