@@ -106,7 +106,6 @@ def eval_loop(config: dict, hooks: TrainHooks) -> None:
     all finished results: a worker failure (FailureConfig) or a rerun of the same run after the driver died
     resumes with only the unfinished jobs. A stage's last report also carries {"stage", "acc"}: the mean
     top-1 of its synthetic-set jobs (what a Tune trial reports)."""
-
     dcfg, ecfg = DataConfig(**config["data"]), EvalConfig(**config["eval"])
     data = load_real(dcfg)
     target = data.split(ecfg.split)
