@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from raydd.config import ComputeConfig
+from raydd.errors import RayddError
 
 pytestmark = [pytest.mark.slow, pytest.mark.ray]
 
@@ -272,5 +273,17 @@ def test_actors_that_cannot_start_end_the_stage_with_their_own_error(ray_local, 
 
     cols = {"unit": np.array([0, 0, 1]), "x": np.array([1.0, 2.0, 3.0])}
     with pytest.raises(RuntimeError, match=r"^the CannotStart actors could not start: ValueError: refusing to load "
-                                           r"/weights/dit.pt: not a state dict$"):
+                                           r"/weights/dit.pt: not a state dict$") as bug:
         map_ray(CannotStart, {}, cols, digits_cfg.compute)
+    assert not isinstance(bug.value, RayddError)                  # a plain error in a constructor: a bug
+
+    class BadWeights:
+        def __init__(self):
+            from raydd.errors import CheckpointError
+            raise CheckpointError("checkpoint /weights/dit.pt does not fit the DiT")
+
+        def __call__(self, batch):
+            return batch
+
+    with pytest.raises(RayddError, match="BadWeights actors could not start: .*CheckpointError: checkpoint"):
+        map_ray(BadWeights, {}, cols, digits_cfg.compute)           # bad input: one line, exit 2 in a CLI

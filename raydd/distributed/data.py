@@ -16,6 +16,7 @@ import ray
 from ray.data.extensions import ArrowTensorArray
 
 from raydd.config import ComputeConfig, SamplerConfig
+from raydd.errors import RayddError
 from raydd.generate import BackboneSpec, DistilledSet, GuidanceFactory, SampleBatches, rows_to_set
 
 
@@ -118,8 +119,25 @@ def _batches_or_init_error(ds, udf: type):
     except ray.exceptions.ActorDiedError as e:
         if not e.actor_init_failed:
             raise
-        raise RuntimeError(f"the {udf.__name__} actors could not start: "
-                           f"{str(e).strip().splitlines()[-1]}") from None
+        last = str(e).strip().splitlines()[-1]                    # "<ErrorType>: <message>"
+        msg = f"the {udf.__name__} actors could not start: {last}"
+        if last.split(":", 1)[0].rsplit(".", 1)[-1] in _bad_input_names():   # e.g. CheckpointError: bad weights
+            raise ActorStartError(msg) from None
+        raise RuntimeError(msg) from None
+
+
+def _bad_input_names() -> set[str]:
+    """Names of every RayddError class (an actor's constructor error arrives as text)."""
+    todo, names = [RayddError], set()
+    while todo:
+        cls = todo.pop()
+        names.add(cls.__name__)
+        todo.extend(cls.__subclasses__())
+    return names
+
+
+class ActorStartError(RayddError, RuntimeError):
+    """The actors could not start because of bad input (weights that do not fit, a missing file)."""
 
 
 def stage_key(*parts) -> str:
