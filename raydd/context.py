@@ -62,9 +62,8 @@ def train_cached(runner, cache_dir: Path, kind: str, loop: Callable[[dict, Train
     <cache_dir>/<kind>/<config hash>/ (copied to a temp name, then renamed: a cached entry is complete).
     Processes that need the same entry at once (concurrent sweep trials) take turns on a lock file: the
     first trains, the others wait and reuse its result (a local file lock: one machine or a shared POSIX
-    file system)."""
+    file system). Ray Train's own checkpoint copies of the job are removed once the entry is in place."""
     import fcntl
-    import shutil
     import time
 
     from raydd.config import config_hash
@@ -91,6 +90,9 @@ def train_cached(runner, cache_dir: Path, kind: str, loop: Callable[[dict, Train
             (tmp / ".complete").write_text("")
             shutil.rmtree(path, ignore_errors=True)
             tmp.rename(path)
+            run_dir = Path(result.checkpoint_dir).resolve().parent     # Ray Train's own copies: not needed now
+            if run_dir.parent == (Path(cache_dir) / "ray_train").resolve():
+                shutil.rmtree(run_dir, ignore_errors=True)
             log(f"{kind} trained in {time.time() - t0:.0f}s: {result.metrics}")
     return path
 

@@ -77,8 +77,8 @@ class TrainLoop:
     A progress line every 1/20 of the steps (and at `breaks`, e.g. a phase boundary), a report with a
     checkpoint every 1/5 (a multiple of the log cadence, so reports carry the log metrics). A checkpoint is
     state.pt (every entry's state_dict, `extra()`'s values and the step) and the curve of every logged row;
-    the last one also holds what `final(dir)` writes (the model the job exists for; the dict it returns is
-    added to the last report)."""
+    the last one holds what `final(dir)` writes instead of state.pt (the model the job exists for, saved once;
+    the dict it returns is added to the last report)."""
 
     def __init__(self, hooks: TrainHooks, tag: str, total: int, state: dict[str, Any], curve_file: str = "curve.json",
                  breaks: tuple[int, ...] = ()):
@@ -112,10 +112,11 @@ class TrainLoop:
             rank0 = self.hooks.world_rank == 0
             with tempfile.TemporaryDirectory() as d:
                 if rank0:
-                    if last and final is not None:
-                        self.metrics = self.metrics | (final(d) or {})
-                    torch.save({**{k: v.state_dict() for k, v in self.state.items()}, **(extra() if extra else {}),
-                                "step": done}, f"{d}/state.pt")
+                    if last and final is not None:       # the model the job is for; nothing is left to resume,
+                        self.metrics = self.metrics | (final(d) or {})   # so no state.pt: weights saved once
+                    else:
+                        torch.save({**{k: v.state_dict() for k, v in self.state.items()},
+                                    **(extra() if extra else {}), "step": done}, f"{d}/state.pt")
                     Path(d, self.curve_file).write_text(json.dumps(self.curve))
                 self.hooks.report(self.metrics, checkpoint_dir=d if rank0 else None)
 

@@ -3,6 +3,7 @@ import json
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import mlflow
 import pytest
@@ -51,6 +52,10 @@ def test_dit_smoke_writes_set_and_one_mlflow_run(world):
     assert run.data.tags["output_dir"] == str(out_dir)
     arts = {a.path for a in mlflow.MlflowClient().list_artifacts(run.info.run_id)}
     assert {"distilled_grid.png", "result.json"} <= arts
+    cache = world["env"]["RAYDD_CACHE"]
+    (backbone,) = [d for d in Path(cache, "backbones").iterdir() if d.is_dir()]
+    assert (backbone / "transformer").is_dir() and not (backbone / "state.pt").exists()   # weights saved once
+    assert not list(Path(cache, "ray_train").glob("backbones-*"))   # Ray Train's copies gone once cached
 
 
 def test_training_progress_reaches_the_driver_once(world):

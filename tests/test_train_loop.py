@@ -43,3 +43,4 @@ def test_tiny_backbone_trains_checkpoints_and_resumes_where_it_stopped(capsys):
     assert [r["step"] for r in second.reports] == [12, 16, 20]           # steps 1-8 were not redone
     final = Path(second.checkpoint_dir)
     assert (final / "transformer" / "config.json").exists() and (final / "curve.json").exists()
+    assert not (final / "state.pt").exists()                             # nothing to resume: weights saved once
