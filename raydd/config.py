@@ -99,8 +99,15 @@ class ComputeConfig:
     gpus_per_worker: float = 0.0
     parallel_jobs: int = 0         # evaluation jobs run side by side (0 = as resources allow)
     precision: str = "fp32"        # "fp32" | "bf16": the backbone under bf16 autocast (CUDA; CPUs with native bf16)
-    fail_actor_after: int = -1     # fault injection: one actor exits once after N batches (-1 = off)
-    fail_driver_after: int = -1    # fault injection: the driver exits after saving N sampled units (-1 = off)
+    share_stages: bool = True      # generation stages shared across runs by content (the cache's stages/);
+                                   #   false: kept in the run's own work dir only
+
+
+@dataclass
+class FaultConfig:
+    """Fault injection, for the tests and for drills on a real cluster (off by default)."""
+    actor_after: int = -1          # one sampling actor exits once after N batches (-1 = off)
+    driver_after: int = -1         # the driver exits after saving N sampled units (-1 = off)
 
 
 @dataclass
@@ -153,6 +160,7 @@ class Config:
     compute: ComputeConfig = field(default_factory=ComputeConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    faults: FaultConfig = field(default_factory=FaultConfig)
     methods: dict = field(default_factory=dict)  # method name -> {field: value} (validated by the method)
 
     # ---- derived helpers --------------------------------------------------------------------

@@ -5,7 +5,7 @@ import dataclasses
 import pytest
 import torch
 
-from raydd.config import ComputeConfig
+from raydd.config import ComputeConfig, FaultConfig
 from raydd.errors import RayddError
 
 pytestmark = [pytest.mark.slow, pytest.mark.ray]
@@ -46,7 +46,7 @@ def test_actor_killed_mid_run_changes_nothing(ray_local, digits_cfg, spec, tmp_p
     sampler = dataclasses.replace(digits_cfg.sampler, steps=4)
     rows = make_rows(num_classes=10, per_class=2, run_seed=3, unit_size=5)          # 4 units
     calm = generate_ray(spec, sampler, rows, ComputeConfig(num_actors=2, batch_size=5))
-    faulty = generate_ray(spec, sampler, rows, ComputeConfig(num_actors=2, batch_size=5, fail_actor_after=1),
+    faulty = generate_ray(spec, sampler, rows, ComputeConfig(num_actors=2, batch_size=5), faults=FaultConfig(actor_after=1),
                           scratch=tmp_path)
     assert (tmp_path / "actor_fault_injected").exists()                             # an actor really died
     pairs = list(zip(faulty.labels.tolist(), faulty.slots.tolist()))

@@ -92,11 +92,12 @@ def test_driver_dies_mid_stage_and_between_stages_and_rerun_resumes_identically(
     samples only the other unit and exits once it is saved (the sampling stage is complete, evaluation
     not started: between stages); the third run samples nothing, evaluates, reuses the MLflow run and
     ends with output identical to the uninterrupted run of the same seed."""
-    args = ["raydd.distill", "--method", "dit", "--smoke", "run_name=resume-test"]
-    rc, out = run_cli(args + ["compute.fail_driver_after=1"], world["env"], world["tmp"])
+    # its own stages (not shared by content with the uninterrupted run it is compared with)
+    args = ["raydd.distill", "--method", "dit", "--smoke", "run_name=resume-test", "compute.share_stages=false"]
+    rc, out = run_cli(args + ["faults.driver_after=1"], world["env"], world["tmp"])
     assert rc == 3 and "fault injection: driver exits" in out, out[-3000:]
     assert not (world["tmp"] / "outputs" / "resume-test").exists()          # nothing partial marked complete
-    rc, out = run_cli(args + ["compute.fail_driver_after=1"], world["env"], world["tmp"])
+    rc, out = run_cli(args + ["faults.driver_after=1"], world["env"], world["tmp"])
     assert rc == 3 and "1 unit(s) already done, 1 to go" in out, out[-3000:]
     assert not (world["tmp"] / "outputs" / "resume-test").exists()
     rc, out = run_cli(args, world["env"], world["tmp"])

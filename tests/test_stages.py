@@ -41,7 +41,7 @@ def test_a_second_run_reuses_the_first_runs_samples(digits_cfg, spec, tmp_path, 
         capsys.readouterr()
         second = generate_ray(spec, sampler, rows, ComputeConfig(batch_size=10), scratch=tmp_path / "run2",
                               stages=stages)
-        assert "2 unit(s) already done (reused), 0 to go" in capsys.readouterr().out
+        assert "2 unit(s) already done, 0 to go" in capsys.readouterr().out
         assert torch.equal(first.images, second.images) and torch.equal(first.latents, second.latents)
         other = generate_ray(spec, dataclasses.replace(sampler, cfg_scale=1.5), rows, ComputeConfig(batch_size=10),
                              scratch=tmp_path / "run3", stages=stages)

@@ -62,12 +62,12 @@ def test_four_trials_two_concurrent_with_parent_child_runs(env):
 
 
 def test_failed_trial_runs_again_and_resumes(env):
-    """compute.fail_driver_after=1: the process that samples exits after saving each new unit. In a trial
+    """faults.driver_after=1: the process that samples exits after saving each new unit. In a trial
     that is the trial's actor, so the trial fails; Tune runs it again (FailureConfig(max_failures=2)) and
     it resumes from its saved units: 1 done, then 2 done, and the third attempt evaluates. The best
     config's re-run samples in the sweep's driver, which the same fault then ends (exit code 3)."""
     cmd = [sys.executable, "-m", "raydd.sweep", "--method", "dit", "--smoke", "--trials", "1", "--name", "f1",
-           "--storage", str(env["tmp"] / "tune"), "compute.fail_driver_after=1"]
+           "--storage", str(env["tmp"] / "tune"), "faults.driver_after=1", "compute.share_stages=false"]
     p = run(cmd, env)
     out = p.stdout + p.stderr
     assert p.returncode == 3, out[-4000:]

@@ -15,13 +15,13 @@ import pyarrow as pa
 import ray
 from ray.data.extensions import ArrowTensorArray
 
-from raydd.config import ComputeConfig, SamplerConfig
+from raydd.config import ComputeConfig, FaultConfig, SamplerConfig
 from raydd.errors import RayddError
 from raydd.generate import BackboneSpec, DistilledSet, GuidanceFactory, SampleBatches, rows_to_set
 
 
 class FaultySampleBatches(SampleBatches):
-    """Fault injection (compute.fail_actor_after = N): the first actor to finish N batches exits its
+    """Fault injection (faults.actor_after = N): the first actor to finish N batches exits its
     process once; a marker file makes sure it happens once per run, not on every restart."""
 
     def __init__(self, *args, fail_after: int, marker: str, **kwargs):
@@ -74,7 +74,7 @@ def _map_units(udf: type, udf_kwargs: dict, columns: dict[str, np.ndarray], comp
     finished = {int(u) for d in done for u in np.unique(d["unit"])}
     todo = ~np.isin(columns["unit"], list(finished))
     if finished:
-        print(f"[raydd] stage {stage_dir.name}: {len(finished)} unit(s) already done (reused), "
+        print(f"[raydd] resuming stage {stage_dir.name}: {len(finished)} unit(s) already done, "
               f"{len(np.unique(columns['unit'][todo]))} to go", flush=True)
     saved = 0
     if todo.any():
@@ -171,7 +171,8 @@ def _fingerprint(obj):
 
 def generate_ray(spec: BackboneSpec, sampler: SamplerConfig, rows: dict[str, np.ndarray], compute: ComputeConfig,
                  guidance_factory: GuidanceFactory | None = None, scratch: str | Path | None = None,
-                 post_step_factory=None, stages: str | Path | None = None) -> DistilledSet:
+                 post_step_factory=None, stages: str | Path | None = None,
+                 faults: FaultConfig = FaultConfig()) -> DistilledSet:
     """Sample `rows` on the actor pool. The stage is kept under `stages` (else `scratch`), keyed by its content
     (rows with their seeds, sampler, backbone, guidance and post-step recipes, precision): every run that
     asks for the same samples reuses the finished units (a sweep whose trials differ after sampling samples
@@ -180,15 +181,15 @@ def generate_ray(spec: BackboneSpec, sampler: SamplerConfig, rows: dict[str, np.
                   threads=max(1, int(compute.cpus_per_actor)), precision=compute.precision,
                   post_step_factory=post_step_factory)
     udf = SampleBatches
-    if compute.fail_actor_after >= 0:
+    if faults.actor_after >= 0:
         udf = FaultySampleBatches
-        kwargs.update(fail_after=compute.fail_actor_after, marker=str(Path(scratch or ".") / "actor_fault_injected"))
+        kwargs.update(fail_after=faults.actor_after, marker=str(Path(scratch or ".") / "actor_fault_injected"))
     stage_dir, home = None, stages if stages is not None else scratch
     if home is not None:
         key = stage_key({k: v.tolist() for k, v in rows.items()}, sampler, spec, guidance_factory, post_step_factory,
                         compute.precision)
         stage_dir = Path(home) / f"generate-{key}"
-    out = map_ray(udf, kwargs, rows, compute, stage_dir, fail_driver_after=compute.fail_driver_after)
+    out = map_ray(udf, kwargs, rows, compute, stage_dir, fail_driver_after=faults.driver_after)
     check_complete(rows, out)
     return rows_to_set(out)
 

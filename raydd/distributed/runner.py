@@ -29,9 +29,10 @@ class RayRunner:
                  guidance_factory: GuidanceFactory | None = None, post_step_factory=None) -> DistilledSet:
         # generation stages are shared by content across runs (the cache's stages/); without a scratch dir
         # (python -m raydd.evaluate) nothing is kept
-        stages = self.cfg.resolved_cache_dir() / "stages" if self.scratch is not None else None
+        share = self.scratch is not None and self.cfg.compute.share_stages
+        stages = self.cfg.resolved_cache_dir() / "stages" if share else None
         return generate_ray(spec, self.cfg.sampler, rows, self.cfg.compute, guidance_factory, scratch=self.scratch,
-                            post_step_factory=post_step_factory, stages=stages)
+                            post_step_factory=post_step_factory, stages=stages, faults=self.cfg.faults)
 
     def map(self, udf: type, udf_kwargs: dict, columns: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         """Like generate, each finished unit is kept under the run's scratch dir, so a rerun after the
