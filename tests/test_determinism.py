@@ -228,10 +228,10 @@ def test_check_fits_fails_on_a_local_ray_and_warns_on_a_joined_cluster(ray_local
     from raydd.distributed.cluster import check_fits
 
     check_fits(ComputeConfig(cpus_per_actor=2, cpus_per_worker=1), joined=False)       # the 2-CPU node fits
-    with pytest.raises(ValueError, match=r"compute.gpus_per_worker=1000, but no node .* has 1000 GPU "
+    with pytest.raises(RayddError, match=r"compute.gpus_per_worker=1000, but no node .* has 1000 GPU "
                                          r"\(the largest has (\d+)\); allowed: 0 to \1$"):
         check_fits(ComputeConfig(gpus_per_worker=1000), joined=False)
-    with pytest.raises(ValueError, match=r"compute.train_workers=3 x compute.cpus_per_worker=1 needs 3 CPU, but "
+    with pytest.raises(RayddError, match=r"compute.train_workers=3 x compute.cpus_per_worker=1 needs 3 CPU, but "
                                          r"this Ray cluster has 2; allowed: compute.train_workers <= 2"):
         check_fits(ComputeConfig(train_workers=3), joined=False)        # one Train job's workers start together
     check_fits(ComputeConfig(cpus_per_actor=3), joined=True)              # an autoscaler may add a larger node

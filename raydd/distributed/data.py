@@ -55,7 +55,7 @@ def map_ray(udf: type, udf_kwargs: dict, columns: dict[str, np.ndarray], compute
     # processes that need the same stage at once (sweep trials sharing a pool) take turns: the first samples,
     # the others wait, then find every unit done (a local file lock: one machine or a shared POSIX file system)
     stage_dir.mkdir(parents=True, exist_ok=True)
-    with open(stage_dir.with_name(stage_dir.name + ".lock"), "w") as lock:
+    with open(stage_dir.with_name(f".{stage_dir.name}.lock"), "w") as lock:         # hidden: globs list stages only
         try:
             fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
