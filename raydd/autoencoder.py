@@ -42,7 +42,7 @@ def tiny_vae_config(backbone: BackboneConfig, data: DataConfig, seed: int = 0) -
 def train_tiny_vae(config: dict, hooks: TrainHooks) -> None:
     """Train the VAE on the real train split; report a diffusers model dir `vae/` as the final checkpoint."""
     from raydd.data import load_real
-    from raydd.evaluation import to_float
+    from raydd.protocols import to_float
 
     dcfg, steps = DataConfig(**config["data"]), int(config["vae_train_steps"])
     torch.manual_seed(config["seed"])
@@ -81,7 +81,7 @@ class VAELoss(torch.nn.Module):
 @torch.no_grad()
 def save_with_scaling_factor(vae, x_all: torch.Tensor, path: str, device) -> float:
     """scaling_factor = 1 / std of the posterior means over the train split; saved in the VAE's config.json."""
-    from raydd.evaluation import to_float
+    from raydd.protocols import to_float
 
     vae.eval()
     z = torch.cat([vae.encode(to_float(x).to(device)).latent_dist.mean.cpu() for x in x_all.split(256)])

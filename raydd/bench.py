@@ -157,11 +157,11 @@ def bench_guidance(spec: BackboneSpec, sampler: SamplerConfig, n: int) -> dict:
 
 
 def bench_student(epochs: int, repeats: int = 2) -> dict:
-    """raydd.evaluation.train_student vs a plain loop doing the same work (same model, batch, aug, CutMix).
+    """raydd.protocols.train_student vs a plain loop doing the same work (same model, batch, aug, CutMix).
     Interleaved repeats, best of each: whichever runs first otherwise pays oneDNN's warm-up."""
     from raydd.data import load_digits_data
     from raydd.config import DataConfig
-    from raydd.evaluation import cutmix, random_resized_crop_flip, to_float, train_student
+    from raydd.protocols import cutmix, random_resized_crop_flip, to_float, train_student
     from raydd.students import create_student
 
     cfg = load_config("digits")

@@ -42,7 +42,7 @@ def world(preset: str, method: str, norm: str, smoke: bool = False):
 
 def igds_objectives(ctx):
     """-> (factory(scale) for ctx.generate, objectives(set) -> {"J": ...})."""
-    from raydd.evaluation import to_float
+    from raydd.protocols import to_float
     from raydd.methods import igds
     from raydd.objectives.information import load_ve, make_guidance, per_sample_objective
 
@@ -63,7 +63,7 @@ def igds_objectives(ctx):
 
 
 def lgd_objectives(ctx, work: Path):
-    from raydd.evaluation import epochs_for, to_float
+    from raydd.protocols import epochs_for, to_float
     from raydd.methods import lgd
     from raydd.objectives.learnability import max_memory_cosine, score_images
     from raydd.outputs import write_distilled

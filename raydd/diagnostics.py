@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from raydd.objectives.dpp import mean_pairwise_cosine
-from raydd.s3 import classifier_head, load_encoder
+from raydd.subgroups import classifier_head, load_encoder
 
 
 class TeacherScores:

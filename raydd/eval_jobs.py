@@ -19,7 +19,7 @@ import torch
 
 from raydd.config import Config, DataConfig, EvalConfig, config_hash
 from raydd.data import RealData, load_distilled_folder, load_real
-from raydd.evaluation import dd_ranking, epochs_for, train_student, train_teacher
+from raydd.protocols import dd_ranking, epochs_for, train_student, train_teacher
 from raydd.generate import random_subset
 from raydd.train_hooks import TrainHooks
 
@@ -219,7 +219,7 @@ def _ref_key(kind: str, student: str, cfg: Config, protocol: str) -> str:
 
 
 def real_classifier(cfg: Config, runner, arch: str = "", epochs: int = 0) -> Path:
-    """A hard-label classifier trained on the real train split (raydd.evaluation.train_teacher), cached under
+    """A hard-label classifier trained on the real train split (raydd.protocols.train_teacher), cached under
     teachers/ by its config: the soft protocol's teacher, the diagnostics' teacher, CaO2's selector, LGD's θ*
     and S3's encoder are one job when their arch and epochs agree. arch / epochs: "" / 0 = eval.teacher_*."""
     from raydd.context import train_cached
@@ -240,7 +240,7 @@ def ensure_teacher(cfg: Config, runner) -> str:
 
 
 def teacher_encoder(cfg: Config, data: RealData, runner) -> dict:
-    """The real-data teacher as a feature/score model spec for raydd.s3.load_encoder (trained once, cached)."""
+    """The real-data teacher as a feature/score model spec for raydd.subgroups.load_encoder (trained once, cached)."""
     d = cfg.data
     return {"kind": "student", "arch": cfg.eval.teacher_arch, "path": ensure_teacher(cfg, runner),
             "num_classes": data.num_classes, "channels": d.channels, "image_size": d.image_size}

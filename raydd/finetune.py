@@ -135,7 +135,7 @@ def encode_real(vae, x_uint8: torch.Tensor, device, batch: int = 256) -> torch.T
     """Real images uint8 [N, C, H, W] (on the CPU) -> the DiT's inputs [N, c, h, w] on `device`, encoded there
     `batch` images at a time: VAE latents (the posterior mean, scaled; DiT's train.py draws a posterior
     sample, whose std is small for SD's VAE), or the pixels in [-1, 1] for pixel-space backbones."""
-    from raydd.evaluation import to_float
+    from raydd.protocols import to_float
 
     return torch.cat([vae.encode(to_float(x).to(device)) for x in x_uint8.split(batch)])
 

@@ -27,7 +27,7 @@ import torch
 
 from raydd.config import ConfigError, DataConfig, EvalConfig
 from raydd.data import DataError
-from raydd.evaluation import accuracy, epochs_for, train_student
+from raydd.protocols import accuracy, epochs_for, train_student
 
 
 def split_increments(labels: torch.Tensor, slots: torch.Tensor, k: int) -> list[torch.Tensor]:

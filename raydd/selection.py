@@ -3,7 +3,7 @@
 Confidence selection (CaO2, "objective-guided sample selection"): a selector classifier scores
 every candidate; per class keep the candidates it classifies correctly, ordered by confidence.
 
-A selector is any raydd classifier (raydd.students) fed `raydd.evaluation.to_float` images, stored
+A selector is any raydd classifier (raydd.students) fed `raydd.protocols.to_float` images, stored
 as a safetensors state dict, or "timm:<name>": a pretrained 1000-way ImageNet classifier from the local
 HF cache (the paper's ImageNet ResNet-18: "timm:resnet18.tv_in1k"), whose class k is the k-th wnid in
 sorted order, the backbone's class id. `SelectorScores` is the callable class that scores candidates
@@ -93,7 +93,7 @@ def load_selector(path: str | Path, arch: str, num_classes: int, channels: int, 
 def predict_probs(model: torch.nn.Module, images: torch.Tensor, batch_size: int = 256,
                   device: str | torch.device = "cpu") -> torch.Tensor:
     """Softmax probabilities [N, K] of a classifier on uint8 images [N, C, H, W] (to_float normalisation)."""
-    from raydd.evaluation import to_float
+    from raydd.protocols import to_float
 
     out = [F.softmax(model(to_float(images[i:i + batch_size].to(device))).float(), dim=1).cpu()
            for i in range(0, len(images), batch_size)]

@@ -13,7 +13,7 @@ reference code: it normalises each channel of each image over its spatial positi
 not depend on the batch (distilled sets are tiny, often fewer images than a batch).
 
 The remaining students are stock timm architectures created without pretrained weights.
-Every student takes images normalised by ``raydd.evaluation.to_float`` (uint8 -> [-1, 1]).
+Every student takes images normalised by ``raydd.protocols.to_float`` (uint8 -> [-1, 1]).
 
 timm is imported only when a timm model is asked for: its import (which pulls in torchvision) takes
 about 2 s and 180 MB in every process, and the default students never need it.

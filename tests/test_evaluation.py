@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from sklearn.datasets import load_digits
 
 from raydd.config import EvalConfig
-from raydd.evaluation import (accuracy, cosine_factor, cutmix, dd_ranking, epochs_for, eval_epochs,
+from raydd.protocols import (accuracy, cosine_factor, cutmix, dd_ranking, epochs_for, eval_epochs,
                               random_resized_crop_flip, to_float, train_student, train_teacher)
 
 
@@ -236,7 +236,7 @@ def test_soft_protocol_reports_hlr_and_lrs_from_the_sets_own_hard_label_accuracy
     from raydd.context import LocalRunner
     from raydd.data import load_real
     from raydd.eval_jobs import evaluate_set
-    from raydd.evaluation import dd_ranking
+    from raydd.protocols import dd_ranking
     from raydd.generate import random_subset
 
     data = load_real(digits_cfg.data)

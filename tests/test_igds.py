@@ -13,7 +13,7 @@ import torch
 from raydd.config import DataConfig
 from raydd.context import Context, LocalRunner
 from raydd.data import load_real
-from raydd.evaluation import to_float
+from raydd.protocols import to_float
 from raydd.methods import get_method
 from raydd.methods.igds import Config, beta_for_ipc, ensure_ve, step_window
 from raydd.objectives.information import (VEError, estimate, load_ve, make_guidance, per_sample_objective,

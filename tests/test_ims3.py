@@ -14,7 +14,7 @@ from raydd.data import load_real
 from raydd.diffusion import make_schedule, q_sample
 from raydd.finetune import LOSS_TERMS, finetune_config, finetune_loop, peft_parameters, transformer_predict
 from raydd.objectives.inversion import ddim_invert
-from raydd.s3 import s3_brute_force, s3_objective, s3_search
+from raydd.subgroups import s3_brute_force, s3_objective, s3_search
 from raydd.train_hooks import run_local
 
 

@@ -12,7 +12,7 @@ import torch
 from raydd.config import make_method_config
 from raydd.context import Context, LocalRunner
 from raydd.data import load_real
-from raydd.evaluation import to_float
+from raydd.protocols import to_float
 from raydd.methods import get_method
 from raydd.objectives.learnability import (LearnabilityState, learnability_objective, max_memory_cosine, memory_term,
                                            score_images, top_kappa)

@@ -110,7 +110,7 @@ def resolve(ctx, cfg: Config) -> Config:
 
 def selector_path(ctx, cfg: Config) -> str:
     """The user's checkpoint (checked now: missing / wrong shape fails before sampling), or a classifier
-    trained on the real train split by raydd.evaluation.train_teacher, cached like the soft-label teacher."""
+    trained on the real train split by raydd.protocols.train_teacher, cached like the soft-label teacher."""
     c, d = ctx.cfg, ctx.data
     if cfg.selector.startswith("timm:"):
         if not set(d.class_names) <= WNIDS:

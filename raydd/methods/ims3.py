@@ -6,7 +6,7 @@ Paper: "IMS3: Breaking Distributional Aggregation in Diffusion-Based Dataset Dis
           L = L_diff + lambda_IM (1 - cos(z_t^inv, z_t))                     (raydd/objectives/inversion.py)
       z_t the forward-noised latent, z_t^inv the model's DDIM inversion of z0 to the same step.
   Stage 2, S3 (training-free): per class G candidate subgroups of IPC images; a frozen encoder phi;
-      choose one subgroup per class minimising (raydd/s3.py)
+      choose one subgroup per class minimising (raydd/subgroups.py)
           alpha sum_i log(1 - cos(c_{i,g_i}, r_i)) - w sum_i sum_{j!=i} log(1 - cos(c_{i,g_i}, c_{j,g_j}))
       w = beta/2 (ims3.separation=reference: the reference code's beta sum_{i<j}, under which its alpha = 0.4,
       beta = 0.9 were tuned) or beta/(C-1) (separation=paper: the paper's form, (C-1)/2 times weaker)
@@ -17,7 +17,7 @@ Ablations: ims3.finetune=false (+S3 only), ims3.s3=false (+IM only); both false 
 Encoder: the paper uses an ImageNet ResNet-18: ims3.encoder=timm:resnet18.tv_in1k (torchvision's weights
 through timm, from the local HF cache; images resized and centre-cropped to 224 and normalised as timm's
 eval transform does). The default, "teacher", is a raydd classifier trained on the real train split with
-raydd.evaluation.train_teacher (the soft protocol's teacher job, shared cache), its penultimate features.
+raydd.protocols.train_teacher (the soft protocol's teacher job, shared cache), its penultimate features.
 """
 from __future__ import annotations
 
@@ -34,7 +34,7 @@ from raydd.config import ConfigError
 from raydd.finetune import finetune_config, finetune_loop
 from raydd.generate import BackboneSpec, DistilledSet
 from raydd.methods import register_method
-from raydd.s3 import SEPARATIONS, EncodeImages, class_centroids, s3_search, subgroup_centroids
+from raydd.subgroups import SEPARATIONS, EncodeImages, class_centroids, s3_search, subgroup_centroids
 from raydd.sampling import sample_seed
 
 SMOKE_FINETUNE_STEPS = 8   # --smoke: the same fine-tuning job, a few steps

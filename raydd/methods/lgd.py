@@ -26,7 +26,7 @@ import torch.nn.functional as F
 
 from raydd.config import ConfigError, config_hash
 from raydd.data import DataError
-from raydd.evaluation import accuracy, epochs_for, to_float
+from raydd.protocols import accuracy, epochs_for, to_float
 from raydd.generate import DistilledSet
 from raydd.methods import get_method, register_method
 from raydd.objectives.learnability import (LearnabilityState, learnability_objective, memory_term, rank_in_class,

@@ -138,7 +138,7 @@ class ClassLatentSums:
 
     @torch.no_grad()
     def __call__(self, cols: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        from raydd.evaluation import to_float
+        from raydd.protocols import to_float
 
         out: dict[str, list] = {"class_idx": [], "unit": [], "sum": [], "count": []}
         for c in np.unique(cols["class_idx"]):

@@ -114,7 +114,7 @@ def per_sample_objective(ve: VariationalEstimator, x: torch.Tensor, y: torch.Ten
 def estimate(ve: VariationalEstimator, images: torch.Tensor, labels: torch.Tensor, batch: int = 256,
              device: str | torch.device = "cpu") -> dict[str, float]:
     """Î(X;Y), Ĥ(X|Y) and the VE classifier's accuracy on a whole set (uint8 images [N,C,H,W])."""
-    from raydd.evaluation import to_float
+    from raydd.protocols import to_float
 
     ve = ve.eval().to(device)
     p, log_p_y, kl = [], [], []
@@ -238,7 +238,7 @@ def ve_config(data_cfg: DataConfig, **fields) -> dict:
 
 
 def _views(x: torch.Tensor, gen: torch.Generator, cfg: VETrainConfig) -> torch.Tensor:
-    from raydd.evaluation import random_resized_crop_flip
+    from raydd.protocols import random_resized_crop_flip
 
     return random_resized_crop_flip(x, gen, scale=(cfg.crop_scale_min, 1.0), flip_p=0.5 if cfg.flip else 0.0)
 
@@ -248,7 +248,7 @@ def ve_train_loop(config: dict, hooks: TrainHooks) -> None:
     (`cls_steps`): classifier on the frozen encoder. Then Q_y exactly on the train split, the
     estimates on train/val, and the checkpoint (ve.safetensors + ve.json + curve.json)."""
     from raydd.data import load_real
-    from raydd.evaluation import to_float
+    from raydd.protocols import to_float
 
     cfg = VETrainConfig(**config)
     dcfg = DataConfig(**cfg.data)
@@ -319,7 +319,7 @@ def ve_train_loop(config: dict, hooks: TrainHooks) -> None:
 @torch.no_grad()
 def _finish(ve: VariationalEstimator, data, cfg: VETrainConfig, out_dir: str, device) -> None:
     """Q_y = class mean of σ(x̂) on the (unaugmented) train split; estimates on real data; save."""
-    from raydd.evaluation import to_float
+    from raydd.protocols import to_float
 
     ve.eval()
     sig = torch.cat([ve(to_float(xb).to(device))[1].exp().cpu() for xb in data.train.x.split(256)])  # [N, D]

@@ -108,7 +108,7 @@ class LatentOptBatches:
         return map_units(self.run_unit, batch)
 
     def run_unit(self, rows: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        from raydd.evaluation import to_float
+        from raydd.protocols import to_float
 
         if "latent" in rows:
             x = torch.from_numpy(np.array(rows["latent"], dtype=np.float32)).to(self.device)

@@ -15,7 +15,7 @@ memory term sees the latent x̂0 itself (`memory_term`, its latent_term): M_y ho
 class's accepted samples, which LGD adds as it accepts them (IGD's memory is sequential).
 Then κ candidates are drawn per slot and the one with the highest S is kept (`top_kappa`).
 
-Every classifier input is in [-1, 1]: `raydd.evaluation.to_float`'s normalisation, which on
+Every classifier input is in [-1, 1]: `raydd.protocols.to_float`'s normalisation, which on
 pixel-space backbones is x̂0 itself.
 """
 from __future__ import annotations

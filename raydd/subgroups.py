@@ -149,7 +149,7 @@ def classifier_head(model: torch.nn.Module) -> torch.nn.Linear:
 
 def load_encoder(encoder: dict, device: torch.device) -> tuple[torch.nn.Module, Callable[[torch.Tensor], torch.Tensor]]:
     """-> (model, features(x_uint8 [B,C,H,W]) -> [B, D] raw features)."""
-    from raydd.evaluation import to_float
+    from raydd.protocols import to_float
 
     if encoder["kind"] == "student":
         from safetensors.torch import load_file
