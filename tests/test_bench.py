@@ -22,7 +22,6 @@ def test_batching_section_writes_a_curve_per_precision(tmp_path):
     for prefix in [""] + (["bf16_"] if cpu_has_bf16() else []):
         curve = {int(k): v for k, v in b[f"{prefix}images_per_s_by_batch"].items()}
         assert sorted(curve) == [1, 4, 16, 32] and all(v > 0 for v in curve.values())
-        assert abs(b[f"{prefix}batching_ratio"] - curve[32] / curve[1]) < 1e-9
     assert ("bf16_speedup_at_largest_batch" in b) == cpu_has_bf16()
     assert "batching: images=32" in p.stdout
 
@@ -57,7 +56,6 @@ def test_gpu_section_runs_shrunk_on_cpu():
     r = bench_gpu(steps=2, batch=2, compile_model=False, device="cpu", arch=tiny, vae_arch=vae, image_size=32,
                   matmul_n=256)
     assert r["fp32_images_per_s"] > 0 and r["bf16_images_per_s"] > 0 and "tf32_images_per_s" not in r
-    assert abs(r["flop_per_image"] - (2 * 2 * r["dit_forward_gflop"] + r["vae_decode_gflop"]) * 1e9) < 1e3
     assert abs(r["limit_images_per_s"] - r["matmul_bf16_tflops"] * 1e12 / r["flop_per_image"]) < 1e-6 * r["limit_images_per_s"]
     best = max(r["fp32_images_per_s"], r["bf16_images_per_s"])
     assert abs(r["gpu_fraction_of_limit"] - best / r["limit_images_per_s"]) < 1e-12
