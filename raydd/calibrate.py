@@ -21,15 +21,9 @@ from pathlib import Path
 import torch
 
 
-class _NoTracker:
-    def log_metrics(self, *a, **k): pass
-    def log_images(self, *a, **k): pass
-    def log_dict(self, *a, **k): pass
-
-
 def world(preset: str, method: str, norm: str, smoke: bool = False):
     from raydd.config import load_config
-    from raydd.context import Context, LocalRunner
+    from raydd.context import Context, LocalRunner, NullTracker
     from raydd.data import load_real
     from raydd.distill import ensure_backbone
 
@@ -37,7 +31,7 @@ def world(preset: str, method: str, norm: str, smoke: bool = False):
     data = load_real(cfg.data)
     runner = LocalRunner(cfg)
     return cfg, data, runner, Context(cfg, data, ensure_backbone(cfg, data, runner), runner=runner,
-                                      tracker=_NoTracker())
+                                      tracker=NullTracker())
 
 
 def igds_objectives(ctx):
