@@ -63,20 +63,16 @@ def train_cached(runner, cache_dir: Path, kind: str, loop: Callable[[dict, Train
     Processes that need the same entry at once (concurrent sweep trials) take turns on a lock file: the
     first trains, the others wait and reuse its result (a local file lock: one machine or a shared POSIX
     file system). Ray Train's own checkpoint copies of the job are removed once the entry is in place."""
-    import fcntl
     import time
 
     from raydd.config import config_hash
+    from raydd.locks import file_lock
 
     path = Path(cache_dir) / kind / config_hash(config)
     locks = Path(cache_dir) / ".locks"                   # beside the entries, so <kind>/ lists entries only
     locks.mkdir(parents=True, exist_ok=True)
-    with open(locks / f"{kind}-{path.name}.lock", "w") as lock:
-        try:
-            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            log(f"waiting for another process training {kind} (cached as {path}) ...")
-            fcntl.flock(lock, fcntl.LOCK_EX)
+    with file_lock(locks / f"{kind}-{path.name}.lock",
+                   on_wait=lambda: log(f"waiting for another process training {kind} (cached as {path}) ...")):
         if not (path / ".complete").exists():
             log(f"training {kind} (cached as {path}) ...")
             t0 = time.time()

@@ -1,7 +1,6 @@
 """Start a local Ray or join an existing cluster."""
 from __future__ import annotations
 
-import contextlib
 import os
 import sys
 import tempfile
@@ -12,6 +11,7 @@ import ray
 
 from raydd.config import ComputeConfig
 from raydd.errors import ClusterError
+from raydd.locks import file_lock
 
 
 def init_ray(compute: ComputeConfig) -> None:
@@ -42,7 +42,7 @@ def init_ray(compute: ComputeConfig) -> None:
         # starts (up to a minute under load): two raydd commands started together both found 8265 free and
         # collided. Local starts on this machine take turns: choose the port, start Ray, wait until the
         # dashboard listens, then let the next one choose.
-        with _machine_lock("raydd-local-ray-start"):
+        with file_lock(Path(tempfile.gettempdir()) / "raydd-local-ray-start.lock"):
             port = _free_port(compute.dashboard_port)
             os.environ["RAY_API_SERVER_ADDRESS"] = f"http://127.0.0.1:{port}"
             ray.init(num_cpus=compute.num_cpus or None, include_dashboard=True, dashboard_host="127.0.0.1",
@@ -96,19 +96,6 @@ def check_address(address: str) -> None:
         raise ClusterError(f"Ray address {address!r} (compute.ray_address or RAY_ADDRESS): nothing answers there "
                            f"({e}). Start the cluster (`ray start --head`), fix the address, or leave both unset "
                            f"to start a local Ray") from None
-
-
-@contextlib.contextmanager
-def _machine_lock(name: str):
-    """An exclusive lock shared by every process on this machine (flock on a file in the temp dir)."""
-    import fcntl
-
-    with open(Path(tempfile.gettempdir()) / f"{name}.lock", "w") as f:
-        fcntl.flock(f, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
 
 
 def _wait_listening(port: int, timeout_s: float) -> None:

@@ -6,7 +6,6 @@ output does not depend on how many actors ran (checked by tests/test_determinism
 """
 from __future__ import annotations
 
-import fcntl
 import os
 from pathlib import Path
 
@@ -17,6 +16,7 @@ from ray.data.extensions import ArrowTensorArray
 
 from raydd.config import ComputeConfig, FaultConfig, SamplerConfig
 from raydd.errors import RayddError
+from raydd.locks import file_lock
 from raydd.generate import BackboneSpec, DistilledSet, GuidanceFactory, SampleBatches, rows_to_set
 
 
@@ -55,12 +55,9 @@ def map_ray(udf: type, udf_kwargs: dict, columns: dict[str, np.ndarray], compute
     # processes that need the same stage at once (sweep trials sharing a pool) take turns: the first samples,
     # the others wait, then find every unit done (a local file lock: one machine or a shared POSIX file system)
     stage_dir.mkdir(parents=True, exist_ok=True)
-    with open(stage_dir.with_name(f".{stage_dir.name}.lock"), "w") as lock:         # hidden: globs list stages only
-        try:
-            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            print(f"[raydd] waiting for another process running stage {stage_dir.name} ...", flush=True)
-            fcntl.flock(lock, fcntl.LOCK_EX)
+    with file_lock(stage_dir.with_name(f".{stage_dir.name}.lock"),                 # hidden: globs list stages only
+                   on_wait=lambda: print(f"[raydd] waiting for another process running stage {stage_dir.name} ...",
+                                         flush=True)):
         return _map_units(udf, udf_kwargs, columns, compute, stage_dir, fail_driver_after)
 
 
