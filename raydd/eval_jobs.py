@@ -19,8 +19,8 @@ import torch
 
 from raydd.config import Config, DataConfig, EvalConfig, config_hash
 from raydd.data import RealData, load_distilled_folder, load_real
-from raydd.protocols import dd_ranking, epochs_for, train_student, train_teacher
 from raydd.generate import random_subset
+from raydd.protocols import dd_ranking, epochs_for, train_student, train_teacher
 from raydd.train_hooks import TrainHooks
 
 

@@ -34,8 +34,8 @@ from raydd.config import ConfigError
 from raydd.finetune import finetune_config, finetune_loop
 from raydd.generate import BackboneSpec, DistilledSet
 from raydd.methods import register_method
-from raydd.subgroups import SEPARATIONS, EncodeImages, class_centroids, s3_search, subgroup_centroids
 from raydd.sampling import sample_seed
+from raydd.subgroups import SEPARATIONS, EncodeImages, class_centroids, s3_search, subgroup_centroids
 
 SMOKE_FINETUNE_STEPS = 8   # --smoke: the same fine-tuning job, a few steps
 

@@ -26,12 +26,12 @@ import torch.nn.functional as F
 
 from raydd.config import ConfigError, config_hash
 from raydd.data import DataError
-from raydd.protocols import accuracy, epochs_for, to_float
 from raydd.generate import DistilledSet
 from raydd.methods import get_method, register_method
 from raydd.objectives.learnability import (LearnabilityState, learnability_objective, memory_term, rank_in_class,
                                            score_images, top_kappa)
 from raydd.outputs import read_distilled, write_distilled
+from raydd.protocols import accuracy, epochs_for, to_float
 from raydd.sampling import Guidance
 from raydd.selection import load_selector
 
