@@ -50,7 +50,7 @@ def init_ray(compute: ComputeConfig) -> None:
             _wait_listening(port, timeout_s=90)
     ctx = ray.data.DataContext.get_current()
     # on a terminal, Ray Data's progress bars; elsewhere (CI, `ray job logs`, a file) it would print a
-    # progress block every 10 s (the default run's log was 650 lines): there the [raydd] lines are the progress
+    # progress block every 10 s (a review counted 650 lines in the default run's log): there the [raydd] lines are the progress
     ctx.enable_progress_bars = sys.stderr.isatty()
     ctx.print_on_execution_start = False
     check_fits(compute, joined=bool(address))
