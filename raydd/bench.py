@@ -10,6 +10,8 @@ one run on the same machine. Writes JSON and logs one MLflow run (experiment ray
   train      Ray Train's own cost: a fit that only reports 3 times, controller polling every 2 s vs 0.25 s
   student    student-training images/s vs a plain PyTorch loop on the same data                   (>= 0.9x)
   memory     peak RSS (driver + Ray processes) of the default distill run and of a 2-actor run    (<= 4 GiB)
+  schedulers images/s of the sampling loop (1 thread, as one actor) per sampler.scheduler x steps, on both embedded
+             worlds' DiT sizes (random weights): ddpm-50 vs dpm++ / unipc / euler / ddim at 10, 15, 25  (>= 2x)
   gpu        DiT-XL/2 (random weights, 256 px, 50-step DDPM + CFG): images/s in fp32/tf32/bf16, SDPA,
              torch.compile, next to the limit: measured bf16 matmul rate / counted FLOP per image (>= 40%)
 """
@@ -32,7 +34,7 @@ from raydd.generate import BackboneSpec, SampleBatches, make_rows
 from raydd.sampling import Guidance, sample
 
 TARGETS = {"sharding": 0.95, "scaling": 1.7, "batching": 5.0, "guidance_full_per_step": 2.5,
-           "guidance_x0_per_step": 1.3, "student": 0.9, "memory_pss_gib": 4.0, "gpu_fraction_of_limit": 0.40}
+           "guidance_x0_per_step": 1.3, "schedulers_speedup_at_equal_accuracy": 2.0, "student": 0.9, "memory_pss_gib": 4.0, "gpu_fraction_of_limit": 0.40}
 
 
 def log(msg: str) -> None:
@@ -419,18 +421,47 @@ def bench_gpu(steps: int, batch: int, compile_model: bool, device: str = "cuda",
     return out
 
 
+SCHEDULER_GRID = [("ddpm", 50)] + [(name, k) for name in ("dpm++", "unipc", "euler", "ddim") for k in (10, 15, 25)]
+
+
+def bench_schedulers(n: int, grid: list[tuple[str, int]] = SCHEDULER_GRID) -> dict:
+    """images/s of sample() per (scheduler, steps), one thread (what one sampling actor gets), on the DiT sizes
+    of `digits` (1x16x16 pixels, clip_x0) and `digits-latent` (4x8x8 latents, unclipped). Only the loop: the
+    VAE decode, once per image whatever the scheduler, is left out. Accuracy at each setting is not a speed
+    figure: the README's table comes from `python -m raydd.distill ... sampler.scheduler=S sampler.steps=K`."""
+    from raydd.backbone import Backbone, IdentityVAE, tiny_dit
+
+    torch.set_num_threads(1)
+    out: dict = {"images": n}
+    for world, (channels, side, clip) in {"digits": (1, 16, True), "digits-latent": (4, 8, False)}.items():
+        b = load_config(world).backbone
+        torch.manual_seed(0)
+        backbone = Backbone(tiny_dit(10, channels, side, b.hidden_size, b.depth, b.heads, b.patch_size),
+                            IdentityVAE()).eval()
+        y, seeds = torch.arange(n) % 10, list(range(n))
+        rates = {}
+        for name, steps in grid:
+            if clip and name == "euler":
+                continue                                   # euler does not clip x0_hat (config rejects it)
+            cfg = SamplerConfig(scheduler=name, steps=steps, cfg_scale=4.0, clip_x0=clip)
+            rates[f"{name}-{steps}"] = n / timed(lambda: sample(backbone, y, seeds, cfg), 2)
+        out[world] = {"images_per_s": rates, "speedup_vs_ddpm50": {k: v / rates["ddpm-50"] for k, v in rates.items()}}
+    torch.set_num_threads(os.cpu_count() or 1)
+    return out
+
+
 # --------------------------------------------------------------------------------------------
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m raydd.bench", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split("\n\n", 1)[1])
-    p.add_argument("--only", default="", help="comma list of: sharding,batching,guidance,train,student,memory,gpu,"
-                                              "guided-memory (not in the default set: minutes at DiT-XL/2 on a CPU)")
+    p.add_argument("--only", default="", help="comma list of: sharding,batching,guidance,schedulers,train,student,"
+                                              "memory,gpu,guided-memory (not in the default set: minutes at DiT-XL/2 on a CPU)")
     p.add_argument("--out", default="bench.json")
     p.add_argument("--smoke", "--quick", dest="quick", action="store_true", help="small sizes (a few minutes)")
     p.add_argument("--no-mlflow", action="store_true")
     args = p.parse_args(argv)
-    only = set(args.only.split(",")) if args.only else {"sharding", "batching", "guidance", "train", "student",
-                                                         "memory", "gpu"}
+    only = set(args.only.split(",")) if args.only else {"sharding", "batching", "guidance", "schedulers", "train",
+                                                         "student", "memory", "gpu"}
     q = args.quick
     sampler = SamplerConfig(steps=10 if q else 50, cfg_scale=4.0, clip_x0=True)
     results: dict = {"machine": {"cpus": os.cpu_count(), "torch": torch.__version__,
@@ -447,6 +478,9 @@ def main(argv: list[str] | None = None) -> int:
         if "guidance" in only:
             log("guidance ...")
             results["guidance"] = bench_guidance(spec, sampler, n=20 if q else 50)
+    if "schedulers" in only:
+        log("schedulers ...")
+        results["schedulers"] = bench_schedulers(n=20 if q else 100)
     if "train" in only:
         log("Ray Train overhead ...")
         results["train"] = bench_train(repeats=1 if q else 3)

@@ -1,9 +1,10 @@
-"""The diffusion maths shared by sampling and training, written once: the linear-beta schedule and its
-respacing, per-step coefficients, x̂0 from ε̂, the forward process q(x_t | x0), the learned-range variance
+"""The diffusion maths shared by sampling and training, written once: the linear-beta schedule, per-step
+coefficients, x̂0 from ε̂, the forward process q(x_t | x0), the learned-range variance
 and the DiT's output split (improved DDPM / DiT conventions).
 
-Index conventions: a Schedule over S steps is indexed i = 0 (cleanest) .. S-1 (noisiest); the DiT always
-receives TRUE timesteps in [0, train_timesteps). Training uses the full schedule (S = 1000, i = t).
+Index conventions: the Schedule is indexed by the true timestep t = 0 (cleanest) .. train_timesteps-1 (noisiest),
+the timesteps the DiT receives. Sampling steps through diffusers' schedulers (raydd.sampling.Steps) on the same
+betas.
 """
 from __future__ import annotations
 
@@ -21,39 +22,30 @@ from raydd.config import SamplerConfig
 # --------------------------------------------------------------------------------------------
 @dataclass
 class Schedule:
-    """Coefficients at the S respaced steps, index i = 0 (cleanest) .. S-1 (noisiest). float64."""
-    timesteps: np.ndarray            # [S] true timesteps, ascending
-    alphas_cumprod: np.ndarray       # [S] abar at each respaced step
-    alphas_cumprod_prev: np.ndarray  # [S] abar at the previous respaced step (1.0 for i = 0)
-    betas: np.ndarray                # [S] respaced betas: 1 - abar_i / abar_{i-1}
-    posterior_variance: np.ndarray   # [S] beta_tilde
-    posterior_log_variance_clipped: np.ndarray  # [S] log beta_tilde, with i = 0 clipped to i = 1
-    posterior_mean_coef1: np.ndarray # [S] coefficient of x0 in the posterior mean
-    posterior_mean_coef2: np.ndarray # [S] coefficient of x_t in the posterior mean
+    """Coefficients at every training timestep t = 0 (cleanest) .. T-1 (noisiest). float64."""
+    timesteps: np.ndarray            # [T] 0 .. T-1
+    alphas_cumprod: np.ndarray       # [T] abar_t
+    alphas_cumprod_prev: np.ndarray  # [T] abar_{t-1} (1.0 for t = 0)
+    betas: np.ndarray                # [T] beta_t = 1 - abar_t / abar_{t-1}
+    posterior_variance: np.ndarray   # [T] beta_tilde
+    posterior_log_variance_clipped: np.ndarray  # [T] log beta_tilde, with t = 0 clipped to t = 1
+    posterior_mean_coef1: np.ndarray # [T] coefficient of x0 in the posterior mean
+    posterior_mean_coef2: np.ndarray # [T] coefficient of x_t in the posterior mean
 
     def __len__(self) -> int:
         return len(self.timesteps)
 
 
-def respaced_timesteps(train_timesteps: int, steps: int) -> np.ndarray:
-    """`steps` evenly spaced true timesteps including 0 and T-1 (DiT's space_timesteps(T, "S"))."""
-    if steps == train_timesteps:
-        return np.arange(train_timesteps)
-    stride = (train_timesteps - 1) / max(steps - 1, 1)
-    return np.array(sorted({round(i * stride) for i in range(steps)}), dtype=np.int64)
-
-
-def make_schedule(cfg: SamplerConfig, steps: int | None = None) -> Schedule:
-    """Linear betas over cfg.train_timesteps, respaced to `steps` (default cfg.steps)."""
-    steps = cfg.steps if steps is None else steps
+def make_schedule(cfg: SamplerConfig) -> Schedule:
+    """The training schedule: linear betas over all cfg.train_timesteps steps (sampling takes its steps through a
+    diffusers scheduler, raydd.sampling.Steps)."""
     base_betas = np.linspace(cfg.beta_start, cfg.beta_end, cfg.train_timesteps, dtype=np.float64)
-    base_abar = np.cumprod(1.0 - base_betas)
-    ts = respaced_timesteps(cfg.train_timesteps, steps)
-    abar = base_abar[ts]
+    ts = np.arange(cfg.train_timesteps)
+    abar = np.cumprod(1.0 - base_betas)
     abar_prev = np.append(1.0, abar[:-1])
-    betas = 1.0 - abar / abar_prev
+    betas = base_betas
     post_var = betas * (1.0 - abar_prev) / (1.0 - abar)
-    # log(0) at i = 0: clip to the next value, as improved DDPM does
+    # log(0) at t = 0: clip to the next value, as improved DDPM does
     post_logvar = np.log(np.append(post_var[1], post_var[1:])) if len(post_var) > 1 else np.log(betas)
     return Schedule(
         timesteps=ts, alphas_cumprod=abar, alphas_cumprod_prev=abar_prev, betas=betas,

@@ -160,7 +160,7 @@ def train_tiny_backbone(config: dict, hooks: TrainHooks) -> None:
     device = hooks.device
     ema = EMA(model, decay=0.999, warmup=True)                            # (DiT: 0.9999 over 400k steps)
     loop = TrainLoop(hooks, "backbone", bcfg.train_steps, {"model": model, "ema": ema, "opt": opt})
-    schedule = make_schedule(scfg, steps=scfg.train_timesteps)
+    schedule = make_schedule(scfg)
     predict = transformer_predict(net, channels)
     gen = torch.Generator().manual_seed(config["seed"] * 1000 + hooks.world_rank)
     net.train()
@@ -274,7 +274,7 @@ def finetune_loop(config: dict, hooks: TrainHooks) -> None:
     # the logged rows (the loss curve) are kept with the model as history.json
     loop = TrainLoop(hooks, "finetune", config["steps"], {"model": model, "opt": opt, "ema": ema},
                      curve_file="history.json")
-    schedule = make_schedule(scfg, steps=scfg.train_timesteps)
+    schedule = make_schedule(scfg)
     predict = transformer_predict(net, channels)
     gen = torch.Generator().manual_seed(config["seed"] * 1000 + hooks.world_rank)
     net.train()

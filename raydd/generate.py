@@ -82,7 +82,7 @@ class BackboneSpec:
 
 
 GuidanceFactory = Callable[[Any, torch.device], Guidance]  # (backbone, device) -> Guidance
-# (backbone, device) -> post_step(i, x_prev, x0_hat, y) -> x_prev' (see raydd.sampling.sample), built once per
+# (backbone, device) -> post_step(i, x_prev, x0_hat, y, abar_prev) -> x_prev' (see raydd.sampling.sample), built once per
 # actor like a Guidance; batch-level updates (CGS) see a whole unit, e.g. one class's IPC samples
 PostStepFactory = Callable[[Any, torch.device], Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]]
 

@@ -1,12 +1,12 @@
-"""The two schedulers, classifier-free guidance, the one guidance helper and the visible denoising loop
-(the schedule maths they share with training lives in raydd.diffusion).
+"""diffusers' schedulers, classifier-free guidance, the one guidance helper and the visible denoising loop
+(the schedule maths training uses lives in raydd.diffusion).
 
 Conventions (as in DiT / improved DDPM):
-  * a linear beta schedule of `train_timesteps` (1000) steps, respaced to `steps` (50) evenly
-    spaced TRUE timesteps; the DiT always receives true timesteps in [0, 1000);
+  * a linear beta schedule of `train_timesteps` (1000) steps; sampling takes `steps` of them (DiT: 50,
+    linspace) through a diffusers scheduler; the DiT always receives true timesteps in [0, 1000);
   * eps_hat = eps_phi(x_t, t, y);  x0_hat = (x_t - sqrt(1 - abar_t) * eps_hat) / sqrt(abar_t);
-  * the scheduler only steps: step(eps, i, x_t) -> (x_prev, x0_hat); the loop in `sample`
-    joins backbone, guidance and scheduler and stays readable top to bottom.
+  * the scheduler only steps: step(eps, i, x_t) -> x_prev; the loop in `sample` joins backbone (eps with
+    CFG), guidance (edits eps) and scheduler and stays readable top to bottom.
 """
 from __future__ import annotations
 
@@ -18,8 +18,8 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
-from raydd.config import SamplerConfig
-from raydd.diffusion import Schedule, coef, learned_range_log_variance, make_schedule, predict_x0
+from raydd.config import ConfigError, SamplerConfig
+from raydd.diffusion import predict_x0
 from raydd.errors import RayddError
 
 
@@ -28,55 +28,89 @@ class GuidanceError(RayddError, RuntimeError):
 
 
 # --------------------------------------------------------------------------------------------
-# Schedulers: step(eps, i, x_t) -> (x_prev, x0_hat)
+# Schedulers: diffusers' own, seen in DDPM's variance-preserving terms
 # --------------------------------------------------------------------------------------------
-class DDPMScheduler:
-    """Ancestral DDPM with learned-range variance (improved DDPM / DiT)."""
-
-    def __init__(self, schedule: Schedule, clip_x0: bool = False):
-        self.s = schedule
-        self.clip_x0 = clip_x0
-
-    def log_variance(self, i: int, var_values: torch.Tensor | None, ref: torch.Tensor) -> torch.Tensor:
-        """Learned range: log var = f * log beta_i + (1 - f) * log beta_tilde_i, f = (v + 1) / 2.
-        Without a learned variance: the fixed posterior variance (log beta_tilde_i)."""
-        min_log = coef(self.s.posterior_log_variance_clipped, i, ref)
-        if var_values is None:
-            return min_log.expand_as(ref)
-        return learned_range_log_variance(var_values, min_log, coef(np.log(self.s.betas), i, ref))
-
-    def step(self, eps: torch.Tensor, i: int, x_t: torch.Tensor, var_values: torch.Tensor | None = None,
-             noise: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        x0 = predict_x0(x_t, eps, float(self.s.alphas_cumprod[i]))
-        if self.clip_x0:
-            x0 = x0.clamp(-1, 1)
-        # posterior mean of q(x_{i-1} | x_i, x0)
-        mean = coef(self.s.posterior_mean_coef1, i, x_t) * x0 + coef(self.s.posterior_mean_coef2, i, x_t) * x_t
-        if i == 0:
-            return mean, x0  # no noise at the last step
-        log_var = self.log_variance(i, var_values, x_t)
-        return mean + torch.exp(0.5 * log_var) * noise, x0
+SCHEDULERS = ("ddpm", "ddim", "dpm++", "unipc", "euler")
 
 
-class DDIMScheduler:
-    """Deterministic DDIM (eta = 0) on the same respaced schedule."""
+class Steps:
+    """cfg.steps steps of a diffusers scheduler (sampler.scheduler), indexed i = S-1 (noisiest) .. 0 (cleanest).
 
-    def __init__(self, schedule: Schedule, clip_x0: bool = False):
-        self.s = schedule
-        self.clip_x0 = clip_x0
+    Whatever the scheduler, the loop's x is the variance-preserving x_t = sqrt(abar_t) x0 + sqrt(1 - abar_t) eps,
+    so guidance and post-step updates (CGS) read the same for all; per step i:
+      t[i]         the true timestep the DiT sees (ints; DiT's respacing for ddpm: linspace over 1000 steps)
+      abar[i]      abar at t[i];   abar_prev[i]: the noise level of x after the step (1.0 after the last);
+      beta[i]      the step's beta = 1 - abar[i] / abar_prev[i] (guidance's "variance" step size).
+      ddpm   DDPMScheduler, ancestral, learned-range variance when the DiT learns sigma (improved DDPM / DiT);
+      ddim   deterministic DDIM (eta = 0) on DiT's grid, as DPMSolverMultistepScheduler of order 1 (the same
+             update, Lu et al. 2022): diffusers' DDIMScheduler steps from t to t - T // S instead of to the next
+             grid point (979 -> 959, not 958, at S = 50; 999 -> 833, not 799, at S = 6), so it is not DiT's DDIM;
+      dpm++  DPMSolverMultistepScheduler (DPM-Solver++(2M)), unipc UniPCMultistepScheduler (UniPC-bh2),
+      euler  EulerDiscreteScheduler: few-step solvers on diffusers' linspace grid (S points from 999, then to
+             sigma = 0). Euler works on x_t sqrt(1 + sigma_t^2) = x0 + sigma_t eps; step() converts both ways.
+    clip_x0 (pixel backbones): clip_sample for ddpm/ddim; thresholding with sample_max_value = 1 for dpm++/unipc,
+    which clamps x0_hat to [-1, 1] exactly (the dynamic threshold is clamped to [1, 1]); euler has no clipping.
+    coupled=True (a post_step moves x between steps): UniPC's corrector is turned off, because it rebuilds x_t
+    from the previous x and would undo the move.
+    """
 
-    def step(self, eps: torch.Tensor, i: int, x_t: torch.Tensor, var_values: torch.Tensor | None = None,
-             noise: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        x0 = predict_x0(x_t, eps, float(self.s.alphas_cumprod[i]))
-        if self.clip_x0:
-            x0 = x0.clamp(-1, 1)
-            eps = (x_t - math.sqrt(self.s.alphas_cumprod[i]) * x0) / math.sqrt(1 - self.s.alphas_cumprod[i])
-        abar_prev = float(self.s.alphas_cumprod_prev[i])
-        return math.sqrt(abar_prev) * x0 + math.sqrt(1.0 - abar_prev) * eps, x0
+    def __init__(self, cfg: SamplerConfig, learned_sigma: bool, coupled: bool = False):
+        from diffusers import (DDPMScheduler, DPMSolverMultistepScheduler, EulerDiscreteScheduler,
+                               UniPCMultistepScheduler)
 
+        name, clip, S = cfg.scheduler, cfg.clip_x0, cfg.steps
+        common = dict(num_train_timesteps=cfg.train_timesteps, beta_start=cfg.beta_start, beta_end=cfg.beta_end,
+                      beta_schedule="linear", timestep_spacing="linspace")
+        if name == "ddpm":
+            d = DDPMScheduler(**common, variance_type="learned_range" if learned_sigma else "fixed_small",
+                              clip_sample=clip, clip_sample_range=1.0)
+        elif name == "ddim":   # DPM-Solver++ of order 1 is DDIM (eta = 0), stepping between DiT's grid points
+            d = DPMSolverMultistepScheduler(**common, algorithm_type="dpmsolver++", solver_order=1,
+                                            thresholding=clip, sample_max_value=1.0)
+        elif name == "dpm++":
+            d = DPMSolverMultistepScheduler(**common, algorithm_type="dpmsolver++", solver_order=2,
+                                            thresholding=clip, sample_max_value=1.0)
+        elif name == "unipc":
+            d = UniPCMultistepScheduler(**common, thresholding=clip, sample_max_value=1.0,
+                                        disable_corrector=list(range(S)) if coupled else [])
+        elif name == "euler":
+            d = EulerDiscreteScheduler(**common)
+        else:
+            raise ConfigError(f"sampler.scheduler={name!r}; allowed: {', '.join(SCHEDULERS)}")
+        if name == "ddim":    # DiT's respaced grid (= ddpm's), ending with t = 0 -> x0_hat
+            d.set_timesteps(timesteps=np.linspace(0, cfg.train_timesteps - 1, S).round()[::-1].astype(int).tolist())
+        elif name == "euler":  # integer timesteps on the dpm++/unipc grid (diffusers' own Euler grid ends with a
+            #                    step at t = 0, sigma 0.01: one model call of S that changes next to nothing)
+            d.set_timesteps(timesteps=np.linspace(0, cfg.train_timesteps - 1, S + 1).round()[::-1][:-1].tolist())
+        else:
+            d.set_timesteps(S)
+        self.d, self.name, self.learned_sigma = d, name, learned_sigma
+        ts = d.timesteps.round().long().flip(0)                       # [S] ascending: t[i], i = 0 cleanest
+        abar = d.alphas_cumprod.double()
+        after = torch.cat([ts.new_tensor([-1]), ts[:-1]])             # the timestep each step lands on (-1: clean)
+        self.t = ts
+        self.key = d.timesteps.flip(0)                                # [S] the scheduler's own values, for step()
+        self.abar = abar[ts]
+        self.abar_prev = torch.where(after >= 0, abar[after.clamp_min(0)], torch.ones_like(self.abar))
+        self.beta = 1.0 - self.abar / self.abar_prev
+        self.sigma = ((1 - self.abar) / self.abar).sqrt()              # Euler's sigma_t
+        self.sigma_prev = ((1 - self.abar_prev) / self.abar_prev).sqrt()
 
-def make_scheduler(cfg: SamplerConfig, schedule: Schedule):
-    return {"ddpm": DDPMScheduler, "ddim": DDIMScheduler}[cfg.scheduler](schedule, clip_x0=cfg.clip_x0)
+    def __len__(self) -> int:
+        return len(self.t)
+
+    def step(self, eps: torch.Tensor, i: int, x_t: torch.Tensor, var_values: torch.Tensor | None,
+             generators: list[torch.Generator]) -> torch.Tensor:
+        """x_t -> x_{i-1} (variance-preserving) with diffusers' step; generators: per-sample noise (ddpm)."""
+        t = self.key[i]
+        if self.name == "ddpm":
+            out = torch.cat([eps, var_values], 1) if var_values is not None else eps   # learned range: [B, 2C]
+            return self.d.step(out, t, x_t, generator=generators).prev_sample
+        if self.name == "euler":
+            x_ve = x_t * math.sqrt(1 + float(self.sigma[i]) ** 2)         # x0 + sigma_t eps
+            self.d.scale_model_input(x_ve, t)   # = x_t, the DiT's input (already computed); Euler checks the call
+            return self.d.step(eps, t, x_ve).prev_sample / math.sqrt(1 + float(self.sigma_prev[i]) ** 2)
+        return self.d.step(eps, t, x_t).prev_sample
 
 
 # --------------------------------------------------------------------------------------------
@@ -200,31 +234,34 @@ class NoiseStreams:
 @torch.no_grad()
 def sample(backbone, y: torch.Tensor, seeds: list[int], cfg: SamplerConfig, guidance: Guidance | None = None,
            device: str | torch.device = "cpu", autocast_dtype: torch.dtype | None = None,
-           post_step: Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
+           post_step: Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor, float], torch.Tensor] | None = None,
            ) -> dict[str, torch.Tensor]:
     """Denoise one batch. y [B] labels, seeds [B] per-sample seeds.
-    post_step(i, x_prev, x0_hat, y) -> x_prev': an update of the whole batch right after each scheduler
-    step (batch-level guidance such as CGS, which couples the samples of a class); None = no change.
+    post_step(i, x_prev, x0_hat, y, abar_prev) -> x_prev': an update of the whole batch right after each scheduler
+    step (batch-level guidance such as CGS, which couples the samples of a class); abar_prev is x_prev's noise
+    level; None = no change.
     Returns {"z0": final latents [B,C,H,W] float32, "J": last guidance objective [B] (NaN if none)}."""
-    schedule = make_schedule(cfg)
-    scheduler = make_scheduler(cfg, schedule)
+    steps = Steps(cfg, backbone.learned_sigma, coupled=post_step is not None)
     y = y.to(device)
     noise = NoiseStreams(seeds, backbone.latent_shape, device)
     x = noise.next()                                        # x_T ~ N(0, I)   [B,C,H,W]
     J = torch.full((len(seeds),), float("nan"), device=device)
-    for i in reversed(range(len(schedule))):                # i = S-1 (noisiest) .. 0
-        t = torch.full((len(seeds),), int(schedule.timesteps[i]), device=device, dtype=torch.long)
+    for i in reversed(range(len(steps))):                   # i = S-1 (noisiest) .. 0
+        t = torch.full((len(seeds),), int(steps.t[i]), device=device, dtype=torch.long)
+        abar = float(steps.abar[i])
         with torch.autocast(device_type=torch.device(device).type, dtype=autocast_dtype or torch.float32,
                             enabled=autocast_dtype is not None):
             if guidance is not None and guidance.active(i):
-                eps, var, J = guided_eps(backbone, guidance, x, t, y, float(schedule.alphas_cumprod[i]),
-                                         float(schedule.betas[i]), cfg)
+                eps, var, J = guided_eps(backbone, guidance, x, t, y, abar, float(steps.beta[i]), cfg)
             else:
                 eps, var = predict_eps(backbone, x, t, y, cfg.cfg_scale, cfg.cfg_first3_quirk)
-        step_noise = noise.next() if i > 0 else None
-        x, x0_hat = scheduler.step(eps.float(), i, x, None if var is None else var.float(), step_noise)
+        eps, var = eps.float(), None if var is None else var.float()
+        x0_hat = predict_x0(x, eps, abar)                   # the step's clean prediction (for post_step)
+        if cfg.clip_x0:
+            x0_hat = x0_hat.clamp(-1, 1)
+        x = steps.step(eps, i, x, var, noise.gens)          # x_{i-1}; ddpm draws each sample's noise from its own stream
         if post_step is not None:                           # batch-level update of x_{i-1}
-            x = post_step(i, x, x0_hat, y)
+            x = post_step(i, x, x0_hat, y, float(steps.abar_prev[i]))
     return {"z0": x.float(), "J": J.float()}
 
 

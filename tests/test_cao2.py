@@ -173,7 +173,7 @@ def test_latent_optimisation_lowers_its_objective_within_the_linf_ball(backbone)
     g = torch.Generator().manual_seed(1)
     x = torch.rand(4, 1, 16, 16, generator=g) * 2 - 1
     y, seeds, eta = torch.arange(4), [11, 12, 13, 14], 0.1
-    schedule = make_schedule(SamplerConfig(), steps=1000)
+    schedule = make_schedule(SamplerConfig())
     x_bar, curve = optimize_latents(backbone, x, y, seeds, schedule, iterations=30, lr=1e-2, lam=10.0,
                                     t_hat=500, eta=eta)
     assert curve.shape == (4, 30)

@@ -102,7 +102,7 @@ def test_im_term_is_per_sample_and_trains_through_the_inversion(digits_cfg, tiny
     torch.manual_seed(0)
     model = load_transformer(tiny_dit_dir).train()
     predict = transformer_predict(model, 1)
-    schedule = make_schedule(digits_cfg.sampler, steps=digits_cfg.sampler.train_timesteps)
+    schedule = make_schedule(digits_cfg.sampler)
     x0 = torch.rand(6, 1, 16, 16) * 2 - 1
     y, t, noise = torch.arange(6), torch.tensor([0, 3, 100, 400, 700, 999]), torch.randn(6, 1, 16, 16)
     x_t = q_sample(x0, t, noise, schedule)

@@ -8,13 +8,12 @@ import numpy as np
 import pytest
 import torch
 
-from raydd.config import ComputeConfig, ConfigError, SamplerConfig
+from raydd.config import ComputeConfig, ConfigError
 from raydd.context import Context, LocalRunner
 from raydd.data import load_real
 from raydd.methods import get_method
 from raydd.objectives.dpp import (CGS, cgs_direction, cgs_post_step, class_means, dm_loss, dpp_loss, mean_distance,
                                   mean_pairwise_cosine)
-from raydd.diffusion import make_schedule
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -97,17 +96,17 @@ def test_cgs_steps_are_scale_free(c):
 
 
 def test_cgs_post_step_updates_each_class_separately():
-    sched = make_schedule(SamplerConfig(steps=4))
     mu = torch.stack([torch.full((1, 2, 2), -1.0), torch.full((1, 2, 2), 1.0)])
-    cgs = CGS(mu, class_ids=[7, 3], schedule=sched, eta_dpp=0.0, eta_dm=0.5)
+    cgs = CGS(mu, class_ids=[7, 3], eta_dpp=0.0, eta_dm=0.5)
     x = torch.zeros(4, 1, 2, 2)
     y = torch.tensor([7, 7, 3, 3])
-    out = cgs(0, x, x, y)                                               # i = 0: abar_prev = 1, target = mu
+    out = cgs(0, x, x, y, 1.0)                                          # last step: abar_prev = 1, target = mu
     assert (out[:2] < 0).all() and (out[2:] > 0).all()                  # pulled toward their own class mean
-    x0_mode = CGS(mu, class_ids=[7, 3], schedule=sched, eta_dpp=0.0, eta_dm=0.5, on="x0")(2, x, x, y)
+    np.testing.assert_allclose(out[2:] / cgs(0, x, x, y, 0.25)[2:], 2.0)  # target sqrt(abar_prev) mu
+    x0_mode = CGS(mu, class_ids=[7, 3], eta_dpp=0.0, eta_dm=0.5, on="x0")(2, x, x, y, 0.5)
     assert (x0_mode[:2] < 0).all() and (x0_mode[2:] > 0).all()          # gradient on x0_hat, applied to x_prev
     with pytest.raises(ValueError, match="allowed"):
-        CGS(mu, [7, 3], sched, 0.0, 0.5, on="bogus")
+        CGS(mu, [7, 3], 0.0, 0.5, on="bogus")
 
 
 def test_class_means_add_up_a_class_split_over_batches():
@@ -166,7 +165,10 @@ def test_dpp_guidance_lowers_pairwise_cosine(world, spec):
     assert means["cgs/mean_cos_after"] < means["cgs/mean_cos_before"]
 
 
-def test_mean_matching_lowers_distance_to_real_class_mean(world, spec):
+@pytest.mark.parametrize("scheduler", ["ddpm", "dpm++", "unipc"])
+def test_mean_matching_lowers_distance_to_real_class_mean(world, spec, scheduler):
+    """Also on the multistep solvers (UniPC's corrector, which would rebuild x from before the move, is off)."""
+    world.sampler = dataclasses.replace(world.sampler, scheduler=scheduler)
     out, tr = run_method(world, spec, rsm=False, eta_dpp=0.0, eta_dm=0.5)
     before, after = tr.per_class("cgs/dist_before"), tr.per_class("cgs/dist_after")
     assert all(after[c] < before[c] for c in after), (before, after)
@@ -210,7 +212,7 @@ def test_cgs_one_and_two_actors_bit_identical(ray_local, digits_cfg, spec, tmp_p
 
     sampler = dataclasses.replace(digits_cfg.sampler, steps=3)
     rows = make_rows(10, 3, run_seed=5, unit_size=3, by_class=True, classes=[4, 9])  # 2 classes = 2 units
-    factory = partial(cgs_post_step, mu=mu, class_ids=list(range(10)), sampler=sampler, eta_dpp=1.0, eta_dm=0.2,
+    factory = partial(cgs_post_step, mu=mu, class_ids=list(range(10)), eta_dpp=1.0, eta_dm=0.2,
                       eps=1e-3, on="z_t")
     one = generate_ray(spec, sampler, rows, ComputeConfig(num_actors=1), post_step_factory=factory)
     two = generate_ray(spec, sampler, rows, ComputeConfig(num_actors=2), post_step_factory=factory)

@@ -117,7 +117,7 @@ def run(ctx, cfg: Config):
     mu = real_class_means(ctx, cfg)                            # [C, c, h, w], once per run
     class_ids = ctx.data.backbone_class_ids()                  # the sampler's y are backbone class ids
     post_step = partial(cgs_post_step, mu=mu, class_ids=class_ids,
-                        sampler=ctx.cfg.sampler, eta_dpp=cfg.eta_dpp, eta_dm=cfg.eta_dm, eps=cfg.eps, on=cfg.on)
+                        eta_dpp=cfg.eta_dpp, eta_dm=cfg.eta_dm, eps=cfg.eps, on=cfg.on)
     distilled = ctx.generate(rows, post_step_factory=post_step)
     before = ctx.generate(rows) if cfg.compare_unguided else None   # same rows = same noise, CGS off
     log_diagnostics(ctx, distilled, before, mu)

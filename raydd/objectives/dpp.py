@@ -32,9 +32,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from raydd.config import SamplerConfig
 from raydd.data import DataError
-from raydd.diffusion import Schedule, make_schedule
 from raydd.sampling import GuidanceError
 
 ON = ("z_t", "x0")
@@ -83,13 +81,12 @@ def cgs_direction(z: torch.Tensor, target: torch.Tensor, eta_dpp: float, eta_dm:
 
 
 # --------------------------------------------------------------------------------------------
-# The post-step hook of raydd.sampling.sample: (i, x_prev, x0_hat, y) -> x_prev'
+# The post-step hook of raydd.sampling.sample: (i, x_prev, x0_hat, y, abar_prev) -> x_prev'
 # --------------------------------------------------------------------------------------------
 @dataclass
 class CGS:
     mu: torch.Tensor      # [K, c, h, w] real mean clean latents mu_c, one row per entry of class_ids
     class_ids: list[int]  # backbone class id of each row of mu (the y the sampler sees)
-    schedule: Schedule    # the sampler's respaced schedule
     eta_dpp: float        # relative step size on grad L_dpp (times ||z_i||^2)
     eta_dm: float         # step size on grad L_dm
     eps: float = 1e-3     # jitter in log det(K + eps I)
@@ -100,8 +97,9 @@ class CGS:
             raise ValueError(f"CGS on={self.on!r}; allowed: {', '.join(ON)}")
         self.row = {int(c): k for k, c in enumerate(self.class_ids)}
 
-    def __call__(self, i: int, x_prev: torch.Tensor, x0_hat: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        sqrt_abar = math.sqrt(float(self.schedule.alphas_cumprod_prev[i]))   # noise level of Z_{t-1}
+    def __call__(self, i: int, x_prev: torch.Tensor, x0_hat: torch.Tensor, y: torch.Tensor,
+                 abar_prev: float) -> torch.Tensor:
+        sqrt_abar = math.sqrt(abar_prev)                   # noise level of Z_{t-1} (any scheduler)
         z, target_scale, apply_scale = (x_prev, sqrt_abar, 1.0) if self.on == "z_t" else (x0_hat, 1.0, sqrt_abar)
         out = x_prev.clone()
         for c in torch.unique(y).tolist():                 # each class is its own coupled system
@@ -113,11 +111,10 @@ class CGS:
         return out
 
 
-def cgs_post_step(backbone, device, *, mu: np.ndarray, class_ids: list[int], sampler: SamplerConfig,
-                  eta_dpp: float, eta_dm: float, eps: float, on: str) -> CGS:
+def cgs_post_step(backbone, device, *, mu: np.ndarray, class_ids: list[int], eta_dpp: float, eta_dm: float, eps: float, on: str) -> CGS:
     """post_step_factory for ctx.generate (bind the keywords with functools.partial: picklable)."""
     mu = torch.tensor(np.array(mu, dtype=np.float32), device=device)   # a copy: Ray hands read-only arrays
-    return CGS(mu, list(class_ids), make_schedule(sampler), eta_dpp, eta_dm, eps, on)
+    return CGS(mu, list(class_ids), eta_dpp, eta_dm, eps, on)
 
 
 # --------------------------------------------------------------------------------------------

@@ -100,7 +100,7 @@ class LatentOptBatches:
             torch.set_num_threads(threads)
         self.device = pick_device(gpus)
         self.backbone = spec.load(self.device)
-        self.schedule = make_schedule(sampler, steps=sampler.train_timesteps)   # the full 1000-step schedule
+        self.schedule = make_schedule(sampler)   # the full 1000-step schedule
         self.opts = dict(iterations=iterations, lr=lr, lam=lam, t_hat=t_hat, eta=eta)
         self.autocast = autocast_for(precision, self.device)
 
