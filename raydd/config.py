@@ -375,6 +375,24 @@ def get_key(cfg: Config, key: str) -> Any:
     return obj
 
 
+def run_params(cfg: Config, method_cfg: Any = None) -> dict[str, Any]:
+    """An MLflow run's params: the resolved config without other methods' settings (`methods`), values left
+    empty and fault injection that is off; the run's own method's resolved settings as <method>.<field>."""
+    plain = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in ("methods", "faults")}
+    if cfg.faults != FaultConfig():
+        plain["faults"] = dataclasses.asdict(cfg.faults)
+    if method_cfg is not None:
+        plain[cfg.method] = dataclasses.asdict(method_cfg)
+    return {k: v for k, v in flatten(plain).items() if v != ""}
+
+
+def run_tags(cfg: Config) -> dict[str, str]:
+    """Tags every raydd run carries (the git commit and raydd version come from raydd.tracking), so runs of
+    every kind filter and group alike in the MLflow UI."""
+    return {"method": cfg.method, "preset": cfg.preset, "ipc": str(cfg.ipc), "seed": str(cfg.seed),
+            "smoke": str(cfg.smoke).lower()}
+
+
 def flatten(d: dict, prefix: str = "") -> dict[str, Any]:
     """{'a': {'b': 1}} -> {'a.b': 1}; lists become JSON strings (MLflow params are strings)."""
     out: dict[str, Any] = {}

@@ -20,7 +20,7 @@ import numpy as np
 
 from raydd.config import Config
 from raydd.data import RealData
-from raydd.eval_jobs import real_classifier, set_classifier_loop
+from raydd.jobs import real_classifier, set_classifier_loop
 from raydd.generate import BackboneSpec, DistilledSet, GuidanceFactory, generate_local, make_rows, map_units
 from raydd.train_hooks import TrainHooks, TrainResult, run_local
 
@@ -148,12 +148,12 @@ class Context:
         return train_cached(self.runner, self.cfg.resolved_cache_dir(), kind, loop, config, cpus_per_worker)
 
     def real_classifier(self, arch: str = "", epochs: int = 0) -> Path:
-        """A classifier trained on the real train split, cached (raydd.eval_jobs.real_classifier)."""
+        """A classifier trained on the real train split, cached (raydd.jobs.real_classifier)."""
         return real_classifier(self.cfg, self.runner, arch, epochs)
 
     def set_classifier(self, set_dir: Path, arch: str, epochs: int, dst: Path) -> Path:
         """A classifier trained on a distilled set (hard labels, the eval protocol's recipe), kept as `dst`
-        (safetensors, written atomically; reused when it exists): raydd.eval_jobs.set_classifier_loop."""
+        (safetensors, written atomically; reused when it exists): raydd.jobs.set_classifier_loop."""
         if not dst.exists():
             config = {"set_path": str(set_dir), "arch": arch, "num_classes": self.data.num_classes,
                       "eval": asdict(self.cfg.eval), "epochs": epochs, "seed": self.cfg.seed}

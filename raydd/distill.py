@@ -16,7 +16,7 @@ import sys
 import time
 from pathlib import Path
 
-from raydd.config import Config, ConfigError, flatten, list_presets, load_config, make_method_config
+from raydd.config import Config, ConfigError, list_presets, load_config, make_method_config, run_params, run_tags
 from raydd.data import RealData, load_real
 from raydd.errors import RayddError
 from raydd.context import log  # (the CLIs' "[raydd]" lines; evaluate and sweep import it from here)
@@ -111,7 +111,7 @@ def produce(cfg: Config, data: RealData, runner, tracker, scratch: Path) -> tupl
     write_distilled(distilled, out_dir, data.class_names,
                     extra={"method": cfg.method, "ipc": cfg.ipc, "seed": cfg.seed, "preset": cfg.preset})
     log(f"wrote {len(distilled)} images to {out_dir} in {t_distill:.1f}s")
-    tracker.log_images("distilled_grid", image_grid(distilled.images, distilled.labels))
+    tracker.log_images("distilled_grid", image_grid(distilled.images, distilled.labels, names=data.class_names))
     diagnostics = set_diagnostics(cfg, data, runner, distilled)
     log("set diagnostics: " + "  ".join(f"{k.split('/')[1]} {v:.3f}" for k, v in diagnostics.items()))
     return out_dir, len(distilled), {"time_backbone_s": timer["backbone"], "time_distill_s": t_distill,
@@ -122,7 +122,7 @@ def set_diagnostics(cfg: Config, data: RealData, runner, distilled) -> dict:
     """distilled/teacher_acc, distilled/diversity, distilled/latent_std (raydd.diagnostics): the real-data
     teacher scores the set on the actor pool (a class is a unit)."""
     from raydd.diagnostics import TeacherScores, summarise
-    from raydd.eval_jobs import teacher_encoder
+    from raydd.jobs import teacher_encoder
 
     labels = distilled.labels.numpy()
     scores = runner.map(TeacherScores, {"encoder": teacher_encoder(cfg, data, runner),
@@ -132,8 +132,10 @@ def set_diagnostics(cfg: Config, data: RealData, runner, distilled) -> dict:
 
 
 def summary_metrics(summary: dict) -> dict:
-    """Flatten evaluate_set's summary into MLflow metrics: acc_mean/<student>, HLR/<student>, ..."""
-    metrics = {}
+    """Flatten evaluate_set's summary into MLflow metrics: acc_mean/<student>, HLR/<student>, ..., and `acc`:
+    the mean over students, the one accuracy name every kind of raydd run has (its split is the run's tag)."""
+    students = summary["students"].values()
+    metrics = {"acc": sum(r["acc_mean"] for r in students) / len(students)}
     for s, r in summary["students"].items():
         metrics |= {f"acc_mean/{s}": r["acc_mean"], f"acc_std/{s}": r["acc_std"],
                     f"student_images_per_s/{s}": r["images_per_s"]}
@@ -141,11 +143,18 @@ def summary_metrics(summary: dict) -> dict:
     return metrics
 
 
+def log_curves(tracker, summary: dict) -> None:
+    """Each student's test accuracy over its epochs, as step metrics curve/<student>/seed<k> (step = epoch)."""
+    for job in summary["jobs"]:
+        if job["kind"] == "syn" and job.get("curve"):
+            tracker.log_curve(f"curve/{job['student']}/{job['protocol']}/seed{job['seed']}", job["curve"])
+
+
 def distill(cfg: Config, parent_run_id: str | None = None) -> dict:
     """Run one distillation; returns the summary that is also logged to MLflow."""
     from raydd.distributed.cluster import cluster_cpus, init_ray
     from raydd.distributed.runner import RayRunner
-    from raydd.eval_jobs import evaluate_set, set_source
+    from raydd.jobs import evaluate_set, set_source
     from raydd.tracking import Tracker, check_reachable, find_run
 
     t_start = time.time()
@@ -162,9 +171,9 @@ def distill(cfg: Config, parent_run_id: str | None = None) -> dict:
     init_ray(cfg.compute)                                          # resources no node has fail here
     run_name = cfg.resolved_run_name()
     tracker = Tracker(cfg.tracking, run_name, run_id=find_run(cfg.tracking, run_name), parent_run_id=parent_run_id,
-                      tags={"raydd_run": run_name, "method": cfg.method, "preset": cfg.preset})
+                      tags={"raydd_run": run_name, "kind": "distill", "split": cfg.eval.split} | run_tags(cfg))
     try:
-        tracker.log_params(flatten(dataclasses.asdict(cfg)) | flatten({cfg.method: dataclasses.asdict(mcfg)}))
+        tracker.log_params(run_params(cfg, mcfg))
         runner = RayRunner(cfg, scratch)
         out_dir, n_images, metrics = produce(cfg, data, runner, tracker, scratch)
 
@@ -176,6 +185,7 @@ def distill(cfg: Config, parent_run_id: str | None = None) -> dict:
         metrics |= {"time_eval_s": time.time() - t0, "time_total_s": time.time() - t_start,
                     "driver_peak_rss_mb": peak_rss_mb()} | summary_metrics(summary)
         tracker.log_metrics(metrics)
+        log_curves(tracker, summary)
         tracker.set_tags({"output_dir": str(out_dir)})
         tracker.log_dict({"output_dir": str(out_dir), "summary": summary, "metrics": metrics}, "result.json")
         tracker.end("FINISHED")

@@ -13,15 +13,15 @@ import sys
 import time
 from pathlib import Path
 
-from raydd.config import flatten, load_config
+from raydd.config import load_config, run_params
 from raydd.data import DataError, load_distilled_folder, load_real
-from raydd.distill import build_parser, log, run_cli
+from raydd.distill import build_parser, log, log_curves, run_cli, summary_metrics
 
 
 def evaluate_folder(folder: str, cfg) -> dict:
     from raydd.distributed.cluster import cluster_cpus, init_ray
     from raydd.distributed.runner import RayRunner
-    from raydd.eval_jobs import INLINE_LIMIT, evaluate_set
+    from raydd.jobs import INLINE_LIMIT, evaluate_set
     from raydd.outputs import image_grid
     from raydd.tracking import Tracker, check_reachable
 
@@ -34,10 +34,12 @@ def evaluate_folder(folder: str, cfg) -> dict:
     cfg.ipc = max(counts)
     log(f"evaluating {folder}: {len(syn.y)} images, IPC {cfg.ipc} (per class {min(counts)}..{max(counts)})")
     init_ray(cfg.compute)
-    tracker = Tracker(cfg.tracking, f"eval-{Path(folder).name}", tags={"raydd_eval": str(folder), "preset": cfg.preset})
+    tracker = Tracker(cfg.tracking, f"eval-{Path(folder).name}",
+                      tags={"raydd_eval": str(folder), "kind": "evaluate", "split": cfg.eval.split,
+                            "preset": cfg.preset, "ipc": str(cfg.ipc), "smoke": str(cfg.smoke).lower()})
     try:
-        tracker.log_params(flatten(dataclasses.asdict(cfg)) | {"folder": str(Path(folder).resolve())})
-        tracker.log_images("distilled_grid", image_grid(syn.x, syn.y))
+        tracker.log_params(run_params(cfg) | {"folder": str(Path(folder).resolve())})
+        tracker.log_images("distilled_grid", image_grid(syn.x, syn.y, names=data.class_names))
         t0 = time.time()
         runner = RayRunner(cfg, None)   # no scratch dir: nothing is written next to the user's folder
         max_workers = int(cluster_cpus() // max(cfg.compute.cpus_per_worker, 1e-9))
@@ -45,11 +47,9 @@ def evaluate_folder(folder: str, cfg) -> dict:
         if syn.x.numel() <= INLINE_LIMIT:   # already read and checked here: ship the arrays to the workers
             source |= {"kind": "arrays", "x": syn.x.numpy(), "y": syn.y.numpy()}
         summary = evaluate_set(cfg, source, runner, max_workers)
-        metrics = {"time_eval_s": time.time() - t0}
-        for s, r in summary["students"].items():
-            metrics |= {f"acc_mean/{s}": r["acc_mean"], f"acc_std/{s}": r["acc_std"]}
-            metrics |= {f"{k}/{s}": v for k, v in summary["ranking"].get(s, {}).items()}
+        metrics = {"time_eval_s": time.time() - t0} | summary_metrics(summary)
         tracker.log_metrics(metrics)
+        log_curves(tracker, summary)
         tracker.log_dict({"folder": str(folder), "summary": summary}, "result.json")
         tracker.end("FINISHED")
     except BaseException as e:
@@ -82,7 +82,7 @@ def evaluate_redundancy(folder: str, cfg, k: int) -> dict:
     tracker = Tracker(cfg.tracking, f"redundancy-{name}",
                       tags={"raydd_redundancy": str(folder), "preset": cfg.preset})
     try:
-        tracker.log_params(flatten(dataclasses.asdict(cfg)) | {"folder": str(root), "redundancy_k": k})
+        tracker.log_params(run_params(cfg) | {"folder": str(root), "redundancy_k": k})
         jobs = [{"student": s, "a": a, "seed": r}                 # train on increment a, seed r
                 for s in cfg.eval.students for a in range(k) for r in range(cfg.eval.seeds)]
         config = {"path": str(root), "data": dataclasses.asdict(cfg.data),

@@ -85,15 +85,30 @@ def read_distilled(out: str | Path) -> DistilledSet:
     return ds.sorted()
 
 
-def image_grid(images: torch.Tensor, labels: torch.Tensor, per_class: int = 10, scale: int = 4) -> np.ndarray:
-    """uint8 [N,C,H,W] -> one RGB grid [rows*H*scale, cols*W*scale, 3]: a row per class, up to
-    `per_class` images each (at most 20 classes shown)."""
+def image_grid(images: torch.Tensor, labels: torch.Tensor, per_class: int = 10, scale: int = 0,
+               names: list[str] | None = None, gap: int = 2) -> np.ndarray:
+    """uint8 [N,C,H,W] -> one RGB grid: a row per class (at most 20) of up to `per_class` images (no more
+    columns than the fullest class fills), `gap` white pixels between tiles, the class name (names[label])
+    left of each row. scale 0 = auto: tiles of about 64 px (16 px digits x4, 256 px images stay 1:1)."""
+    from PIL import Image, ImageDraw
+
     classes = labels.unique().tolist()[:20]
+    cols = min(per_class, max(int((labels == c).sum()) for c in classes))
     c, h, w = images.shape[1:]
-    grid = np.full((len(classes) * h, per_class * w, 3), 255, np.uint8)
+    scale = scale or max(1, 64 // h)
+    th, tw, left = h * scale, w * scale, (6 * 14 if names else 0)
+    grid = np.full((gap + len(classes) * (th + gap), left + gap + cols * (tw + gap), 3), 255, np.uint8)
     for r, cls in enumerate(classes):
-        for k, i in enumerate(torch.nonzero(labels == cls).flatten()[:per_class].tolist()):
-            img = images[i].numpy()
-            img = np.repeat(img, 3, 0) if c == 1 else img
-            grid[r * h:(r + 1) * h, k * w:(k + 1) * w] = np.transpose(img, (1, 2, 0))
-    return np.kron(grid, np.ones((scale, scale, 1), np.uint8)) if scale > 1 else grid
+        y = gap + r * (th + gap)
+        for k, i in enumerate(torch.nonzero(labels == cls).flatten()[:cols].tolist()):
+            img = np.transpose(images[i].numpy(), (1, 2, 0))
+            img = np.repeat(img, 3, 2) if c == 1 else img
+            x = left + gap + k * (tw + gap)
+            grid[y:y + th, x:x + tw] = np.kron(img, np.ones((scale, scale, 1), np.uint8)) if scale > 1 else img
+    if names:
+        canvas = Image.fromarray(grid)
+        draw = ImageDraw.Draw(canvas)
+        for r, cls in enumerate(classes):
+            draw.text((2, gap + r * (th + gap) + th // 2 - 5), str(names[cls])[:13], fill=(0, 0, 0))
+        grid = np.asarray(canvas)
+    return grid

@@ -23,7 +23,7 @@ import sys
 import time
 from pathlib import Path
 
-from raydd.config import Config, ConfigError, flatten, load_config
+from raydd.config import Config, ConfigError, load_config, run_params, run_tags
 from raydd.distill import (build_parser, check_backbone, check_method, distill, ensure_backbone, log, prepare_method,
                            produce, run_cli)
 from raydd.tune_space import SearchSpace, config_key_validator, load_space
@@ -55,7 +55,7 @@ def stage_done(tracking, run_id: str, metrics: dict) -> dict:
     from raydd.tracking import Tracker
 
     tracker = Tracker(tracking, "", run_id=run_id)
-    tracker.log_metrics({"val_acc": metrics["acc"]}, step=metrics["stage"])
+    tracker.log_metrics({"val_acc": metrics["acc"], "acc": metrics["acc"]}, step=metrics["stage"])
     if metrics["stage"] == len(STAGES):
         tracker.end("FINISHED")
     return {"val_acc": metrics["acc"], "stage": metrics["stage"]}
@@ -71,7 +71,7 @@ def run_trial(params: dict, base: Config, sweep_dir: Path, parent_run_id: str) -
     from raydd.data import load_real
     from raydd.distributed.runner import RayRunner
     from raydd.distributed.tune import StagesToTune
-    from raydd.eval_jobs import evaluate_set, set_source
+    from raydd.jobs import evaluate_set, set_source
     from raydd.tracking import Tracker, find_run
 
     trial_id = ray.tune.get_context().get_trial_id()
@@ -83,10 +83,11 @@ def run_trial(params: dict, base: Config, sweep_dir: Path, parent_run_id: str) -
     # student jobs, both kept in its scratch dir)
     tracker = Tracker(cfg.tracking, cfg.run_name, run_id=find_run(cfg.tracking, cfg.run_name),
                       parent_run_id=parent_run_id,
-                      tags={"raydd_run": cfg.run_name, "method": cfg.method, "raydd_trial": trial_id})
+                      tags={"raydd_run": cfg.run_name, "raydd_trial": trial_id, "kind": "trial", "split": "val",
+                            "searched": ",".join(sorted(params))} | run_tags(cfg))
     status = "FAILED"
     try:
-        tracker.log_params({f"trial.{k}": v for k, v in params.items()} | flatten(dataclasses.asdict(cfg)))
+        tracker.log_params(run_params(cfg, check_method(cfg)[1]))     # the searched values are among them
         runner = RayRunner(cfg, scratch, max_train_failures=0)        # (Tune restarts the trial instead)
         out_dir, _, timings = produce(cfg, data, runner, tracker, scratch)
         tracker.log_metrics(timings)
@@ -167,6 +168,19 @@ def study_from_results(results, space: SearchSpace):
     return study
 
 
+def trials_table(results, space: SearchSpace) -> str:
+    """A Markdown table of the trials (searched values, last val_acc, stage reached), best first."""
+    names = space.names()
+    rows = sorted(results, key=lambda r: -(r.metrics or {}).get("val_acc", -1.0))
+    lines = ["| trial | " + " | ".join(names) + " | val_acc | stage |", "|" + "---|" * (len(names) + 3)]
+    for r in rows:
+        m = r.metrics or {}
+        acc = f"{m['val_acc']:.4f}" if "val_acc" in m else "–"
+        lines.append(f"| {m.get('trial_id', '?')} | " + " | ".join(str(r.config.get(k, "")) for k in names)
+                     + f" | {acc} | {m.get('stage', '–')} |")
+    return "\n".join(lines) + "\n"
+
+
 def log_optuna_plots(tracker, study) -> None:
     import matplotlib
 
@@ -174,14 +188,16 @@ def log_optuna_plots(tracker, study) -> None:
     import matplotlib.pyplot as plt
     from optuna.visualization.matplotlib import plot_optimization_history, plot_param_importances
 
-    ax = plot_optimization_history(study)
-    tracker.log_figure(ax.figure, "optuna_history.png")
-    plt.close(ax.figure)
+    def save(ax, name: str) -> None:        # room for long parameter names (optuna's default size clips them)
+        ax.figure.set_size_inches(9, 4.5)
+        ax.figure.tight_layout()
+        tracker.log_figure(ax.figure, name)
+        plt.close(ax.figure)
+
+    save(plot_optimization_history(study, target_name="val_acc"), "optuna_history.png")
     if len(study.trials) >= 2 and len({json.dumps(t.params, sort_keys=True, default=str) for t in study.trials}) >= 2:
         try:
-            ax = plot_param_importances(study)
-            tracker.log_figure(ax.figure, "optuna_importance.png")
-            plt.close(ax.figure)
+            save(plot_param_importances(study, target_name="val_acc"), "optuna_importance.png")
         except (RuntimeError, ValueError) as e:  # e.g. zero variance in the objective
             log(f"parameter importance not computed: {e}")
 
@@ -235,7 +251,8 @@ def sweep(method: str, base: Config, final_eval, *, trials: int, max_concurrent:
     log(f"sweep {name}: {method}, {trials} trial(s), {concurrent} at a time, space {space.names()}")
 
     parent = Tracker(base.tracking, name, run_id=find_run(base.tracking, name) if resume else None,
-                     tags={"raydd_run": name, "raydd_sweep": method})
+                     tags={"raydd_run": name, "raydd_sweep": method, "kind": "sweep", "split": "test"}
+                     | run_tags(dataclasses.replace(base, method=method)))
     try:
         parent.log_params({"sweep.method": method, "sweep.trials": trials, "sweep.max_concurrent": concurrent,
                            "sweep.space": json.dumps({k: dataclasses.asdict(v) for k, v in space.params.items()},
@@ -280,6 +297,7 @@ def sweep(method: str, base: Config, final_eval, *, trials: int, max_concurrent:
         best_params = {k: best.config[k] for k in space.names() if k in best.config}
         log(f"best val_acc {best.metrics['val_acc']:.4f} with {best_params}; re-running on the test split ...")
         log_optuna_plots(parent, study_from_results(finished, space))
+        parent.log_text(trials_table(grid, space), "trials.md")
 
         # the best configuration, fresh sampling and student seeds, evaluated on TEST
         final = trial_config(base, best_params, "best", sweep_dir)
@@ -288,7 +306,7 @@ def sweep(method: str, base: Config, final_eval, *, trials: int, max_concurrent:
         rerun = distill(final, parent_run_id=parent.run_id)
         test_acc = sum(r["acc_mean"] for r in rerun["summary"]["students"].values()) / len(rerun["summary"]["students"])
         parent.log_params({f"best.{k}": v for k, v in best_params.items()})
-        parent.log_metrics({"best_val_acc": best.metrics["val_acc"], "best_test_acc": test_acc,
+        parent.log_metrics({"best_val_acc": best.metrics["val_acc"], "best_test_acc": test_acc, "acc": test_acc,
                             "trials_finished": len(finished), "trials_total": len(grid)})
         parent.log_dict({"best_params": best_params, "best_val_acc": best.metrics["val_acc"],
                          "best_test_acc": test_acc, "best_output_dir": rerun["output_dir"]}, "best.json")

@@ -6,6 +6,7 @@ an hour of sampling.
 """
 from __future__ import annotations
 
+import json
 import os
 import time
 from pathlib import Path
@@ -108,12 +109,24 @@ class Tracker:
         for i in range(0, len(clean), 500):
             self.client.log_batch(self.run_id, metrics=clean[i:i + 500])
 
+    def log_curve(self, name: str, points: list) -> None:
+        """A learning curve [(step, value), ...] as one metric with steps (a line chart in the UI)."""
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        clean = [Metric(name, float(v), now, int(step)) for step, v in points if v is not None and np.isfinite(v)]
+        for i in range(0, len(clean), 500):
+            self.client.log_batch(self.run_id, metrics=clean[i:i + 500])
+
     def log_images(self, name: str, grid: np.ndarray) -> None:
         if self.log_images_enabled:
             self.client.log_image(self.run_id, grid, artifact_file=f"{name}.png")
 
     def log_dict(self, d: dict, name: str) -> None:
         self.client.log_dict(self.run_id, d, name)
+
+    def log_text(self, text: str, name: str) -> None:
+        self.client.log_text(self.run_id, text, name)
 
     def log_figure(self, fig, name: str) -> None:
         self.client.log_figure(self.run_id, fig, name)
@@ -150,6 +163,20 @@ def find_run(cfg: TrackingConfig, run_name: str) -> str | None:
     runs = _search_runs(cfg, f"tags.raydd_run = '{run_name}'", order_by=["attributes.start_time DESC"],
                         max_results=1)
     return runs[0].info.run_id if runs else None
+
+
+def best_params_of_sweep(cfg: TrackingConfig, names: list[str], method: str) -> dict | None:
+    """The best parameters ({dotted key: value}) of the newest finished sweep of `method` named one of `names`."""
+    import mlflow
+
+    for name in names:
+        runs = _search_runs(cfg, f"tags.raydd_run = '{name}' and tags.raydd_sweep = '{method}' and "
+                                 f"attributes.status = 'FINISHED'", order_by=["attributes.start_time DESC"])
+        if runs:
+            path = mlflow.artifacts.download_artifacts(run_id=runs[0].info.run_id, artifact_path="best.json",
+                                                       tracking_uri=tracking_uri(cfg))
+            return json.loads(Path(path).read_text())["best_params"]
+    return None
 
 
 def running_children(cfg: TrackingConfig, parent_run_id: str) -> list[str]:

@@ -138,7 +138,7 @@ def test_student_jobs_resume_after_driver_death_and_worker_failure(ray_local, di
 
     from raydd.data import load_real
     from raydd.distributed.train import fit
-    from raydd.eval_jobs import eval_loop
+    from raydd.jobs import eval_loop
     from raydd.generate import random_subset
 
     data = load_real(digits_cfg.data)
@@ -213,12 +213,12 @@ def test_train_cached_trains_once_when_two_need_it_at_once(tmp_path):
 
 def test_loops_travel_to_ray_train_by_name_only_when_importable():
     from raydd.distributed.train import loop_ref
-    from raydd.eval_jobs import eval_loop
+    from raydd.jobs import eval_loop
 
     def local_loop(config, hooks):
         pass
 
-    assert loop_ref(eval_loop) == "raydd.eval_jobs:eval_loop"
+    assert loop_ref(eval_loop) == "raydd.jobs:eval_loop"
     assert loop_ref(local_loop) is local_loop                      # defined in a function: pickled by value
     local_loop.__module__, local_loop.__qualname__ = "__main__", "local_loop"
     assert loop_ref(local_loop) is local_loop                      # a script's own loop: not importable by name

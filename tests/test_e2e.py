@@ -29,6 +29,19 @@ def world(tmp_path_factory, smoke_cache):
     return {"tmp": tmp, "env": env, "rc": rc, "out": out, "seconds": time.time() - t0}
 
 
+def assert_accuracy_is_counted(run, student="convnet_d3"):
+    """The run's acc_mean is the mean of its students' accuracies in result.json, and each of those is
+    (correct test images) / (test images) of the digits smoke split."""
+    from raydd.config import load_config
+    from raydd.data import load_real
+
+    n_test = len(load_real(load_config("digits", smoke=True).data).test)
+    path = mlflow.artifacts.download_artifacts(run_id=run.info.run_id, artifact_path="result.json")
+    accs = json.loads(Path(path).read_text())["summary"]["students"][student]["accs"]
+    assert run.data.metrics[f"acc_mean/{student}"] == pytest.approx(sum(accs) / len(accs))
+    assert all(abs(a * n_test - round(a * n_test)) < 1e-6 for a in accs), (accs, n_test)
+
+
 def runs(world, **tags):
     mlflow.set_tracking_uri(world["env"]["MLFLOW_TRACKING_URI"])
     filt = " and ".join(f"tags.{k} = '{v}'" for k, v in tags.items())
@@ -46,7 +59,15 @@ def test_dit_smoke_writes_set_and_one_mlflow_run(world):
     assert run.info.status == "FINISHED"
     assert run.data.params["ipc"] == "2" and run.data.params["sampler.steps"] == "8"
     m = run.data.metrics
-    assert 0.0 <= m["acc_mean/convnet_d3"] <= 1.0 and m["images_per_s"] > 0 and m["time_total_s"] > 0
+    assert m["images_per_s"] > 0 and m["time_total_s"] > 0 and m["acc"] == m["acc_mean/convnet_d3"]
+    assert_accuracy_is_counted(run)
+    tags = run.data.tags
+    assert (tags["kind"], tags["method"], tags["preset"], tags["ipc"], tags["seed"], tags["smoke"], tags["split"]) == (
+        "distill", "dit", "digits", "2", "0", "true", "test") and "mlflow.source.git.commit" in tags
+    params = run.data.params
+    assert not any(k.startswith(("methods.", "faults.")) for k in params) and "" not in params.values()
+    curve = mlflow.MlflowClient().get_metric_history(run.info.run_id, "curve/convnet_d3/hard/seed0")
+    assert len(curve) >= 2 and [p.step for p in curve] == sorted(p.step for p in curve)   # a line, epoch by epoch
     assert {"HLR/convnet_d3", "IOR/convnet_d3", "LRS/convnet_d3", "acc_random/convnet_d3"} <= set(m)
     assert {"distilled/teacher_acc", "distilled/diversity", "distilled/latent_std"} <= set(m)   # set diagnostics
     assert run.data.tags["output_dir"] == str(out_dir)
@@ -142,7 +163,7 @@ def test_evaluate_any_imagefolder(world):
     rc, out = run_cli(["raydd.evaluate", str(folder), "--smoke", "eval.ranking=false"], world["env"], world["tmp"])
     assert rc == 0, out[-3000:]
     (run,) = runs(world, raydd_eval=str(folder))
-    assert 0.0 <= run.data.metrics["acc_mean/convnet_d3"] <= 1.0
+    assert_accuracy_is_counted(run)
 
 
 @pytest.mark.parametrize("args, message", [

@@ -185,7 +185,7 @@ def test_staged_evaluation_reports_each_stage_and_summarises_the_last(digits_cfg
 
     from raydd.context import LocalRunner
     from raydd.data import load_real
-    from raydd.eval_jobs import evaluate_set
+    from raydd.jobs import evaluate_set
     from raydd.generate import random_subset
 
     data = load_real(digits_cfg.data)
@@ -214,7 +214,7 @@ def test_staged_evaluation_reports_each_stage_and_summarises_the_last(digits_cfg
 
 
 def test_round_threads_share_a_nodes_idle_threads_among_its_busy_ranks():
-    from raydd.eval_jobs import round_threads
+    from raydd.jobs import round_threads
 
     two = [("a", 1), ("a", 1)]
     assert [round_threads(two, 2, r) for r in (0, 1)] == [1, 1]          # a full round: each keeps its own
@@ -235,7 +235,7 @@ def test_soft_protocol_reports_hlr_and_lrs_from_the_sets_own_hard_label_accuracy
 
     from raydd.context import LocalRunner
     from raydd.data import load_real
-    from raydd.eval_jobs import evaluate_set
+    from raydd.jobs import evaluate_set
     from raydd.protocols import dd_ranking
     from raydd.generate import random_subset
 

@@ -100,7 +100,7 @@ def test_own_students_refuse_pretrained():
 def test_own_students_do_not_import_timm():
     """timm (and torchvision through it) costs about 2 s and 190 MB per process: the evaluation workers and
     the driver of a default run never import it."""
-    code = ("import sys; from raydd.students import create_student; import raydd.eval_jobs, raydd.distill; "
+    code = ("import sys; from raydd.students import create_student; import raydd.jobs, raydd.distill; "
             "m = create_student('convnet_d3', 10, 1, 16); "
             "print('timm' in sys.modules, 'torchvision' in sys.modules, type(m).__name__)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)

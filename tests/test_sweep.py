@@ -3,6 +3,7 @@ and the best config re-run on test."""
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import mlflow
 import pytest
@@ -45,18 +46,29 @@ def test_four_trials_two_concurrent_with_parent_child_runs(env):
     (parent,) = mlflow.search_runs(experiment_names=["raydd"], filter_string="tags.raydd_run = 's4'", output_format="list")
     assert parent.info.status == "FINISHED"
     m = parent.data.metrics
-    assert 0 <= m["best_val_acc"] <= 1 and 0 <= m["best_test_acc"] <= 1 and m["trials_total"] == 4
+    assert m["trials_total"] == 4
     assert {"best.sampler.cfg_scale", "best.sampler.steps", "sweep.space"} <= set(parent.data.params)
     arts = {a.path for a in mlflow.MlflowClient().list_artifacts(parent.info.run_id)}
-    assert {"optuna_history.png", "best.json", "search_space.json"} <= arts
+    assert {"optuna_history.png", "best.json", "search_space.json", "trials.md"} <= arts
+    table = Path(mlflow.artifacts.download_artifacts(run_id=parent.info.run_id, artifact_path="trials.md")).read_text()
+    assert len(table.strip().splitlines()) == 2 + 4 and "sampler.cfg_scale" in table.splitlines()[0]
     kids = children(uri, parent.info.run_id)
     trials = [k for k in kids if "raydd_trial" in k.data.tags]
-    assert len(trials) == 4 and all("trial.sampler.cfg_scale" in k.data.params for k in trials)
+    assert len(trials) == 4 and all("sampler.cfg_scale" in k.data.tags["searched"].split(",") for k in trials)
+    assert not any(p.startswith(("trial.", "methods.", "faults.")) for k in trials for p in k.data.params)
+    # one accuracy name and the same tags on every kind of run (a trial: val; the parent: the test rerun)
+    assert all(k.data.tags["kind"] == "trial" and k.data.tags["split"] == "val" and k.data.tags["preset"] == "digits"
+               and k.data.tags["smoke"] == "true" for k in trials)
+    assert parent.data.tags["method"] == "dit" and parent.data.tags["kind"] == "sweep" and m["acc"] == m["best_test_acc"]
     assert all(k.info.status in ("FINISHED", "KILLED") for k in trials)      # none left RUNNING (KILLED: ASHA)
     assert any(k.info.status == "FINISHED" and k.data.metrics["val_acc"] >= 0 for k in trials)
-    assert any(k.data.params["trial.sampler.cfg_scale"] == "4.0" for k in trials)     # paper default first
+    assert any(k.data.params["sampler.cfg_scale"] == "4.0" for k in trials)           # paper default first
+    assert all(k.data.metrics.get("acc") == k.data.metrics.get("val_acc") for k in trials)
     best = [k for k in kids if k.data.tags.get("raydd_run") == "s4-best"]
     assert len(best) == 1 and best[0].data.params["eval.split"] == "test"           # never tuned on test
+    # the parent's figures are the best trial's val_acc and the best configuration's test rerun
+    assert any(k.data.metrics.get("val_acc") == pytest.approx(m["best_val_acc"]) for k in trials)
+    assert m["best_test_acc"] == pytest.approx(best[0].data.metrics["acc_mean/convnet_d3"])
     assert all(k.data.params["eval.split"] == "val" for k in trials)
     assert "Trial status" in p.stdout + p.stderr
 

@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 import torch
 
-import raydd.eval_jobs as eval_jobs
+import raydd.jobs as jobs
 from raydd.distributed.data import check_complete
 from raydd.generate import DistilledSet
 from raydd.outputs import write_distilled
@@ -19,13 +19,13 @@ def written(tmp_path):
 
 def test_small_sets_travel_inline_and_large_ones_by_path_with_the_same_content(written, monkeypatch):
     path, ds = written
-    inline = eval_jobs.set_source(str(path))
+    inline = jobs.set_source(str(path))
     assert inline["kind"] == "arrays"
-    monkeypatch.setattr(eval_jobs, "INLINE_LIMIT", 10)               # this set is now "large"
-    by_path = eval_jobs.set_source(str(path))
+    monkeypatch.setattr(jobs, "INLINE_LIMIT", 10)               # this set is now "large"
+    by_path = jobs.set_source(str(path))
     assert by_path == {"kind": "parquet", "path": str(path)}
     for source in (inline, by_path):
-        x, y = eval_jobs.load_set(source, None, None)
+        x, y = jobs.load_set(source, None, None)
         order = torch.argsort(y * 10 + torch.arange(len(y)))
         assert torch.equal(y[order], ds.labels) and torch.equal(x[order], ds.images)
 

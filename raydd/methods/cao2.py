@@ -198,7 +198,7 @@ def optimize(ctx, cfg: Config, kept: DistilledSet) -> DistilledSet:
     show = [torch.nonzero(kept.labels == c).flatten()[:k] for c in range(ctx.data.num_classes)]
     grid = torch.cat([torch.cat([kept.images[i], after[i]]) for i in show])
     labels = torch.arange(ctx.data.num_classes).repeat_interleave(2 * k)
-    ctx.tracker.log_images("cao2_before_after", image_grid(grid, labels, per_class=2 * k))
+    ctx.tracker.log_images("cao2_before_after", image_grid(grid, labels, per_class=2 * k, names=ctx.data.class_names))
     return DistilledSet(after, kept.labels, kept.slots, torch.from_numpy(out["latent"][order]).to(torch.float16),
                         kept.scores)
 

@@ -1,4 +1,8 @@
-"""Evaluating a distilled set: (student x seed) jobs, plus the DD-Ranking references (the same
+"""The Ray Train jobs raydd runs besides the methods' own: classifiers on the real data (teacher, selector,
+encoders: `real_classifier`, `teacher_loop`), a classifier on a set (`set_classifier_loop`), and evaluating a
+distilled set (`evaluate_set`, `eval_loop`; the CLI is raydd.evaluate, the student protocols raydd.protocols).
+
+Evaluating a set: (student x seed) jobs, plus the DD-Ranking references (the same
 students trained on the full real data with hard labels, and on random real subsets at the same
 IPC under the same protocol), run as one training job whose workers split the job list.
 
@@ -137,7 +141,7 @@ def eval_loop(config: dict, hooks: TrainHooks) -> None:
                             cfg=ecfg, epochs=epochs, seed=job["seed"], protocol=job["protocol"],
                             teacher=teacher if soft else None, device=hooks.device,
                             log=lambda line, tag=tag: print(tag, line, flush=True))
-        return {**job, **{k: res[k] for k in ("best_acc", "final_acc", "images_per_s", "train_s", "epochs")},
+        return {**job, **{k: res[k] for k in ("best_acc", "final_acc", "images_per_s", "train_s", "epochs", "curve")},
                 "threads": torch.get_num_threads()}
 
     # A round with fewer jobs than workers (the last of 3 seeds on 2 workers) leaves some workers waiting in
