@@ -5,7 +5,8 @@ Compare methods under one protocol: one distillation per (method, IPC, distillat
 evaluated by the same students, and reused when the same resolved config was run before (a re-run only
 fills in what is missing). Reports, per (IPC, student):
   * accuracy mean ± std over distillation seeds (each seed's value is the mean of its eval.seeds students:
-    the spread of students over one set is not a seed spread);
+    the spread of students over one set is not a seed spread). `acc` is each student's best of its ~20 test
+    evaluations, the reference repos' number; `final acc`, its last one, is selected on nothing;
   * the paired difference to `dit` and to `random` (same distillation seeds), mean with a 95 % t-interval;
   * DD-Ranking's HLR / IOR / LRS, the set diagnostics, wall time and images/s;
 printed and written to compare/<name>/leaderboard.{csv,md}, with accuracy_vs_ipc.png and grid.png (a few
@@ -27,7 +28,7 @@ from pathlib import Path
 from raydd.config import ConfigError, config_hash, load_config
 from raydd.distill import build_parser, check_method, log, run_cli
 
-COLUMNS = ["acc", "HLR", "IOR", "LRS", "distilled/teacher_acc", "distilled/diversity", "distilled/latent_std",
+COLUMNS = ["acc", "acc_final", "HLR", "IOR", "LRS", "distilled/teacher_acc", "distilled/diversity", "distilled/latent_std",
            "time_total_s", "images_per_s"]
 
 
@@ -94,14 +95,14 @@ def fmt(v: float, pct: bool = False) -> str:
 
 
 def markdown(rows: list[dict]) -> str:
-    head = ["IPC", "student", "method", "n", "acc % (± std)", "vs dit (95 % CI)", "vs random (95 % CI)", "HLR", "IOR",
-            "LRS", "teacher_acc", "diversity", "latent_std", "time s", "images/s"]
+    head = ["IPC", "student", "method", "n", "acc % (± std)", "vs dit (95 % CI)", "vs random (95 % CI)",
+            "final acc %", "HLR", "IOR", "LRS", "teacher_acc", "diversity", "latent_std", "time s", "images/s"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in sorted(rows, key=lambda r: (r["ipc"], r["student"], -r["acc"] if math.isfinite(r["acc"]) else 0)):
         diff = [f"{fmt(r[f'vs_{k}'], True)} ± {fmt(r[f'vs_{k}_ci95'], True)}" if math.isfinite(r[f"vs_{k}"]) else "–"
                 for k in ("dit", "random")]
         cells = [r["ipc"], r["student"], r["method"], r["n"], f"{fmt(r['acc'], True)} ± {fmt(r['acc_std'], True)}",
-                 *diff, *(fmt(r[c]) for c in COLUMNS[1:])]
+                 *diff, fmt(r["acc_final"], True), *(fmt(r[c]) for c in COLUMNS[2:])]
         lines.append("| " + " | ".join(map(str, cells)) + " |")
     return "\n".join(lines) + "\n"
 

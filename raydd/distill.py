@@ -137,7 +137,7 @@ def summary_metrics(summary: dict) -> dict:
     students = summary["students"].values()
     metrics = {"acc": sum(r["acc_mean"] for r in students) / len(students)}
     for s, r in summary["students"].items():
-        metrics |= {f"acc_mean/{s}": r["acc_mean"], f"acc_std/{s}": r["acc_std"],
+        metrics |= {f"acc_mean/{s}": r["acc_mean"], f"acc_std/{s}": r["acc_std"], f"acc_final/{s}": r["final_mean"],
                     f"student_images_per_s/{s}": r["images_per_s"]}
         metrics |= {f"{k}/{s}": v for k, v in summary["ranking"].get(s, {}).items()}
     return metrics
