@@ -203,7 +203,7 @@ def log_optuna_plots(tracker, study) -> None:
 
 
 def sweep(method: str, base: Config, final_eval, *, trials: int, max_concurrent: int, time_budget: float | None,
-          storage: str, name: str, resume: bool, seed: int = 0, final_data=None) -> dict:
+          storage: str, name: str, resume: bool, seed: int = 0, final_data=None, space_path: str = "") -> dict:
     import ray.tune
     from ray.tune.schedulers import ASHAScheduler
     from ray.tune.search.optuna import OptunaSearch
@@ -216,7 +216,8 @@ def sweep(method: str, base: Config, final_eval, *, trials: int, max_concurrent:
     from raydd.tracking import Tracker, check_reachable, find_run
 
     check_method(base)                                           # unknown method / method keys fail here
-    space = load_space(method, validate_key=functools.partial(config_key_validator, run=base))  # bad YAML,
+    space = load_space(method, space_path or None,                # bad YAML,
+                       validate_key=functools.partial(config_key_validator, run=base))
     # unknown keys and values the method rejects (for this run's IPC and settings) fail here
     if "://" not in storage:                                     # a local --storage must be writable, now
         try:
@@ -344,6 +345,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--storage", default="sweeps", help="Tune results: a local dir or s3:// / gs:// URI")
     p.add_argument("--name", default="", help="sweep name (default <preset>-<method>-sweep; reuse it to --resume)")
     p.add_argument("--resume", action="store_true", help="resume an interrupted sweep of the same name")
+    p.add_argument("--space", default="", help="a search-space YAML (default: tune_spaces/<method>.yaml)")
     p.add_argument("overrides", nargs="*", metavar="key=value")
     args = p.parse_intermixed_args(argv)
 
@@ -365,7 +367,7 @@ def main(argv: list[str] | None = None) -> int:
         t0 = time.time()
         sweep(args.method, trial_base, dataclasses.replace(user.eval, split="test"), trials=trials,
               max_concurrent=args.max_concurrent, time_budget=args.time_budget, storage=args.storage, name=name,
-              resume=args.resume, seed=user.seed, final_data=user.data)
+              resume=args.resume, seed=user.seed, final_data=user.data, space_path=args.space)
         log(f"total {time.time() - t0:.0f}s")
     return run_cli(body)
 

@@ -160,7 +160,10 @@ def test_existing_sweep_name_needs_resume(env):
 @pytest.mark.parametrize("args, message", [(["--trials", "0"], "--trials=0 must be >= 1"),
                                            (["--trials", "-1"], "--trials=-1 must be >= 1"),
                                            (["--max-concurrent", "-1"], "--max-concurrent=-1 must be >= 0"),
-                                           (["--time-budget", "0"], "--time-budget=0.0 must be > 0")])
+                                           (["--time-budget", "0"], "--time-budget=0.0 must be > 0"),
+                                           (["--space", "/nope/dit.yaml"], "/nope/dit.yaml does not exist"),
+                                           (["--space", str(Path(__file__).parents[1] / "tune_spaces" / "cao2.yaml")],
+                                            "'method' is 'cao2'")])
 def test_bad_sweep_arguments_fail_before_anything_runs(env, args, message):
     """--trials 0 used to mean the default and -1 Tune's "sample forever"."""
     p = run([sys.executable, "-m", "raydd.sweep", "--method", "dit", "--smoke", *args], env, timeout=120)
