@@ -49,12 +49,21 @@ def check_reachable(cfg: TrackingConfig) -> str:
 
 
 def source_tags() -> dict[str, str]:
-    """Where a run's code came from: raydd's version and, in a git checkout, the commit (+ "-dirty")."""
+    """Where a run's code came from (the UI's Source and User columns): the raydd command, the user, raydd's
+    version and, in a git checkout, the commit (+ "-dirty")."""
+    import getpass
     import subprocess
+    import sys
 
     import raydd
 
-    tags = {"raydd.version": raydd.__version__}
+    entry = Path(sys.argv[0]).stem if sys.argv and sys.argv[0].endswith(".py") else ""
+    tags = {"raydd.version": raydd.__version__, "mlflow.source.type": "LOCAL",
+            "mlflow.source.name": f"python -m raydd.{entry}" if entry and entry != "__main__" else "raydd"}
+    try:
+        tags["mlflow.user"] = getpass.getuser()
+    except (KeyError, OSError):   # no user name for this uid (some containers)
+        pass
     root = Path(raydd.__file__).resolve().parent.parent
     try:
         commit = subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True, text=True,
