@@ -144,7 +144,8 @@ def summary_metrics(summary: dict) -> dict:
 
 
 def log_curves(tracker, summary: dict) -> None:
-    """Each student's test accuracy over its epochs, as step metrics curve/<student>/seed<k> (step = epoch)."""
+    """Each student's test accuracy over its epochs, as step metrics curve/<student>/<protocol>/seed<k> (step =
+    epoch), so a run's charts show learning curves."""
     for job in summary["jobs"]:
         if job["kind"] == "syn" and job.get("curve"):
             tracker.log_curve(f"curve/{job['student']}/{job['protocol']}/seed{job['seed']}", job["curve"])

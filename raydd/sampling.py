@@ -48,7 +48,7 @@ class Steps:
       dpm++  DPMSolverMultistepScheduler (DPM-Solver++(2M)), unipc UniPCMultistepScheduler (UniPC-bh2),
       euler  EulerDiscreteScheduler: few-step solvers on diffusers' linspace grid (S points from 999, then to
              sigma = 0). Euler works on x_t sqrt(1 + sigma_t^2) = x0 + sigma_t eps; step() converts both ways.
-    clip_x0 (pixel backbones): clip_sample for ddpm/ddim; thresholding with sample_max_value = 1 for dpm++/unipc,
+    clip_x0 (pixel backbones): clip_sample for ddpm; thresholding with sample_max_value = 1 for ddim/dpm++/unipc,
     which clamps x0_hat to [-1, 1] exactly (the dynamic threshold is clamped to [1, 1]); euler has no clipping.
     coupled=True (a post_step moves x between steps): UniPC's corrector is turned off, because it rebuilds x_t
     from the previous x and would undo the move.
@@ -84,7 +84,7 @@ class Steps:
             d.set_timesteps(timesteps=np.linspace(0, cfg.train_timesteps - 1, S + 1).round()[::-1][:-1].tolist())
         else:
             d.set_timesteps(S)
-        self.d, self.name, self.learned_sigma = d, name, learned_sigma
+        self.d, self.name = d, name
         ts = d.timesteps.round().long().flip(0)                       # [S] ascending: t[i], i = 0 cleanest
         abar = d.alphas_cumprod.double()
         after = torch.cat([ts.new_tensor([-1]), ts[:-1]])             # the timestep each step lands on (-1: clean)

@@ -111,7 +111,8 @@ class CGS:
         return out
 
 
-def cgs_post_step(backbone, device, *, mu: np.ndarray, class_ids: list[int], eta_dpp: float, eta_dm: float, eps: float, on: str) -> CGS:
+def cgs_post_step(backbone, device, *, mu: np.ndarray, class_ids: list[int], eta_dpp: float, eta_dm: float,
+                  eps: float, on: str) -> CGS:
     """post_step_factory for ctx.generate (bind the keywords with functools.partial: picklable)."""
     mu = torch.tensor(np.array(mu, dtype=np.float32), device=device)   # a copy: Ray hands read-only arrays
     return CGS(mu, list(class_ids), eta_dpp, eta_dm, eps, on)
