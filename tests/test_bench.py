@@ -61,3 +61,13 @@ def test_gpu_section_runs_shrunk_on_cpu():
     assert abs(r["gpu_fraction_of_limit"] - best / r["limit_images_per_s"]) < 1e-12
     if not torch.cuda.is_available():
         assert bench_gpu(steps=2, batch=2, compile_model=False)["skipped"] == "no CUDA device"
+
+
+def test_schedulers_section_rates_every_setting_of_both_worlds():
+    from raydd.bench import bench_schedulers
+
+    out = bench_schedulers(4, [("ddpm", 50), ("dpm++", 10), ("euler", 10)])
+    assert set(out["digits"]["images_per_s"]) == {"ddpm-50", "dpm++-10"}          # euler cannot clip: skipped
+    assert set(out["digits-latent"]["images_per_s"]) == {"ddpm-50", "dpm++-10", "euler-10"}
+    assert out["digits-latent"]["speedup_vs_ddpm50"]["ddpm-50"] == 1.0
+    assert all(v > 0 for w in ("digits", "digits-latent") for v in out[w]["images_per_s"].values())
