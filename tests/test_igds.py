@@ -205,3 +205,13 @@ def test_sweep_prepare_trains_the_ve_that_trials_then_reuse(digits_cfg, spec):
 
     trial = Context(cfg, load_real(cfg.data), spec, runner=NoTraining(cfg), tracker=Recorder())
     assert ensure_ve(trial, Config(**small)) == entry
+
+
+def test_guided_methods_warn_on_schedulers_their_scale_was_not_calibrated_for():
+    """IGDS at dpm++ 15 steps on digits-latent collapsed (latent_std 60) with the ddpm-calibrated eta."""
+    from raydd.config import load_config
+    from raydd.distill import check_method
+
+    for method in ("igds", "lgd"):
+        with pytest.warns(UserWarning, match="calibrated with sampler.scheduler=ddpm"):
+            check_method(load_config("digits-latent", ["sampler.scheduler=dpm++", "sampler.steps=15"], method=method))

@@ -28,6 +28,7 @@ from raydd.config import ConfigError
 from raydd.methods import register_method
 from raydd.objectives.information import (VE_CURVE, estimate, load_ve, make_guidance, ve_config, ve_files,
                                           ve_train_loop)
+from raydd.sampling import warn_guidance_scheduler
 
 SMOKE_VE = {"steps": 30, "cls_steps": 20, "batch": 32}   # --smoke: the same job, a few steps
 
@@ -106,6 +107,8 @@ def check(cfg: Config, run=None) -> None:
             raise ConfigError(f"igds.{key}={getattr(cfg, key)} must be >= 1")
     if cfg.eta < 0 or cfg.beta_max < 0 or cfg.ve_tau <= 0 or cfg.ve_lr <= 0 or cfg.ve_cls_steps < 0:
         raise ConfigError("igds: need eta >= 0, beta_max >= 0, ve_tau > 0, ve_lr > 0 and ve_cls_steps >= 0")
+    if run is not None and cfg.eta > 0:
+        warn_guidance_scheduler("igds", run.sampler)
 
 
 @register_method("igds", Config, prepare=ensure_ve, check=check)   # a sweep trains the VE once, before its trials

@@ -32,7 +32,7 @@ from raydd.objectives.learnability import (LearnabilityState, learnability_objec
                                            score_images, top_kappa)
 from raydd.outputs import read_distilled, write_distilled
 from raydd.protocols import accuracy, epochs_for, to_float
-from raydd.sampling import Guidance
+from raydd.sampling import Guidance, warn_guidance_scheduler
 from raydd.selection import load_selector
 
 
@@ -82,6 +82,7 @@ def check(cfg: Config, run) -> None:
     for ok, msg in problems:
         if not ok:
             raise ConfigError(msg)
+    warn_guidance_scheduler("lgd", run.sampler)
     if not cfg.seed_path:
         get_method(cfg.seed_method)  # unknown names fail here with the list of methods
     elif not Path(cfg.seed_path).expanduser().is_dir():
