@@ -8,7 +8,8 @@ fills in what is missing). Reports, per (IPC, student):
     the spread of students over one set is not a seed spread). `acc` is each student's best of its ~20 test
     evaluations, the reference repos' number; `final acc`, its last one, is selected on nothing;
   * the paired difference to `dit` and to `random` (same distillation seeds), mean with a 95 % t-interval;
-  * DD-Ranking's HLR / IOR / LRS, the set diagnostics, wall time and images/s;
+  * DD-Ranking's HLR / IOR / LRS, the set diagnostics, wall time and images/s (of what the run did: sampling
+    stages shared with earlier runs by content are not redone; compute.share_stages=false to time methods);
 printed and written to compare/<name>/leaderboard.{csv,md}, with accuracy_vs_ipc.png and grid.png (a few
 images per class of every method next to real images), all logged to one MLflow parent run whose
 children are the distillations. Defaults: every method, the preset's IPC, 3 seeds. --from-sweep NAME
@@ -152,11 +153,13 @@ def grid_figure(sets: dict, real, class_names: list[str], per_class: int = 4):
                              squeeze=False)
     for ax, (name, (images, labels)) in zip(axes[0], blocks.items()):
         keep = np.isin(labels.numpy(), classes)
-        ax.imshow(image_grid(images[keep], labels[keep], per_class=per_class, scale=1), interpolation="nearest")
+        gap = 2
+        ax.imshow(image_grid(images[keep], labels[keep], per_class=per_class, scale=1, gap=gap),
+                  interpolation="nearest")
         h = images.shape[-2]
         ax.set_title(name, fontsize=10)
         ax.set_xticks([])
-        ax.set_yticks([h * (k + 0.5) for k in range(len(classes))],
+        ax.set_yticks([gap + k * (h + gap) + h / 2 for k in range(len(classes))],   # the middle of each row
                       [class_names[c] for c in classes] if name == "real" else [], fontsize=8)
     fig.tight_layout()
     return fig

@@ -240,3 +240,17 @@ def test_bad_increment_fails_before_heavy_work(digits_cfg):
     cfg = dataclasses.replace(digits_cfg, method="lgd", methods={"lgd": {"increment": 3}})   # IPC 2
     with pytest.raises(ConfigError, match="lgd.increment=1"):
         check_method(cfg)
+
+
+def test_lgd_at_its_seed_ipc_warns_that_nothing_is_guided():
+    """python -m raydd.compare showed lgd = dit exactly at the digits preset's IPC 10 (seed IPC 10, increment 10)."""
+    import warnings
+
+    from raydd.config import load_config
+    from raydd.distill import check_method
+
+    with pytest.warns(UserWarning, match="no guided increment, the set is dit's"):
+        check_method(load_config("digits", ["ipc=10"], method="lgd"))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        check_method(load_config("digits", ["ipc=10", "lgd.seed_ipc=5", "lgd.increment=5"], method="lgd"))

@@ -16,6 +16,7 @@ re-run with the same run name resumes after the last finished increment.
 from __future__ import annotations
 
 import shutil
+import warnings
 from dataclasses import asdict, dataclass
 from functools import partial
 from pathlib import Path
@@ -38,10 +39,9 @@ from raydd.selection import load_selector
 
 @dataclass
 class Config:
-    lam: float = 0.5              # λ: learnability guidance scale (the Guidance helper's scale). The paper's 15 was
-                                  #   set for the LGD summary's ρ_t; under IGD's variance-scaled step (the default
-                                  #   sampler.guidance_norm) 0.5 raises S with samples intact on digits-latent, 1 bends
-                                  #   them (README, "Guided methods on latents")
+    lam: float = 0.5              # λ: learnability guidance scale. The paper's 15 was set for the LGD summary's ρ_t;
+                                  #   under IGD's variance-scaled step (sampler.guidance_norm's default) 0.5 raises S
+                                  #   with samples intact on digits-latent, 1 bends them (README)
     omega: float = 0.5            # ω: weight of the reference loss L(θ*, x, y) in S
     gamma: float = 1.667          # γ: deviation (memory) guidance weight; enters the objective as γ/λ (the paper's
                                   #   γ/λ = 50/15)
@@ -83,6 +83,9 @@ def check(cfg: Config, run) -> None:
         if not ok:
             raise ConfigError(msg)
     warn_guidance_scheduler("lgd", run.sampler)
+    if ipc == seed_ipc:     # the paper grows IPC 10 -> 20, 30, ...: at the seed's IPC nothing is guided
+        warnings.warn(f"lgd at ipc={ipc} = lgd.seed_ipc: no guided increment, the set is {cfg.seed_method}'s "
+                      f"(e.g. lgd.seed_ipc={max(1, ipc // 2)} lgd.increment={ipc - max(1, ipc // 2)})", stacklevel=2)
     if not cfg.seed_path:
         get_method(cfg.seed_method)  # unknown names fail here with the list of methods
     elif not Path(cfg.seed_path).expanduser().is_dir():
