@@ -257,12 +257,16 @@ def compare(args) -> dict:
         parent.log_text(md, "leaderboard.md")
         parent.log_text(table, "leaderboard.csv")
         parent.log_metrics({f"acc/{r['method']}/ipc{r['ipc']}/{r['student']}": r["acc"] for r in rows})
+        import matplotlib.pyplot as plt
+
         fig = accuracy_vs_ipc(rows)
         fig.savefig(out / "accuracy_vs_ipc.png", dpi=120)
         parent.log_figure(fig, "accuracy_vs_ipc.png")
+        plt.close(fig)
         fig = grid_figure(*grid_inputs(first, results))
         fig.savefig(out / "grid.png", dpi=120)
         parent.log_figure(fig, "grid.png")
+        plt.close(fig)
         parent.end("FINISHED")
     except BaseException as e:
         parent.end_after(e)

@@ -316,16 +316,14 @@ def evaluate_set(cfg: Config, source: dict, runner, max_workers: int = 1, stages
             f.write_text(json.dumps(rs))
     summary: dict = {"students": {}, "ranking": {}, "jobs": results, "stages": stage_accs}
     for s in e.students:
-        accs = [r["best_acc"] for r in results if r["kind"] == "syn" and r["student"] == s and r["protocol"] == e.protocol]
-        finals = [r["final_acc"] for r in results if r["kind"] == "syn" and r["student"] == s
-                  and r["protocol"] == e.protocol]
+        mine = [r for r in results if r["kind"] == "syn" and r["student"] == s and r["protocol"] == e.protocol]
+        accs, finals = [r["best_acc"] for r in mine], [r["final_acc"] for r in mine]
         # acc: the best of the ~20 test evaluations during training (the reference repos' number; three
         # students often tie on it, e.g. 431/450 each); final: the last one, selected on nothing
         summary["students"][s] = {"acc_mean": statistics.mean(accs), "acc_std": statistics.pstdev(accs),
                                   "accs": accs, "final_mean": statistics.mean(finals), "finals": finals,
                                   "protocol": e.protocol,
-                                  "images_per_s": statistics.mean(r["images_per_s"] for r in results if r["kind"] == "syn"
-                                                                  and r["student"] == s and r["protocol"] == e.protocol)}
+                                  "images_per_s": statistics.mean(r["images_per_s"] for r in mine)}
         if e.ranking:
             mean = lambda rs: statistics.mean(r["best_acc"] for r in rs)  # noqa: E731
             real_hard = mean(cached[("real", s, "hard")])

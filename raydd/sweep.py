@@ -305,7 +305,7 @@ def sweep(method: str, base: Config, final_eval, *, trials: int, max_concurrent:
         final = dataclasses.replace(final, seed=base.seed + 1000, run_name=f"{name}-best", out_dir=str(sweep_dir),
                                     eval=final_eval, data=final_data or base.data)
         rerun = distill(final, parent_run_id=parent.run_id)
-        test_acc = sum(r["acc_mean"] for r in rerun["summary"]["students"].values()) / len(rerun["summary"]["students"])
+        test_acc = rerun["metrics"]["acc"]                        # the mean over students (distill.summary_metrics)
         parent.log_params({f"best.{k}": v for k, v in best_params.items()})
         parent.log_metrics({"best_val_acc": best.metrics["val_acc"], "best_test_acc": test_acc, "acc": test_acc,
                             "trials_finished": len(finished), "trials_total": len(grid)})

@@ -110,20 +110,18 @@ class Tracker:
             self.client.log_batch(self.run_id, params=new[i:i + 100])
 
     def log_metrics(self, metrics: dict, step: int | None = None) -> None:
-        from mlflow.entities import Metric
-
-        now = int(time.time() * 1000)
-        clean = [Metric(k, float(v), now, step or 0) for k, v in metrics.items()
-                 if v is not None and np.isfinite(float(v))]
-        for i in range(0, len(clean), 500):
-            self.client.log_batch(self.run_id, metrics=clean[i:i + 500])
+        self._log_points([(k, step or 0, v) for k, v in metrics.items()])
 
     def log_curve(self, name: str, points: list) -> None:
         """A learning curve [(step, value), ...] as one metric with steps (a line chart in the UI)."""
+        self._log_points([(name, int(step), v) for step, v in points])
+
+    def _log_points(self, points: list) -> None:
+        """(key, step, value) triples, the finite ones, in MLflow's batches of 500."""
         from mlflow.entities import Metric
 
         now = int(time.time() * 1000)
-        clean = [Metric(name, float(v), now, int(step)) for step, v in points if v is not None and np.isfinite(v)]
+        clean = [Metric(k, float(v), now, step) for k, step, v in points if v is not None and np.isfinite(float(v))]
         for i in range(0, len(clean), 500):
             self.client.log_batch(self.run_id, metrics=clean[i:i + 500])
 
