@@ -107,9 +107,9 @@ def test_a_search_space_value_the_method_rejects_fails_when_the_space_loads(tmp_
     with pytest.raises(SpaceError, match="igds.mode='bogus'; allowed: full, x0"):
         load_space("igds", space)
     lgd = tmp_path / "lgd.yaml"                                     # valid only for some IPCs: checked on the run's
-    lgd.write_text("method: lgd\nparams:\n  lgd.increment: {type: categorical, choices: [1, 5], default: 1}\n")
+    lgd.write_text("method: lgd\nparams:\n  lgd.seed_ipc: {type: categorical, choices: [1, 8], default: 1}\n")
     load_space("lgd", lgd, validate_key=lambda k, v: config_key_validator(k, v, run=load_config(overrides=["ipc=10"])))
-    with pytest.raises(SpaceError, match="lgd.increment"):
+    with pytest.raises(SpaceError, match="lgd.seed_ipc=8 is larger than ipc=7"):
         load_space("lgd", lgd, validate_key=lambda k, v: config_key_validator(k, v, run=load_config(overrides=["ipc=7"])))
 
 

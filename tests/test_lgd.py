@@ -233,13 +233,39 @@ def test_memory_grows_as_samples_are_accepted_within_an_increment(digits_cfg, sp
     assert seen[0][2][1:] == (1, 16, 16)                    # latents [M, c, h, w]
 
 
-def test_bad_increment_fails_before_heavy_work(digits_cfg):
+def test_bad_increment_or_seed_ipc_fails_before_heavy_work(digits_cfg):
     from raydd.config import ConfigError
     from raydd.distill import check_method
 
-    cfg = dataclasses.replace(digits_cfg, method="lgd", methods={"lgd": {"increment": 3}})   # IPC 2
-    with pytest.raises(ConfigError, match="lgd.increment=1"):
-        check_method(cfg)
+    for lgd, match in [({"increment": 0}, "lgd.increment and lgd.kappa must be >= 1"),
+                       ({"seed_ipc": 3}, r"lgd.seed_ipc=3 is larger than ipc=2; allowed: 1 .. 2")]:   # IPC 2
+        with pytest.raises(ConfigError, match=match):
+            check_method(dataclasses.replace(digits_cfg, method="lgd", methods={"lgd": lgd}))
+
+
+def test_any_increment_fits_any_ipc_the_last_increment_takes_the_rest():
+    """lgd.increment is searchable: an increment that does not divide IPC − seed IPC ends with a smaller one."""
+    from raydd.methods.lgd import Config, increments
+
+    assert increments(Config(seed_ipc=3, increment=4), 10) == (3, [4, 3])
+    assert increments(Config(increment=5), 10) == (5, [5])
+    assert increments(Config(increment=10), 10) == (10, [])
+    assert increments(Config(increment=10), 1) == (1, [])              # the seed set is at most the run's IPC
+    assert increments(Config(increment=3), 10) == (3, [3, 3, 1])
+
+
+def test_an_increment_that_does_not_divide_the_ipc_runs_with_a_smaller_last_increment(digits_cfg, spec, tmp_path):
+    cfg = dataclasses.replace(digits_cfg, ipc=4, data=dataclasses.replace(digits_cfg.data, max_train_per_class=10),
+                              eval=dataclasses.replace(digits_cfg.eval, epochs=2, teacher_epochs=1))
+    cfg.sampler = dataclasses.replace(cfg.sampler, steps=4)
+    method = get_method("lgd")
+    calls: list[str] = []
+    ctx, _ = lgd_ctx(cfg, spec, tmp_path, calls)
+    ds = method.run(ctx, make_method_config(method.Config, {"seed_ipc": 1, "increment": 2, "kappa": 1,
+                                                            "memory_rounds": 1}, "lgd"))
+    assert len(ds) == 40 and ds.slots.tolist() == [0, 1, 2, 3] * 10
+    assert calls.count("theta") == 2                       # θ_0 on D_0 (IPC 1), θ_1 on D_1 (IPC 3)
+    assert torch.isfinite(ds.scores[ds.slots >= 1]).all()  # slots 1, 2 (increment 1) and 3 (increment 2) are guided
 
 
 def test_lgd_at_its_seed_ipc_warns_that_nothing_is_guided():

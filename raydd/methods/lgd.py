@@ -1,7 +1,7 @@
 """lgd: learnability-guided incremental distillation (seed 000, CVPR 2026).
 
-The distilled set D grows in increments of `increment` IPC. Increment 0 is a seed set (another
-method's output, default dit); then for i = 1 .. K−1:
+The distilled set D grows in increments of `increment` IPC (the last one holds what is left of the run's
+IPC). Increment 0 is a seed set (another method's output, default dit); then for i = 1 .. K−1:
   1. train θ_{i−1} on D_{i−1} (a training job);
   2. sample κ candidates per new slot, guided on  S(x, y) = L(θ_{i−1}, x, y) − ω·L(θ*, x, y)  (λ, window
      t ∈ [10, 45] of 50, ρ_t normalisation) plus deviation away from the most cosine-similar latent of
@@ -15,6 +15,7 @@ re-run with the same run name resumes after the last finished increment.
 """
 from __future__ import annotations
 
+import json
 import shutil
 import warnings
 from dataclasses import asdict, dataclass
@@ -46,8 +47,8 @@ class Config:
     gamma: float = 1.667          # γ: deviation (memory) guidance weight; enters the objective as γ/λ (the paper's
                                   #   γ/λ = 50/15)
     kappa: int = 3                # κ: candidates drawn per slot; the one with the highest S is kept
-    increment: int = 10           # IPC added per increment (the paper: 10)
-    seed_ipc: int = 0             # IPC of the seed set (0 = one increment; the paper: 10)
+    increment: int = 10           # IPC added per increment (the paper: 10); the last increment may be smaller
+    seed_ipc: int = 0             # IPC of the seed set (0 = one increment, at most the run's IPC; the paper: 10)
     seed_method: str = "dit"      # registered method that makes the seed set (the paper uses IGD)
     seed_path: str = ""           # or an existing set: our output dir (parquet) or an ImageFolder
     window_lo: int = 10           # guidance window t ∈ [window_lo, window_hi] of `window_of` steps
@@ -62,17 +63,14 @@ class Config:
 
 
 def check(cfg: Config, run) -> None:
-    """Allowed values and ranges, and the run's IPC = seed IPC + k increments (called by the registry before
-    anything starts)."""
+    """Allowed values and ranges, and a seed set within the run's IPC (called by the registry before anything starts)."""
     from raydd.students import list_students
 
-    ipc, seed_ipc = run.ipc, cfg.seed_ipc or cfg.increment
+    if cfg.increment < 1 or cfg.kappa < 1 or cfg.memory_rounds < 0 or cfg.seed_ipc < 0:
+        raise ConfigError("lgd.increment and lgd.kappa must be >= 1, lgd.memory_rounds and lgd.seed_ipc >= 0")
+    ipc, seed_ipc = run.ipc, increments(cfg, run.ipc)[0]
     problems = [
-        (cfg.increment >= 1 and cfg.kappa >= 1 and cfg.memory_rounds >= 0,
-         "lgd.increment and lgd.kappa must be >= 1, lgd.memory_rounds >= 0"),
-        (1 <= seed_ipc <= ipc and (ipc - seed_ipc) % cfg.increment == 0,
-         f"ipc={ipc} must be lgd.seed_ipc ({seed_ipc}) plus a multiple of lgd.increment ({cfg.increment}); "
-         f"e.g. lgd.increment=1 for small IPCs"),
+        (seed_ipc <= ipc, f"lgd.seed_ipc={seed_ipc} is larger than ipc={ipc}; allowed: 1 .. {ipc} (0 = one increment)"),
         (cfg.mode in ("full", "x0"), f"lgd.mode={cfg.mode!r}; allowed: full, x0"),
         (0 <= cfg.window_lo <= cfg.window_hi < cfg.window_of,
          "need 0 <= lgd.window_lo <= lgd.window_hi < lgd.window_of"),
@@ -90,6 +88,14 @@ def check(cfg: Config, run) -> None:
         get_method(cfg.seed_method)  # unknown names fail here with the list of methods
     elif not Path(cfg.seed_path).expanduser().is_dir():
         raise ConfigError(f"lgd.seed_path={cfg.seed_path} is not a directory")
+
+
+def increments(cfg: Config, ipc: int) -> tuple[int, list[int]]:
+    """The seed set's IPC (0 = one increment, at most `ipc`) and the IPC added by increments 1 .. K−1: `increment`
+    each, the last one what is left (ipc 10, seed_ipc 3, increment 4 -> 3, [4, 3])."""
+    seed_ipc = cfg.seed_ipc or min(cfg.increment, ipc)
+    full, rest = divmod(ipc - seed_ipc, cfg.increment)
+    return seed_ipc, [cfg.increment] * full + ([rest] if rest else [])
 
 
 def respaced_window(cfg: Config, steps: int) -> tuple[int, int]:
@@ -137,8 +143,6 @@ def save_stage(work: Path, i: int, ds: DistilledSet, class_names: list[str], fin
 
 def last_stage(work: Path, fingerprint: str) -> tuple[int, Path] | None:
     """The last finished increment of this configuration (index, directory), or None."""
-    import json
-
     done = []
     for d in work.glob("stage-[0-9][0-9][0-9]"):
         m = d / "manifest.json"
@@ -187,10 +191,6 @@ def mean_ce(model, ds: DistilledSet, batch_size: int = 256) -> float:
     return float(sum(losses)) / max(1, len(ds))
 
 
-def take_rows(rows: dict[str, np.ndarray], mask: np.ndarray) -> dict[str, np.ndarray]:
-    return {k: v[mask] for k, v in rows.items()}
-
-
 def candidate_rows(ctx, cfg: Config, i: int, n: int) -> dict[str, np.ndarray]:
     """κ independent draws (streams) of n slots per class; candidate k of slot j is row slot k·n + j."""
     parts = []
@@ -204,8 +204,7 @@ def candidate_rows(ctx, cfg: Config, i: int, n: int) -> dict[str, np.ndarray]:
 
 @register_method("lgd", Config, check=check)
 def run(ctx, cfg: Config):
-    ipc, n, d = ctx.cfg.ipc, cfg.increment, ctx.cfg.data
-    seed_ipc = cfg.seed_ipc or cfg.increment
+    d, (seed_ipc, sizes) = ctx.cfg.data, increments(cfg, ctx.cfg.ipc)
     fingerprint = config_hash(asdict(cfg), ctx.cfg.seed, ctx.cfg.data, ctx.cfg.backbone, ctx.cfg.sampler,
                               ctx.cfg.eval, ctx.cfg.methods.get(cfg.seed_method, {}))
     work = Path(ctx.scratch) / "lgd"
@@ -222,8 +221,8 @@ def run(ctx, cfg: Config):
     done, stage = resumed
     current = read_distilled(stage)
     eval_split = ctx.data.split(ctx.cfg.eval.split)
-    for i in range(done + 1, 1 + (ipc - seed_ipc) // n):
-        have = seed_ipc + (i - 1) * n                                        # IPC of D_{i−1}
+    for i in range(done + 1, 1 + len(sizes)):
+        have, n = seed_ipc + sum(sizes[:i - 1]), sizes[i - 1]                # IPC of D_{i−1}, IPC added now
         theta_path = train_theta(ctx, cfg, stage, have, work / f"theta-{i - 1:03d}-{fingerprint}.safetensors")
         theta = load_selector(theta_path, **classify)                        # θ_{i−1}
         factory = partial(learnability_guidance, theta=str(theta_path), reference=str(reference),
@@ -232,7 +231,8 @@ def run(ctx, cfg: Config):
         rows, memory, new = candidate_rows(ctx, cfg, i, n), stage, None      # κ·n candidates per class
         rounds = min(cfg.memory_rounds or n, n)
         for r, js in enumerate(np.array_split(np.arange(n), rounds)):        # sequential memory: slots js
-            cands = ctx.generate(take_rows(rows, np.isin(rows["slot"] % n, js)), partial(factory, memory=str(memory)))
+            mine = np.isin(rows["slot"] % n, js)
+            cands = ctx.generate({k: v[mine] for k, v in rows.items()}, partial(factory, memory=str(memory)))
             s = score_images(theta, theta_star, to_float(cands.images), cands.labels, cfg.omega)  # S
             keep = torch.from_numpy(top_kappa(s, (cands.labels * n + cands.slots % n).numpy()))
             kept = DistilledSet(cands.images[keep], cands.labels[keep], have + cands.slots[keep] % n,
