@@ -156,6 +156,15 @@ class Backbone(nn.Module):
         return split_output(out, x_t.shape[1])
 
 
+def set_activation_checkpointing(backbone: Backbone, on: bool) -> None:
+    """Recompute the DiT's blocks and the VAE decoder's blocks in a backward pass instead of keeping their
+    activations (diffusers' gradient checkpointing, torch.utils.checkpoint without re-entrance). It acts only
+    where gradients are on, i.e. in guided steps; no-grad sampling is unchanged."""
+    for model in (backbone.transformer, getattr(backbone.vae, "vae", None)):   # IdentityVAE has no model
+        if model is not None and model.is_gradient_checkpointing != on:
+            model.enable_gradient_checkpointing() if on else model.disable_gradient_checkpointing()
+
+
 # --------------------------------------------------------------------------------------------
 # Building models
 # --------------------------------------------------------------------------------------------

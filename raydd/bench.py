@@ -323,7 +323,7 @@ def count_flops(arch: dict, vae_arch: dict, image_size: int) -> tuple[float, flo
     return float(dit.get_total_flops()), float(vae.get_total_flops())
 
 
-def _guided_step_peak(arch: str, mode: str, batch: int, micro_batch: int, device: str) -> dict:
+def _guided_step_peak(arch: str, mode: str, batch: int, micro_batch: int, checkpoint: bool, device: str) -> dict:
     """In a fresh process: one guided step (J on the VAE-decoded x̂0, as LGD/IGDS) of `batch` rows through a
     random DiT of `arch` + SD VAE at 256 px, fp32. -> peak memory above the loaded models, in GiB."""
     import resource
@@ -336,7 +336,7 @@ def _guided_step_peak(arch: str, mode: str, batch: int, micro_batch: int, device
     x = torch.randn(batch, *backbone.latent_shape, device=dev)
     t, y = torch.full((batch,), 500, device=dev), torch.arange(batch, device=dev)
     guidance = Guidance(lambda img, t, y, st: img.flatten(1).mean(1), scale=1.0, mode=mode, on_images=True)
-    cfg = SamplerConfig(cfg_scale=4.0, guidance_micro_batch=micro_batch)
+    cfg = SamplerConfig(cfg_scale=4.0, guidance_micro_batch=micro_batch, guidance_checkpoint=checkpoint)
     if dev.type == "cuda":
         torch.cuda.synchronize()
         base = torch.cuda.memory_allocated()
@@ -352,19 +352,22 @@ def _guided_step_peak(arch: str, mode: str, batch: int, micro_batch: int, device
 
 
 def bench_guided_memory(arch: str, batch: int, device: str = "cpu") -> dict:
-    """Peak memory of one guided step above the models, per mode (full: through the DiT; x0: ε̂ constant) and
-    sampler.guidance_micro_batch (0 = the whole batch at once, 1 = a row at a time). Each in a fresh process."""
+    """Peak memory of one guided step above the models, per mode (full: through the DiT; x0: ε̂ constant),
+    sampler.guidance_micro_batch (mb0 = the whole batch at once, mb1 = a row at a time) and
+    sampler.guidance_checkpoint (_ckpt: activations recomputed in the backward pass). Each in a fresh process."""
     import concurrent.futures
     import multiprocessing
 
     out = {"arch": arch, "batch": batch, "device": device}
     ctx = multiprocessing.get_context("spawn")
     for mode in ("x0", "full"):
-        for mb in (0, 1):
+        for mb, ckpt in ((0, False), (1, False), (0, True), (1, True)):
             with concurrent.futures.ProcessPoolExecutor(1, mp_context=ctx) as pool:
-                r = pool.submit(_guided_step_peak, arch, mode, batch, mb, device).result()
-            out[f"{mode}_mb{mb}_gib"], out[f"{mode}_mb{mb}_s"] = r["extra_gib"], r["seconds"]
+                r = pool.submit(_guided_step_peak, arch, mode, batch, mb, ckpt, device).result()
+            key = f"{mode}_mb{mb}" + ("_ckpt" if ckpt else "")
+            out[f"{key}_gib"], out[f"{key}_s"] = r["extra_gib"], r["seconds"]
         out[f"{mode}_per_image_gib"] = out[f"{mode}_mb0_gib"] / batch
+        out[f"{mode}_ckpt_per_image_gib"] = out[f"{mode}_mb0_ckpt_gib"] / batch
     return out
 
 

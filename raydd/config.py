@@ -84,6 +84,9 @@ class SamplerConfig:
                                    #   | "eps" (the LGD summary: sqrt(1 − abar_t)·‖ε̂‖/‖g‖); raydd.sampling.Guidance
     guidance_micro_batch: int = 0  # rows per guided backward pass (0 = the whole batch): bounds its memory,
                                    #   results unchanged
+    guidance_checkpoint: bool = False  # activation checkpointing in a guided step: the DiT's and the VAE decoder's
+                                   #   blocks are recomputed in the backward pass instead of kept (less memory,
+                                   #   one more forward; results unchanged)
 
 
 @dataclass

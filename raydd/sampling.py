@@ -156,6 +156,7 @@ class Guidance:
     repulsion from the memory, a cosine in the DiT's latent space).
     sampler.guidance_micro_batch: rows per backward pass (0 = the whole batch); the activations of one
     guided step through the DiT and the VAE decoder grow with it, the result does not (rows are independent).
+    sampler.guidance_checkpoint: recompute those activations block by block in the backward pass instead.
     """
     objective: Objective
     scale: float
@@ -187,6 +188,9 @@ def guided_eps(backbone, guidance: Guidance, x_t: torch.Tensor, t: torch.Tensor,
     Rows go through in micro-batches of cfg.guidance_micro_batch. Raises GuidanceError on NaN/Inf."""
     if guidance.mode not in ("full", "x0"):
         raise ValueError(f"guidance mode {guidance.mode!r}; allowed: full, x0")
+    from raydd.backbone import set_activation_checkpointing
+
+    set_activation_checkpointing(backbone, cfg.guidance_checkpoint)
     step = cfg.guidance_micro_batch if cfg.guidance_micro_batch > 0 else len(x_t)
     parts = [_guided_rows(backbone, guidance, x_t[r:r + step], t[r:r + step], y[r:r + step], abar, cfg)
              for r in range(0, len(x_t), step)]

@@ -243,3 +243,39 @@ def test_pinned_output_slices_of_sampling_and_the_training_loss(backbone):
                                torch.tensor([0, 400, 999]), noise, make_schedule(SamplerConfig()))
     np.testing.assert_allclose(out["mse"].numpy(), [1.0265, 1.2735, 1.658], atol=1e-3)
     np.testing.assert_allclose(out["vb"].numpy(), [2.4584, 0.0093, 0.0244], atol=1e-3)
+
+
+@pytest.mark.parametrize("mode", ["full", "x0"])
+def test_guidance_checkpoint_recomputes_the_blocks_and_changes_no_result(mode):
+    """sampler.guidance_checkpoint on the latent world's model pair (DiT + AutoencoderKL): the DiT's blocks (mode
+    full) and the VAE decoder's blocks run again in the backward pass instead of keeping their activations;
+    eps_tilde and J are unchanged, and no-grad steps are not recomputed."""
+    from raydd.autoencoder import tiny_vae
+    from raydd.backbone import SDVAE, Backbone, tiny_dit
+    from raydd.sampling import guided_eps
+
+    torch.manual_seed(0)
+    backbone = Backbone(tiny_dit(10, 4, 4, hidden_size=32, depth=2, heads=2), SDVAE(tiny_vae(1, 16, 8), 1.0)).eval()
+    calls = {"dit": 0, "vae": 0}
+    # pre-hooks: a recomputation stops as soon as it has what the backward needs, before a block's forward returns
+    count = lambda key: lambda *a: calls.__setitem__(key, calls[key] + 1)   # noqa: E731
+    backbone.transformer.transformer_blocks[0].register_forward_pre_hook(count("dit"))
+    backbone.vae.vae.decoder.up_blocks[0].register_forward_pre_hook(count("vae"))
+    x, t, y = torch.randn(3, 4, 4, 4), torch.full((3,), 400), torch.tensor([1, 4, 7])
+    guide = Guidance(objective=lambda img, t, y, st: -(img - 0.5).pow(2).flatten(1).mean(1), scale=2.0, mode=mode,
+                     on_images=True)
+    results = {}
+    for checkpoint in (False, True):
+        calls.update(dit=0, vae=0)
+        cfg = SamplerConfig(cfg_scale=2.0, guidance_checkpoint=checkpoint)
+        eps, _, J = guided_eps(backbone, guide, x, t, y, 0.5, 0.02, cfg)
+        results[checkpoint] = (eps, J, dict(calls))
+    (eps0, J0, calls0), (eps1, J1, calls1) = results[False], results[True]
+    torch.testing.assert_close(eps1, eps0, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(J1, J0, rtol=1e-5, atol=1e-6)
+    assert calls1["vae"] == 2 * calls0["vae"] == 2                          # decoded once, recomputed once
+    assert calls1["dit"] == (2 if mode == "full" else 1) * calls0["dit"] == (2 if mode == "full" else 1)
+    calls.update(dit=0, vae=0)
+    with torch.no_grad():                                                   # unguided steps: no recomputation
+        predict_eps(backbone, x, t, y, 2.0)
+    assert calls["dit"] == 1
