@@ -23,6 +23,7 @@ import yaml
 from raydd.errors import RayddError
 
 PRESET_DIR = Path(__file__).parent / "presets"
+RECIPE_DIR = Path(__file__).parent / "recipes"     # the papers' evaluation recipes (eval.recipe)
 
 
 class ConfigError(RayddError, ValueError):
@@ -133,6 +134,14 @@ class EvalConfig:
     cutmix_beta: float = 1.0
     rrc_scale_min: float = 0.5     # RandomResizedCrop scale (min, 1)
     flip: bool = True              # random horizontal flip (off for digits: a flipped digit is another glyph)
+    recipe: str = ""               # a paper's evaluation recipe, raydd/recipes/<name>.yaml (its eval.* settings over
+                                   #   the preset's; command-line eval.* keys still win); "" = the shared protocol
+    optimizer: str = "sgd"         # hard protocol: "sgd" (IDC/Minimax) | "adamw" (IGD), with eval.lr / weight_decay
+    randaugment: list = field(default_factory=lambda: [0, 9])  # RandAugment [num_ops, magnitude] after the crop
+                                   #   (0 ops = off; IMS3's run.sh: [1, 6])
+    color_jitter: float = 0.0      # brightness/contrast/saturation strength (Minimax/IMS3: 0.4)
+    lighting: float = 0.0          # AlexNet PCA lighting noise std, RGB only (Minimax/IMS3: 0.1)
+    shuffle_patches: int = 0       # soft protocol: RDED's ShufflePatches(k), strips in random order (RDED/CaO2: 2)
     eval_every: int = 0            # epochs between test evaluations (0 = ~20 times per run)
     split: str = "test"            # "test" | "val" (sweeps tune on val)
     teacher: str = ""              # soft: teacher checkpoint (safetensors); "" = train one (cached)
@@ -186,6 +195,7 @@ ALLOWED = {
     "sampler.guidance_norm": ("variance", "eps"),
     "compute.precision": ("fp32", "bf16"),
     "eval.protocol": ("hard", "soft"),
+    "eval.optimizer": ("sgd", "adamw"),
     "eval.split": ("test", "val"),
 }
 
@@ -198,11 +208,16 @@ def list_presets() -> list[str]:
     return sorted(p.stem for p in PRESET_DIR.glob("*.yaml") if not p.stem.startswith("_"))
 
 
-def read_preset(name: str) -> dict:
-    """A preset file's mapping; `extends: <base>` merges it over that base file (nested sections key by key)."""
-    raw = yaml.safe_load((PRESET_DIR / f"{name}.yaml").read_text()) or {}
+def list_recipes() -> list[str]:
+    return sorted(p.stem for p in RECIPE_DIR.glob("*.yaml"))
+
+
+def read_preset(name: str, directory: Path = PRESET_DIR) -> dict:
+    """A preset (or recipe) file's mapping; `extends: <base>` merges it over that base file (nested sections key
+    by key)."""
+    raw = yaml.safe_load((directory / f"{name}.yaml").read_text()) or {}
     base = raw.pop("extends", None)
-    return _merge(read_preset(base), raw) if base else raw
+    return _merge(read_preset(base, directory), raw) if base else raw
 
 
 def _merge(base: dict, over: dict) -> dict:
@@ -229,6 +244,13 @@ def load_config(preset: str = "digits", overrides: list[str] | None = None, smok
     for item in overrides or []:
         key, value = parse_override(item)
         set_key(cfg, key, value)
+    if cfg.eval.recipe:                   # a paper's evaluation recipe over the preset, then the user's keys again
+        if cfg.eval.recipe not in list_recipes():
+            raise ConfigError(f"eval.recipe={cfg.eval.recipe!r} is not allowed; allowed: {', '.join(list_recipes())} "
+                              f"(or empty: the shared protocol)")
+        apply_dict(cfg, read_preset(cfg.eval.recipe, RECIPE_DIR))
+        for item in overrides or []:
+            set_key(cfg, *parse_override(item))
     validate(cfg)
     return cfg
 
@@ -358,6 +380,10 @@ def validate(cfg: Config) -> None:
         (cfg.eval.split != "val" or cfg.data.val_fraction > 0,
          "eval.split=val needs a val split: set data.val_fraction > 0 (e.g. 0.15)"),
         (len(cfg.eval.students) >= 1, "eval.students must name at least one student"),
+        (len(cfg.eval.randaugment) == 2 and cfg.eval.randaugment[0] >= 0 and 0 <= cfg.eval.randaugment[1] <= 30,
+         f"eval.randaugment={cfg.eval.randaugment} must be [num_ops >= 0, magnitude in 0..30] (e.g. [1, 6])"),
+        (cfg.eval.color_jitter >= 0 and cfg.eval.lighting >= 0 and cfg.eval.shuffle_patches >= 0,
+         "eval.color_jitter, eval.lighting and eval.shuffle_patches must be >= 0"),
         (cfg.backbone.hidden_size % cfg.backbone.heads == 0, "backbone.hidden_size must be divisible by backbone.heads"),
         (cfg.data.image_size % cfg.backbone.patch_size == 0 or cfg.backbone.source != "tiny",
          "data.image_size must be divisible by backbone.patch_size"),

@@ -132,6 +132,68 @@ def random_resized_crop_flip(x: torch.Tensor, generator: torch.Generator,
     return F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
 
 
+def shuffle_patches(x: torch.Tensor, generator: torch.Generator, k: int) -> torch.Tensor:
+    """RDED's ShufflePatches(k): cut each image into k strips along its width and put them back in a random order,
+    then the same along its height. x: float [B, C, H, W] -> [B, C, H, W]."""
+    out = x.clone()
+    for dim in (3, 2):                                                  # width, then height
+        edges = [round(j * x.shape[dim] / k) for j in range(k + 1)]
+        for b in range(len(x)):
+            order = torch.randperm(k, generator=generator).tolist()
+            strips = [out[b].narrow(dim - 1, edges[j], edges[j + 1] - edges[j]) for j in order]
+            out[b] = torch.cat(strips, dim=dim - 1)
+    return out
+
+
+# AlexNet's PCA of ImageNet RGB pixels (eigenvalues, eigenvectors as columns), as IDC/Minimax's Lighting uses them
+_PCA_EIGVAL = torch.tensor([0.2175, 0.0188, 0.0045])
+_PCA_EIGVEC = torch.tensor([[-0.5675, 0.7192, 0.4009], [-0.5808, -0.0045, -0.8140], [-0.5836, -0.6948, 0.4203]])
+
+
+def color_jitter_lighting(x01: torch.Tensor, generator: torch.Generator, jitter: float, lighting: float) -> torch.Tensor:
+    """Minimax/IMS3's colour augmentation on images in [0, 1], per image: brightness, contrast and saturation factors
+    ~ U(1 − jitter, 1 + jitter) (in that fixed order; torchvision draws a random order), then AlexNet's PCA
+    lighting noise, α ~ N(0, lighting) per component (RGB only). x01: float [B, C, H, W] -> [B, C, H, W]."""
+    b, c = x01.shape[:2]
+
+    def gray(z):                                                        # [B, 1, H, W]
+        return z if c == 1 else (z * torch.tensor([0.299, 0.587, 0.114], device=z.device).view(1, 3, 1, 1)).sum(1, True)
+
+    if jitter > 0:
+        f = (1 - jitter + 2 * jitter * torch.rand(b, 3, generator=generator)).clamp_min(0).to(x01.device)
+        x01 = (x01 * f[:, 0].view(b, 1, 1, 1)).clamp(0, 1)                                       # brightness
+        m = gray(x01).mean((1, 2, 3), keepdim=True)
+        x01 = ((x01 - m) * f[:, 1].view(b, 1, 1, 1) + m).clamp(0, 1)                             # contrast
+        if c == 3:
+            g = gray(x01)
+            x01 = ((x01 - g) * f[:, 2].view(b, 1, 1, 1) + g).clamp(0, 1)                         # saturation
+    if lighting > 0 and c == 3:
+        alpha = torch.randn(b, 3, generator=generator) * lighting                                # [B, 3]
+        rgb = (alpha * _PCA_EIGVAL) @ _PCA_EIGVEC.T                                               # [B, 3]
+        x01 = x01 + rgb.to(x01.device).view(b, 3, 1, 1)
+    return x01
+
+
+def augment(x: torch.Tensor, generator: torch.Generator, cfg: EvalConfig, soft: bool) -> torch.Tensor:
+    """A training batch's augmentation before CutMix, in the reference code's order: ShufflePatches (RDED, soft
+    protocol only: its teachers are trained without it) -> RandomResizedCrop + flip -> RandAugment(n, m) (IMS3) ->
+    colour jitter + PCA lighting (Minimax/IMS3). x: float [B, C, H, W] in [-1, 1] (to_float) -> float [B, C, H, W].
+    Every option but the crop is off in the shared protocol; the recipes (raydd/recipes/) turn on their papers'."""
+    if soft and cfg.shuffle_patches > 1:
+        x = shuffle_patches(x, generator, cfg.shuffle_patches)
+    x = random_resized_crop_flip(x, generator, scale=(cfg.rrc_scale_min, 1.0), flip_p=0.5 if cfg.flip else 0.0)
+    n_ops, magnitude = cfg.randaugment
+    if n_ops > 0 or cfg.color_jitter > 0 or cfg.lighting > 0:
+        x01 = (x * NORM_STD + NORM_MEAN).clamp(0, 1)
+        if n_ops > 0:     # torchvision's per-image RandAugment; it draws from torch's (seeded, forked) global RNG
+            from torchvision.transforms import v2
+
+            ra = v2.RandAugment(num_ops=int(n_ops), magnitude=int(magnitude))
+            x01 = torch.stack([ra(img) for img in x01])
+        x = (color_jitter_lighting(x01, generator, cfg.color_jitter, cfg.lighting) - NORM_MEAN) / NORM_STD
+    return x
+
+
 def cutmix(x: torch.Tensor, y: torch.Tensor, generator: torch.Generator, beta: float = 1.0
            ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, float]:
     """CutMix (Yun et al. 2019) on a whole batch: one box, one λ, a random pairing.
@@ -237,8 +299,9 @@ def train_student(train_x: torch.Tensor, train_y: torch.Tensor,
         steps_per_epoch = len(starts)
 
         if protocol == "hard":
-            opt = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum,
-                                  weight_decay=cfg.weight_decay)
+            opt = (torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+                   if cfg.optimizer == "sgd" else    # "adamw": IGD's train.py (lr 1e-3, wd 0.01 in its recipe)
+                   torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay))
             # IDC: lr x0.2 at 2/3 and at 5/6 of the epochs (stepped once per epoch); a milestone of 0
             # would already apply at construction, hence max(1, .) for very short runs
             sched = torch.optim.lr_scheduler.MultiStepLR(
@@ -262,7 +325,7 @@ def train_student(train_x: torch.Tensor, train_y: torch.Tensor,
                 idx = perm[s:s + bs]
                 xb = to_float(train_x[idx])                                      # [b, C, H, W]
                 yb = train_y[idx]                                                # [b]
-                xb = random_resized_crop_flip(xb, gen, scale=(cfg.rrc_scale_min, 1.0), flip_p=0.5 if cfg.flip else 0.0)
+                xb = augment(xb, gen, cfg, soft=protocol == "soft")
                 xb, ya, yb2, lam = cutmix(xb, yb, gen, cfg.cutmix_beta)
                 logits = model(xb)                                               # [b, K]
                 if protocol == "hard":

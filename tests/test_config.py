@@ -82,6 +82,8 @@ def test_method_config_coerces_types():
     (["raydd.distill", "--method", "ims3", "ims3.ema=1.5"], "ims3.ema=1.5 must be in [0, 1)"),
     (["raydd.distill", "--method", "rsm_cgs", "rsm_cgs.on=bogus"], "rsm_cgs.on='bogus'; allowed"),
     (["raydd.sweep", "--method", "dit", "--storage", "/proc/nope"], "--storage /proc/nope: cannot write there"),
+    (["raydd.distill", "--method", "dit", "eval.recipe=idc"], "eval.recipe='idc' is not allowed; allowed: cao2, igd"),
+    (["raydd.distill", "--method", "dit", "eval.randaugment=[1]"], "eval.randaugment=[1] must be [num_ops >= 0"),
 ])
 def test_method_settings_and_sweep_storage_fail_before_ray(args, message, capsys, monkeypatch, tmp_path):
     import importlib
