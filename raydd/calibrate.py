@@ -57,7 +57,7 @@ def igds_objectives(ctx):
 
 
 def lgd_objectives(ctx, work: Path):
-    from raydd.protocols import epochs_for, to_float
+    from raydd.protocols import epochs_for
     from raydd.methods import lgd
     from raydd.objectives.learnability import max_memory_cosine, score_images
     from raydd.outputs import write_distilled
@@ -79,7 +79,7 @@ def lgd_objectives(ctx, work: Path):
                                  window=lgd.respaced_window(mcfg, ctx.cfg.sampler.steps), mode=mcfg.mode, **classify)
 
     def objectives(ds):
-        s = score_images(theta, theta_star, to_float(ds.images), ds.labels, mcfg.omega)
+        s = score_images(theta, theta_star, ds.images, ds.labels, mcfg.omega)
         cos = max_memory_cosine(ds.latents.float(), ds.labels, seed.latents.float(), seed.labels)
         return {"S": float(s.mean()), "memory_cos": float(cos.mean())}
     return factory, objectives

@@ -98,10 +98,13 @@ class ComputeConfig:
     num_actors: int = 1            # sampling actors (Ray Data ActorPoolStrategy size)
     cpus_per_actor: float = 1.0
     gpus_per_actor: float = 0.0
+    memory_per_actor_gib: float = 0.0  # host memory Ray reserves per sampling/map actor (0 = none), so a node runs
+                                   #   no more actors than fit (DiT-XL/2 + VAE + LGD's classifiers: ~9 GiB)
     batch_size: int = 32           # samples per sampling batch (a batch mixes classes)
     train_workers: int = 1         # Ray Train workers per training job
     cpus_per_worker: float = 1.0
     gpus_per_worker: float = 0.0
+    memory_per_worker_gib: float = 0.0  # host memory Ray reserves per Train worker (0 = none)
     parallel_jobs: int = 0         # evaluation jobs run side by side (0 = as resources allow)
     precision: str = "fp32"        # "fp32" | "bf16": the backbone under bf16 autocast (CUDA; CPUs with native bf16)
     share_stages: bool = True      # generation stages shared across runs by content (the cache's stages/);
@@ -374,8 +377,9 @@ def validate(cfg: Config) -> None:
         (cfg.compute.batch_size >= 1, f"compute.batch_size={cfg.compute.batch_size} must be >= 1"),
         (cfg.compute.train_workers >= 1, "compute.train_workers must be >= 1"),
         (min(cfg.compute.cpus_per_actor, cfg.compute.gpus_per_actor, cfg.compute.cpus_per_worker,
-             cfg.compute.gpus_per_worker) >= 0, "compute.cpus_per_actor, gpus_per_actor, cpus_per_worker and "
-                                                "gpus_per_worker must be >= 0"),
+             cfg.compute.gpus_per_worker, cfg.compute.memory_per_actor_gib, cfg.compute.memory_per_worker_gib) >= 0,
+         "compute.cpus_per_actor, gpus_per_actor, memory_per_actor_gib, cpus_per_worker, gpus_per_worker and "
+         "memory_per_worker_gib must be >= 0"),
         (cfg.eval.seeds >= 1, f"eval.seeds={cfg.eval.seeds} must be >= 1"),
         (cfg.eval.split != "val" or cfg.data.val_fraction > 0,
          "eval.split=val needs a val split: set data.val_fraction > 0 (e.g. 0.15)"),

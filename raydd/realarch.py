@@ -92,7 +92,8 @@ def main(argv: list[str] | None = None) -> int:
     common = [f"data.root={out / 'data'}", f"data.classes={','.join(classes)}", f"backbone.source={dit}",
               f"backbone.vae={vae}", f"out_dir={out / 'outputs'}"]
     if not args.gpu:
-        common += ["compute.gpus_per_actor=0", "compute.gpus_per_worker=0"]
+        # a CPU machine: no GPUs, and no memory reservation (a laptop may not have the preset's 10 GiB per actor)
+        common += ["compute.gpus_per_actor=0", "compute.gpus_per_worker=0", "compute.memory_per_actor_gib=0"]
     rows = []
     for method in methods:
         cmd = [sys.executable, "-m", "raydd.distill", "--method", method, "--preset", args.preset, "--smoke",

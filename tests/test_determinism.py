@@ -224,6 +224,36 @@ def test_loops_travel_to_ray_train_by_name_only_when_importable():
     assert loop_ref(local_loop) is local_loop                      # a script's own loop: not importable by name
 
 
+def test_actors_and_train_workers_reserve_the_memory_they_declare(ray_local, digits_cfg, tmp_path):
+    """compute.memory_per_actor_gib / memory_per_worker_gib become Ray memory reservations, so a node runs only
+    as many DiT actors or workers as fit its memory (#20: a DiT-XL/2 actor used 6-9 GiB and reserved nothing)."""
+    import numpy as np
+
+    from raydd.distributed.runner import RayRunner
+    from raydd.distributed.train import fit
+
+    class Assigned:
+        def __call__(self, batch):
+            import ray
+
+            memory = ray.get_runtime_context().get_assigned_resources().get("memory", 0.0)
+            return {"unit": batch["unit"], "memory": np.full(len(batch["unit"]), memory)}
+
+    def loop(config, hooks):
+        import tempfile
+
+        import ray
+
+        with tempfile.TemporaryDirectory() as d:      # the result keeps the metrics of checkpointed reports
+            hooks.report({"memory": ray.get_runtime_context().get_assigned_resources().get("memory", 0.0)}, d)
+
+    cfg = dataclasses.replace(digits_cfg, compute=ComputeConfig(num_actors=1, memory_per_actor_gib=0.25))
+    out = RayRunner(cfg, tmp_path / "scratch").map(Assigned, {}, {"unit": np.arange(2), "row": np.arange(2)})
+    assert (out["memory"] == 0.25 * 2**30).all()
+    result = fit(loop, {}, name="memory-test", storage=tmp_path / "train", memory_gib_per_worker=0.5)
+    assert result.metrics["memory"] == 0.5 * 2**30
+
+
 def test_check_fits_fails_on_a_local_ray_and_warns_on_a_joined_cluster(ray_local, capsys):
     from raydd.distributed.cluster import check_fits
 
@@ -234,6 +264,9 @@ def test_check_fits_fails_on_a_local_ray_and_warns_on_a_joined_cluster(ray_local
     with pytest.raises(RayddError, match=r"compute.train_workers=3 x compute.cpus_per_worker=1 needs 3 CPU, but "
                                          r"this Ray cluster has 2; allowed: compute.train_workers <= 2"):
         check_fits(ComputeConfig(train_workers=3), joined=False)        # one Train job's workers start together
+    with pytest.raises(RayddError, match=r"compute.memory_per_actor_gib=4096, but no node .* has 4096 GiB memory "
+                                         r"\(the largest has [\d.]+ GiB\); allowed: 0 to [\d.]+$"):
+        check_fits(ComputeConfig(memory_per_actor_gib=4096), joined=False)
     check_fits(ComputeConfig(cpus_per_actor=3), joined=True)              # an autoscaler may add a larger node
     assert "[raydd] warning: compute.cpus_per_actor=3, but no node" in capsys.readouterr().out
 

@@ -67,6 +67,18 @@ def test_learnability_guidance_raises_S_over_unguided_from_the_same_noise(world)
     assert (s_guided > s_plain).float().mean() >= 0.8
 
 
+def test_candidates_are_scored_from_uint8_batch_by_batch_as_from_floats(world):
+    """LGD scores its κ·IPC candidates per class in the driver: uint8 images are converted per batch, not all at
+    once (a float copy of every candidate is ~22 GiB at ImageNet-1K)."""
+    from raydd.protocols import to_float
+
+    w = world
+    images = torch.randint(0, 256, (20, 1, 16, 16), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    labels = torch.arange(20) % 10
+    from_uint8 = score_images(w["theta"], w["reference"], images, labels, 0.5, batch_size=6)
+    torch.testing.assert_close(from_uint8, score_images(w["theta"], w["reference"], to_float(images), labels, 0.5))
+
+
 def test_memory_term_lowers_the_max_cosine_to_earlier_samples(world):
     w = world
     earlier = draw(w["backbone"], w["sampler"], w["y"], list(range(100, 120)))       # the memory buffer

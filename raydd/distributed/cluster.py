@@ -66,14 +66,19 @@ def check_fits(compute: ComputeConfig, joined: bool) -> None:
         print(f"[raydd] warning: {msg}; waiting for the autoscaler to add what is missing", flush=True)
 
     nodes = [n["Resources"] for n in ray.nodes() if n["Alive"]]
+    gib = 2 ** 30
     for key, resource, amount in (("cpus_per_actor", "CPU", compute.cpus_per_actor),
                                   ("gpus_per_actor", "GPU", compute.gpus_per_actor),
+                                  ("memory_per_actor_gib", "memory", compute.memory_per_actor_gib * gib),
                                   ("cpus_per_worker", "CPU", compute.cpus_per_worker),
-                                  ("gpus_per_worker", "GPU", compute.gpus_per_worker)):
+                                  ("gpus_per_worker", "GPU", compute.gpus_per_worker),
+                                  ("memory_per_worker_gib", "memory", compute.memory_per_worker_gib * gib)):
         largest = max((node.get(resource, 0.0) for node in nodes), default=0.0)
         if amount > largest:
-            refuse(f"compute.{key}={amount:g}, but no node of this Ray cluster has {amount:g} {resource} "
-                   f"(the largest has {largest:g}); allowed: 0 to {largest:g}")
+            unit, scale = (" GiB", gib) if resource == "memory" else ("", 1)
+            refuse(f"compute.{key}={amount / scale:g}, but no node of this Ray cluster has {amount / scale:g}"
+                   f"{unit} {resource} (the largest has {largest / scale:.3g}{unit}); allowed: 0 to "
+                   f"{largest / scale:.3g}")
     for resource, per_worker in (("CPU", compute.cpus_per_worker), ("GPU", compute.gpus_per_worker)):
         total = sum(node.get(resource, 0.0) for node in nodes)     # a Train job's workers start all at once
         if compute.train_workers * per_worker > total:

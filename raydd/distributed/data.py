@@ -86,6 +86,7 @@ def _map_units(udf: type, udf_kwargs: dict, columns: dict[str, np.ndarray], comp
             compute=ray.data.ActorPoolStrategy(size=compute.num_actors),
             num_cpus=compute.cpus_per_actor,
             num_gpus=compute.gpus_per_actor,
+            memory=int(compute.memory_per_actor_gib * 2**30) or None,     # bytes Ray reserves per actor
             # no max_restarts / max_task_retries: Ray Data's actor pools already default both to -1 (a lost
             # actor is replaced and its unfinished units re-run), and passing them is deprecated in Ray 2.60
         )

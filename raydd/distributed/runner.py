@@ -52,7 +52,8 @@ class RayRunner:
         storage = Path(self.scratch) / "ray_train" if resumable else self.cfg.resolved_cache_dir() / "ray_train"
         return fit(loop, config, name=f"{name}-{resume_key}" if resumable else name, storage=storage, resume=resumable,
                    num_workers=num_workers or c.train_workers, cpus_per_worker=cpus_per_worker or c.cpus_per_worker,
-                   gpus_per_worker=c.gpus_per_worker, max_failures=self.max_train_failures, callbacks=callbacks)
+                   gpus_per_worker=c.gpus_per_worker, memory_gib_per_worker=c.memory_per_worker_gib,
+                   max_failures=self.max_train_failures, callbacks=callbacks)
 
     def max_cpus_per_worker(self) -> float:
         """CPUs for each of compute.train_workers workers of a job that may use the whole cluster (the tiny

@@ -80,13 +80,15 @@ def loop_ref(loop: Callable) -> str | Callable:
 
 def fit(loop: Callable[[dict, TrainHooks], None], config: dict, *, name: str, storage: str | Path,
         num_workers: int = 1, cpus_per_worker: float = 1.0, gpus_per_worker: float = 0.0,
-        max_failures: int = 2, resume: bool = False, callbacks: list | None = None) -> TrainResult:
+        memory_gib_per_worker: float = 0.0, max_failures: int = 2, resume: bool = False,
+        callbacks: list | None = None) -> TrainResult:
     """Run `loop` on `num_workers` Ray Train workers; restarts from the last checkpoint on worker
     failure (up to max_failures times). resume=True: `name` is used as given, so a later fit with the same
     name and storage (the driver died and the run was started again) starts from that run's last checkpoint;
     otherwise every fit gets a fresh directory."""
     use_gpu = gpus_per_worker > 0
-    resources = {"CPU": cpus_per_worker} | ({"GPU": gpus_per_worker} if use_gpu else {})
+    resources = ({"CPU": cpus_per_worker} | ({"GPU": gpus_per_worker} if use_gpu else {})
+                 | ({"memory": int(memory_gib_per_worker * 2**30)} if memory_gib_per_worker > 0 else {}))
     trainer = ray.train.torch.TorchTrainer(
         _worker,
         train_loop_config={**config, "__loop__": loop_ref(loop)},

@@ -233,7 +233,7 @@ def run(ctx, cfg: Config):
         for r, js in enumerate(np.array_split(np.arange(n), rounds)):        # sequential memory: slots js
             mine = np.isin(rows["slot"] % n, js)
             cands = ctx.generate({k: v[mine] for k, v in rows.items()}, partial(factory, memory=str(memory)))
-            s = score_images(theta, theta_star, to_float(cands.images), cands.labels, cfg.omega)  # S
+            s = score_images(theta, theta_star, cands.images, cands.labels, cfg.omega)            # S
             keep = torch.from_numpy(top_kappa(s, (cands.labels * n + cands.slots % n).numpy()))
             kept = DistilledSet(cands.images[keep], cands.labels[keep], have + cands.slots[keep] % n,
                                 None if cands.latents is None else cands.latents[keep], s[keep])

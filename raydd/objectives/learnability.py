@@ -27,6 +27,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from raydd.protocols import to_float
+
 
 def learnability_score(model: nn.Module, reference: nn.Module, x: torch.Tensor, labels: torch.Tensor,
                        omega: float) -> torch.Tensor:
@@ -96,8 +98,13 @@ def rank_in_class(labels: torch.Tensor) -> torch.Tensor:
 @torch.no_grad()
 def score_images(model: nn.Module, reference: nn.Module, x: torch.Tensor, labels: torch.Tensor, omega: float,
                  batch_size: int = 256) -> torch.Tensor:
-    """S on final images (x in [-1, 1], [N,C,H,W]) in batches -> [N] (CPU float32)."""
-    out = [learnability_score(model, reference, x[i:i + batch_size], labels[i:i + batch_size], omega)
+    """S on final images in batches -> [N] (CPU float32). x: uint8 [N,C,H,W], converted batch by batch (a float
+    copy of every candidate would be 4x their size: ~22 GiB at ImageNet-1K, IPC 10, κ = 3), or floats in [-1, 1]."""
+    def batch(i: int) -> torch.Tensor:
+        xb = x[i:i + batch_size]
+        return to_float(xb) if xb.dtype == torch.uint8 else xb
+
+    out = [learnability_score(model, reference, batch(i), labels[i:i + batch_size], omega)
            for i in range(0, len(x), batch_size)]
     return torch.cat(out).float().cpu() if out else torch.zeros(0)
 
