@@ -31,7 +31,8 @@ def test_smoke_section_and_overrides_win():
     ("data=3", "is a section"),
     ("ipc", "key=value"),
     ("sampler.cfg_scale=0.5", "must be >= 1"),
-    ("compute.cpus_per_actor=-1", "gpus_per_worker must be >= 0"),
+    ("compute.cpus_per_actor=-1", "gpus_per_worker and memory_per_worker_gib must be >= 0"),
+    ("compute.memory_per_actor_gib=-1", "memory_per_actor_gib, cpus_per_worker"),
 ])
 def test_bad_overrides_name_the_problem(override, expected):
     with pytest.raises(ConfigError, match=expected.replace("(", r"\(").replace("[", r"\[")):
