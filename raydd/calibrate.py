@@ -24,11 +24,11 @@ import torch
 def world(preset: str, method: str, norm: str, smoke: bool = False):
     from raydd.config import load_config
     from raydd.context import Context, LocalRunner, NullTracker
-    from raydd.data import load_real
+    from raydd.prepare import load_data
     from raydd.distill import ensure_backbone
 
     cfg = load_config(preset, [f"sampler.guidance_norm={norm}"], method=method, smoke=smoke)
-    data = load_real(cfg.data)
+    data = load_data(cfg)
     runner = LocalRunner(cfg)
     return cfg, data, runner, Context(cfg, data, ensure_backbone(cfg, data, runner), runner=runner,
                                       tracker=NullTracker())

@@ -280,13 +280,13 @@ def grid_inputs(cfg, results: list[dict]):
     """Seed 0 at the largest IPC of each method, and as many real train images per class."""
     import torch
 
-    from raydd.data import load_real
+    from raydd.prepare import load_data
     from raydd.generate import random_subset
     from raydd.outputs import read_distilled
 
     top = max(r["ipc"] for r in results)
     sets = {r["method"]: read_distilled(r["output_dir"]) for r in results if r["ipc"] == top and r["seed"] == 0}
-    data = load_real(cfg.data)
+    data = load_data(cfg)
     real = random_subset(data.train, min(top, 4), seed=0)
     return sets, (real.images, torch.as_tensor(real.labels)), data.class_names
 

@@ -47,6 +47,9 @@ class DataConfig:
     split_seed: int = 0            # the split is a deterministic function of this seed
     max_train_per_class: int = 0   # cap on real train images per class (0 = all); an ImageFolder decodes only
                                    #   the first ~cap / (1 - hold-out) files of each class (file-name order)
+    store: str = ""                # imagefolder: where prepared stores live (a directory or a pyarrow URI: s3://...);
+                                   #   the data is decoded once into <store>/<key> (raydd.prepare) and read from
+                                   #   there; "" = every process decodes the ImageFolder itself
 
 
 @dataclass
@@ -254,6 +257,10 @@ def load_config(preset: str = "digits", overrides: list[str] | None = None, smok
         apply_dict(cfg, read_preset(cfg.eval.recipe, RECIPE_DIR))
         for item in overrides or []:
             set_key(cfg, *parse_override(item))
+    for key in ("data.root", "data.store"):   # local paths absolute: Ray's workers run in other directories
+        value = get_key(cfg, key)
+        if value and "://" not in value:
+            set_key(cfg, key, str(Path(value).expanduser().resolve()))
     validate(cfg)
     return cfg
 

@@ -196,21 +196,59 @@ def load_image_folder(root: Path, class_names: list[str], size: int, channels: i
     return Split(torch.stack(xs), torch.tensor(ys, dtype=torch.int64))
 
 
-def load_imagefolder_data(cfg: DataConfig) -> RealData:
-    root = Path(cfg.root).expanduser()
+def folder_classes(cfg: DataConfig) -> tuple[Path, list[str], bool]:
+    """An ImageFolder's root, its classes (data.classes resolved against the class folders) and whether it has
+    its own val/ (the ImageNet convention: val/ is the held-out test split)."""
+    root = Path(cfg.root).expanduser().resolve()
     train_dir = root / "train" if (root / "train").is_dir() else root
     if not train_dir.is_dir():
         raise DataError(f"data.root {root} is not a directory")
     available = [p.name for p in train_dir.iterdir() if p.is_dir()]
-    classes = resolve_classes(cfg.classes, available)
-    has_val = (root / "val").is_dir()
-    # data.max_train_per_class bounds what is decoded, not only what trains: read the first files of each class
-    # (file-name order), enough that the val (and test) hold-out leaves the cap for train
+    return root, resolve_classes(cfg.classes, available), (root / "val").is_dir()
+
+
+def decode_cap(cfg: DataConfig, has_val: bool) -> int:
+    """Files decoded per train class (0 = all). data.max_train_per_class bounds what is decoded, not only what
+    trains: the first files of each class (file-name order), enough that the hold-out leaves the cap for train."""
     kept = 1.0 - cfg.val_fraction - (0.0 if has_val else cfg.test_fraction)
-    decode = math.ceil(cfg.max_train_per_class / kept) + 2 if cfg.max_train_per_class > 0 else 0
-    full = load_image_folder(train_dir, classes, cfg.image_size, cfg.channels, cap=decode)
+    return math.ceil(cfg.max_train_per_class / kept) + 2 if cfg.max_train_per_class > 0 else 0
+
+
+def store_filesystem(location: str):
+    """A store location (absolute path or URI) -> (pyarrow FileSystem, path on it)."""
+    from pyarrow import fs
+
+    return fs.FileSystem.from_uri(location if "://" in location else str(Path(location).expanduser().resolve()))
+
+
+def read_store_split(location: str, split: str, size: int, channels: int) -> Split:
+    """A prepared store's split (raydd.prepare) -> Split in file-name order per class, as load_image_folder."""
+    import pyarrow.parquet as pq
+
+    fs, path = store_filesystem(location)
+    table = pq.read_table(f"{path}/{split}", filesystem=fs, columns=["label", "path", "image"])
+    table = table.sort_by([("label", "ascending"), ("path", "ascending")])
+    x = np.frombuffer(b"".join(table.column("image").to_pylist()), dtype=np.uint8)
+    return Split(torch.from_numpy(x.reshape(-1, channels, size, size).copy()),
+                 torch.from_numpy(table.column("label").to_numpy().astype(np.int64)))
+
+
+def load_imagefolder_data(cfg: DataConfig) -> RealData:
+    root, classes, has_val = folder_classes(cfg)
+    if cfg.store:                         # prepared once (raydd.prepare.load_data): read, do not decode
+        from raydd.prepare import is_complete, store_location
+
+        location = store_location(cfg)
+        if not is_complete(location):
+            raise DataError(f"data.store: {location} is not prepared; run python -m raydd.prepare with the same "
+                            f"data.* settings (distill, sweep, evaluate and compare prepare it themselves)")
+        full = read_store_split(location, "train", cfg.image_size, cfg.channels)
+        test = read_store_split(location, "val", cfg.image_size, cfg.channels) if has_val else None
+    else:
+        train_dir = root / "train" if (root / "train").is_dir() else root
+        full = load_image_folder(train_dir, classes, cfg.image_size, cfg.channels, cap=decode_cap(cfg, has_val))
+        test = load_image_folder(root / "val", classes, cfg.image_size, cfg.channels) if has_val else None
     if has_val:  # ImageNet convention: val/ is the held-out test split
-        test = load_image_folder(root / "val", classes, cfg.image_size, cfg.channels)
         tr, va, _ = stratified_split(full.y.numpy(), (cfg.val_fraction, 0.0), cfg.split_seed)
     else:
         tr, va, te = stratified_split(full.y.numpy(), (cfg.val_fraction, cfg.test_fraction), cfg.split_seed)

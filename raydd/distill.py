@@ -17,10 +17,11 @@ import time
 from pathlib import Path
 
 from raydd.config import Config, ConfigError, list_presets, load_config, make_method_config, run_params, run_tags
-from raydd.data import RealData, load_real
+from raydd.data import RealData
 from raydd.errors import RayddError
 from raydd.context import log  # (the CLIs' "[raydd]" lines; evaluate and sweep import it from here)
 from raydd.generate import BackboneSpec
+from raydd.prepare import load_data
 
 
 def peak_rss_mb() -> float:
@@ -161,7 +162,7 @@ def distill(cfg: Config, parent_run_id: str | None = None) -> dict:
     t_start = time.time()
     _, mcfg = check_method(cfg)
     check_reachable(cfg.tracking)                                  # fail in seconds, not after sampling
-    data = load_real(cfg.data)                                     # unknown classes / corrupt images fail here
+    data = load_data(cfg)                    # unknown classes / corrupt images fail here (a store: prepared)
     check_backbone(cfg)                                            # missing weights fail here
     log(f"{cfg.method} on {cfg.preset}: {data.num_classes} classes, {len(data.train)} train / "
         f"{len(data.val)} val / {len(data.test)} test images, IPC {cfg.ipc}")

@@ -14,7 +14,8 @@ import time
 from pathlib import Path
 
 from raydd.config import load_config, run_params
-from raydd.data import DataError, load_distilled_folder, load_real
+from raydd.data import DataError, load_distilled_folder
+from raydd.prepare import load_data
 from raydd.distill import build_parser, log, log_curves, run_cli, summary_metrics
 
 
@@ -28,7 +29,7 @@ def evaluate_folder(folder: str, cfg) -> dict:
     if not Path(folder).is_dir():
         raise DataError(f"distilled set {folder} is not a directory")
     check_reachable(cfg.tracking)
-    data = load_real(cfg.data)
+    data = load_data(cfg)
     syn = load_distilled_folder(folder, data.class_names, cfg.data.image_size, cfg.data.channels)  # bad files fail here
     counts = [int((syn.y == c).sum()) for c in range(data.num_classes)]
     cfg.ipc = max(counts)
@@ -72,7 +73,7 @@ def evaluate_redundancy(folder: str, cfg, k: int) -> dict:
     from raydd.tracking import Tracker, check_reachable
 
     check_reachable(cfg.tracking)
-    data = load_real(cfg.data)
+    data = load_data(cfg)
     x, y, slots = load_with_slots(folder, data.class_names, cfg.data.image_size, cfg.data.channels)
     split_increments(y, slots, k)                                  # too few images per class fails here
     log(f"redundancy of {folder}: {len(y)} images, K={k} increments, {cfg.eval.students} x {cfg.eval.seeds} seed(s)")

@@ -68,7 +68,7 @@ def run_trial(params: dict, base: Config, sweep_dir: Path, parent_run_id: str) -
 
     import ray.tune
 
-    from raydd.data import load_real
+    from raydd.prepare import load_data
     from raydd.distributed.runner import RayRunner
     from raydd.distributed.tune import StagesToTune
     from raydd.jobs import evaluate_set, set_source
@@ -76,7 +76,7 @@ def run_trial(params: dict, base: Config, sweep_dir: Path, parent_run_id: str) -
 
     trial_id = ray.tune.get_context().get_trial_id()
     cfg = trial_config(base, params, trial_id, sweep_dir)
-    data = load_real(cfg.data)
+    data = load_data(cfg)
     scratch = sweep_dir / "scratch" / trial_id
     scratch.mkdir(parents=True, exist_ok=True)
     # a trial re-run after an interrupted sweep reuses its child run (and its finished sampling units and
@@ -210,7 +210,7 @@ def sweep(method: str, base: Config, final_eval, *, trials: int, max_concurrent:
 
     import optuna
 
-    from raydd.data import load_real
+    from raydd.prepare import load_data
     from raydd.distributed.cluster import init_ray
     from raydd.distributed.runner import RayRunner
     from raydd.tracking import Tracker, check_reachable, find_run
@@ -230,7 +230,7 @@ def sweep(method: str, base: Config, final_eval, *, trials: int, max_concurrent:
                               f"directory or an s3:// / gs:// URI") from None
     # trials run in their own directories: hand them the resolved (absolute) tracking URI
     base = dataclasses.replace(base, tracking=dataclasses.replace(base.tracking, uri=check_reachable(base.tracking)))
-    data = load_real(base.data)
+    data = load_data(base)
     check_backbone(base)                                          # missing weights fail here
     path = str(Path(storage).expanduser().resolve()) if "://" not in storage else storage
     sweep_dir = Path(path) / name if "://" not in storage else Path(name)

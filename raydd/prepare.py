@@ -1,0 +1,106 @@
+"""python -m raydd.prepare --preset P data.root=DIR data.store=DIR_OR_URI [key=value ...]
+
+The real data's store: an ImageFolder decoded once, resized to data.image_size, as parquet shards under
+`<data.store>/<key>/{train,val}/` (a local directory or any pyarrow filesystem URI: s3://, gs://, a shared
+path), so that no process decodes JPEGs again. Ray Data does the work: each class folder is listed by its own
+task (no process lists 1.28 M files), images are decoded and resized in map_batches tasks across the cluster
+and written with write_parquet. The key is the data that decides the rows (root, classes, size, channels,
+the decode cap of data.max_train_per_class). Unreadable files are named and fail the store; it is complete
+only when its manifest.json exists, which is written last. distill / sweep / evaluate / compare prepare a
+missing store themselves when data.store is set (`load_data`).
+
+Rows: label (position in the class list), path (the file, for the order and for error messages), image
+(uint8 [C, H, W] bytes), error ("" or why the file could not be read). Read by `raydd.data.read_store_split`,
+in file-name order per class, so a stored split equals the decoded one exactly.
+"""
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from raydd.config import Config, DataConfig, config_hash, load_config
+from raydd.data import DataError, RealData, decode_cap, folder_classes, load_real, store_filesystem
+
+
+def store_location(d: DataConfig) -> str:
+    """<data.store>/<key>: the store of this data config (an absolute path or a URI)."""
+    root, classes, has_val = folder_classes(d)
+    key = config_hash("store-v1", str(root), classes, d.image_size, d.channels, decode_cap(d, has_val))
+    base = d.store if "://" in d.store else str(Path(d.store).expanduser().resolve())
+    return f"{base.rstrip('/')}/{key}"
+
+
+def is_complete(location: str) -> bool:
+    fs, path = store_filesystem(location)
+    from pyarrow import fs as pafs
+
+    return fs.get_file_info(f"{path}/manifest.json").type == pafs.FileType.File
+
+
+def prepare_store(d: DataConfig) -> str:
+    """Write the store of `d` unless it is complete; returns its location. Needs a running Ray."""
+    import pyarrow.parquet as pq
+
+    from raydd.distributed.store import write_folder_split
+
+    location = store_location(d)
+    if is_complete(location):
+        return location
+    root, classes, has_val = folder_classes(d)
+    fs, path = store_filesystem(location)
+    fs.create_dir(path, recursive=True)
+    fs.delete_dir_contents(path, missing_dir_ok=True)                  # what an interrupted prepare left
+    train_dir = root / "train" if (root / "train").is_dir() else root
+    splits = {"train": (train_dir, decode_cap(d, has_val))} | ({"val": (root / "val", 0)} if has_val else {})
+    counts = {}
+    for split, (folder, cap) in splits.items():
+        print(f"[raydd] prepare: {split} of {len(classes)} classes from {folder} -> {location}/{split}", flush=True)
+        write_folder_split([str(folder / c) for c in classes], cap, d.image_size, d.channels, f"{location}/{split}")
+        meta = pq.read_table(f"{path}/{split}", filesystem=fs, columns=["label", "error"])
+        errors = [e for e in meta.column("error").to_pylist() if e]
+        if errors:
+            raise DataError(f"{len(errors)} unreadable image(s) under {folder}:\n  " + "\n  ".join(errors[:20]))
+        counts[split] = np.bincount(meta.column("label").to_numpy(), minlength=len(classes)).tolist()
+    manifest = {"root": str(root), "classes": classes, "image_size": d.image_size, "channels": d.channels,
+                "counts": counts}
+    with fs.open_output_stream(f"{path}/manifest.json") as f:         # last: the store is complete
+        f.write(json.dumps(manifest, indent=1).encode())
+    print(f"[raydd] prepare: done, {sum(map(sum, counts.values()))} images in {location}", flush=True)
+    return location
+
+
+def load_data(cfg: Config) -> RealData:
+    """The run's real data. With data.store set (an ImageFolder), read from its store; a missing store is
+    prepared first, which starts Ray (unknown classes and a missing root fail before that)."""
+    d = cfg.data
+    if d.store and d.dataset == "imagefolder" and not is_complete(store_location(d)):
+        from raydd.distributed.cluster import init_ray
+
+        init_ray(cfg.compute)
+        prepare_store(d)
+    return load_real(d)
+
+
+def main(argv: list[str] | None = None) -> int:
+    from raydd.distill import build_parser, run_cli
+
+    p = build_parser("python -m raydd.prepare", __doc__.split("\n\n")[1])
+    p.add_argument("overrides", nargs="*", metavar="key=value")
+    args = p.parse_intermixed_args(argv)
+
+    def body():
+        cfg = load_config(args.preset, args.overrides, smoke=args.smoke)
+        if cfg.data.dataset != "imagefolder" or not cfg.data.store:
+            raise DataError("raydd.prepare needs an ImageFolder and a store: data.dataset=imagefolder "
+                            "data.root=DIR data.store=DIR_OR_URI (e.g. --preset imagenette)")
+        data = load_data(cfg)
+        print(f"{store_location(cfg.data)}: {len(data.train)} train / {len(data.val)} val / {len(data.test)} test "
+              f"images of {data.num_classes} classes")
+    return run_cli(body)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,90 @@
+"""raydd.prepare: an ImageFolder decoded once into a parquet store by Ray Data, read back exactly as decoded."""
+import dataclasses
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from raydd.config import load_config
+from raydd.data import DataError, load_real
+
+pytestmark = pytest.mark.ray
+
+WNIDS = ["n02086240", "n02087394"]          # two ImageWoof classes
+
+
+@pytest.fixture(scope="module", autouse=True)
+def ray_shutdown():
+    yield
+    import ray
+
+    ray.shutdown()
+
+
+def make_folder(root, per_class=(5, 2), size=(40, 30)):
+    """root/train/<wnid>/*.JPEG and root/val/<wnid>/*.JPEG, random RGB images (JPEG: lossy, as ImageNet)."""
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for split, n in zip(("train", "val"), per_class):
+        for w in WNIDS:
+            (root / split / w).mkdir(parents=True)
+            for k in range(n):
+                arr = rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)
+                Image.fromarray(arr).save(root / split / w / f"{w}_{k}.JPEG", quality=90)
+    return root
+
+
+def cfg_for(root, store, *extra):
+    return load_config("digits", ["data.dataset=imagefolder", f"data.root={root}", f"data.classes={','.join(WNIDS)}",
+                                  "data.image_size=16", "data.channels=3", "data.val_fraction=0.2",
+                                  f"data.store={store}", "compute.num_cpus=2", *extra])
+
+
+def test_the_cli_prepares_a_store_that_reads_back_exactly_as_decoding_and_a_rerun_reuses_it(tmp_path, capsys):
+    from raydd.prepare import main, store_location
+
+    root, store = make_folder(tmp_path / "folder"), tmp_path / "store"
+    args = ["data.dataset=imagefolder", f"data.root={root}", f"data.classes={','.join(WNIDS)}", "data.image_size=16",
+            "data.channels=3", "data.val_fraction=0.2", f"data.store={store}", "compute.num_cpus=2"]
+    assert main(args) == 0
+    cfg = cfg_for(root, store)
+    location = store_location(cfg.data)
+    assert location.startswith(str(store)) and location in capsys.readouterr().out
+    manifest = json.loads((store / location.rsplit("/", 1)[1] / "manifest.json").read_text())
+    assert manifest["classes"] == WNIDS and manifest["counts"] == {"train": [5, 5], "val": [2, 2]}
+    stored, decoded = load_real(cfg.data), load_real(dataclasses.replace(cfg.data, store=""))
+    for split in ("train", "val", "test"):
+        a, b = stored.split(split), decoded.split(split)
+        assert torch.equal(a.x, b.x) and torch.equal(a.y, b.y) and len(a) > 0
+    files = sorted((p, p.stat().st_mtime_ns) for p in store.rglob("*") if p.is_file())
+    assert main(args) == 0                                       # complete: nothing is written again
+    assert sorted((p, p.stat().st_mtime_ns) for p in store.rglob("*") if p.is_file()) == files
+
+
+def test_a_corrupt_file_is_named_and_the_store_is_not_marked_complete(tmp_path):
+    from raydd.prepare import is_complete, load_data, store_location
+
+    root = make_folder(tmp_path / "folder")
+    bad = root / "train" / WNIDS[1] / "broken.JPEG"
+    bad.write_bytes(b"not a jpeg")
+    cfg = cfg_for(root, tmp_path / "store")
+    with pytest.raises(DataError, match=r"(?s)1 unreadable image\(s\).*broken.JPEG"):
+        load_data(cfg)
+    assert not is_complete(store_location(cfg.data))
+    with pytest.raises(DataError, match="is not prepared; run python -m raydd.prepare"):
+        load_real(cfg.data)                                      # a worker never reads a partial store
+    bad.unlink()
+    assert len(load_data(cfg).train) == 8                        # fixed: prepared afresh (10 - 20 % val)
+
+
+def test_the_store_key_follows_the_data_that_decides_the_rows(tmp_path):
+    from raydd.prepare import store_location
+
+    root = make_folder(tmp_path / "folder")
+    base = store_location(cfg_for(root, tmp_path / "s").data)
+    assert store_location(cfg_for(root, tmp_path / "s", "data.image_size=32").data) != base
+    assert store_location(cfg_for(root, tmp_path / "s", "data.max_train_per_class=2").data) != base
+    assert store_location(cfg_for(root, tmp_path / "s", "eval.seeds=1").data) == base
+    assert store_location(cfg_for(root, "s3://bucket/stores").data).startswith("s3://bucket/stores/")
