@@ -14,6 +14,9 @@ one run on the same machine. Writes JSON and logs one MLflow run (experiment ray
              worlds' DiT sizes (random weights): ddpm-50 vs dpm++ / unipc / euler / ddim at 10, 15, 25  (>= 2x)
   gpu        DiT-XL/2 (random weights, 256 px, 50-step DDPM + CFG): images/s in fp32/tf32/bf16, SDPA,
              torch.compile, next to the limit: measured bf16 matmul rate / counted FLOP per image (>= 40%)
+  guided-memory  (only with --only) one guided DiT-XL/2 + SD VAE step: peak memory per image, micro-batch, checkpointing
+  scale      (only with --only) peak PSS of a distillation + evaluation with N vs 4N real train images per class
+             (<= 1.2x), and store preparation images/s vs a plain multi-process PIL loop              (>= 0.9x)
 """
 from __future__ import annotations
 
@@ -35,7 +38,7 @@ from raydd.sampling import Guidance, sample
 
 TARGETS = {"sharding": 0.95, "scaling": 1.7, "batching": 5.0, "guidance_full_per_step": 2.5,
            "guidance_x0_per_step": 1.3, "student": 0.9, "memory_pss_gib": 4.0, "gpu_fraction_of_limit": 0.40,
-           "schedulers_speedup": 2.0}   # images/s of the fewest steps that keep DDPM-50's accuracy (README table)
+           "schedulers_speedup": 2.0, "scale_pss_ratio_max": 1.2, "prepare_over_pil_pool": 0.9}   # images/s of the fewest steps that keep DDPM-50's accuracy (README table)
 
 
 def log(msg: str) -> None:
@@ -285,6 +288,76 @@ def bench_memory(quick: bool) -> dict:
     return out
 
 
+def _pil_pool_rate(files: list[Path], size: int, processes: int) -> float:
+    """Images/s of a plain multi-process PIL loop (raydd.data.read_image: decode, resize, centre crop)."""
+    import functools
+    import multiprocessing
+
+    from raydd.data import read_image
+
+    t0 = time.perf_counter()
+    with multiprocessing.get_context("spawn").Pool(processes) as pool:
+        pool.map(functools.partial(read_image, size=size, channels=3), files, chunksize=16)
+    return len(files) / (time.perf_counter() - t0)
+
+
+def bench_scale(quick: bool) -> dict:
+    """#20's scale check. (1) Peak PSS of the whole process tree (driver, Ray, actors, Train workers) of
+    `python -m raydd.distill --method random --preset imagenette --smoke` (a distillation and its evaluation, on a
+    CPU) on a synthetic ImageFolder with N and 4N train images per class: the ratio should stay near 1 when no
+    process holds the real data. With and without data.store. (2) Store preparation (raydd.prepare, Ray Data)
+    images/s next to a plain multi-process PIL loop over the same files (both with every CPU)."""
+    from raydd.data import subset_classes
+    from raydd.realarch import write_imagefolder, write_models
+
+    n = 20 if quick else 100
+    wnids = subset_classes("imagenette")
+    out: dict = {"train_per_class": [n, 4 * n], "classes": len(wnids)}
+    with tempfile.TemporaryDirectory() as tmp:
+        env = dict(os.environ, MLFLOW_TRACKING_URI=f"sqlite:///{tmp}/mlflow.db", RAYDD_CACHE=f"{tmp}/cache")
+        dit, vae = write_models(Path(tmp), "s")                        # random DiT-S/2 + SD VAE: `random` samples nothing
+        for k, per_class in (("N", n), ("4N", 4 * n)):
+            root = Path(tmp) / f"folder{per_class}"
+            write_imagefolder(root, wnids, train=per_class, val=5)      # 256 px noisy JPEGs, ~ImageNet's file size
+            for store in ("", f"{tmp}/stores"):
+                label = f"{k}_{'store' if store else 'decode'}"
+                cmd = [sys.executable, "-m", "raydd.distill", "--method", "random", "--preset", "imagenette", "--smoke",
+                       f"data.root={root}", f"data.store={store}", f"backbone.source={dit}", f"backbone.vae={vae}",
+                       "compute.gpus_per_actor=0", "compute.gpus_per_worker=0", "compute.memory_per_actor_gib=0",
+                       "eval.ranking=false", f"run_name=scale-{label}", f"out_dir={tmp}/outputs"]
+                rc, rss, pss, secs, top = peak_tree_rss(cmd, env, tmp, output=f"{tmp}/{label}.log")
+                if rc != 0:
+                    raise RuntimeError(f"bench scale: {' '.join(cmd)} exited {rc}:\n"
+                                       + Path(f"{tmp}/{label}.log").read_text()[-3000:])
+                out[f"{label}_peak_pss_gib"], out[f"{label}_wall_s"], out[f"{label}_largest_pss_mib"] = pss, secs, top
+        for mode in ("decode", "store"):
+            out[f"pss_ratio_4N_over_N_{mode}"] = out[f"4N_{mode}_peak_pss_gib"] / out[f"N_{mode}_peak_pss_gib"]
+        # (2) throughput on the 4N folder: a fresh store each time (prepare skips a complete one)
+        import ray
+
+        from raydd.config import load_config
+        from raydd.distributed.cluster import init_ray
+        from raydd.prepare import prepare_store
+
+        files = sorted((Path(tmp) / f"folder{4 * n}" / "train").rglob("*.JPEG"))
+        cpus = os.cpu_count() or 1
+        out["pil_pool_images_per_s"] = _pil_pool_rate(files, 256, cpus)
+        cfg = load_config("imagenette", [f"data.root={tmp}/folder{4 * n}", f"data.store={tmp}/rate-store",
+                                         "compute.gpus_per_actor=0", "compute.memory_per_actor_gib=0"])
+        init_ray(cfg.compute)
+        try:
+            t0 = time.perf_counter()
+            prepare_store(cfg.data)
+            seconds = time.perf_counter() - t0
+        finally:
+            ray.shutdown()
+        total = len(files) + 5 * len(wnids)                            # prepare also writes val/
+        out["prepare_images_per_s"] = total / seconds
+        out["prepare_over_pil_pool"] = out["prepare_images_per_s"] / out["pil_pool_images_per_s"]
+        out["cpus"] = cpus
+    return out
+
+
 DIT_XL_2 = {"hidden_size": 1152, "depth": 28, "heads": 16, "patch_size": 2}   # DiT-XL/2
 DIT_S_2 = {"hidden_size": 384, "depth": 12, "heads": 6, "patch_size": 2}      # DiT-S/2
 ARCHS = {"xl": DIT_XL_2, "s": DIT_S_2}
@@ -459,7 +532,8 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m raydd.bench", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split("\n\n", 1)[1])
     p.add_argument("--only", default="", help="comma list of: sharding,batching,guidance,schedulers,train,student,"
-                                              "memory,gpu,guided-memory (not in the default set: minutes at DiT-XL/2 on a CPU)")
+                                              "memory,gpu; not in the default set: guided-memory (minutes at DiT-XL/2 "
+                                              "on a CPU), scale (#20: real-data memory and store throughput)")
     p.add_argument("--out", default="bench.json")
     p.add_argument("--smoke", "--quick", dest="quick", action="store_true", help="small sizes (a few minutes)")
     p.add_argument("--no-mlflow", action="store_true")
@@ -498,6 +572,9 @@ def main(argv: list[str] | None = None) -> int:
         log("guided-memory (one guided step of a random DiT + SD VAE at 256 px, in fresh processes) ...")
         results["guided_memory"] = bench_guided_memory("s" if q else "xl", batch=2,
                                                        device="cuda" if torch.cuda.is_available() else "cpu")
+    if "scale" in only:
+        log("scale (random + evaluation on a synthetic 256 px ImageFolder, N and 4N per class; store throughput) ...")
+        results["scale"] = bench_scale(q)
     if "gpu" in only:
         log("gpu ...")
         results["gpu"] = bench_gpu(steps=10 if q else 50, batch=8 if q else 32, compile_model=not q)
