@@ -233,15 +233,25 @@ def read_store_split(location: str, split: str, size: int, channels: int) -> Spl
                  torch.from_numpy(table.column("label").to_numpy().astype(np.int64)))
 
 
-def load_imagefolder_data(cfg: DataConfig) -> RealData:
-    root, classes, has_val = folder_classes(cfg)
-    if cfg.store:                         # prepared once (raydd.prepare.load_data): read, do not decode
-        from raydd.prepare import is_complete, store_location
+def _complete_store(cfg: DataConfig) -> str:
+    from raydd.prepare import is_complete, store_location
 
-        location = store_location(cfg)
-        if not is_complete(location):
-            raise DataError(f"data.store: {location} is not prepared; run python -m raydd.prepare with the same "
-                            f"data.* settings (distill, sweep, evaluate and compare prepare it themselves)")
+    location = store_location(cfg)
+    if not is_complete(location):
+        raise DataError(f"data.store: {location} is not prepared; run python -m raydd.prepare with the same "
+                        f"data.* settings (distill, sweep, evaluate and compare prepare it themselves)")
+    return location
+
+
+def load_imagefolder_data(cfg: DataConfig, train: bool = True) -> RealData:
+    root, classes, has_val = folder_classes(cfg)
+    if not train and has_val:             # only the test split (val/): train and its hold-out stay empty
+        test = (read_store_split(_complete_store(cfg), "val", cfg.image_size, cfg.channels) if cfg.store else
+                load_image_folder(root / "val", classes, cfg.image_size, cfg.channels))
+        empty = Split(test.x[:0], test.y[:0])
+        return RealData(empty, empty, test, classes)
+    if cfg.store:                         # prepared once (raydd.prepare.load_data): read, do not decode
+        location = _complete_store(cfg)
         full = read_store_split(location, "train", cfg.image_size, cfg.channels)
         test = read_store_split(location, "val", cfg.image_size, cfg.channels) if has_val else None
     else:
@@ -257,10 +267,12 @@ def load_imagefolder_data(cfg: DataConfig) -> RealData:
     return RealData(train, Split(full.x[va], full.y[va]), test, classes)
 
 
-def load_real(cfg: DataConfig) -> RealData:
+def load_real(cfg: DataConfig, train: bool = True) -> RealData:
+    """The real data. train=False: a process that needs only the test split (evaluating a set on an ImageFolder
+    with its own val/) does not read or hold the train split; elsewhere every split is read."""
     if cfg.dataset == "digits":
         return load_digits_data(cfg)
-    return load_imagefolder_data(cfg)
+    return load_imagefolder_data(cfg, train)
 
 
 def load_distilled_folder(path: str | Path, class_names: list[str], size: int, channels: int) -> Split:

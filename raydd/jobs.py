@@ -111,11 +111,12 @@ def eval_loop(config: dict, hooks: TrainHooks) -> None:
     resumes with only the unfinished jobs. A stage's last report also carries {"stage", "acc"}: the mean
     top-1 of its synthetic-set jobs (what a Tune trial reports)."""
     dcfg, ecfg = DataConfig(**config["data"]), EvalConfig(**config["eval"])
-    data = load_real(dcfg)
+    jobs = config["jobs"]
+    # only real and random-subset jobs, and a val split held out of train, need the train split in this worker
+    data = load_real(dcfg, train=ecfg.split == "val" or any(j["kind"] != "syn" for j in jobs))
     target = data.split(ecfg.split)
     syn = load_set(config["source"], data, dcfg) if config.get("source") else None
     teacher = load_teacher(config["teacher"], ecfg.teacher_arch, data, dcfg) if config.get("teacher") else None
-    jobs = config["jobs"]
     done: dict[int, dict] = {}
     if hooks.restore_dir() and Path(hooks.restore_dir(), "results.json").exists():
         done = {int(i): r for i, r in json.loads(Path(hooks.restore_dir(), "results.json").read_text()).items()}
