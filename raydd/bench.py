@@ -332,30 +332,31 @@ def bench_scale(quick: bool) -> dict:
                 out[f"{label}_peak_pss_gib"], out[f"{label}_wall_s"], out[f"{label}_largest_pss_mib"] = pss, secs, top
         for mode in ("decode", "store"):
             out[f"pss_ratio_4N_over_N_{mode}"] = out[f"4N_{mode}_peak_pss_gib"] / out[f"N_{mode}_peak_pss_gib"]
-        # (2) throughput on the 4N folder: a fresh store each time (prepare skips a complete one)
-        import ray
-
-        from raydd.config import load_config
-        from raydd.distributed.cluster import init_ray
-        from raydd.prepare import prepare_store
-
-        files = sorted((Path(tmp) / f"folder{4 * n}" / "train").rglob("*.JPEG"))
-        cpus = os.cpu_count() or 1
-        out["pil_pool_images_per_s"] = _pil_pool_rate(files, 256, cpus)
-        cfg = load_config("imagenette", [f"data.root={tmp}/folder{4 * n}", f"data.store={tmp}/rate-store",
-                                         "compute.gpus_per_actor=0", "compute.memory_per_actor_gib=0"])
-        init_ray(cfg.compute)
-        try:
-            t0 = time.perf_counter()
-            prepare_store(cfg.data)
-            seconds = time.perf_counter() - t0
-        finally:
-            ray.shutdown()
-        total = len(files) + 5 * len(wnids)                            # prepare also writes val/
-        out["prepare_images_per_s"] = total / seconds
-        out["prepare_over_pil_pool"] = out["prepare_images_per_s"] / out["pil_pool_images_per_s"]
-        out["cpus"] = cpus
+        out |= prepare_rates(Path(tmp) / f"folder{4 * n}", Path(tmp) / "rate-store")       # (2), on the 4N folder
     return out
+
+
+def prepare_rates(root: Path, store: Path) -> dict:
+    """Store preparation (raydd.prepare on a fresh local Ray, every CPU) vs a plain multi-process PIL loop with
+    every CPU, over the same ImageFolder (train/ and val/), in images/s."""
+    import ray
+
+    from raydd.distributed.cluster import init_ray
+    from raydd.prepare import prepare_store
+
+    files = sorted(root.rglob("*.JPEG"))
+    cpus = os.cpu_count() or 1
+    out = {"cpus": cpus, "pil_pool_images_per_s": _pil_pool_rate(files, 256, cpus)}
+    cfg = load_config("imagenette", [f"data.root={root}", f"data.store={store}", "compute.gpus_per_actor=0",
+                                     "compute.gpus_per_worker=0", "compute.memory_per_actor_gib=0"])
+    init_ray(cfg.compute)
+    try:
+        t0 = time.perf_counter()
+        prepare_store(cfg.data)
+        out["prepare_images_per_s"] = len(files) / (time.perf_counter() - t0)
+    finally:
+        ray.shutdown()
+    return out | {"prepare_over_pil_pool": out["prepare_images_per_s"] / out["pil_pool_images_per_s"]}
 
 
 DIT_XL_2 = {"hidden_size": 1152, "depth": 28, "heads": 16, "patch_size": 2}   # DiT-XL/2
