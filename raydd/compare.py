@@ -1,5 +1,5 @@
 """python -m raydd.compare [--methods dit,random,...] [--ipc 1,10] [--seeds 3] [--preset P] [--smoke]
-                         [--from-sweep NAME] [--name NAME] [key=value ...]
+                         [--from-sweep NAME] [--name NAME] [--parallel N] [key=value ...]
 
 Compare methods under one protocol: one distillation per (method, IPC, distillation seed), every one
 evaluated by the same students, and reused when the same resolved config was run before (a re-run only
@@ -14,6 +14,8 @@ printed and written to compare/<name>/leaderboard.{csv,md}, with accuracy_vs_ipc
 images per class of every method next to real images), all logged to one MLflow parent run whose
 children are the distillations. Defaults: every method, the preset's IPC, 3 seeds. --from-sweep NAME
 starts each method from the best parameters of its sweep (the sweep named NAME or NAME-<method>).
+The distillations run as `python -m raydd.distill` processes joined to this Ray cluster, --parallel at once
+(default: as many as the cluster's GPUs, or CPUs, hold one distillation's sampling actors).
 """
 from __future__ import annotations
 
@@ -199,13 +201,81 @@ def plan(args) -> list:
         tuned = tuned_by_method.get(m, [])
         for ipc in ipcs:
             for seed in range(args.seeds):
-                cfg = load_config(args.preset, tuned + args.overrides + [f"ipc={ipc}", f"seed={seed}"],
-                                  smoke=args.smoke, method=m)
+                overrides = tuned + args.overrides + [f"ipc={ipc}", f"seed={seed}"]
+                cfg = load_config(args.preset, overrides, smoke=args.smoke, method=m)
                 check_method(cfg)
                 key = run_key(cfg)
-                cfg.out_dir, cfg.run_name = str(out / "sets"), f"{cfg.resolved_run_name()}-{key[:8]}"
-                cfgs.append((cfg, key, bool(tuned)))
+                cfg.out_dir, cfg.run_name = str(out.resolve() / "sets"), f"{cfg.resolved_run_name()}-{key[:8]}"
+                cfgs.append((cfg, key, bool(tuned), overrides + [f"out_dir={cfg.out_dir}", f"run_name={cfg.run_name}"]))
     return cfgs
+
+
+def default_parallel(cfg) -> int:
+    """Distillations the running Ray cluster holds at once: its GPUs (or CPUs) over one distillation's
+    sampling actors' (its Train jobs queue for what is free)."""
+    import ray
+
+    c, res = cfg.compute, ray.cluster_resources()
+    if c.gpus_per_actor > 0:
+        return max(1, int(res.get("GPU", 0) // (c.num_actors * c.gpus_per_actor)))
+    return max(1, int(res.get("CPU", 0) // (c.num_actors * max(c.cpus_per_actor, 1e-9))))
+
+
+def run_distillations(todo: list, args, parent_run_id: str, out: Path, parallel: int) -> list[dict]:
+    """Each (cfg, key, tuned, overrides) as `python -m raydd.distill` joined to this Ray cluster, `parallel` at once
+    (separate processes: no state of one distillation can reach another). A finished one's record is saved
+    atomically to runs/<key>.json at once, so an interrupted comparison keeps it. Logs: logs/<run name>.log
+    (the console when one at a time)."""
+    import os
+    import subprocess
+    import time
+
+    import ray
+
+    from raydd.errors import RayddError
+
+    (out / "logs").mkdir(exist_ok=True)
+    address = ray.get_runtime_context().gcs_address
+    waiting, running, records, failed = list(enumerate(todo, start=1)), {}, [], []
+    try:
+        while waiting or running:
+            while waiting and len(running) < parallel:
+                k, (cfg, key, tuned, overrides) = waiting.pop(0)
+                result = out / "runs" / f"{key}.result.json"
+                cmd = [sys.executable, "-m", "raydd.distill", "--method", cfg.method, "--preset", args.preset,
+                       *(["--smoke"] if args.smoke else []), "--parent-run-id", parent_run_id,
+                       "--result-json", str(result), *overrides, f"compute.ray_address={address}"]
+                logf = out / "logs" / f"{cfg.run_name}.log"
+                sink = None if parallel == 1 else open(logf, "w")
+                log(f"[{k}/{len(todo)}] {cfg.method} IPC {cfg.ipc} seed {cfg.seed} started"
+                    + (f" (log: {logf})" if sink else ""))
+                proc = subprocess.Popen(cmd, stdout=sink, stderr=subprocess.STDOUT if sink else None,
+                                        env=dict(os.environ, RAY_ADDRESS=address))
+                running[proc] = (k, cfg, key, tuned, result, sink, logf)
+            time.sleep(0.5)
+            for proc in [p for p in running if p.poll() is not None]:
+                k, cfg, key, tuned, result, sink, logf = running.pop(proc)
+                if sink:
+                    sink.close()
+                if proc.returncode != 0 or not result.exists():
+                    failed.append(f"{cfg.method} IPC {cfg.ipc} seed {cfg.seed} (exit {proc.returncode}; {logf})")
+                    continue
+                r = json.loads(result.read_text())
+                rec = {"method": cfg.method, "ipc": cfg.ipc, "seed": cfg.seed, "key": key, "tuned": tuned,
+                       "run_id": r["run_id"], "output_dir": r["output_dir"], "metrics": r["metrics"]}
+                tmp = out / "runs" / f"{key}.tmp"
+                tmp.write_text(json.dumps(rec, indent=1))
+                tmp.replace(out / "runs" / f"{key}.json")                # a record that exists is complete
+                result.unlink()
+                records.append(rec)
+                log(f"[{k}/{len(todo)}] {cfg.method} IPC {cfg.ipc} seed {cfg.seed} done")
+    finally:
+        for proc in running:                                          # interrupted: stop the others too
+            proc.terminate()
+    if failed:
+        raise RayddError(f"{len(failed)} distillation(s) failed (the finished ones are kept; a rerun fills in the "
+                         f"rest): " + "; ".join(failed))
+    return records
 
 
 def default_name(args) -> str:
@@ -213,7 +283,7 @@ def default_name(args) -> str:
 
 
 def compare(args) -> dict:
-    from raydd.distill import distill
+    from raydd.distributed.cluster import init_ray
     from raydd.tracking import Tracker, check_reachable, find_run
 
     cfgs = plan(args)
@@ -222,8 +292,8 @@ def compare(args) -> dict:
     out = Path(cfgs[0][0].out_dir).parent
     name = args.name or out.name
     (out / "runs").mkdir(parents=True, exist_ok=True)
-    methods = list(dict.fromkeys(c.method for c, _, _ in cfgs))
-    ipcs = sorted({c.ipc for c, _, _ in cfgs})
+    methods = list(dict.fromkeys(c.method for c, _, _, _ in cfgs))
+    ipcs = sorted({c.ipc for c, _, _, _ in cfgs})
     parent = Tracker(first.tracking, name, run_id=find_run(first.tracking, name),
                      tags={"raydd_run": name, "raydd_compare": ",".join(methods), "preset": first.preset,
                            "ipc": ",".join(map(str, ipcs)), "seeds": args.seeds, "smoke": first.smoke})
@@ -231,21 +301,15 @@ def compare(args) -> dict:
         parent.log_params({"methods": ",".join(methods), "ipcs": ",".join(map(str, ipcs)), "seeds": args.seeds,
                            "preset": first.preset, "smoke": first.smoke, "overrides": " ".join(args.overrides),
                            "from_sweep": args.from_sweep or "", "students": ",".join(first.eval.students)})
-        results = []
-        for k, (cfg, key, tuned) in enumerate(cfgs, start=1):
-            saved = out / "runs" / f"{key}.json"
-            if saved.exists():
-                log(f"[{k}/{len(cfgs)}] {cfg.method} IPC {cfg.ipc} seed {cfg.seed}: reused ({saved.name})")
-                results.append(json.loads(saved.read_text()))
-                continue
-            log(f"[{k}/{len(cfgs)}] {cfg.method} IPC {cfg.ipc} seed {cfg.seed} ...")
-            r = distill(cfg, parent_run_id=parent.run_id)
-            rec = {"method": cfg.method, "ipc": cfg.ipc, "seed": cfg.seed, "key": key, "tuned": tuned,
-                   "run_id": r["run_id"], "output_dir": r["output_dir"], "metrics": r["metrics"]}
-            tmp = saved.with_suffix(".tmp")
-            tmp.write_text(json.dumps(rec, indent=1))
-            tmp.replace(saved)                                       # a record that exists is complete
-            results.append(rec)
+        saved = {key: out / "runs" / f"{key}.json" for _, key, _, _ in cfgs}
+        todo = [c for c in cfgs if not saved[c[1]].exists()]
+        log(f"{len(cfgs) - len(todo)} of {len(cfgs)} distillations reused from {out / 'runs'}")
+        if todo:
+            init_ray(first.compute)
+            parallel = args.parallel or default_parallel(first)
+            log(f"running {len(todo)} distillation(s), {min(parallel, len(todo))} at once")
+            run_distillations(todo, args, parent.run_id, out, parallel)
+        results = [json.loads(saved[key].read_text()) for _, key, _, _ in cfgs]
         records = [{"method": r["method"], "ipc": r["ipc"], "seed": r["seed"], "student": s,
                     "acc": r["metrics"][f"acc_mean/{s}"],
                     **{c: r["metrics"].get(f"{c}/{s}", r["metrics"].get(c)) for c in COLUMNS[1:]}}
@@ -301,6 +365,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--from-sweep", default="", help="start each method from its sweep's best parameters")
     p.add_argument("--name", default="", help="the comparison's name (default: the preset, -smoke)")
     p.add_argument("--out", default="", help="its directory (default: compare/<name>)")
+    p.add_argument("--parallel", type=int, default=0, help="distillations at once (default 0: as many as the "
+                                                           "cluster's GPUs, or CPUs, hold sampling actors for)")
     p.add_argument("overrides", nargs="*", metavar="key=value")
     args = p.parse_intermixed_args(argv)
     return run_cli(lambda: compare(args))

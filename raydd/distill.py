@@ -249,13 +249,19 @@ def main(argv: list[str] | None = None) -> int:
 
     p = build_parser("python -m raydd.distill", __doc__.split("\n\n")[1])
     p.add_argument("--method", required=True, help=f"one of: {', '.join(list_methods())}")
+    p.add_argument("--parent-run-id", default="", help="log the run as a child of this MLflow run (raydd.compare)")
+    p.add_argument("--result-json", default="", help="also write run_id, output_dir and metrics to this file")
     p.add_argument("overrides", nargs="*", metavar="key=value")
     args = p.parse_intermixed_args(argv)
 
     def body():
         cfg = load_config(args.preset, args.overrides, smoke=args.smoke, method=args.method)
         check_method(cfg)
-        distill(cfg)
+        result = distill(cfg, parent_run_id=args.parent_run_id or None)
+        if args.result_json:
+            tmp = Path(args.result_json).with_suffix(".tmp")
+            tmp.write_text(json.dumps({k: result[k] for k in ("run_id", "output_dir", "metrics")}, default=str))
+            tmp.replace(args.result_json)
     return run_cli(body)
 
 

@@ -74,6 +74,10 @@ def test_compare_runs_each_distillation_once_and_logs_a_parent_with_children(tmp
     kids = mlflow.search_runs(experiment_names=["raydd"], output_format="list",
                               filter_string=f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
     assert sorted(k.info.run_id for k in kids) == records
+    # the local Ray has 2 CPUs and a distillation 1 actor of 1 CPU: two ran at once, each logging to its own file
+    spans = sorted((k.info.start_time, k.info.end_time) for k in kids)
+    assert any(later[0] < earlier[1] for earlier, later in zip(spans, spans[1:])), spans
+    assert len(list((out / "logs").glob("*.log"))) == 4
     assert {a.path for a in client.list_artifacts(parent.info.run_id)} >= {
         "leaderboard.md", "leaderboard.csv", "accuracy_vs_ipc.png", "grid.png"}
     rows = {r.split(",")[2]: r for r in (out / "leaderboard.csv").read_text().splitlines()[1:]}
