@@ -154,6 +154,9 @@ class EvalConfig:
     teacher_arch: str = "convnet_d3"
     teacher_epochs: int = 100
     ranking: bool = True           # DD-Ranking HLR/IOR/LRS (trains real + random references, cached)
+    real_acc: dict = field(default_factory=dict)  # {student: top-1 in [0, 1]}: DD-Ranking's acc(real, hard) as given
+                                   #   (e.g. a published number), instead of training that student on the whole
+                                   #   real train split (at ImageNet-1K, a full ResNet-18 training)
 
 
 @dataclass
@@ -393,6 +396,8 @@ def validate(cfg: Config) -> None:
         (len(cfg.eval.students) >= 1, "eval.students must name at least one student"),
         (len(cfg.eval.randaugment) == 2 and cfg.eval.randaugment[0] >= 0 and 0 <= cfg.eval.randaugment[1] <= 30,
          f"eval.randaugment={cfg.eval.randaugment} must be [num_ops >= 0, magnitude in 0..30] (e.g. [1, 6])"),
+        (all(isinstance(v, (int, float)) and 0 <= v <= 1 for v in cfg.eval.real_acc.values()),
+         f"eval.real_acc={cfg.eval.real_acc}: accuracies are fractions in [0, 1], e.g. {{resnet18: 0.87}}"),
         (cfg.eval.color_jitter >= 0 and cfg.eval.lighting >= 0 and cfg.eval.shuffle_patches >= 0,
          "eval.color_jitter, eval.lighting and eval.shuffle_patches must be >= 0"),
         (cfg.backbone.hidden_size % cfg.backbone.heads == 0, "backbone.hidden_size must be divisible by backbone.heads"),

@@ -33,6 +33,7 @@ def test_smoke_section_and_overrides_win():
     ("sampler.cfg_scale=0.5", "must be >= 1"),
     ("compute.cpus_per_actor=-1", "gpus_per_worker and memory_per_worker_gib must be >= 0"),
     ("compute.memory_per_actor_gib=-1", "memory_per_actor_gib, cpus_per_worker"),
+    ("eval.real_acc={resnet18: 87.1}", "accuracies are fractions in [0, 1]"),
 ])
 def test_bad_overrides_name_the_problem(override, expected):
     with pytest.raises(ConfigError, match=expected.replace("(", r"\(").replace("[", r"\[")):

@@ -256,3 +256,25 @@ def test_soft_protocol_reports_hlr_and_lrs_from_the_sets_own_hard_label_accuracy
     assert r["acc_syn_hard"] == pytest.approx(hard[0])
     want = dd_ranking(r["acc_real_hard"], hard[0], s["acc_mean"], r["acc_random"])
     assert r["HLR"] == pytest.approx(want["HLR"]) and r["LRS"] == pytest.approx(want["LRS"])
+
+
+def test_a_given_real_data_accuracy_replaces_the_real_reference_training(digits_cfg, tmp_path):
+    """#20 item 4: DD-Ranking's acc(real, hard) can be given (a published number) instead of training the student
+    on the whole train split; the random references still train, and nothing is cached for the given one."""
+    import dataclasses
+
+    from raydd.context import LocalRunner
+    from raydd.data import load_real
+    from raydd.generate import random_subset
+    from raydd.jobs import evaluate_set
+
+    data = load_real(digits_cfg.data)
+    subset = random_subset(data.train, 2, seed=0)
+    cfg = dataclasses.replace(digits_cfg, cache_dir=str(tmp_path), eval=dataclasses.replace(
+        digits_cfg.eval, students=["convnet_d1"], seeds=1, epochs=2, ranking=True, real_acc={"convnet_d1": 0.875}))
+    summary = evaluate_set(cfg, {"kind": "arrays", "x": subset.images.numpy(), "y": subset.labels.numpy()},
+                           LocalRunner(cfg))
+    assert sorted({j["kind"] for j in summary["jobs"]}) == ["random", "syn"]          # no "real" job ran
+    r = summary["ranking"]["convnet_d1"]
+    assert r["acc_real_hard"] == 0.875 and r["HLR"] == pytest.approx(0.875 - r["acc_syn_hard"])
+    assert len(list((tmp_path / "references").glob("*.json"))) == 1                    # the random reference only
