@@ -5,9 +5,11 @@ the class list's order (ImageNet subsets: the order of the files in raydd/imagen
 """
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
@@ -34,12 +36,30 @@ class Split:
         return len(self.y)
 
 
-@dataclass
 class RealData:
-    train: Split
-    val: Split
-    test: Split
-    class_names: list[str]
+    """The real splits (uint8 images and labels) and the class list. Built with `read` (a prepared store), a
+    split is read when first used: a process that never touches the train split (the driver of most methods,
+    the evaluation of a set) never holds it. read(name) -> that split and those read with it."""
+
+    def __init__(self, train: Split | None, val: Split | None, test: Split | None, class_names: list[str],
+                 read: Callable[[str], dict[str, Split]] | None = None):
+        self._splits = {k: v for k, v in (("train", train), ("val", val), ("test", test)) if v is not None}
+        self._read, self.class_names = read, class_names
+
+    def split(self, name: str) -> Split:
+        if name not in self._splits:
+            self._splits |= self._read(name)
+        return self._splits[name]
+
+    train = property(lambda self: self.split("train"))
+    val = property(lambda self: self.split("val"))
+    test = property(lambda self: self.split("test"))
+
+    def describe(self) -> str:
+        """The split sizes, without reading a split that was not read yet."""
+        if len(self._splits) < 3:
+            return f"splits read when used (so far: {', '.join(sorted(self._splits)) or 'none'})"
+        return f"{len(self.train)} train / {len(self.val)} val / {len(self.test)} test images"
 
     @property
     def num_classes(self) -> int:
@@ -53,9 +73,6 @@ class RealData:
             index = {w: i for i, w in enumerate(wnids)}
             return [index[c] for c in self.class_names]
         return list(range(self.num_classes))
-
-    def split(self, name: str) -> Split:
-        return {"train": self.train, "val": self.val, "test": self.test}[name]
 
 
 def subset_classes(name: str) -> list[str]:
@@ -245,26 +262,38 @@ def _complete_store(cfg: DataConfig) -> str:
 
 def load_imagefolder_data(cfg: DataConfig, train: bool = True) -> RealData:
     root, classes, has_val = folder_classes(cfg)
+    read = functools.partial(_imagefolder_splits, cfg, root, classes, has_val)
+    if cfg.store:                         # prepared once (raydd.prepare.load_data): a split is read when used
+        _complete_store(cfg)
+        return RealData(None, None, None, classes, read=read)
     if not train and has_val:             # only the test split (val/): train and its hold-out stay empty
-        test = (read_store_split(_complete_store(cfg), "val", cfg.image_size, cfg.channels) if cfg.store else
-                load_image_folder(root / "val", classes, cfg.image_size, cfg.channels))
+        test = read("test")["test"]
         empty = Split(test.x[:0], test.y[:0])
         return RealData(empty, empty, test, classes)
-    if cfg.store:                         # prepared once (raydd.prepare.load_data): read, do not decode
-        location = _complete_store(cfg)
-        full = read_store_split(location, "train", cfg.image_size, cfg.channels)
-        test = read_store_split(location, "val", cfg.image_size, cfg.channels) if has_val else None
-    else:
-        train_dir = root / "train" if (root / "train").is_dir() else root
-        full = load_image_folder(train_dir, classes, cfg.image_size, cfg.channels, cap=decode_cap(cfg, has_val))
-        test = load_image_folder(root / "val", classes, cfg.image_size, cfg.channels) if has_val else None
-    if has_val:  # ImageNet convention: val/ is the held-out test split
+    splits = read("train")
+    return RealData(**(splits if "test" in splits else splits | read("test")), class_names=classes)
+
+
+def _imagefolder_splits(cfg: DataConfig, root: Path, classes: list[str], has_val: bool, name: str) -> dict[str, Split]:
+    """The split `name` and those that come with it: with its own val/ (the ImageNet convention), val/ is the test
+    split and is read alone; train/ gives train and its val hold-out (and test too when there is no val/).
+    Read from the store when data.store is set, else decoded."""
+    def read(folder: Path, part: str, cap: int = 0) -> Split:
+        if cfg.store:
+            return read_store_split(_complete_store(cfg), part, cfg.image_size, cfg.channels)
+        return load_image_folder(folder, classes, cfg.image_size, cfg.channels, cap=cap)
+
+    if name == "test" and has_val:
+        return {"test": read(root / "val", "val")}
+    full = read(root / "train" if (root / "train").is_dir() else root, "train", decode_cap(cfg, has_val))
+    if has_val:
         tr, va, _ = stratified_split(full.y.numpy(), (cfg.val_fraction, 0.0), cfg.split_seed)
+        out = {}
     else:
         tr, va, te = stratified_split(full.y.numpy(), (cfg.val_fraction, cfg.test_fraction), cfg.split_seed)
-        test = Split(full.x[te], full.y[te])
-    train = _cap_per_class(Split(full.x[tr], full.y[tr]), cfg.max_train_per_class)
-    return RealData(train, Split(full.x[va], full.y[va]), test, classes)
+        out = {"test": Split(full.x[te], full.y[te])}
+    return out | {"train": _cap_per_class(Split(full.x[tr], full.y[tr]), cfg.max_train_per_class),
+                  "val": Split(full.x[va], full.y[va])}
 
 
 def load_real(cfg: DataConfig, train: bool = True) -> RealData:

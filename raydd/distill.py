@@ -164,8 +164,7 @@ def distill(cfg: Config, parent_run_id: str | None = None) -> dict:
     check_reachable(cfg.tracking)                                  # fail in seconds, not after sampling
     data = load_data(cfg)                    # unknown classes / corrupt images fail here (a store: prepared)
     check_backbone(cfg)                                            # missing weights fail here
-    log(f"{cfg.method} on {cfg.preset}: {data.num_classes} classes, {len(data.train)} train / "
-        f"{len(data.val)} val / {len(data.test)} test images, IPC {cfg.ipc}")
+    log(f"{cfg.method} on {cfg.preset}: {data.num_classes} classes, {data.describe()}, IPC {cfg.ipc}")
     out_dir = cfg.output_dir()
     scratch = out_dir.parent / f".{out_dir.name}.work"
     scratch.mkdir(parents=True, exist_ok=True)

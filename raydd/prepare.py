@@ -98,7 +98,7 @@ def main(argv: list[str] | None = None) -> int:
                             "data.root=DIR data.store=DIR_OR_URI (e.g. --preset imagenette)")
         data = load_data(cfg)
         print(f"{store_location(cfg.data)}: {len(data.train)} train / {len(data.val)} val / {len(data.test)} test "
-              f"images of {data.num_classes} classes")
+              f"images of {data.num_classes} classes (read back)")
     return run_cli(body)
 
 

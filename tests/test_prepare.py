@@ -90,22 +90,30 @@ def test_the_store_key_follows_the_data_that_decides_the_rows(tmp_path):
     assert store_location(cfg_for(root, "s3://bucket/stores").data).startswith("s3://bucket/stores/")
 
 
-def test_a_process_that_needs_only_the_test_split_reads_only_val(tmp_path):
-    """Evaluating a set on an ImageFolder with its own val/ (the ImageNet layout) needs no train images: the
-    evaluation workers no longer hold the train split (#20)."""
+def test_a_process_that_needs_only_the_test_split_decodes_only_val(tmp_path):
+    """Evaluating a set on an ImageFolder with its own val/ (the ImageNet layout) needs no train images: without a
+    store, the evaluation workers decode only val/ (#20; from a store every split is read only when used)."""
+    root = make_folder(tmp_path / "folder")
+    cfg = load_config("digits", ["data.dataset=imagefolder", f"data.root={root}", f"data.classes={','.join(WNIDS)}",
+                                 "data.image_size=16", "data.channels=3", "data.val_fraction=0.2"])
+    full, only = load_real(cfg.data), load_real(cfg.data, train=False)
+    assert len(only.train) == len(only.val) == 0 and only.class_names == full.class_names
+    assert torch.equal(only.test.x, full.test.x) and torch.equal(only.test.y, full.test.y) and len(only.test) == 4
+    for p in (root / "train").rglob("*.JPEG"):                     # no train file is opened
+        p.rename(p.with_suffix(".moved"))
+    assert len(load_real(cfg.data, train=False).test) == 4
+    with pytest.raises(DataError, match="no images found"):
+        load_real(cfg.data)
+
+
+def test_from_a_store_a_split_is_read_only_when_used(tmp_path):
+    """A process that never touches the train split (the driver of most methods) never holds it (#20)."""
     from raydd.prepare import load_data
 
     root = make_folder(tmp_path / "folder")
-    for store in ("", str(tmp_path / "store")):
-        cfg = cfg_for(root, store) if store else load_config("digits", [
-            "data.dataset=imagefolder", f"data.root={root}", f"data.classes={','.join(WNIDS)}", "data.image_size=16",
-            "data.channels=3", "data.val_fraction=0.2"])
-        full = load_data(cfg)
-        only = load_real(cfg.data, train=False)
-        assert len(only.train) == len(only.val) == 0 and only.class_names == full.class_names
-        assert torch.equal(only.test.x, full.test.x) and torch.equal(only.test.y, full.test.y) and len(only.test) == 4
-        for p in (root / "train").rglob("*.JPEG"):                 # no train file is opened any more
-            p.rename(p.with_suffix(".moved"))
-        assert len(load_real(cfg.data, train=False).test) == 4
-        for p in (root / "train").rglob("*.moved"):
-            p.rename(p.with_suffix(".JPEG"))
+    cfg = cfg_for(root, tmp_path / "store")
+    load_data(cfg)                                                    # prepares
+    data = load_real(cfg.data)
+    assert data.describe() == "splits read when used (so far: none)" and data.num_classes == 2
+    assert len(data.test) == 4 and data.describe().endswith("(so far: test)")
+    assert len(data.train) == 8 and len(data.val) == 2 and data.describe() == "8 train / 2 val / 4 test images"
