@@ -48,7 +48,7 @@ def igds_objectives(ctx):
 
     def factory(scale):
         return functools.partial(make_guidance, ve_path=str(ve_path), beta=beta, scale=scale, window=window,
-                                 mode=mcfg.mode, class_ids=ctx.data.backbone_class_ids())
+                                 mode=mcfg.mode, class_ids=ctx.spec.class_ids)
 
     def objectives(ds):
         with torch.no_grad():
@@ -74,7 +74,7 @@ def lgd_objectives(ctx, work: Path):
 
     def factory(scale):
         return functools.partial(lgd.learnability_guidance, theta=str(theta_path), reference=str(reference),
-                                 memory=str(memory), class_ids=ctx.data.backbone_class_ids(), lam=scale,
+                                 memory=str(memory), class_ids=ctx.spec.class_ids, lam=scale,
                                  omega=mcfg.omega, gamma=scale * 50 / 15,
                                  window=lgd.respaced_window(mcfg, ctx.cfg.sampler.steps), mode=mcfg.mode, **classify)
 

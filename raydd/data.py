@@ -65,11 +65,13 @@ class RealData:
     def num_classes(self) -> int:
         return len(self.class_names)
 
-    def backbone_class_ids(self) -> list[int]:
-        """Label -> the backbone's class id: ImageNet wnids map to their index in the sorted 1000-wnid
-        list (imagenette label 1 is DiT class 217); any other class list maps to 0..C-1."""
+    def backbone_class_ids(self, backbone_classes: int = 1000) -> list[int]:
+        """Label -> the class id of a DiT with `backbone_classes` classes. A DiT trained on these classes (the
+        tiny DiT and its fine-tunes: as many classes as the data) takes the labels themselves; ImageNet's
+        1000-class DiT takes a wnid's index in the sorted 1000-wnid list (imagenette label 1 is DiT class 217);
+        any other class list maps to 0..C-1."""
         wnids = subset_classes("imagenet1k")
-        if all(c in wnids for c in self.class_names):
+        if backbone_classes != self.num_classes and all(c in wnids for c in self.class_names):
             index = {w: i for i, w in enumerate(wnids)}
             return [index[c] for c in self.class_names]
         return list(range(self.num_classes))

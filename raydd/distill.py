@@ -67,13 +67,15 @@ def ensure_backbone(cfg: Config, data: RealData, runner) -> BackboneSpec:
                             cpus_per_worker=runner.max_cpus_per_worker(), log=log)
         scale = json.loads((path / "vae" / "config.json").read_text())["scaling_factor"]
         b = dataclasses.replace(b, vae=str(path / "vae"), vae_scale=float(scale))
+    class_ids = data.backbone_class_ids()                  # a pretrained DiT: ImageNet's 1000 classes
     if b.source == "tiny":
         path = train_cached(runner, cfg.resolved_cache_dir(), "backbones", train_tiny_backbone,
                             tiny_backbone_config(b, cfg.sampler, cfg.data, seed=0),
                             cpus_per_worker=runner.max_cpus_per_worker(), log=log)  # one job: all of a node
         b = dataclasses.replace(b, source=str(path / "transformer"))
+        class_ids = data.backbone_class_ids(data.num_classes)  # trained on these classes: the labels themselves
     return BackboneSpec(b, num_classes=data.num_classes, channels=cfg.data.channels,
-                        image_size=cfg.data.image_size, class_ids=data.backbone_class_ids())
+                        image_size=cfg.data.image_size, class_ids=class_ids)
 
 
 def prepare_method(cfg: Config, data: RealData, runner) -> None:

@@ -256,9 +256,9 @@ def finetune_loop(config: dict, hooks: TrainHooks) -> None:
     dcfg, scfg = DataConfig(**config["data"]), SamplerConfig(**config["sampler"])
     torch.manual_seed(config["seed"])
     data = load_real(dcfg)
-    y_all = torch.tensor(data.backbone_class_ids())[data.train.y]          # backbone class ids [N]
     model = load_transformer(config["backbone_source"])                    # one shared embedder (backbone.py)
     null_class, channels = int(model.config.num_embeds_ada_norm), int(model.config.in_channels)
+    y_all = torch.tensor(data.backbone_class_ids(null_class))[data.train.y]   # backbone class ids [N]
     if config["peft"] == "difffit":
         add_difffit_gammas(model)
     trainable = set(peft_parameters(model, config["peft"]))

@@ -209,6 +209,23 @@ def test_the_dit_receives_true_timesteps_in_1_to_T_hat(digits_cfg, spec, monkeyp
     assert [s for _, s in curve] == list(range(10))
 
 
+def test_the_null_condition_is_the_dits_own_null_class_not_the_number_of_data_classes(digits_cfg, spec, tmp_path,
+                                                                                        monkeypatch):
+    """DiT-XL/2 on a 10-class subset: its null class is 1000, not 10 (which is an ImageNet class). Here a DiT with
+    12 classes on the 10 digit classes: c_hat = null must reach it as 12."""
+    from raydd.backbone import save_transformer, tiny_dit
+
+    torch.manual_seed(0)
+    save_transformer(tiny_dit(num_classes=12, channels=1, image_size=16, hidden_size=32, depth=2, heads=2,
+                              patch_size=4), str(tmp_path / "dit12"))
+    spec12 = dataclasses.replace(spec, cfg=dataclasses.replace(spec.cfg, source=str(tmp_path / "dit12")))
+    rec = RecordingBackbone(spec12.load("cpu"))
+    assert rec.num_classes == 12
+    monkeypatch.setattr(spec12, "load", lambda device="cpu": rec)
+    run_cao2(digits_cfg, spec12, generator="random", select=False, iterations=2, condition="null")
+    assert (torch.cat(rec.ys) == 12).all()
+
+
 def test_cao2_end_to_end_on_a_dit_pool(digits_cfg, spec, shared_cache):
     cfg = dataclasses.replace(digits_cfg, cache_dir=shared_cache)
     tracker = RecordingTracker()

@@ -48,6 +48,9 @@ def test_imagefolder_with_subset_maps_labels_and_backbone_ids(tmp_path):
                                             image_size=8, channels=3, val_fraction=0.25, test_fraction=0.25))
     assert data.class_names == woof and data.train.x.shape[1:] == (3, 8, 8)
     assert data.backbone_class_ids()[:3] == [193, 182, 258]
+    # a DiT trained on these classes (the tiny DiT, its fine-tunes) takes the labels themselves: a tiny DiT on a
+    # wnid folder was sampled with ImageNet ids and failed with "index out of range"
+    assert data.backbone_class_ids(len(woof)) == list(range(len(woof)))
 
 
 def test_class_list_errors(tmp_path):

@@ -36,7 +36,7 @@ from raydd.config import ConfigError
 from raydd.data import subset_classes
 from raydd.generate import DistilledSet
 from raydd.methods import get_method, register_method
-from raydd.objectives.latent_opt import LatentOptBatches
+from raydd.objectives.latent_opt import NULL_COND, LatentOptBatches
 from raydd.outputs import image_grid
 from raydd.sampling import sample_seed
 from raydd.selection import SelectorScores, confidence_selection, load_selector
@@ -157,7 +157,7 @@ def select(ctx, cfg: Config, pool: DistilledSet) -> DistilledSet:
     ipc, C, d = ctx.cfg.ipc, ctx.data.num_classes, ctx.cfg.data
     path = selector_path(ctx, cfg)
     cols = ctx.map(SelectorScores, dict(path=path, arch=cfg.selector_arch, num_classes=C, channels=d.channels,
-                                        image_size=d.image_size, class_ids=ctx.data.backbone_class_ids(),
+                                        image_size=d.image_size, class_ids=ctx.spec.class_ids,
                                         **udf_resources(ctx)),
                    {"row": np.arange(len(pool)), "unit": np.arange(len(pool)) // ctx.cfg.compute.batch_size,
                     "image": pool.images.numpy()})
@@ -172,8 +172,8 @@ def optimize(ctx, cfg: Config, kept: DistilledSet) -> DistilledSet:
     """Stage 2: condition-aware latent optimisation of the kept latents on the actors, then decode."""
     T = ctx.cfg.sampler.train_timesteps
     t_hat = max(1, min(round(cfg.t_hat * T), T - 1))                             # T_hat in true timesteps
-    class_ids = torch.tensor(ctx.data.backbone_class_ids())
-    cond = class_ids[kept.labels] if cfg.condition == "true" else torch.full_like(kept.labels, ctx.spec.num_classes)
+    class_ids = torch.tensor(ctx.spec.class_ids)
+    cond = class_ids[kept.labels] if cfg.condition == "true" else torch.full_like(kept.labels, NULL_COND)
     cols = {"row": np.arange(len(kept)), "unit": np.arange(len(kept)) // ctx.cfg.compute.batch_size,
             "class_idx": kept.labels.numpy(), "slot": kept.slots.numpy(), "cond": cond.numpy(),
             "seed": np.array([sample_seed(ctx.cfg.seed, int(c), int(s), "cao2-opt")       # fixed eps, t draws

@@ -122,7 +122,7 @@ def run(ctx, cfg: Config):
 
     # 3. sampling with J = Î(X;Y) + β·Ĥ(X|Y); the factory loads the VE once per actor
     factory = functools.partial(make_guidance, ve_path=str(ve_path), beta=beta, scale=cfg.eta, window=window,
-                                mode=cfg.mode, class_ids=ctx.data.backbone_class_ids())
+                                mode=cfg.mode, class_ids=ctx.spec.class_ids)
     rows = ctx.rows(per_class=ctx.cfg.ipc)
     ctx.spec                                  # build/load the backbone before the clock starts
     t0 = time.time()

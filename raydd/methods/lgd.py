@@ -226,7 +226,7 @@ def run(ctx, cfg: Config):
         theta_path = train_theta(ctx, cfg, stage, have, work / f"theta-{i - 1:03d}-{fingerprint}.safetensors")
         theta = load_selector(theta_path, **classify)                        # θ_{i−1}
         factory = partial(learnability_guidance, theta=str(theta_path), reference=str(reference),
-                          class_ids=ctx.data.backbone_class_ids(), lam=cfg.lam, omega=cfg.omega, gamma=cfg.gamma,
+                          class_ids=ctx.spec.class_ids, lam=cfg.lam, omega=cfg.omega, gamma=cfg.gamma,
                           window=respaced_window(cfg, ctx.cfg.sampler.steps), mode=cfg.mode, **classify)
         rows, memory, new = candidate_rows(ctx, cfg, i, n), stage, None      # κ·n candidates per class
         rounds = min(cfg.memory_rounds or n, n)

@@ -115,7 +115,7 @@ def run(ctx, cfg: Config):
         return ctx.generate(ctx.rows(per_class=ctx.cfg.ipc))   # i.i.d. sampling, batches mix classes
     rows = ctx.rows(per_class=ctx.cfg.ipc, by_class=True)      # stage 2: one class = one unit = one batch
     mu = real_class_means(ctx, cfg)                            # [C, c, h, w], once per run
-    class_ids = ctx.data.backbone_class_ids()                  # the sampler's y are backbone class ids
+    class_ids = ctx.spec.class_ids                  # the sampler's y are backbone class ids
     post_step = partial(cgs_post_step, mu=mu, class_ids=class_ids,
                         eta_dpp=cfg.eta_dpp, eta_dm=cfg.eta_dm, eps=cfg.eps, on=cfg.on)
     distilled = ctx.generate(rows, post_step_factory=post_step)

@@ -86,8 +86,12 @@ def optimize_latents(backbone, x: torch.Tensor, y: torch.Tensor, seeds: list[int
     return x_bar.detach(), torch.stack(curve, dim=1).cpu()
 
 
+NULL_COND = -1   # cond of a row optimised with the null class: the backbone's null id (DiT-XL/2: 1000), known once loaded
+
+
 class LatentOptBatches:
-    """rows {unit, class_idx, slot, seed, cond, latent [N,C,H,W] (or image uint8, encoded here)} ->
+    """rows {unit, class_idx, slot, seed, cond (backbone class ids, or NULL_COND), latent [N,C,H,W] (or image
+    uint8, encoded here)} ->
     rows + {latent: optimised float32, image: decoded uint8, loss_curve [N, iterations],
     objective_before / objective_after [N]: `expected_objective` at the start and at the end}.
     Constructor: load the frozen backbone once (like raydd.generate.SampleBatches)."""
@@ -117,6 +121,7 @@ class LatentOptBatches:
                 images = to_float(torch.from_numpy(np.array(rows["image"])).to(self.device))   # [-1, 1]
                 x = self.backbone.vae.encode(images).float()
         y = torch.from_numpy(rows["cond"]).long().to(self.device)
+        y = torch.where(y == NULL_COND, self.backbone.num_classes, y)     # the loaded DiT's own null class
         x_bar, curve = optimize_latents(self.backbone, x, y, rows["seed"].tolist(), self.schedule,
                                         autocast_dtype=self.autocast, **self.opts)
         eps = fixed_noise(rows["seed"].tolist(), tuple(x.shape[1:])).to(self.device)
