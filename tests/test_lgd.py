@@ -287,8 +287,10 @@ def test_lgd_at_its_seed_ipc_warns_that_nothing_is_guided():
     from raydd.config import load_config
     from raydd.distill import check_method
 
-    with pytest.warns(UserWarning, match="no guided increment, the set is dit's"):
+    with pytest.warns(UserWarning, match=r"no guided increment, the set is dit's \(e.g. lgd.seed_ipc=5 lgd.increment=5"):
         check_method(load_config("digits", ["ipc=10"], method="lgd"))
+    with pytest.warns(UserWarning, match=r"\(IPC 1 is a seed alone\)"):           # not "lgd.increment=0"
+        check_method(load_config("digits", ["ipc=1"], method="lgd"))
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         check_method(load_config("digits", ["ipc=10", "lgd.seed_ipc=5", "lgd.increment=5"], method="lgd"))

@@ -63,7 +63,7 @@ class Config:
 
 
 def check(cfg: Config, run) -> None:
-    """Allowed values and ranges, and a seed set within the run's IPC (called by the registry before anything starts)."""
+    """Allowed values, and a seed set within the run's IPC (called by the registry before anything starts)."""
     from raydd.students import list_students
 
     if cfg.increment < 1 or cfg.kappa < 1 or cfg.memory_rounds < 0 or cfg.seed_ipc < 0:
@@ -82,8 +82,8 @@ def check(cfg: Config, run) -> None:
             raise ConfigError(msg)
     warn_guidance_scheduler("lgd", run.sampler)
     if ipc == seed_ipc:     # the paper grows IPC 10 -> 20, 30, ...: at the seed's IPC nothing is guided
-        warnings.warn(f"lgd at ipc={ipc} = lgd.seed_ipc: no guided increment, the set is {cfg.seed_method}'s "
-                      f"(e.g. lgd.seed_ipc={max(1, ipc // 2)} lgd.increment={ipc - max(1, ipc // 2)})", stacklevel=2)
+        hint = f"e.g. lgd.seed_ipc={ipc // 2} lgd.increment={ipc - ipc // 2}" if ipc > 1 else "IPC 1 is a seed alone"
+        warnings.warn(f"lgd at ipc={ipc} = lgd.seed_ipc: no guided increment, the set is {cfg.seed_method}'s ({hint})")
     if not cfg.seed_path:
         get_method(cfg.seed_method)  # unknown names fail here with the list of methods
     elif not Path(cfg.seed_path).expanduser().is_dir():
