@@ -454,9 +454,22 @@ def flatten(d: dict, prefix: str = "") -> dict[str, Any]:
 
 def config_hash(*parts: Any, length: int = 12) -> str:
     """Stable hash of JSON-able parts (dataclasses allowed) for cache keys."""
-    norm = [dataclasses.asdict(p) if dataclasses.is_dataclass(p) else p for p in parts]
-    blob = json.dumps(norm, sort_keys=True, default=str).encode()
+    blob = json.dumps([_content(p) for p in parts], sort_keys=True, default=str).encode()
     return hashlib.sha256(blob).hexdigest()[:length]
+
+
+def _content(obj: Any) -> Any:
+    """What a key hashes. data.store says where the real data is read from, not what it is (a store reads back
+    byte-identical to decoding), so it is left out wherever a data config appears: turning a store on retrains
+    nothing."""
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        obj = dataclasses.asdict(obj)
+    if isinstance(obj, dict):
+        data_config = {f.name for f in dataclasses.fields(DataConfig)} <= obj.keys()
+        return {k: _content(v) for k, v in obj.items() if not (data_config and k == "store")}
+    if isinstance(obj, (list, tuple)):
+        return [_content(v) for v in obj]
+    return obj
 
 
 def make_method_config(method_cls: type, values: dict, method: str) -> Any:

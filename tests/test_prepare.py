@@ -117,3 +117,22 @@ def test_from_a_store_a_split_is_read_only_when_used(tmp_path):
     assert data.describe() == "splits read when used (so far: none)" and data.num_classes == 2
     assert len(data.test) == 4 and data.describe().endswith("(so far: test)")
     assert len(data.train) == 8 and len(data.val) == 2 and data.describe() == "8 train / 2 val / 4 test images"
+
+
+def test_turning_a_store_on_changes_no_cache_key():
+    """Teachers, backbones and fine-tunes are keyed by their data config: data.store (where the same bytes are read
+    from) must not retrain them."""
+    import dataclasses as dc
+
+    from raydd.config import DataConfig, config_hash
+    from raydd.finetune import tiny_backbone_config
+
+    cfg = load_config("digits")
+    with_store = dc.replace(cfg.data, store="/data/stores")
+    assert config_hash(cfg.data) == config_hash(with_store)
+    assert config_hash(tiny_backbone_config(cfg.backbone, cfg.sampler, cfg.data, seed=0)) == \
+        config_hash(tiny_backbone_config(cfg.backbone, cfg.sampler, with_store, seed=0))
+    assert config_hash({"data": dc.asdict(with_store)}) == config_hash({"data": dc.asdict(cfg.data)})
+    assert config_hash(dc.replace(cfg.data, image_size=32)) != config_hash(cfg.data)   # the content still counts
+    assert config_hash({"store": "a"}) != config_hash({"store": "b"})                 # elsewhere "store" is kept
+    assert DataConfig().store == ""
