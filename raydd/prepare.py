@@ -34,21 +34,32 @@ def store_location(d: DataConfig) -> str:
 
 
 def is_complete(location: str) -> bool:
-    fs, path = store_filesystem(location)
     from pyarrow import fs as pafs
 
+    fs, path = store_filesystem(location)
     return fs.get_file_info(f"{path}/manifest.json").type == pafs.FileType.File
 
 
 def prepare_store(d: DataConfig) -> str:
-    """Write the store of `d` unless it is complete; returns its location. Needs a running Ray."""
+    """Write the store of `d` unless it is complete; returns its location. Needs a running Ray. Two commands that
+    prepare one local store take turns on a lock file (the second finds it complete)."""
+    import contextlib
+
+    from raydd.locks import file_lock
+
+    location = store_location(d)
+    local = "://" not in location
+    if local:
+        Path(location).parent.mkdir(parents=True, exist_ok=True)
+    with file_lock(f"{location}.lock") if local else contextlib.nullcontext():
+        return location if is_complete(location) else _write_store(d, location)
+
+
+def _write_store(d: DataConfig, location: str) -> str:
     import pyarrow.parquet as pq
 
     from raydd.distributed.store import write_folder_split
 
-    location = store_location(d)
-    if is_complete(location):
-        return location
     root, classes, has_val = folder_classes(d)
     fs, path = store_filesystem(location)
     fs.create_dir(path, recursive=True)

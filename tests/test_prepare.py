@@ -1,6 +1,7 @@
 """raydd.prepare: an ImageFolder decoded once into a parquet store by Ray Data, read back exactly as decoded."""
 import dataclasses
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -58,9 +59,9 @@ def test_the_cli_prepares_a_store_that_reads_back_exactly_as_decoding_and_a_reru
     for split in ("train", "val", "test"):
         a, b = stored.split(split), decoded.split(split)
         assert torch.equal(a.x, b.x) and torch.equal(a.y, b.y) and len(a) > 0
-    files = sorted((p, p.stat().st_mtime_ns) for p in store.rglob("*") if p.is_file())
+    files = sorted((p, p.stat().st_mtime_ns) for p in store.rglob("*") if p.is_file() and p.suffix != ".lock")
     assert main(args) == 0                                       # complete: nothing is written again
-    assert sorted((p, p.stat().st_mtime_ns) for p in store.rglob("*") if p.is_file()) == files
+    assert sorted((p, p.stat().st_mtime_ns) for p in store.rglob("*") if p.is_file() and p.suffix != ".lock") == files
 
 
 def test_a_corrupt_file_is_named_and_the_store_is_not_marked_complete(tmp_path):
@@ -136,3 +137,31 @@ def test_turning_a_store_on_changes_no_cache_key():
     assert config_hash(dc.replace(cfg.data, image_size=32)) != config_hash(cfg.data)   # the content still counts
     assert config_hash({"store": "a"}) != config_hash({"store": "b"})                 # elsewhere "store" is kept
     assert DataConfig().store == ""
+
+
+def test_two_commands_preparing_one_store_take_turns(tmp_path, monkeypatch):
+    """The second finds the store complete instead of clearing and rewriting it under the first."""
+    import threading
+    import time
+
+    import raydd.prepare as prepare
+
+    root = make_folder(tmp_path / "folder")
+    cfg = cfg_for(root, tmp_path / "store")
+    writes = []
+
+    def slow_write(d, location):                                      # stands in for the Ray Data pipeline
+        writes.append(location)
+        time.sleep(0.5)
+        Path(location).mkdir(parents=True)
+        (Path(location) / "manifest.json").write_text("{}")
+        return location
+
+    monkeypatch.setattr(prepare, "_write_store", slow_write)
+    out = []
+    threads = [threading.Thread(target=lambda: out.append(prepare.prepare_store(cfg.data))) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(writes) == 1 and out == [writes[0]] * 2
