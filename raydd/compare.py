@@ -212,13 +212,18 @@ def plan(args) -> list:
 
 def default_parallel(cfg) -> int:
     """Distillations the running Ray cluster holds at once: its GPUs (or CPUs) over one distillation's
-    sampling actors' (its Train jobs queue for what is free)."""
+    sampling actors' (its Train jobs queue for what is free), and no more than this machine's CPUs, where
+    their driver processes run."""
+    import os
+
     import ray
 
     c, res = cfg.compute, ray.cluster_resources()
     if c.gpus_per_actor > 0:
-        return max(1, int(res.get("GPU", 0) // (c.num_actors * c.gpus_per_actor)))
-    return max(1, int(res.get("CPU", 0) // (c.num_actors * max(c.cpus_per_actor, 1e-9))))
+        fits = int(res.get("GPU", 0) // (c.num_actors * c.gpus_per_actor))
+    else:
+        fits = int(res.get("CPU", 0) // (c.num_actors * max(c.cpus_per_actor, 1e-9)))
+    return max(1, min(fits, os.cpu_count() or 1))
 
 
 def run_distillations(todo: list, args, parent_run_id: str, out: Path, parallel: int) -> list[dict]:
