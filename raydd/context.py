@@ -18,7 +18,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-from raydd.config import Config
+from raydd.config import Config, SamplerConfig
 from raydd.data import RealData
 from raydd.jobs import real_classifier, set_classifier_loop
 from raydd.generate import BackboneSpec, DistilledSet, GuidanceFactory, generate_local, make_rows, map_units
@@ -40,8 +40,9 @@ class LocalRunner:
         return float(os.cpu_count() or 1)
 
     def generate(self, spec: BackboneSpec, rows: dict[str, np.ndarray],
-                 guidance_factory: GuidanceFactory | None = None, post_step_factory=None) -> DistilledSet:
-        return generate_local(spec, self.cfg.sampler, rows, guidance_factory, post_step_factory)
+                 guidance_factory: GuidanceFactory | None = None, post_step_factory=None,
+                 sampler: SamplerConfig | None = None) -> DistilledSet:
+        return generate_local(spec, sampler or self.cfg.sampler, rows, guidance_factory, post_step_factory)
 
     def map(self, udf: type, udf_kwargs: dict, columns: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         return map_units(udf(**udf_kwargs), columns)
@@ -131,7 +132,9 @@ class Context:
                  post_step_factory=None) -> DistilledSet:
         """post_step_factory(backbone, device) -> post_step: a batch-level update after every scheduler
         step (raydd.sampling.sample); with rows from rows(..., by_class=True) it sees one whole class."""
-        return self.runner.generate(self.spec, rows, guidance_factory, post_step_factory=post_step_factory)
+        # the sampler is this context's: a method may sample with its own (CaO2's pool at its CFG scale)
+        return self.runner.generate(self.spec, rows, guidance_factory, post_step_factory=post_step_factory,
+                                    sampler=self.cfg.sampler)
 
     def map(self, udf: type, udf_kwargs: dict, columns: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         """Any callable class over rows grouped by `unit` on the actor pool (e.g. latent optimisation):

@@ -369,3 +369,22 @@ def test_timm_imagenet_selector_loads_from_the_local_hf_cache(tmp_path):
 def test_timm_selector_on_non_imagenet_classes_is_a_clear_error(digits_cfg, spec):
     with pytest.raises(ConfigError, match="needs ImageNet classes"):
         run_cao2(digits_cfg, spec, selector="timm:resnet18.tv_in1k", optimize=False)
+
+
+def test_the_pool_is_sampled_at_cao2s_cfg_scale(digits_cfg, spec):
+    """cao2.cfg_scale (the paper's 2.7) reaches the sampler: the runner sampled with the run's sampler, so
+    the pool was drawn at sampler.cfg_scale whatever cao2.cfg_scale said (a before/after measured no change)."""
+    from raydd.methods.cao2 import sample_pool
+
+    method = get_method("cao2")
+    seen = []
+
+    class Recording(LocalRunner):
+        def generate(self, *a, sampler=None, **kw):
+            seen.append(sampler.cfg_scale)
+            return super().generate(*a, sampler=sampler, **kw)
+
+    ctx = Context(digits_cfg, load_real(digits_cfg.data), spec, runner=Recording(digits_cfg), tracker=RecordingTracker())
+    pools = {s: sample_pool(ctx, make_method_config(method.Config, {"cfg_scale": s}, "cao2"), 1) for s in (1.5, 6.0)}
+    assert seen == [1.5, 6.0] and digits_cfg.sampler.cfg_scale not in seen
+    assert not torch.equal(pools[1.5].images, pools[6.0].images)        # same noise, other guidance

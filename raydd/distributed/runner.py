@@ -9,7 +9,7 @@ from typing import Callable
 import numpy as np
 import ray
 
-from raydd.config import Config
+from raydd.config import Config, SamplerConfig
 from raydd.distributed.data import generate_ray, map_ray, stage_key
 from raydd.distributed.train import fit
 from raydd.generate import BackboneSpec, DistilledSet, GuidanceFactory
@@ -26,13 +26,15 @@ class RayRunner:
         self.cfg, self.scratch, self.max_train_failures = cfg, scratch, max_train_failures
 
     def generate(self, spec: BackboneSpec, rows: dict[str, np.ndarray],
-                 guidance_factory: GuidanceFactory | None = None, post_step_factory=None) -> DistilledSet:
+                 guidance_factory: GuidanceFactory | None = None, post_step_factory=None,
+                 sampler: SamplerConfig | None = None) -> DistilledSet:
         # generation stages are shared by content across runs (the cache's stages/); without a scratch dir
         # (python -m raydd.evaluate) nothing is kept
         share = self.scratch is not None and self.cfg.compute.share_stages
         stages = self.cfg.resolved_cache_dir() / "stages" if share else None
-        return generate_ray(spec, self.cfg.sampler, rows, self.cfg.compute, guidance_factory, scratch=self.scratch,
-                            post_step_factory=post_step_factory, stages=stages, faults=self.cfg.faults)
+        return generate_ray(spec, sampler or self.cfg.sampler, rows, self.cfg.compute, guidance_factory,
+                            scratch=self.scratch, post_step_factory=post_step_factory, stages=stages,
+                            faults=self.cfg.faults)
 
     def map(self, udf: type, udf_kwargs: dict, columns: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         """Like generate, each finished unit is kept under the run's scratch dir, so a rerun after the
