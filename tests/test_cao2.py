@@ -10,7 +10,7 @@ from raydd.config import ConfigError, SamplerConfig, make_method_config
 from raydd.context import Context, LocalRunner
 from raydd.data import load_real
 from raydd.methods import get_method
-from raydd.methods.cao2 import resolve, selector_path
+from raydd.methods.cao2 import resolve, sample_pool, selector_path
 from raydd.objectives.latent_opt import fixed_noise, latent_objective, optimize_latents
 from raydd.diffusion import make_schedule
 from raydd.selection import confidence_selection, load_selector, predict_probs
@@ -240,7 +240,7 @@ def test_cao2_end_to_end_on_a_dit_pool(digits_cfg, spec, shared_cache):
     grid = tracker.images["cao2_before_after"]
     assert grid.ndim == 3 and grid.shape[2] == 3
     # the optimised latents stay within eta of the kept pool latents
-    pool = ctx.generate(ctx.rows(per_class=2 * cfg.ipc, stream="pool"))
+    pool = sample_pool(ctx, mcfg, 2 * cfg.ipc)
     moved = [(ds.latents[i].float() - pool.latents.float()).flatten(1).abs().amax(1).min() for i in range(len(ds))]
     assert max(moved) <= 0.04 + 2e-3                              # fp16 storage rounding
 
@@ -250,11 +250,14 @@ def test_cao2_end_to_end_on_a_dit_pool(digits_cfg, spec, shared_cache):
 # --------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("scale, want", [(2.7, 2.7), (0.0, 4.0)])
 def test_pool_is_sampled_at_the_papers_cfg_scale(digits_cfg, spec, monkeypatch, scale, want):
-    """The pool's CFG is cao2.cfg_scale (paper: 2.7), not the dit baseline's sampler.cfg_scale (0 = use it)."""
+    """The pool's CFG is cao2.cfg_scale (paper: 2.7), not the dit baseline's sampler.cfg_scale (0 = use it), as the
+    sampler receives it: the runner used to sample with the run's sampler, whatever the method's context said."""
+    import raydd.context
+
     seen = []
-    generate = Context.generate
-    monkeypatch.setattr(Context, "generate", lambda self, *a, **k: seen.append(self.cfg.sampler.cfg_scale)
-                        or generate(self, *a, **k))
+    generate_local = raydd.context.generate_local
+    monkeypatch.setattr(raydd.context, "generate_local", lambda spec, sampler, *a, **k: seen.append(sampler.cfg_scale)
+                        or generate_local(spec, sampler, *a, **k))
     cfg = dataclasses.replace(digits_cfg, ipc=1, sampler=dataclasses.replace(digits_cfg.sampler, steps=3))
     assert cfg.sampler.cfg_scale == 4.0
     run_cao2(cfg, spec, select=False, optimize=False, cfg_scale=scale)
@@ -369,22 +372,3 @@ def test_timm_imagenet_selector_loads_from_the_local_hf_cache(tmp_path):
 def test_timm_selector_on_non_imagenet_classes_is_a_clear_error(digits_cfg, spec):
     with pytest.raises(ConfigError, match="needs ImageNet classes"):
         run_cao2(digits_cfg, spec, selector="timm:resnet18.tv_in1k", optimize=False)
-
-
-def test_the_pool_is_sampled_at_cao2s_cfg_scale(digits_cfg, spec):
-    """cao2.cfg_scale (the paper's 2.7) reaches the sampler: the runner sampled with the run's sampler, so
-    the pool was drawn at sampler.cfg_scale whatever cao2.cfg_scale said (a before/after measured no change)."""
-    from raydd.methods.cao2 import sample_pool
-
-    method = get_method("cao2")
-    seen = []
-
-    class Recording(LocalRunner):
-        def generate(self, *a, sampler=None, **kw):
-            seen.append(sampler.cfg_scale)
-            return super().generate(*a, sampler=sampler, **kw)
-
-    ctx = Context(digits_cfg, load_real(digits_cfg.data), spec, runner=Recording(digits_cfg), tracker=RecordingTracker())
-    pools = {s: sample_pool(ctx, make_method_config(method.Config, {"cfg_scale": s}, "cao2"), 1) for s in (1.5, 6.0)}
-    assert seen == [1.5, 6.0] and digits_cfg.sampler.cfg_scale not in seen
-    assert not torch.equal(pools[1.5].images, pools[6.0].images)        # same noise, other guidance
