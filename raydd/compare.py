@@ -216,9 +216,9 @@ def default_parallel(cfg) -> int:
     their driver processes run."""
     import os
 
-    import ray
+    from raydd.distributed.cluster import cluster_resources
 
-    c, res = cfg.compute, ray.cluster_resources()
+    c, res = cfg.compute, cluster_resources()
     if c.gpus_per_actor > 0:
         fits = int(res.get("GPU", 0) // (c.num_actors * c.gpus_per_actor))
     else:
@@ -226,22 +226,20 @@ def default_parallel(cfg) -> int:
     return max(1, min(fits, os.cpu_count() or 1))
 
 
-def run_distillations(todo: list, args, parent_run_id: str, out: Path, parallel: int) -> list[dict]:
+def run_distillations(todo: list, args, parent_run_id: str, out: Path, parallel: int) -> None:
     """Each (cfg, key, tuned, overrides) as `python -m raydd.distill` joined to this Ray cluster, `parallel` at once
     (separate processes: no state of one distillation can reach another). A finished one's record is saved
     atomically to runs/<key>.json at once, so an interrupted comparison keeps it. Logs: logs/<run name>.log
     (the console when one at a time)."""
-    import os
     import subprocess
     import time
 
-    import ray
-
+    from raydd.distributed.cluster import cluster_address
     from raydd.errors import RayddError
 
     (out / "logs").mkdir(exist_ok=True)
-    address = ray.get_runtime_context().gcs_address
-    waiting, running, records, failed = list(enumerate(todo, start=1)), {}, [], []
+    address = cluster_address()
+    waiting, running, failed = list(enumerate(todo, start=1)), {}, []
     try:
         while waiting or running:
             while waiting and len(running) < parallel:
@@ -254,8 +252,7 @@ def run_distillations(todo: list, args, parent_run_id: str, out: Path, parallel:
                 sink = None if parallel == 1 else open(logf, "w")
                 log(f"[{k}/{len(todo)}] {cfg.method} IPC {cfg.ipc} seed {cfg.seed} started"
                     + (f" (log: {logf})" if sink else ""))
-                proc = subprocess.Popen(cmd, stdout=sink, stderr=subprocess.STDOUT if sink else None,
-                                        env=dict(os.environ, RAY_ADDRESS=address))
+                proc = subprocess.Popen(cmd, stdout=sink, stderr=subprocess.STDOUT if sink else None)
                 running[proc] = (k, cfg, key, tuned, result, sink, logf)
             time.sleep(0.5)
             for proc in [p for p in running if p.poll() is not None]:
@@ -272,7 +269,6 @@ def run_distillations(todo: list, args, parent_run_id: str, out: Path, parallel:
                 tmp.write_text(json.dumps(rec, indent=1))
                 tmp.replace(out / "runs" / f"{key}.json")                # a record that exists is complete
                 result.unlink()
-                records.append(rec)
                 log(f"[{k}/{len(todo)}] {cfg.method} IPC {cfg.ipc} seed {cfg.seed} done")
     finally:
         for proc in running:                                          # interrupted: stop the others too
@@ -280,7 +276,6 @@ def run_distillations(todo: list, args, parent_run_id: str, out: Path, parallel:
     if failed:
         raise RayddError(f"{len(failed)} distillation(s) failed (the finished ones are kept; a rerun fills in the "
                          f"rest): " + "; ".join(failed))
-    return records
 
 
 def default_name(args) -> str:

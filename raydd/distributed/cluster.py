@@ -135,6 +135,15 @@ def cluster_cpus() -> float:
     return float(ray.cluster_resources().get("CPU", 1))
 
 
+def cluster_resources() -> dict:
+    return dict(ray.cluster_resources())
+
+
+def cluster_address() -> str:
+    """The running cluster's GCS address, for processes that join it (raydd.compare's distillations)."""
+    return ray.get_runtime_context().gcs_address
+
+
 def shutdown() -> None:
     if ray.is_initialized():
         ray.shutdown()
