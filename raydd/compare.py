@@ -194,6 +194,8 @@ def plan(args) -> list:
     ipcs = parse_ipcs(args.ipc) if args.ipc else [base.ipc]
     if args.seeds < 1:
         raise ConfigError(f"--seeds={args.seeds} must be >= 1 (3 or more for an interval)")
+    if args.parallel < 0:        # (a negative count never started a distillation and waited forever)
+        raise ConfigError(f"--parallel={args.parallel} must be >= 0 (0 = as many as the cluster holds)")
     out = Path(args.out or f"compare/{args.name or default_name(args)}")
     tuned_by_method = sweep_params(base, args.from_sweep, methods) if args.from_sweep else {}
     cfgs = []

@@ -42,6 +42,7 @@ def test_paired_differences_and_intervals_on_a_hand_made_table():
     (["--ipc", "1,zero"], "IPCs are integers >= 1"),
     (["--ipc", "0"], "IPCs are integers >= 1"),
     (["--seeds", "0"], "--seeds=0 must be >= 1"),
+    (["--parallel", "-1"], "--parallel=-1 must be >= 0"),
     (["--methods", "dit,cao2", "cao2.m=-1"], "cao2.m"),
     (["--methods", "dit", "ipc=x"], "ipc"),
 ])
