@@ -138,6 +138,7 @@ class Backbone(nn.Module):
             raise CheckpointError(f"DiT out_channels={out_channels} must be in_channels ({cfg.in_channels}) "
                              f"or 2*in_channels (learned sigma)")
         self.learned_sigma = out_channels == 2 * cfg.in_channels
+        self.activation_checkpointing = False  # set_activation_checkpointing
 
     def forward(self, x_t: Tensor, t: Tensor, y: Tensor) -> tuple[Tensor, Tensor | None]:
         """x_t [B,C,H,W]; t [B] int64 true timesteps in [0, 1000); y [B] int64 labels (num_classes = null).
@@ -159,10 +160,14 @@ class Backbone(nn.Module):
 def set_activation_checkpointing(backbone: Backbone, on: bool) -> None:
     """Recompute the DiT's blocks and the VAE decoder's blocks in a backward pass instead of keeping their
     activations (diffusers' gradient checkpointing, torch.utils.checkpoint without re-entrance). It acts only
-    where gradients are on, i.e. in guided steps; no-grad sampling is unchanged."""
+    where gradients are on, i.e. in guided steps; no-grad sampling is unchanged. Called every guided step: the
+    modules are walked only when the setting changes."""
+    if backbone.activation_checkpointing == on:
+        return
     for model in (backbone.transformer, getattr(backbone.vae, "vae", None)):   # IdentityVAE has no model
-        if model is not None and model.is_gradient_checkpointing != on:
+        if model is not None:
             model.enable_gradient_checkpointing() if on else model.disable_gradient_checkpointing()
+    backbone.activation_checkpointing = on
 
 
 # --------------------------------------------------------------------------------------------
