@@ -102,7 +102,7 @@ class ComputeConfig:
     cpus_per_actor: float = 1.0
     gpus_per_actor: float = 0.0
     memory_per_actor_gib: float = 0.0  # host memory Ray reserves per sampling/map actor (0 = none), so a node runs
-                                   #   no more actors than fit (DiT-XL/2 + VAE + LGD's classifiers: ~9 GiB)
+                                   #   no more actors than fit (#20 reports ~9 GiB for DiT-XL/2 + VAE + LGD's classifiers)
     batch_size: int = 32           # samples per sampling batch (a batch mixes classes)
     train_workers: int = 1         # Ray Train workers per training job
     cpus_per_worker: float = 1.0
