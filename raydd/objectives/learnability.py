@@ -99,7 +99,8 @@ def rank_in_class(labels: torch.Tensor) -> torch.Tensor:
 def score_images(model: nn.Module, reference: nn.Module, x: torch.Tensor, labels: torch.Tensor, omega: float,
                  batch_size: int = 256) -> torch.Tensor:
     """S on final images in batches -> [N] (CPU float32). x: uint8 [N,C,H,W], converted batch by batch (a float
-    copy of every candidate would be 4x their size: ~22 GiB at ImageNet-1K, IPC 10, κ = 3, by #20), or floats in [-1, 1]."""
+    copy of every candidate would be 4x their size: ~22 GiB at ImageNet-1K, IPC 10, κ = 3, by #20), or floats
+    in [-1, 1]."""
     def batch(i: int) -> torch.Tensor:
         xb = x[i:i + batch_size]
         return to_float(xb) if xb.dtype == torch.uint8 else xb
