@@ -353,7 +353,7 @@ def grid_inputs(cfg, results: list[dict]):
     top = max(r["ipc"] for r in results)
     sets = {r["method"]: read_distilled(r["output_dir"]) for r in results if r["ipc"] == top and r["seed"] == 0}
     data = load_data(cfg)
-    real = random_subset(data.train, min(top, 4), seed=0)
+    real = random_subset(data.part("train"), min(top, 4), seed=0)
     return sets, (real.images, torch.as_tensor(real.labels)), data.class_names
 
 

@@ -48,9 +48,10 @@ class LocalRunner:
         return map_units(udf(**udf_kwargs), columns)
 
     def train(self, loop: Callable[[dict, TrainHooks], None], config: dict, name: str, num_workers: int | None = None,
-              cpus_per_worker: float | None = None, resume_key: str | None = None, callbacks: list | None = None):
+              cpus_per_worker: float | None = None, resume_key: str | None = None, callbacks: list | None = None,
+              datasets: dict | None = None):
         """In process; `callbacks` (Ray Train UserCallbacks) see every report, after the loop has ended."""
-        hooks = run_local(loop, config)
+        hooks = run_local(loop, config, datasets)
         for cb in callbacks or []:
             for metrics in hooks.reports:
                 cb.after_report(None, [metrics], None)
@@ -58,12 +59,14 @@ class LocalRunner:
 
 
 def train_cached(runner, cache_dir: Path, kind: str, loop: Callable[[dict, TrainHooks], None], config: dict,
-                 cpus_per_worker: float | None = None, log: Callable[[str], None] = log) -> Path:
+                 cpus_per_worker: float | None = None, log: Callable[[str], None] = log,
+                 datasets: dict | None = None) -> Path:
     """Run a training job once per config: its final checkpoint directory is kept at
     <cache_dir>/<kind>/<config hash>/ (copied to a temp name, then renamed: a cached entry is complete).
     Processes that need the same entry at once (concurrent sweep trials) take turns on a lock file: the
     first trains, the others wait and reuse its result (a local file lock: one machine or a shared POSIX
-    file system). Ray Train's own checkpoint copies of the job are removed once the entry is in place."""
+    file system). Ray Train's own checkpoint copies of the job are removed once the entry is in place.
+    datasets: the Ray Datasets the loop streams; not part of the key (they are the config's data, streamed)."""
     import time
 
     from raydd.config import config_hash
@@ -77,7 +80,8 @@ def train_cached(runner, cache_dir: Path, kind: str, loop: Callable[[dict, Train
         if not (path / ".complete").exists():
             log(f"training {kind} (cached as {path}) ...")
             t0 = time.time()
-            result = runner.train(loop, config, name=f"{kind}-{path.name}", cpus_per_worker=cpus_per_worker)
+            result = runner.train(loop, config, name=f"{kind}-{path.name}", cpus_per_worker=cpus_per_worker,
+                                  datasets=datasets)
             if result.checkpoint_dir is None:
                 raise RuntimeError(f"training job {kind} reported no checkpoint")
             tmp = path.with_name(path.name + ".partial")

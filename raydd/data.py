@@ -9,7 +9,7 @@ import functools
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Iterator
 
 import numpy as np
 import torch
@@ -27,6 +27,12 @@ class DataError(RayddError, ValueError):
     """Bad data input: unknown/duplicate classes, unreadable images (named by path), empty splits."""
 
 
+def epoch_starts(n: int, batch_size: int) -> list[int]:
+    """Where an epoch's batches start; a trailing batch of one image is dropped (BatchNorm students cannot
+    train on a single image, and one image is noise for a batch statistic anyway)."""
+    return [s for s in range(0, n, batch_size) if not (n - s == 1 and s > 0)]
+
+
 @dataclass
 class Split:
     x: torch.Tensor   # uint8 [N, C, H, W]
@@ -35,21 +41,86 @@ class Split:
     def __len__(self) -> int:
         return len(self.y)
 
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        return tuple(self.x.shape[1:])                               # (C, H, W)
+
+    def batches(self, batch_size: int, generator: torch.Generator) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """One epoch in a random order drawn from `generator`: (uint8 [b, C, H, W], int64 [b]) on x's device."""
+        perm = torch.randperm(len(self), generator=generator).to(self.x.device)           # [N]
+        for s in epoch_starts(len(self), batch_size):
+            idx = perm[s:s + batch_size]
+            yield self.x[idx], self.y[idx]
+
+    def ordered(self, batch_size: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        for s in range(0, len(self), batch_size):
+            yield self.x[s:s + batch_size], self.y[s:s + batch_size]
+
+    def take(self, idx) -> "Split":
+        return Split(self.x[idx], self.y[idx])
+
+
+class StreamedSplit:
+    """A split streamed from Ray Data (a Train worker's dataset shard, raydd.distributed.store.part_dataset),
+    rows: label, pos (the row's place in the split), image (uint8 [C, H, W] bytes). It holds its labels and one
+    shuffle buffer of at most `buffer_bytes`, never the images. An epoch's order: the dataset's block order
+    (shuffled once by the driver) through a local shuffle buffer seeded from the caller's generator."""
+
+    def __init__(self, source, labels: np.ndarray, shape: tuple[int, int, int], buffer_bytes: int = 512 * 2**20):
+        self.source, self.labels, self.shape, self.buffer_bytes = source, labels, tuple(shape), buffer_bytes
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    @property
+    def y(self) -> torch.Tensor:                                     # int64 [N], by pos
+        return torch.from_numpy(self.labels.astype(np.int64))
+
+    def _tensors(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        x = np.frombuffer(b"".join(batch["image"]), dtype=np.uint8).reshape(-1, *self.shape)
+        return torch.from_numpy(x.copy()), torch.from_numpy(batch["label"].astype(np.int64))
+
+    def batches(self, batch_size: int, generator: torch.Generator) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        seed = int(torch.randint(2**31 - 1, (1,), generator=generator))
+        buffer = max(batch_size, min(len(self), self.buffer_bytes // math.prod(self.shape)))
+        for k, b in enumerate(self.source.iter_batches(batch_size=batch_size, batch_format="numpy",
+                                                       local_shuffle_buffer_size=buffer, local_shuffle_seed=seed)):
+            if len(b["label"]) > 1 or k == 0:                      # as epoch_starts: no trailing batch of one
+                yield self._tensors(b)
+
+    def ordered(self, batch_size: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        for b in self.source.iter_batches(batch_size=batch_size, batch_format="numpy"):
+            yield self._tensors(b)
+
+    def take(self, positions: np.ndarray) -> Split:
+        """The rows at `positions` (of this split), in that order, from one pass over the stream."""
+        positions = np.asarray(positions)
+        where = {int(p): i for i, p in enumerate(positions)}
+        x = torch.empty((len(positions), *self.shape), dtype=torch.uint8)
+        for b in self.source.iter_batches(batch_size=1024, batch_format="numpy"):
+            for j in np.flatnonzero(np.isin(b["pos"], positions)):
+                x[where[int(b["pos"][j])]] = torch.from_numpy(np.frombuffer(b["image"][j], np.uint8).reshape(self.shape).copy())
+        return Split(x, torch.from_numpy(self.labels[positions].astype(np.int64)))
+
 
 class RealData:
-    """The real splits (uint8 images and labels) and the class list. Built with `read` (a prepared store), a
-    split is read when first used: a process that never touches the train split (the driver of most methods,
-    the evaluation of a set) never holds it. read(name) -> that split and those read with it."""
+    """The real splits (uint8 images and labels) and the class list. From a prepared store (`store`), a split is
+    read when first used: a process that never touches the train split (the driver of most methods, the
+    evaluation of a set) never holds it, and `part` reads a split's labels or a few of its rows only."""
 
     def __init__(self, train: Split | None, val: Split | None, test: Split | None, class_names: list[str],
-                 read: Callable[[str], dict[str, Split]] | None = None):
+                 store: StoreParts | None = None):
         self._splits = {k: v for k, v in (("train", train), ("val", val), ("test", test)) if v is not None}
-        self._read, self.class_names = read, class_names
+        self.store, self.class_names = store, class_names
 
     def split(self, name: str) -> Split:
         if name not in self._splits:
-            self._splits |= self._read(name)
+            self._splits[name] = self.store.read(name)
         return self._splits[name]
+
+    def part(self, name: str) -> Split | StoredPart:
+        """Split `name` when held, else a handle on it in the store (its labels and `take`, no image read yet)."""
+        return self._splits[name] if name in self._splits or self.store is None else StoredPart(self.store, name)
 
     train = property(lambda self: self.split("train"))
     val = property(lambda self: self.split("val"))
@@ -129,12 +200,21 @@ def stratified_split(y: np.ndarray, fractions: tuple[float, float], seed: int) -
     return tuple(np.sort(np.array(p, dtype=np.int64)) for p in parts)
 
 
-def _cap_per_class(split: Split, cap: int) -> Split:
+def cap_per_class(idx: np.ndarray, y: np.ndarray, cap: int) -> np.ndarray:
+    """The first `cap` of each class among the sorted positions `idx` (labels y[idx]); all when cap <= 0."""
     if cap <= 0:
-        return split
-    keep = np.concatenate([np.flatnonzero(split.y.numpy() == c)[:cap] for c in split.y.unique().tolist()])
-    keep.sort()
-    return Split(split.x[keep], split.y[keep])
+        return idx
+    keep = np.concatenate([idx[np.flatnonzero(y[idx] == c)[:cap]] for c in np.unique(y[idx])])
+    return np.sort(keep)
+
+
+def part_positions(counts: list[int], cfg: DataConfig, has_val: bool) -> dict[str, np.ndarray]:
+    """A train folder's rows in (class, file-name) order, counts[c] of class c -> the sorted positions of each
+    part: "train" (capped at data.max_train_per_class), its "val" hold-out, and "test" when the root has no val/
+    of its own. The one definition of the split, whether the rows are decoded or read from a store."""
+    y = np.repeat(np.arange(len(counts)), counts)
+    tr, va, te = stratified_split(y, (cfg.val_fraction, 0.0 if has_val else cfg.test_fraction), cfg.split_seed)
+    return {"train": cap_per_class(tr, y, cfg.max_train_per_class), "val": va} | ({} if has_val else {"test": te})
 
 
 def digits_arrays() -> tuple[np.ndarray, np.ndarray]:
@@ -166,8 +246,8 @@ def load_digits_data(cfg: DataConfig) -> RealData:
     x, target = x[torch.from_numpy(keep)], target[keep]
     y = torch.from_numpy(np.array([names.index(str(t)) for t in target], dtype=np.int64))  # label = list position
     tr, va, te = stratified_split(y.numpy(), (cfg.val_fraction, cfg.test_fraction), cfg.split_seed)
-    train = _cap_per_class(Split(x[tr], y[tr]), cfg.max_train_per_class)
-    return RealData(train, Split(x[va], y[va]), Split(x[te], y[te]), names)
+    tr = cap_per_class(tr, y.numpy(), cfg.max_train_per_class)
+    return RealData(Split(x[tr], y[tr]), Split(x[va], y[va]), Split(x[te], y[te]), names)
 
 
 def read_image(path: Path, size: int, channels: int) -> torch.Tensor:
@@ -240,16 +320,38 @@ def store_filesystem(location: str):
     return fs.FileSystem.from_uri(location if "://" in location else str(Path(location).expanduser().resolve()))
 
 
-def read_store_split(location: str, split: str, size: int, channels: int) -> Split:
-    """A prepared store's split (raydd.prepare) -> Split in file-name order per class, as load_image_folder."""
-    import pyarrow.parquet as pq
+def store_manifest(location: str) -> dict:
+    """A prepared store's manifest.json: root, classes, image_size, channels, counts {split: [files per class]}."""
+    import json
 
     fs, path = store_filesystem(location)
-    table = pq.read_table(f"{path}/{split}", filesystem=fs, columns=["label", "path", "image"])
-    table = table.sort_by([("label", "ascending"), ("path", "ascending")])
-    x = np.frombuffer(b"".join(table.column("image").to_pylist()), dtype=np.uint8)
-    return Split(torch.from_numpy(x.reshape(-1, channels, size, size).copy()),
-                 torch.from_numpy(table.column("label").to_numpy().astype(np.int64)))
+    with fs.open_input_stream(f"{path}/manifest.json") as f:
+        return json.loads(f.read())
+
+
+def read_store_split(location: str, split: str, size: int, channels: int,
+                     positions: np.ndarray | None = None) -> Split:
+    """A prepared store's split (raydd.prepare) -> Split in (class, file-name) order, as load_image_folder decodes
+    it; with `positions` (raydd.data.part_positions) only those rows, read batch by batch, so reading a part
+    (the val hold-out) holds that part and one batch, not the whole split."""
+    import pyarrow.dataset as pads
+
+    fs, path = store_filesystem(location)
+    counts = store_manifest(location)["counts"][split]
+    offsets = np.concatenate([[0], np.cumsum(counts)[:-1]]).astype(np.int64)           # [C] first row of class c
+    keep = np.zeros(sum(counts), dtype=bool)
+    keep[np.arange(sum(counts)) if positions is None else positions] = True
+    pos, images = [], []
+    for batch in pads.dataset(f"{path}/{split}", filesystem=fs, format="parquet").to_batches(
+            columns=["label", "index", "image"], batch_size=256):
+        p = offsets[batch.column("label").to_numpy()] + batch.column("index").to_numpy()   # [b] row of the split
+        mine = np.flatnonzero(keep[p])
+        pos.append(p[mine])
+        images += batch.column("image").take(mine).to_pylist()
+    order = np.argsort(np.concatenate(pos), kind="stable")
+    x = np.frombuffer(b"".join(images[i] for i in order), dtype=np.uint8).reshape(-1, channels, size, size)
+    labels = np.repeat(np.arange(len(counts)), counts)[np.concatenate(pos)[order]]
+    return Split(torch.from_numpy(x.copy()), torch.from_numpy(labels.astype(np.int64)))
 
 
 def _complete_store(cfg: DataConfig) -> str:
@@ -262,12 +364,69 @@ def _complete_store(cfg: DataConfig) -> str:
     return location
 
 
+class StoreParts:
+    """A prepared store's splits as RealData reads them: test (the root's own val/, stored as "val") or a part of
+    the train folder (raydd.data.part_positions), whole or some of its rows, or only its labels."""
+
+    def __init__(self, cfg: DataConfig, has_val: bool):
+        self.cfg, self.has_val, self.location = cfg, has_val, _complete_store(cfg)
+        self.counts = store_manifest(self.location)["counts"]
+        self.parts = part_positions(self.counts["train"], cfg, has_val)
+
+    def _where(self, name: str) -> tuple[str, np.ndarray]:
+        """(stored split, the positions of `name` in it)"""
+        if name == "test" and self.has_val:
+            return "val", np.arange(sum(self.counts["val"]))
+        return "train", self.parts[name]
+
+    def labels(self, name: str) -> torch.Tensor:
+        stored, positions = self._where(name)
+        return torch.from_numpy(np.repeat(np.arange(len(self.counts[stored])), self.counts[stored])[positions])
+
+    def read(self, name: str, idx: torch.Tensor | None = None) -> Split:
+        """Split `name`, or its rows idx in that order, read batch by batch (read_store_split)."""
+        stored, positions = self._where(name)
+        want = positions if idx is None else positions[np.asarray(idx)]
+        rows = read_store_split(self.location, stored, self.cfg.image_size, self.cfg.channels, want)  # sorted
+        return rows if idx is None else rows.take(torch.from_numpy(np.argsort(np.argsort(want))))
+
+
+@dataclass
+class StoredPart:
+    """A split still in its store: labels y (from the manifest) and take(idx), which reads those rows only."""
+    store: StoreParts
+    name: str
+
+    @property
+    def y(self) -> torch.Tensor:
+        return self.store.labels(self.name)
+
+    def __len__(self) -> int:
+        return len(self.y)
+
+    def take(self, idx: torch.Tensor) -> Split:
+        return self.store.read(self.name, idx)
+
+
+def stream_spec(cfg: DataConfig, part: str = "train") -> dict:
+    """What a Train worker needs, besides its Ray Data shard, to stream a part of a store's train folder
+    (raydd.distributed.store.part_dataset): the part, the folder's files per class and whether val/ exists."""
+    _, _, has_val = folder_classes(cfg)
+    return {"part": part, "counts": store_manifest(_complete_store(cfg))["counts"]["train"], "has_val": has_val}
+
+
+def streamed_split(source, spec: dict, cfg: DataConfig) -> StreamedSplit:
+    """A worker's StreamedSplit of the part in `spec` (stream_spec), its labels computed, not read."""
+    positions = part_positions(spec["counts"], cfg, spec["has_val"])[spec["part"]]
+    labels = np.repeat(np.arange(len(spec["counts"])), spec["counts"])[positions]
+    return StreamedSplit(source, labels, (cfg.channels, cfg.image_size, cfg.image_size))
+
+
 def load_imagefolder_data(cfg: DataConfig, train: bool = True) -> RealData:
     root, classes, has_val = folder_classes(cfg)
-    read = functools.partial(_imagefolder_splits, cfg, root, classes, has_val)
     if cfg.store:                         # prepared once (raydd.prepare.load_data): a split is read when used
-        _complete_store(cfg)
-        return RealData(None, None, None, classes, read=read)
+        return RealData(None, None, None, classes, store=StoreParts(cfg, has_val))
+    read = functools.partial(_imagefolder_splits, cfg, root, classes, has_val)
     if not train and has_val:             # only the test split (val/): train and its hold-out stay empty
         test = read("test")["test"]
         empty = Split(test.x[:0], test.y[:0])
@@ -277,25 +436,15 @@ def load_imagefolder_data(cfg: DataConfig, train: bool = True) -> RealData:
 
 
 def _imagefolder_splits(cfg: DataConfig, root: Path, classes: list[str], has_val: bool, name: str) -> dict[str, Split]:
-    """The split `name` and those that come with it: with its own val/ (the ImageNet convention), val/ is the test
-    split and is read alone; train/ gives train and its val hold-out (and test too when there is no val/).
-    Read from the store when data.store is set, else decoded."""
-    def read(folder: Path, part: str, cap: int = 0) -> Split:
-        if cfg.store:
-            return read_store_split(_complete_store(cfg), part, cfg.image_size, cfg.channels)
-        return load_image_folder(folder, classes, cfg.image_size, cfg.channels, cap=cap)
-
+    """Decoded: the split `name` and those that come with it: with its own val/ (the ImageNet convention), val/ is
+    the test split and is read alone; train/ gives train and its val hold-out (and test too when there is no val/),
+    the parts of raydd.data.part_positions. (From a store: StoreParts.)"""
+    train_dir = root / "train" if (root / "train").is_dir() else root
     if name == "test" and has_val:
-        return {"test": read(root / "val", "val")}
-    full = read(root / "train" if (root / "train").is_dir() else root, "train", decode_cap(cfg, has_val))
-    if has_val:
-        tr, va, _ = stratified_split(full.y.numpy(), (cfg.val_fraction, 0.0), cfg.split_seed)
-        out = {}
-    else:
-        tr, va, te = stratified_split(full.y.numpy(), (cfg.val_fraction, cfg.test_fraction), cfg.split_seed)
-        out = {"test": Split(full.x[te], full.y[te])}
-    return out | {"train": _cap_per_class(Split(full.x[tr], full.y[tr]), cfg.max_train_per_class),
-                  "val": Split(full.x[va], full.y[va])}
+        return {"test": load_image_folder(root / "val", classes, cfg.image_size, cfg.channels)}
+    full = load_image_folder(train_dir, classes, cfg.image_size, cfg.channels, cap=decode_cap(cfg, has_val))
+    parts = part_positions(torch.bincount(full.y, minlength=len(classes)).tolist(), cfg, has_val)
+    return {k: Split(full.x[p], full.y[p]) for k, p in parts.items()}
 
 
 def load_real(cfg: DataConfig, train: bool = True) -> RealData:

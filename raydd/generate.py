@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from raydd.config import BackboneConfig, SamplerConfig
-from raydd.data import DataError, Split
+from raydd.data import DataError
 from raydd.sampling import Guidance, sample, sample_seed, to_uint8
 
 
@@ -164,18 +164,23 @@ def generate_local(spec: BackboneSpec, sampler: SamplerConfig, rows: dict[str, n
     return rows_to_set(fn(rows))
 
 
-def random_subset(train: Split, ipc: int, seed: int) -> DistilledSet:
-    """`ipc` real images per class from a Split, a function of (seed, class) only: the `random` baseline and
-    DD-Ranking's reference."""
-    counts = torch.bincount(train.y)
+def random_picks(y: torch.Tensor, ipc: int, seed: int) -> torch.Tensor:
+    """Positions of `ipc` images per class among labels y [N], class by class, a function of (seed, class) only:
+    the `random` baseline and DD-Ranking's reference (held or streamed splits pick the same)."""
+    counts = torch.bincount(y)
     if int(counts.min()) < ipc:
         raise DataError(f"ipc={ipc} is larger than the real pool: class {int(counts.argmin())} has only "
                         f"{int(counts.min())} training images")
     picks = []
     for c in range(len(counts)):
-        idx = torch.nonzero(train.y == c).flatten()
+        idx = torch.nonzero(y == c).flatten()
         g = torch.Generator().manual_seed(sample_seed(seed, c, 0, "random"))
         picks.append(idx[torch.randperm(len(idx), generator=g)[:ipc]])
-    idx = torch.cat(picks)
-    return DistilledSet(images=train.x[idx], labels=train.y[idx],
-                        slots=torch.arange(ipc).repeat(len(counts)))
+    return torch.cat(picks)                                                        # [C * ipc]
+
+
+def random_subset(train, ipc: int, seed: int) -> DistilledSet:
+    """`ipc` real images per class (raydd.generate.random_picks) from a split: held, streamed (one pass) or a
+    store's (raydd.data.StoredPart: only the picked rows are read)."""
+    picked = train.take(random_picks(train.y, ipc, seed))
+    return DistilledSet(images=picked.x, labels=picked.y, slots=torch.arange(ipc).repeat(len(picked) // ipc))

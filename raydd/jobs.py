@@ -22,9 +22,9 @@ from pathlib import Path
 import torch
 
 from raydd.config import Config, DataConfig, EvalConfig, config_hash
-from raydd.data import RealData, load_distilled_folder, load_real
+from raydd.data import RealData, Split, StreamedSplit, load_distilled_folder, load_real, stream_spec, streamed_split
 from raydd.generate import random_subset
-from raydd.protocols import dd_ranking, epochs_for, train_student, train_teacher
+from raydd.protocols import dd_ranking, epochs_for, fit_student, train_student, train_teacher
 from raydd.train_hooks import TrainHooks
 
 
@@ -67,14 +67,31 @@ def load_teacher(path: str, arch: str, data: RealData, dcfg: DataConfig) -> torc
     return model.eval().requires_grad_(False)
 
 
-def _job_epochs_and_size(job: dict, n_syn: int, data: RealData, ecfg: EvalConfig) -> tuple[int, int]:
+def real_train(cfg: DataConfig, hooks: TrainHooks, data: RealData) -> Split | StreamedSplit:
+    """The real train split in a Train worker: streamed from the job's "train" dataset when it has one
+    (`real_datasets`), else held (data.train)."""
+    source = hooks.dataset("train")
+    return data.train if source is None else streamed_split(source, stream_spec(cfg), cfg)
+
+
+def real_datasets(cfg: Config) -> dict:
+    """{"train": the real train split as a Ray Dataset} for the jobs that train on it, when the data has a
+    store (raydd.distributed.store.part_dataset), else {}: without a store each worker holds the split."""
+    if not (cfg.data.store and cfg.data.dataset == "imagefolder"):
+        return {}
+    from raydd.distributed.store import part_dataset
+
+    return {"train": part_dataset(cfg.data, stream_spec(cfg.data), seed=cfg.data.split_seed)}
+
+
+def _job_epochs_and_size(job: dict, n_syn: int, n_real: int, num_classes: int, ecfg: EvalConfig) -> tuple[int, int]:
     """(epochs, training-set size) of one job: its cost is about their product. A job's own "epochs"
     (a stage of a sweep trial) overrides the protocol's."""
     soft = job["protocol"] == "soft"
     if job["kind"] == "real":
-        n, ipc = len(data.train), len(data.train) // data.num_classes
+        n, ipc = n_real, n_real // num_classes
     else:
-        n, ipc = (n_syn if job["kind"] == "syn" else job["ipc"] * data.num_classes), job["ipc"]
+        n, ipc = (n_syn if job["kind"] == "syn" else job["ipc"] * num_classes), job["ipc"]
     return job.get("epochs") or epochs_for(ipc, ecfg, soft=soft), n
 
 
@@ -112,9 +129,12 @@ def eval_loop(config: dict, hooks: TrainHooks) -> None:
     top-1 of its synthetic-set jobs (what a Tune trial reports)."""
     dcfg, ecfg = DataConfig(**config["data"]), EvalConfig(**config["eval"])
     jobs = config["jobs"]
-    # only real and random-subset jobs, and a val split held out of train, need the train split in this worker
-    data = load_real(dcfg, train=ecfg.split == "val" or any(j["kind"] != "syn" for j in jobs))
+    # only real and random-subset jobs, and a val split held out of train, need the train split in this worker;
+    # given as a stream (a store), it is never held
+    streamed = hooks.dataset("train") is not None
+    data = load_real(dcfg, train=not streamed and (ecfg.split == "val" or any(j["kind"] != "syn" for j in jobs)))
     target = data.split(ecfg.split)
+    real = real_train(dcfg, hooks, data) if any(j["kind"] != "syn" for j in jobs) else None
     syn = load_set(config["source"], data, dcfg) if config.get("source") else None
     teacher = load_teacher(config["teacher"], ecfg.teacher_arch, data, dcfg) if config.get("teacher") else None
     done: dict[int, dict] = {}
@@ -124,26 +144,26 @@ def eval_loop(config: dict, hooks: TrainHooks) -> None:
     n_syn = len(syn[1]) if syn is not None else 0
 
     def cost(i: int) -> int:
-        epochs, n = _job_epochs_and_size(jobs[i], n_syn, data, ecfg)
+        epochs, n = _job_epochs_and_size(jobs[i], n_syn, len(real) if real else 0, data.num_classes, ecfg)
         return epochs * n
 
     def run(job: dict) -> dict:
         if job["kind"] == "syn":
-            x, y = syn
+            train = Split(*syn)
         elif job["kind"] == "real":
-            x, y = data.train.x, data.train.y
-        else:  # "random": a fresh random real subset per repeat
-            r = random_subset(data.train, job["ipc"], seed=job["seed"])
-            x, y = r.images, r.labels
+            train = real
+        else:  # "random": a fresh random real subset per repeat (from a stream: one pass that keeps the picks)
+            r = random_subset(real, job["ipc"], seed=job["seed"])
+            train = Split(r.images, r.labels)
         soft = job["protocol"] == "soft"
-        epochs, _ = _job_epochs_and_size(job, n_syn, data, ecfg)
+        epochs, _ = _job_epochs_and_size(job, n_syn, len(real) if real else 0, data.num_classes, ecfg)
         tag = f"[{job['kind']} {job['student']} {job['protocol']} seed {job['seed']}]"
-        res = train_student(x, y, target.x, target.y, student=job["student"], num_classes=data.num_classes,
-                            cfg=ecfg, epochs=epochs, seed=job["seed"], protocol=job["protocol"],
-                            teacher=teacher if soft else None, device=hooks.device,
-                            log=lambda line, tag=tag: print(tag, line, flush=True))
+        res = fit_student(train, target, student=job["student"], num_classes=data.num_classes,
+                          cfg=ecfg, epochs=epochs, seed=job["seed"], protocol=job["protocol"],
+                          teacher=teacher if soft else None, device=hooks.device,
+                          log=lambda line, tag=tag: print(tag, line, flush=True))
         return {**job, **{k: res[k] for k in ("best_acc", "final_acc", "images_per_s", "train_s", "epochs", "curve")},
-                "threads": torch.get_num_threads()}
+                "threads": torch.get_num_threads()} | ({} if job["kind"] == "syn" else {"streamed": streamed})
 
     # A round with fewer jobs than workers (the last of 3 seeds on 2 workers) leaves some workers waiting in
     # all_gather, which costs no CPU: the busy workers on their node take over their threads (one digits
@@ -207,13 +227,14 @@ def teacher_loop(config: dict, hooks: TrainHooks) -> None:
     from safetensors.torch import save_file
 
     dcfg, ecfg = DataConfig(**config["data"]), EvalConfig(**config["eval"])
-    data = load_real(dcfg)
-    model = train_teacher(data.train.x, data.train.y, arch=ecfg.teacher_arch, num_classes=data.num_classes,
+    data = load_real(dcfg, train=hooks.dataset("train") is None)
+    train = real_train(dcfg, hooks, data)
+    model = train_teacher(train, arch=ecfg.teacher_arch, num_classes=data.num_classes,
                           cfg=ecfg, epochs=ecfg.teacher_epochs, seed=config["seed"], device=hooks.device,
                           log=lambda line: print("[teacher]", line, flush=True))
     with tempfile.TemporaryDirectory() as d:
         save_file({k: v.contiguous().cpu() for k, v in model.state_dict().items()}, f"{d}/teacher.safetensors")
-        hooks.report({"done": 1}, checkpoint_dir=d)
+        hooks.report({"done": 1, "streamed": isinstance(train, StreamedSplit)}, checkpoint_dir=d)
 
 
 def _ref_key(kind: str, student: str, cfg: Config, protocol: str) -> str:
@@ -232,7 +253,8 @@ def real_classifier(cfg: Config, runner, arch: str = "", epochs: int = 0) -> Pat
     e = asdict(cfg.eval) | {"students": [], "seeds": 0, "teacher": "", "teacher_arch": arch or cfg.eval.teacher_arch,
                             "teacher_epochs": epochs or cfg.eval.teacher_epochs}
     config = {"data": asdict(cfg.data), "eval": e, "seed": 0}
-    return train_cached(runner, cfg.resolved_cache_dir(), "teachers", teacher_loop, config) / "teacher.safetensors"
+    return train_cached(runner, cfg.resolved_cache_dir(), "teachers", teacher_loop, config,
+                        datasets=real_datasets(cfg)) / "teacher.safetensors"
 
 
 def ensure_teacher(cfg: Config, runner) -> str:
@@ -301,8 +323,9 @@ def evaluate_set(cfg: Config, source: dict, runner, max_workers: int = 1, stages
     config = {"data": asdict(cfg.data), "eval": asdict(e), "jobs": jobs, "source": source, "teacher": teacher}
     p = cfg.compute.parallel_jobs
     workers = max(1, min(len(jobs), max_workers if p <= 0 else p))
+    streams = real_datasets(cfg) if any(j["kind"] != "syn" for j in jobs) else {}
     result = runner.train(eval_loop, config, name=f"eval-{cfg.resolved_run_name()}", num_workers=workers,
-                          resume_key=eval_key(config), callbacks=callbacks)
+                          resume_key=eval_key(config), callbacks=callbacks, datasets=streams)
     by_index = json.loads(Path(result.checkpoint_dir, "results.json").read_text())
     staged = [by_index[str(i)] for i in range(len(jobs))]
     own = [r for r in staged if r["kind"] == "syn" and r["protocol"] == e.protocol]   # the protocol's own jobs

@@ -9,9 +9,10 @@ the decode cap of data.max_train_per_class). Unreadable files are named and fail
 only when its manifest.json exists, which is written last. distill / sweep / evaluate / compare prepare a
 missing store themselves when data.store is set (`load_data`).
 
-Rows: label (position in the class list), path (the file, for the order and for error messages), image
+Rows: label (position in the class list), index (the file's place in its class, file-name order), path (the file, for the order and for error messages), image
 (uint8 [C, H, W] bytes), error ("" or why the file could not be read). Read by `raydd.data.read_store_split`,
-in file-name order per class, so a stored split equals the decoded one exactly.
+in file-name order per class, so a stored split equals the decoded one exactly, and streamed to Train jobs by
+`raydd.distributed.store.part_dataset`.
 """
 from __future__ import annotations
 
@@ -28,7 +29,7 @@ from raydd.data import DataError, RealData, decode_cap, folder_classes, load_rea
 def store_location(d: DataConfig) -> str:
     """<data.store>/<key>: the store of this data config (an absolute path or a URI)."""
     root, classes, has_val = folder_classes(d)
-    key = config_hash("store-v1", str(root), classes, d.image_size, d.channels, decode_cap(d, has_val))
+    key = config_hash("store-v2", str(root), classes, d.image_size, d.channels, decode_cap(d, has_val))
     base = d.store if "://" in d.store else str(Path(d.store).expanduser().resolve())
     return f"{base.rstrip('/')}/{key}"
 

@@ -26,6 +26,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from raydd.config import EvalConfig
+from raydd.data import Split, StreamedSplit, epoch_starts
 from raydd.students import create_student
 
 # uint8 -> [-1, 1]: (x / 255 - NORM_MEAN) / NORM_STD, identical for every channel
@@ -231,15 +232,20 @@ def cutmix(x: torch.Tensor, y: torch.Tensor, generator: torch.Generator, beta: f
 def accuracy(model: nn.Module, x_uint8: torch.Tensor, y: torch.Tensor, batch_size: int = 512,
              device: str | torch.device = "cpu") -> float:
     """Top-1 accuracy (fraction in [0, 1]) of `model` on uint8 images [N, C, H, W] with labels [N]."""
+    return split_accuracy(model, Split(x_uint8, y), batch_size, device)
+
+
+def split_accuracy(model: nn.Module, split: Split | StreamedSplit, batch_size: int = 512,
+                   device: str | torch.device = "cpu") -> float:
+    """Top-1 accuracy of `model` on a split (held or streamed)."""
     was_training = model.training
     model.eval()
     correct = 0
-    for i in range(0, len(x_uint8), batch_size):
-        xb = to_float(x_uint8[i:i + batch_size].to(device))       # [b, C, H, W]
-        pred = model(xb).argmax(dim=1)                            # [b]
-        correct += int((pred.cpu() == y[i:i + batch_size].cpu()).sum())
+    for xb, yb in split.ordered(batch_size):
+        pred = model(to_float(xb.to(device))).argmax(dim=1)       # [b]
+        correct += int((pred.cpu() == yb.cpu()).sum())
     model.train(was_training)
-    return correct / max(1, len(x_uint8))
+    return correct / max(1, len(split))
 
 
 def build_student(student: str | nn.Module, num_classes: int, in_chans: int, image_size: int) -> nn.Module:
@@ -250,39 +256,50 @@ def build_student(student: str | nn.Module, num_classes: int, in_chans: int, ima
 
 
 def train_student(train_x: torch.Tensor, train_y: torch.Tensor,
-                  eval_x: torch.Tensor | None, eval_y: torch.Tensor | None, *,
-                  student: str | nn.Module, num_classes: int, cfg: EvalConfig, epochs: int, seed: int,
-                  protocol: str = "hard", teacher: nn.Module | None = None,
-                  device: str | torch.device = "cpu", log: Callable[[str], None] | None = None,
-                  return_model: bool = False) -> dict:
-    """Train a fresh student on (train_x, train_y) and track top-1 on (eval_x, eval_y).
+                  eval_x: torch.Tensor | None, eval_y: torch.Tensor | None, **kwargs) -> dict:
+    """Train a fresh student on (train_x, train_y) and track top-1 on (eval_x, eval_y): `fit_student` on
+    held tensors. train_x, eval_x: uint8 [N, C, H, W]; train_y, eval_y: int64 [N]; eval_x = None skips
+    evaluation (best_acc / final_acc are then None)."""
+    if train_x.dtype != torch.uint8 or train_x.dim() != 4:
+        raise ValueError(f"train_x must be uint8 [N, C, H, W]; got {train_x.dtype} {tuple(train_x.shape)}")
+    if len(train_x) != len(train_y):
+        raise ValueError(f"train_x ({len(train_x)}) and train_y ({len(train_y)}) must be equally long and non-empty")
+    if (eval_x is None) != (eval_y is None):
+        raise ValueError("pass both eval_x and eval_y, or neither")
+    return fit_student(Split(train_x, train_y), Split(eval_x, eval_y) if eval_x is not None else None, **kwargs)
 
-    train_x, eval_x: uint8 [N, C, H, W]; train_y, eval_y: int64 [N]. `student` is a name from
-    raydd.students.list_students() (or an nn.Module, used as is). protocol "hard" or "soft"
-    (soft needs `teacher`, a classifier over the same classes in the same order, fed `to_float`
-    images). eval_x = None skips evaluation (best_acc / final_acc are then None).
+
+def fit_student(train: Split | StreamedSplit, evaluation: Split | StreamedSplit | None, *,
+                student: str | nn.Module, num_classes: int, cfg: EvalConfig, epochs: int, seed: int,
+                protocol: str = "hard", teacher: nn.Module | None = None,
+                device: str | torch.device = "cpu", log: Callable[[str], None] | None = None,
+                return_model: bool = False) -> dict:
+    """Train a fresh student on a split, held in memory or streamed from Ray Data (raydd.data.StreamedSplit),
+    and track its top-1 on `evaluation` (None: no evaluation).
+
+    `student` is a name from raydd.students.list_students() (or an nn.Module, used as is). protocol "hard" or
+    "soft" (soft needs `teacher`, a classifier over the same classes in the same order, fed `to_float`
+    images).
 
     Returns {"best_acc", "final_acc", "curve": [(epoch, acc), ...], "images_per_s", "epochs",
     "train_s"} plus "model" (in eval mode) when return_model. Deterministic for a seed on CPU:
     model init draws from torch's global RNG seeded with `seed` inside a forked RNG state (the
-    caller's RNG is untouched); batch order, crops, flips and CutMix come from a seeded Generator.
+    caller's RNG is untouched); batch order, crops, flips and CutMix come from a seeded Generator
+    (a streamed split's order also depends on how Ray Data splits its blocks).
     """
     if protocol not in ("hard", "soft"):
         raise ValueError(f"protocol={protocol!r}; allowed: hard, soft")
     if protocol == "soft" and teacher is None:
         raise ValueError("the soft protocol needs a teacher (a trained classifier over the same classes)")
-    if train_x.dtype != torch.uint8 or train_x.dim() != 4:
-        raise ValueError(f"train_x must be uint8 [N, C, H, W]; got {train_x.dtype} {tuple(train_x.shape)}")
-    if len(train_x) != len(train_y) or len(train_x) == 0:
-        raise ValueError(f"train_x ({len(train_x)}) and train_y ({len(train_y)}) must be equally long and non-empty")
+    if len(train) == 0:
+        raise ValueError("the training split is empty")
     if epochs < 1:
         raise ValueError(f"epochs={epochs} must be >= 1")
-    if train_x.shape[2] != train_x.shape[3]:
-        raise ValueError(f"students expect square images; got {train_x.shape[2]}x{train_x.shape[3]}")
-    if (eval_x is None) != (eval_y is None):
-        raise ValueError("pass both eval_x and eval_y, or neither")
+    in_chans, height, image_size = train.shape
+    if height != image_size:
+        raise ValueError(f"students expect square images; got {height}x{image_size}")
     device = torch.device(device)
-    n, in_chans, image_size = train_x.shape[0], train_x.shape[1], train_x.shape[2]
+    n = len(train)
 
     fork_devices = [device.index or 0] if device.type == "cuda" else []
     with torch.random.fork_rng(devices=fork_devices):
@@ -290,13 +307,11 @@ def train_student(train_x: torch.Tensor, train_y: torch.Tensor,
         model = build_student(student, num_classes, in_chans, image_size).to(device)
         model.train()
         gen = torch.Generator().manual_seed(seed)   # batch order + augmentation + CutMix
-        train_x, train_y = train_x.to(device), train_y.to(device=device, dtype=torch.long)
+        if isinstance(train, Split):                # held: on the device once
+            train = Split(train.x.to(device), train.y.to(device=device, dtype=torch.long))
 
         bs = min(cfg.batch_size, n)
-        # batch boundaries of an epoch; a trailing batch of one image is dropped (BatchNorm students
-        # cannot train on a single image and one image is noise for a batch statistic anyway)
-        starts = [s for s in range(0, n, bs) if not (n - s == 1 and s > 0)]
-        steps_per_epoch = len(starts)
+        steps_per_epoch = len(epoch_starts(n, bs))
 
         if protocol == "hard":
             opt = (torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
@@ -319,12 +334,9 @@ def train_student(train_x: torch.Tensor, train_y: torch.Tensor,
         images_seen, train_s = 0, 0.0
         for epoch in range(1, epochs + 1):
             t0 = time.perf_counter()
-            perm = torch.randperm(n, generator=gen).to(device)                   # [N]
-            loss_sum = torch.zeros((), device=device)   # summed on device: no per-step sync
-            for s in starts:
-                idx = perm[s:s + bs]
-                xb = to_float(train_x[idx])                                      # [b, C, H, W]
-                yb = train_y[idx]                                                # [b]
+            loss_sum, steps = torch.zeros((), device=device), 0   # summed on device: no per-step sync
+            for xb, yb in train.batches(bs, gen):
+                xb, yb = to_float(xb.to(device)), yb.to(device)                  # [b, C, H, W], [b]
                 xb = augment(xb, gen, cfg, soft=protocol == "soft")
                 xb, ya, yb2, lam = cutmix(xb, yb, gen, cfg.cutmix_beta)
                 logits = model(xb)                                               # [b, K]
@@ -347,7 +359,7 @@ def train_student(train_x: torch.Tensor, train_y: torch.Tensor,
                 if protocol == "soft":
                     sched.step()
                 loss_sum += loss.detach()
-                images_seen += len(idx)
+                images_seen, steps = images_seen + len(yb), steps + 1
             if protocol == "hard":
                 sched.step()
             if device.type == "cuda":
@@ -355,10 +367,10 @@ def train_student(train_x: torch.Tensor, train_y: torch.Tensor,
             train_s += time.perf_counter() - t0
 
             if epoch in marks:
-                line = (f"[{protocol}] epoch {epoch}/{epochs} loss {float(loss_sum) / steps_per_epoch:.4g} "
+                line = (f"[{protocol}] epoch {epoch}/{epochs} loss {float(loss_sum) / max(steps, 1):.4g} "
                         f"lr {opt.param_groups[0]['lr']:.2e}")
-                if eval_x is not None:
-                    acc = accuracy(model, eval_x, eval_y, device=device)
+                if evaluation is not None:
+                    acc = split_accuracy(model, evaluation, device=device)
                     curve.append((epoch, acc))
                     line += f" acc {acc:.4f}"
                 if log is not None:
@@ -377,21 +389,19 @@ def train_student(train_x: torch.Tensor, train_y: torch.Tensor,
     return result
 
 
-def train_teacher(real_x: torch.Tensor, real_y: torch.Tensor, *, arch: str, num_classes: int,
+def train_teacher(train: Split | StreamedSplit, *, arch: str, num_classes: int,
                   cfg: EvalConfig, epochs: int, seed: int, device: str | torch.device = "cpu",
                   log: Callable[[str], None] | None = None) -> nn.Module:
-    """A hard-label classifier trained on real data (the soft protocol's teacher), frozen, eval mode.
-
-    Same recipe as the hard protocol (SGD, MultiStepLR, RRC + flip + CutMix, λ-mixed CE).
+    """A hard-label classifier trained on real data (held or streamed; the soft protocol's teacher), frozen,
+    eval mode. Same recipe as the hard protocol (SGD, MultiStepLR, RRC + flip + CutMix, λ-mixed CE).
     """
-    res = train_student(real_x, real_y, None, None, student=arch, num_classes=num_classes, cfg=cfg,
-                        epochs=epochs, seed=seed, protocol="hard", device=device, log=log,
-                        return_model=True)
+    res = fit_student(train, None, student=arch, num_classes=num_classes, cfg=cfg,
+                      epochs=epochs, seed=seed, protocol="hard", device=device, log=log, return_model=True)
     model = res["model"].eval()
     for p in model.parameters():
         p.requires_grad_(False)
     if log is not None:
-        log(f"[teacher] {arch}: train top-1 {accuracy(model, real_x, real_y, device=device):.4f} "
+        log(f"[teacher] {arch}: train top-1 {split_accuracy(model, train, device=device):.4f} "
             f"after {epochs} epochs ({res['images_per_s']:.0f} img/s)")
     return model
 

@@ -23,8 +23,9 @@ class TrainHooks:
     world_rank = 0
     world_size = 1
 
-    def __init__(self) -> None:
+    def __init__(self, datasets: dict | None = None) -> None:
         self.reports: list[dict] = []
+        self.datasets = datasets or {}
         self.checkpoint_dir: str | None = None
         self._restore: str | None = None
 
@@ -56,6 +57,11 @@ class TrainHooks:
 
     def all_gather(self, obj: Any) -> list[Any]:
         return [obj]
+
+    def dataset(self, name: str):
+        """The Ray Data stream `name` the job was given (`datasets=`), or None. Whole: raydd's jobs do not split
+        it between workers (each evaluation worker trains whole students). Read it with iter_batches."""
+        return self.datasets.get(name)
 
 
 def print_progress(hooks: TrainHooks, tag: str, step: int, total: int, metrics: dict) -> None:
@@ -121,8 +127,8 @@ class TrainLoop:
                 self.hooks.report(self.metrics, checkpoint_dir=d if rank0 else None)
 
 
-def run_local(loop: Callable[[dict, TrainHooks], None], config: dict) -> TrainHooks:
-    hooks = TrainHooks()
+def run_local(loop: Callable[[dict, TrainHooks], None], config: dict, datasets: dict | None = None) -> TrainHooks:
+    hooks = TrainHooks(datasets)
     loop(config, hooks)
     return hooks
 

@@ -7,6 +7,7 @@ import torch.nn.functional as F
 from sklearn.datasets import load_digits
 
 from raydd.config import EvalConfig
+from raydd.data import Split
 from raydd.protocols import (accuracy, cosine_factor, cutmix, dd_ranking, epochs_for, eval_epochs,
                               random_resized_crop_flip, to_float, train_student, train_teacher)
 
@@ -157,7 +158,7 @@ def test_train_student_is_deterministic(digits):
 
 def test_soft_protocol_with_teacher_beats_chance(digits):
     tx, ty, ex, ey = digits
-    teacher = train_teacher(tx, ty, arch="convnet_d2", num_classes=10, cfg=CFG, epochs=15, seed=1)
+    teacher = train_teacher(Split(tx, ty), arch="convnet_d2", num_classes=10, cfg=CFG, epochs=15, seed=1)
     assert not teacher.training and not any(p.requires_grad for p in teacher.parameters())
     assert accuracy(teacher, ex, ey) > 0.5
     res = train_student(tx, ty, ex, ey, student="convnet_d2", num_classes=10, cfg=CFG, epochs=10,

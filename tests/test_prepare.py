@@ -165,3 +165,91 @@ def test_two_commands_preparing_one_store_take_turns(tmp_path, monkeypatch):
     for t in threads:
         t.join()
     assert len(writes) == 1 and out == [writes[0]] * 2
+
+
+def test_from_a_store_a_part_is_read_alone(tmp_path):
+    """The val hold-out is a part of the stored train folder: reading it reads only its rows, batch by batch, and
+    does not bring the train split with it (#20: no process holds what it does not use)."""
+    from raydd.prepare import load_data
+
+    root = make_folder(tmp_path / "folder", per_class=(10, 2))
+    cfg = cfg_for(root, tmp_path / "store")
+    load_data(cfg)
+    data, decoded = load_real(cfg.data), load_real(dataclasses.replace(cfg.data, store=""))
+    assert torch.equal(data.val.x, decoded.val.x) and torch.equal(data.val.y, decoded.val.y) and len(data.val) == 4
+    assert data.describe().endswith("(so far: val)")
+
+
+def test_a_streamed_split_gives_each_row_once_an_epoch_and_the_same_random_picks_as_the_held_one(tmp_path):
+    """raydd.distributed.store.part_dataset + raydd.data.StreamedSplit: what a Train worker reads instead of
+    holding the split. An epoch is the held split's rows in another order; a random subset taken from the stream
+    equals the one taken from the held split; accuracy over the stream equals accuracy over the held split."""
+    from raydd.data import streamed_split, stream_spec
+    from raydd.distributed.store import part_dataset
+    from raydd.generate import random_picks
+    from raydd.prepare import load_data
+    from raydd.protocols import split_accuracy
+    from raydd.students import create_student
+
+    root = make_folder(tmp_path / "folder", per_class=(12, 2))
+    cfg = cfg_for(root, tmp_path / "store", "data.max_train_per_class=7")
+    held = load_data(cfg).train
+    stream = streamed_split(part_dataset(cfg.data, stream_spec(cfg.data), seed=3), stream_spec(cfg.data), cfg.data)
+    assert len(stream) == len(held) == 14 and torch.equal(stream.y, held.y)
+    for seed in (0, 1):
+        batches = list(stream.batches(4, torch.Generator().manual_seed(seed)))
+        assert [len(y) for _, y in batches] == [4, 4, 4, 2]
+        x, y = torch.cat([b[0] for b in batches]), torch.cat([b[1] for b in batches])
+        key = lambda x, y: sorted(zip(y.tolist(), x.flatten(1).tolist()))  # noqa: E731
+        assert key(x, y) == key(held.x, held.y)                  # every row once, each with its own label
+    picks = random_picks(held.y, 3, seed=5)
+    taken = stream.take(picks.numpy())
+    assert torch.equal(taken.x, held.x[picks]) and torch.equal(taken.y, held.y[picks])
+    model = create_student("convnet_d1", num_classes=2, in_chans=3, image_size=16)
+    assert split_accuracy(model, stream) == split_accuracy(model, held)
+
+
+@pytest.mark.slow
+def test_with_a_store_the_teacher_and_the_real_references_stream_the_train_split(tmp_path):
+    """#20 item 2: the Train jobs that train on the real train split (the teacher; DD-Ranking's real and random
+    references) take it as a Ray Dataset (`datasets=`, hooks.dataset) and no worker holds it. Random references
+    train on the same picks as without a store, so they give the same accuracy."""
+    from raydd.distributed.cluster import init_ray
+    from raydd.distributed.runner import RayRunner
+    from raydd.jobs import evaluate_set, real_classifier
+    from raydd.prepare import load_data
+
+    root = make_folder(tmp_path / "folder", per_class=(12, 3))
+    runs = {}
+    for store in (str(tmp_path / "store"), ""):
+        cfg = cfg_for(root, store, "ipc=2", "eval.students=[convnet_d1]", "eval.seeds=1", "eval.epochs=2",
+                      "eval.teacher_epochs=1", "eval.teacher_arch=convnet_d1", f"cache_dir={tmp_path / store[-5:]}c")
+        data = load_data(cfg)
+        init_ray(cfg.compute)
+        runner = RayRunner(cfg, tmp_path / f"scratch{store[-5:]}")
+        teacher = real_classifier(cfg, runner)
+        syn = data.test                                          # any uint8 set will do as "the distilled set"
+        source = {"kind": "arrays", "x": syn.x.numpy(), "y": syn.y.numpy()}
+        runs[bool(store)] = (json.loads((teacher.parent / "metrics.json").read_text()),
+                             evaluate_set(cfg, source, runner))
+    for streamed, (teacher_metrics, summary) in runs.items():
+        assert teacher_metrics["streamed"] is streamed
+        refs = [j for j in summary["jobs"] if j["kind"] != "syn"]
+        assert {j["kind"] for j in refs} == {"real", "random"} and all(j["streamed"] is streamed for j in refs)
+    random = {s: [j["best_acc"] for j in runs[s][1]["jobs"] if j["kind"] == "random"] for s in runs}
+    assert random[True] == random[False]
+
+
+def test_from_a_store_a_random_subset_reads_only_its_picks(tmp_path):
+    """The `random` method's driver: the same picks as from the decoded split, and the train split is not read."""
+    from raydd.generate import random_subset
+    from raydd.prepare import load_data
+
+    root = make_folder(tmp_path / "folder", per_class=(10, 2))
+    cfg = cfg_for(root, tmp_path / "store")
+    load_data(cfg)
+    data, decoded = load_real(cfg.data), load_real(dataclasses.replace(cfg.data, store=""))
+    for seed in (0, 1):
+        a, b = random_subset(data.part("train"), 3, seed), random_subset(decoded.train, 3, seed)
+        assert torch.equal(a.images, b.images) and torch.equal(a.labels, b.labels) and torch.equal(a.slots, b.slots)
+    assert data.describe() == "splits read when used (so far: none)"

@@ -45,17 +45,18 @@ class RayRunner:
 
     def train(self, loop: Callable[[dict, TrainHooks], None], config: dict, name: str,
               num_workers: int | None = None, cpus_per_worker: float | None = None, resume_key: str | None = None,
-              callbacks: list | None = None):
+              callbacks: list | None = None, datasets: dict | None = None):
         """resume_key: the job's checkpoints live under the run's scratch dir as <name>-<resume_key>, so a
         rerun of the run after the driver died continues from the last one (the scratch dir goes with the run).
-        callbacks: Ray Train UserCallbacks, run on the Train controller after every report."""
+        callbacks: Ray Train UserCallbacks, run on the Train controller after every report. datasets: Ray
+        Datasets the loop streams (hooks.dataset)."""
         c = self.cfg.compute
         resumable = resume_key is not None and self.scratch is not None
         storage = Path(self.scratch) / "ray_train" if resumable else self.cfg.resolved_cache_dir() / "ray_train"
         return fit(loop, config, name=f"{name}-{resume_key}" if resumable else name, storage=storage, resume=resumable,
                    num_workers=num_workers or c.train_workers, cpus_per_worker=cpus_per_worker or c.cpus_per_worker,
                    gpus_per_worker=c.gpus_per_worker, memory_gib_per_worker=c.memory_per_worker_gib,
-                   max_failures=self.max_train_failures, callbacks=callbacks)
+                   max_failures=self.max_train_failures, callbacks=callbacks, datasets=datasets)
 
     def max_cpus_per_worker(self) -> float:
         """CPUs for each of compute.train_workers workers of a job that may use the whole cluster (the tiny

@@ -10,9 +10,11 @@ from raydd.data import DataError, list_image_files, read_image
 
 
 def _class_files(item: dict) -> list[dict]:
-    """flat_map: one class folder -> its image files (file-name order, the first `cap` when cap > 0)."""
+    """flat_map: one class folder -> its image files (file-name order, the first `cap` when cap > 0); index = the
+    file's place in its class, which with the label gives the row's place in the split (raydd.data.part_positions)."""
     files = list_image_files(Path(item["folder"]))
-    return [{"label": item["label"], "path": str(f)} for f in (files[:item["cap"]] if item["cap"] > 0 else files)]
+    return [{"label": item["label"], "index": i, "path": str(f)}
+            for i, f in enumerate(files[:item["cap"]] if item["cap"] > 0 else files)]
 
 
 def _decode(batch: dict, size: int, channels: int) -> dict:
@@ -25,15 +27,38 @@ def _decode(batch: dict, size: int, channels: int) -> dict:
         except DataError as e:
             images.append(b"")
             errors.append(str(e))
-    return {"label": batch["label"], "path": batch["path"], "image": np.array(images, dtype=object),
+    return {"label": batch["label"], "index": batch["index"], "path": batch["path"], "image": np.array(images, dtype=object),
             "error": np.array(errors, dtype=object)}
 
 
 def write_folder_split(folders: list[str], cap: int, size: int, channels: int, dest: str) -> None:
     """Class folders (label = position) -> parquet shards under `dest` (a path or URI): one listing task per
-    folder, decoding and resizing in batches of 64 across the cluster. Rows: label, path, image, error."""
+    folder, decoding and resizing in batches of 64 across the cluster. Rows: label, index, path, image, error."""
     items = [{"label": i, "folder": f, "cap": cap} for i, f in enumerate(folders)]
     (ray.data.from_items(items, override_num_blocks=len(items))
      .flat_map(_class_files)
      .map_batches(_decode, fn_kwargs={"size": size, "channels": channels}, batch_size=64)
      .write_parquet(dest))
+
+
+def _keep_part(batch: dict, where: np.ndarray, offsets: np.ndarray) -> dict:
+    """map_batches: the rows of one part, pos = a row's place in the part (-1 in `where`: not in it)."""
+    pos = where[offsets[batch["label"]] + batch["index"]]
+    mine = pos >= 0
+    return {"label": batch["label"][mine], "pos": pos[mine], "image": batch["image"][mine]}
+
+
+def part_dataset(cfg, spec: dict, seed: int = 0) -> "ray.data.Dataset":
+    """A part of a store's train folder (spec: raydd.data.stream_spec) as a Ray Dataset for Train jobs (their
+    `datasets=`): rows label, pos, image, the block order shuffled once with `seed` (each epoch then goes
+    through the worker's local shuffle buffer, raydd.data.StreamedSplit). Nothing is read until a worker iterates."""
+    from raydd.data import _complete_store, part_positions
+
+    counts = np.asarray(spec["counts"], dtype=np.int64)
+    positions = part_positions(spec["counts"], cfg, spec["has_val"])[spec["part"]]
+    where = np.full(int(counts.sum()), -1, dtype=np.int32)          # [rows of the folder]: 4 B a row
+    where[positions] = np.arange(len(positions))
+    offsets = np.concatenate([[0], np.cumsum(counts)[:-1]])
+    return (ray.data.read_parquet(f"{_complete_store(cfg)}/train").select_columns(["label", "index", "image"])
+            .map_batches(_keep_part, fn_kwargs={"where": where, "offsets": offsets}, batch_format="numpy")
+            .randomize_block_order(seed=seed))

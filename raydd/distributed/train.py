@@ -20,8 +20,9 @@ from raydd.train_hooks import TrainHooks, TrainResult
 class RayHooks(TrainHooks):
     """TrainHooks backed by Ray Train inside a worker."""
 
-    def __init__(self) -> None:
+    def __init__(self, datasets: list[str]) -> None:
         super().__init__()
+        self.names = datasets                           # what fit(datasets=) gave this job
         ctx = ray.train.get_context()
         self.world_rank, self.world_size = ctx.get_world_rank(), ctx.get_world_size()
         ckpt = ray.train.get_checkpoint()
@@ -51,6 +52,9 @@ class RayHooks(TrainHooks):
             self._restore_ckpt.to_directory(self._restore)
         return self._restore
 
+    def dataset(self, name: str):
+        return ray.train.get_dataset_shard(name) if name in self.names else None   # whole: datasets_to_split=[]
+
     def all_gather(self, obj: Any) -> list[Any]:
         if self.world_size == 1:
             return [obj]
@@ -60,13 +64,13 @@ class RayHooks(TrainHooks):
 
 
 def _worker(config: dict) -> None:
-    loop = config.pop("__loop__")
+    loop, datasets = config.pop("__loop__"), config.pop("__datasets__")
     if isinstance(loop, str):                               # "module:function" (see loop_ref), imported here
         import importlib
 
         module, name = loop.split(":")
         loop = getattr(importlib.import_module(module), name)
-    loop(config, RayHooks())
+    loop(config, RayHooks(datasets))
 
 
 def loop_ref(loop: Callable) -> str | Callable:
@@ -81,17 +85,20 @@ def loop_ref(loop: Callable) -> str | Callable:
 def fit(loop: Callable[[dict, TrainHooks], None], config: dict, *, name: str, storage: str | Path,
         num_workers: int = 1, cpus_per_worker: float = 1.0, gpus_per_worker: float = 0.0,
         memory_gib_per_worker: float = 0.0, max_failures: int = 2, resume: bool = False,
-        callbacks: list | None = None) -> TrainResult:
+        callbacks: list | None = None, datasets: dict | None = None) -> TrainResult:
     """Run `loop` on `num_workers` Ray Train workers; restarts from the last checkpoint on worker
     failure (up to max_failures times). resume=True: `name` is used as given, so a later fit with the same
     name and storage (the driver died and the run was started again) starts from that run's last checkpoint;
-    otherwise every fit gets a fresh directory."""
+    otherwise every fit gets a fresh directory. datasets: {name: Ray Dataset}, streamed to every worker whole
+    (hooks.dataset(name)), not split: each worker of an evaluation trains whole students."""
     use_gpu = gpus_per_worker > 0
     resources = ({"CPU": cpus_per_worker} | ({"GPU": gpus_per_worker} if use_gpu else {})
                  | ({"memory": int(memory_gib_per_worker * 2**30)} if memory_gib_per_worker > 0 else {}))
     trainer = ray.train.torch.TorchTrainer(
         _worker,
-        train_loop_config={**config, "__loop__": loop_ref(loop)},
+        train_loop_config={**config, "__loop__": loop_ref(loop), "__datasets__": sorted(datasets or {})},
+        datasets=datasets or None,
+        dataset_config=ray.train.DataConfig(datasets_to_split=[]),
         scaling_config=ray.train.ScalingConfig(num_workers=num_workers, use_gpu=use_gpu,
                                                resources_per_worker=resources),
         run_config=ray.train.RunConfig(

@@ -1,7 +1,7 @@
 """random: a random subset of the real training images at the same IPC (DD-Ranking's reference).
 
 Each class's pick is a function of (run seed, class) only (raydd.generate.random_subset, which the
-evaluation's DD-Ranking reference uses too).
+evaluation's DD-Ranking reference uses too). From a store only the picked images are read.
 """
 from __future__ import annotations
 
@@ -18,4 +18,4 @@ class Config:
 
 @register_method("random", Config)
 def run(ctx, cfg: Config):
-    return random_subset(ctx.data.train, ctx.cfg.ipc, ctx.cfg.seed)
+    return random_subset(ctx.data.part("train"), ctx.cfg.ipc, ctx.cfg.seed)
