@@ -305,7 +305,8 @@ def bench_scale(quick: bool) -> dict:
     """#20's scale check. (1) Peak PSS of the whole process tree (driver, Ray, actors, Train workers) of
     `python -m raydd.distill --method random --preset imagenette --smoke` (a distillation and its evaluation, on a
     CPU) on a synthetic ImageFolder with N and 4N train images per class: the ratio should stay near 1 when no
-    process holds the real data. With and without data.store. (2) Store preparation (raydd.prepare, Ray Data)
+    process holds the real data. With and without data.store. The real-data job is the diagnostics' teacher
+    (one epoch over the train split), a convnet_d1 here so that a CPU runs it in minutes. (2) Store preparation (raydd.prepare, Ray Data)
     images/s next to a plain multi-process PIL loop over the same files (both with every CPU)."""
     from raydd.data import subset_classes
     from raydd.realarch import write_imagefolder, write_models
@@ -324,7 +325,8 @@ def bench_scale(quick: bool) -> dict:
                 cmd = [sys.executable, "-m", "raydd.distill", "--method", "random", "--preset", "imagenette", "--smoke",
                        f"data.root={root}", f"data.store={store}", f"backbone.source={dit}", f"backbone.vae={vae}",
                        "compute.gpus_per_actor=0", "compute.gpus_per_worker=0", "compute.memory_per_actor_gib=0",
-                       "eval.ranking=false", f"run_name=scale-{label}", f"out_dir={tmp}/outputs"]
+                       "eval.ranking=false", "eval.teacher_arch=convnet_d1", f"run_name=scale-{label}",
+                       f"out_dir={tmp}/outputs"]
                 rc, rss, pss, secs, top = peak_tree_rss(cmd, env, tmp, output=f"{tmp}/{label}.log")
                 if rc != 0:
                     raise RuntimeError(f"bench scale: {' '.join(cmd)} exited {rc}:\n"
