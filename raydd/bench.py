@@ -306,8 +306,10 @@ def bench_scale(quick: bool) -> dict:
     `python -m raydd.distill --method random --preset imagenette --smoke` (a distillation and its evaluation, on a
     CPU) on a synthetic ImageFolder with N and 4N train images per class: the ratio should stay near 1 when no
     process holds the real data. With and without data.store. The real-data job is the diagnostics' teacher
-    (one epoch over the train split), a convnet_d1 here so that a CPU runs it in minutes. (2) Store preparation (raydd.prepare, Ray Data)
-    images/s next to a plain multi-process PIL loop over the same files (both with every CPU)."""
+    (one epoch over the train split), a convnet_d1 in batches of 32 here, so that a CPU runs it in minutes and
+    its activations (~9 GiB at the protocol's batch of 256 at 256 px) do not drown the data. (2) Store
+    preparation (raydd.prepare, Ray Data) images/s next to a plain multi-process PIL loop over the same files
+    (both with every CPU)."""
     from raydd.data import subset_classes
     from raydd.realarch import write_imagefolder, write_models
 
@@ -325,8 +327,8 @@ def bench_scale(quick: bool) -> dict:
                 cmd = [sys.executable, "-m", "raydd.distill", "--method", "random", "--preset", "imagenette", "--smoke",
                        f"data.root={root}", f"data.store={store}", f"backbone.source={dit}", f"backbone.vae={vae}",
                        "compute.gpus_per_actor=0", "compute.gpus_per_worker=0", "compute.memory_per_actor_gib=0",
-                       "eval.ranking=false", "eval.teacher_arch=convnet_d1", f"run_name=scale-{label}",
-                       f"out_dir={tmp}/outputs"]
+                       "eval.ranking=false", "eval.teacher_arch=convnet_d1", "eval.batch_size=32",
+                       f"run_name=scale-{label}", f"out_dir={tmp}/outputs"]
                 rc, rss, pss, secs, top = peak_tree_rss(cmd, env, tmp, output=f"{tmp}/{label}.log")
                 if rc != 0:
                     raise RuntimeError(f"bench scale: {' '.join(cmd)} exited {rc}:\n"
