@@ -229,21 +229,29 @@ def cutmix(x: torch.Tensor, y: torch.Tensor, generator: torch.Generator, beta: f
 # Training and evaluation
 # --------------------------------------------------------------------------------------------
 @torch.no_grad()
-def accuracy(model: nn.Module, x_uint8: torch.Tensor, y: torch.Tensor, batch_size: int = 512,
+def predict_batch_size(shape: tuple[int, ...]) -> int:
+    """Images per batch when only predicting: 512, fewer for large images (about 4 M input values a batch, 21
+    at 3x256x256), so that a convnet's activations stay near a GiB (512 at 256 px took > 17 GiB on one layer)."""
+    return max(1, min(512, 2**22 // math.prod(shape)))
+
+
+def accuracy(model: nn.Module, x_uint8: torch.Tensor, y: torch.Tensor, batch_size: int = 0,
              device: str | torch.device = "cpu") -> float:
     """Top-1 accuracy (fraction in [0, 1]) of `model` on uint8 images [N, C, H, W] with labels [N]."""
     return split_accuracy(model, Split(x_uint8, y), batch_size, device)
 
 
-def split_accuracy(model: nn.Module, split: Split | StreamedSplit, batch_size: int = 512,
+def split_accuracy(model: nn.Module, split: Split | StreamedSplit, batch_size: int = 0,
                    device: str | torch.device = "cpu") -> float:
-    """Top-1 accuracy of `model` on a split (held or streamed)."""
+    """Top-1 accuracy of `model` on a split (held or streamed), without autograd; batch_size 0 = by image size
+    (predict_batch_size)."""
     was_training = model.training
     model.eval()
     correct = 0
-    for xb, yb in split.ordered(batch_size):
-        pred = model(to_float(xb.to(device))).argmax(dim=1)       # [b]
-        correct += int((pred.cpu() == yb.cpu()).sum())
+    with torch.no_grad():
+        for xb, yb in split.ordered(batch_size or predict_batch_size(split.shape)):
+            pred = model(to_float(xb.to(device))).argmax(dim=1)   # [b]
+            correct += int((pred.cpu() == yb.cpu()).sum())
     model.train(was_training)
     return correct / max(1, len(split))
 

@@ -279,3 +279,27 @@ def test_a_given_real_data_accuracy_replaces_the_real_reference_training(digits_
     r = summary["ranking"]["convnet_d1"]
     assert r["acc_real_hard"] == 0.875 and r["HLR"] == pytest.approx(0.875 - r["acc_syn_hard"])
     assert len(list((tmp_path / "references").glob("*.json"))) == 1                    # the random reference only
+
+
+def test_accuracy_predicts_without_autograd_in_batches_that_shrink_with_the_image():
+    """At 256 px, 512 images a batch with autograd on took a convnet_d1 past 17 GiB on one layer (the scale bench
+    was killed by Ray's memory monitor): prediction runs under no_grad, in batches of ~4 M input values."""
+    from raydd.protocols import predict_batch_size
+
+    assert predict_batch_size((1, 16, 16)) == 512 and predict_batch_size((3, 32, 32)) == 512
+    assert predict_batch_size((3, 256, 256)) == 21
+
+    class Probe(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.batches = []
+
+        def forward(self, x):
+            assert not torch.is_grad_enabled()
+            self.batches.append(len(x))
+            return torch.zeros(len(x), 2)
+
+    probe = Probe()
+    x = torch.zeros(50, 3, 256, 256, dtype=torch.uint8)
+    assert accuracy(probe, x, torch.zeros(50, dtype=torch.long)) == 1.0
+    assert probe.batches == [21, 21, 8]
