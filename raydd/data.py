@@ -109,7 +109,7 @@ class RealData:
     evaluation of a set) never holds it, and `part` reads a split's labels or a few of its rows only."""
 
     def __init__(self, train: Split | None, val: Split | None, test: Split | None, class_names: list[str],
-                 store: StoreParts | None = None):
+                 store: StoreReader | None = None):
         self._splits = {k: v for k, v in (("train", train), ("val", val), ("test", test)) if v is not None}
         self.store, self.class_names = store, class_names
 
@@ -200,6 +200,16 @@ def stratified_split(y: np.ndarray, fractions: tuple[float, float], seed: int) -
     return tuple(np.sort(np.array(p, dtype=np.int64)) for p in parts)
 
 
+def class_labels(counts: list[int]) -> np.ndarray:
+    """The labels of rows in class order, counts[c] of class c: [0]*counts[0] + [1]*counts[1] + ..."""
+    return np.repeat(np.arange(len(counts)), counts)
+
+
+def class_offsets(counts: list[int]) -> np.ndarray:
+    """int64 [C]: the first row of each class in class order; + a file's index in its class = its row."""
+    return np.concatenate([[0], np.cumsum(counts)[:-1]]).astype(np.int64)
+
+
 def cap_per_class(idx: np.ndarray, y: np.ndarray, cap: int) -> np.ndarray:
     """The first `cap` of each class among the sorted positions `idx` (labels y[idx]); all when cap <= 0."""
     if cap <= 0:
@@ -212,7 +222,7 @@ def part_positions(counts: list[int], cfg: DataConfig, has_val: bool) -> dict[st
     """A train folder's rows in (class, file-name) order, counts[c] of class c -> the sorted positions of each
     part: "train" (capped at data.max_train_per_class), its "val" hold-out, and "test" when the root has no val/
     of its own. The one definition of the split, whether the rows are decoded or read from a store."""
-    y = np.repeat(np.arange(len(counts)), counts)
+    y = class_labels(counts)
     tr, va, te = stratified_split(y, (cfg.val_fraction, 0.0 if has_val else cfg.test_fraction), cfg.split_seed)
     return {"train": cap_per_class(tr, y, cfg.max_train_per_class), "val": va} | ({} if has_val else {"test": te})
 
@@ -338,9 +348,9 @@ def read_store_split(location: str, split: str, size: int, channels: int,
 
     fs, path = store_filesystem(location)
     counts = store_manifest(location)["counts"][split]
-    offsets = np.concatenate([[0], np.cumsum(counts)[:-1]]).astype(np.int64)           # [C] first row of class c
+    offsets = class_offsets(counts)                                                  # [C]
     keep = np.zeros(sum(counts), dtype=bool)
-    keep[np.arange(sum(counts)) if positions is None else positions] = True
+    keep[slice(None) if positions is None else positions] = True
     pos, images = [], []
     for batch in pads.dataset(f"{path}/{split}", filesystem=fs, format="parquet").to_batches(
             columns=["label", "index", "image"], batch_size=256):
@@ -350,7 +360,7 @@ def read_store_split(location: str, split: str, size: int, channels: int,
         images += batch.column("image").take(mine).to_pylist()
     order = np.argsort(np.concatenate(pos), kind="stable")
     x = np.frombuffer(b"".join(images[i] for i in order), dtype=np.uint8).reshape(-1, channels, size, size)
-    labels = np.repeat(np.arange(len(counts)), counts)[np.concatenate(pos)[order]]
+    labels = class_labels(counts)[np.concatenate(pos)[order]]
     return Split(torch.from_numpy(x.copy()), torch.from_numpy(labels.astype(np.int64)))
 
 
@@ -364,7 +374,7 @@ def _complete_store(cfg: DataConfig) -> str:
     return location
 
 
-class StoreParts:
+class StoreReader:
     """A prepared store's splits as RealData reads them: test (the root's own val/, stored as "val") or a part of
     the train folder (raydd.data.part_positions), whole or some of its rows, or only its labels."""
 
@@ -381,7 +391,7 @@ class StoreParts:
 
     def labels(self, name: str) -> torch.Tensor:
         stored, positions = self._where(name)
-        return torch.from_numpy(np.repeat(np.arange(len(self.counts[stored])), self.counts[stored])[positions])
+        return torch.from_numpy(class_labels(self.counts[stored])[positions])
 
     def read(self, name: str, idx: torch.Tensor | None = None) -> Split:
         """Split `name`, or its rows idx in that order, read batch by batch (read_store_split)."""
@@ -394,7 +404,7 @@ class StoreParts:
 @dataclass
 class StoredPart:
     """A split still in its store: labels y (from the manifest) and take(idx), which reads those rows only."""
-    store: StoreParts
+    store: StoreReader
     name: str
 
     @property
@@ -418,14 +428,14 @@ def stream_spec(cfg: DataConfig, part: str = "train") -> dict:
 def streamed_split(source, spec: dict, cfg: DataConfig) -> StreamedSplit:
     """A worker's StreamedSplit of the part in `spec` (stream_spec), its labels computed, not read."""
     positions = part_positions(spec["counts"], cfg, spec["has_val"])[spec["part"]]
-    labels = np.repeat(np.arange(len(spec["counts"])), spec["counts"])[positions]
+    labels = class_labels(spec["counts"])[positions]
     return StreamedSplit(source, labels, (cfg.channels, cfg.image_size, cfg.image_size))
 
 
 def load_imagefolder_data(cfg: DataConfig, train: bool = True) -> RealData:
     root, classes, has_val = folder_classes(cfg)
     if cfg.store:                         # prepared once (raydd.prepare.load_data): a split is read when used
-        return RealData(None, None, None, classes, store=StoreParts(cfg, has_val))
+        return RealData(None, None, None, classes, store=StoreReader(cfg, has_val))
     read = functools.partial(_imagefolder_splits, cfg, root, classes, has_val)
     if not train and has_val:             # only the test split (val/): train and its hold-out stay empty
         test = read("test")["test"]
@@ -438,7 +448,7 @@ def load_imagefolder_data(cfg: DataConfig, train: bool = True) -> RealData:
 def _imagefolder_splits(cfg: DataConfig, root: Path, classes: list[str], has_val: bool, name: str) -> dict[str, Split]:
     """Decoded: the split `name` and those that come with it: with its own val/ (the ImageNet convention), val/ is
     the test split and is read alone; train/ gives train and its val hold-out (and test too when there is no val/),
-    the parts of raydd.data.part_positions. (From a store: StoreParts.)"""
+    the parts of raydd.data.part_positions. (From a store: StoreReader.)"""
     train_dir = root / "train" if (root / "train").is_dir() else root
     if name == "test" and has_val:
         return {"test": load_image_folder(root / "val", classes, cfg.image_size, cfg.channels)}

@@ -52,13 +52,13 @@ def part_dataset(cfg, spec: dict, seed: int = 0) -> "ray.data.Dataset":
     """A part of a store's train folder (spec: raydd.data.stream_spec) as a Ray Dataset for Train jobs (their
     `datasets=`): rows label, pos, image, the block order shuffled once with `seed` (each epoch then goes
     through the worker's local shuffle buffer, raydd.data.StreamedSplit). Nothing is read until a worker iterates."""
-    from raydd.data import _complete_store, part_positions
+    from raydd.data import _complete_store, class_offsets, part_positions
 
     counts = np.asarray(spec["counts"], dtype=np.int64)
     positions = part_positions(spec["counts"], cfg, spec["has_val"])[spec["part"]]
     where = np.full(int(counts.sum()), -1, dtype=np.int32)          # [rows of the folder]: 4 B a row
     where[positions] = np.arange(len(positions))
-    offsets = np.concatenate([[0], np.cumsum(counts)[:-1]])
+    offsets = class_offsets(spec["counts"])
     return (ray.data.read_parquet(f"{_complete_store(cfg)}/train").select_columns(["label", "index", "image"])
             .map_batches(_keep_part, fn_kwargs={"where": where, "offsets": offsets}, batch_format="numpy")
             .randomize_block_order(seed=seed))
