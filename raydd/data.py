@@ -63,8 +63,8 @@ class Split:
 class StreamedSplit:
     """A split streamed from Ray Data (a Train worker's dataset shard, raydd.distributed.store.part_dataset),
     rows: label, pos (the row's place in the split), image (uint8 [C, H, W] bytes). It holds its labels and one
-    shuffle buffer of at most `buffer_bytes`, never the images. An epoch's order: the dataset's block order
-    (shuffled once by the driver) through a local shuffle buffer seeded from the caller's generator."""
+    shuffle buffer of at most `buffer_bytes`, never the images. An epoch's order: the dataset's file order
+    (shuffled anew each epoch) through a local shuffle buffer seeded from the caller's generator."""
 
     def __init__(self, source, labels: np.ndarray, shape: tuple[int, int, int], buffer_bytes: int = 512 * 2**20):
         self.source, self.labels, self.shape, self.buffer_bytes = source, labels, tuple(shape), buffer_bytes

@@ -50,8 +50,12 @@ def _keep_part(batch: dict, where: np.ndarray, offsets: np.ndarray) -> dict:
 
 def part_dataset(cfg, spec: dict, seed: int = 0) -> "ray.data.Dataset":
     """A part of a store's train folder (spec: raydd.data.stream_spec) as a Ray Dataset for Train jobs (their
-    `datasets=`): rows label, pos, image, the block order shuffled once with `seed` (each epoch then goes
-    through the worker's local shuffle buffer, raydd.data.StreamedSplit). Nothing is read until a worker iterates."""
+    `datasets=`): rows label, pos, image. Each epoch reads the files in another order (seeded by `seed`), then the
+    worker's local shuffle buffer mixes them (raydd.data.StreamedSplit); nothing is materialised (a block-order
+    shuffle would hold the whole part in the object store). Nothing is read until a worker iterates.
+
+    Its tasks ask for no CPU, two at a time: the Train workers that read it hold the CPUs, and a stream whose
+    tasks asked for one waited forever when they held them all (two 1-CPU nodes, two workers)."""
     from raydd.data import _complete_store, class_offsets, part_positions
 
     counts = np.asarray(spec["counts"], dtype=np.int64)
@@ -59,6 +63,7 @@ def part_dataset(cfg, spec: dict, seed: int = 0) -> "ray.data.Dataset":
     where = np.full(int(counts.sum()), -1, dtype=np.int32)          # [rows of the folder]: 4 B a row
     where[positions] = np.arange(len(positions))
     offsets = class_offsets(spec["counts"])
-    return (ray.data.read_parquet(f"{_complete_store(cfg)}/train").select_columns(["label", "index", "image"])
-            .map_batches(_keep_part, fn_kwargs={"where": where, "offsets": offsets}, batch_format="numpy")
-            .randomize_block_order(seed=seed))
+    light = {"num_cpus": 0, "concurrency": 2}
+    return (ray.data.read_parquet(f"{_complete_store(cfg)}/train", ray_remote_args={"num_cpus": 0}, concurrency=2,
+                                  shuffle=ray.data.FileShuffleConfig(seed=seed, reseed_after_execution=True))
+            .map_batches(_keep_part, fn_kwargs={"where": where, "offsets": offsets}, batch_format="numpy", **light))
