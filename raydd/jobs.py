@@ -324,6 +324,10 @@ def evaluate_set(cfg: Config, source: dict, runner, max_workers: int = 1, stages
     p = cfg.compute.parallel_jobs
     workers = max(1, min(len(jobs), max_workers if p <= 0 else p))
     streams = real_datasets(cfg) if any(j["kind"] != "syn" for j in jobs) else {}
+    if streams and p <= 0:
+        # some of the stream's Ray Data tasks ask for a CPU: workers holding every CPU left them pending forever
+        # (two 1-CPU nodes, two workers); leave one
+        workers = max(1, min(workers, max_workers - 1))
     result = runner.train(eval_loop, config, name=f"eval-{cfg.resolved_run_name()}", num_workers=workers,
                           resume_key=eval_key(config), callbacks=callbacks, datasets=streams)
     by_index = json.loads(Path(result.checkpoint_dir, "results.json").read_text())
