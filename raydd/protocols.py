@@ -228,7 +228,6 @@ def cutmix(x: torch.Tensor, y: torch.Tensor, generator: torch.Generator, beta: f
 # --------------------------------------------------------------------------------------------
 # Training and evaluation
 # --------------------------------------------------------------------------------------------
-@torch.no_grad()
 def predict_batch_size(shape: tuple[int, ...]) -> int:
     """Images per batch when only predicting: 512, fewer for large images (about 4 M input values a batch, 21
     at 3x256x256), so that a convnet's activations stay near a GiB (512 at 256 px took > 17 GiB on one layer)."""
