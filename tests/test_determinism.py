@@ -188,7 +188,7 @@ def test_train_cached_trains_once_when_two_need_it_at_once(tmp_path):
     calls, logs = [], []
 
     class SlowRunner:                     # stands in for LocalRunner / RayRunner: only `train` is used
-        def train(self, loop, config, name, cpus_per_worker=None):
+        def train(self, loop, config, name, cpus_per_worker=None, datasets=None):
             calls.append(name)
             time.sleep(1.0)
             ckpt = tmp_path / f"ckpt-{len(calls)}"
