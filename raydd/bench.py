@@ -313,7 +313,7 @@ def bench_scale(quick: bool) -> dict:
     from raydd.data import subset_classes
     from raydd.realarch import write_imagefolder, write_models
 
-    n = 20 if quick else 50                                             # a teacher epoch over 4N: ~4 min here
+    n = 20 if quick else 50                                             # 4N = 2000 train images: a CPU-sized teacher epoch
     wnids = subset_classes("imagenette")
     out: dict = {"train_per_class": [n, 4 * n], "classes": len(wnids)}
     with tempfile.TemporaryDirectory() as tmp:

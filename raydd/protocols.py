@@ -230,7 +230,8 @@ def cutmix(x: torch.Tensor, y: torch.Tensor, generator: torch.Generator, beta: f
 # --------------------------------------------------------------------------------------------
 def predict_batch_size(shape: tuple[int, ...]) -> int:
     """Images per batch when only predicting: 512, fewer for large images (about 4 M input values a batch, 21
-    at 3x256x256), so that a convnet's activations stay near a GiB (512 at 256 px took > 17 GiB on one layer)."""
+    at 3x256x256), so that a convnet's activations stay near a GiB (512 at 256 px: 512x128x256x256x4 B = 17 GiB for
+    one convnet_d1 layer's output, by arithmetic; Ray's memory monitor killed that run)."""
     return max(1, min(512, 2**22 // math.prod(shape)))
 
 

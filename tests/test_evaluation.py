@@ -282,8 +282,8 @@ def test_a_given_real_data_accuracy_replaces_the_real_reference_training(digits_
 
 
 def test_accuracy_predicts_without_autograd_in_batches_that_shrink_with_the_image():
-    """At 256 px, 512 images a batch took a convnet_d1 past 17 GiB on one layer's output alone (the scale bench was
-    killed by Ray's memory monitor): prediction runs in batches of ~4 M input values, under no_grad."""
+    """At 256 px, 512 images a batch is 17 GiB for one convnet_d1 layer's output alone, by arithmetic (the scale
+    bench was killed by Ray's memory monitor): prediction runs in batches of ~4 M input values, under no_grad."""
     from raydd.protocols import predict_batch_size
 
     assert predict_batch_size((1, 16, 16)) == 512 and predict_batch_size((3, 32, 32)) == 512
