@@ -40,7 +40,9 @@ class Steps:
     so guidance and post-step updates (CGS) read the same for all; per step i:
       t[i]         the true timestep the DiT sees (ints; DiT's respacing for ddpm: linspace over 1000 steps)
       abar[i]      abar at t[i];   abar_prev[i]: the noise level of x after the step (1.0 after the last);
-      beta[i]      the step's beta = 1 - abar[i] / abar_prev[i] (guidance's "variance" step size).
+      beta[i]      the step's beta = 1 - abar[i] / abar_prev[i];
+      guidance_beta[i]  guidance's "variance" step size: the beta of DiT's 50-step grid at t[i] (interpolated in t),
+                   so that the guidance edit of eps is a function of t alone, whatever the step count (below).
       ddpm   DDPMScheduler, ancestral, learned-range variance when the DiT learns sigma (improved DDPM / DiT);
       ddim   deterministic DDIM (eta = 0) on DiT's grid, as DPMSolverMultistepScheduler of order 1 (the same
              update, Lu et al. 2022): diffusers' DDIMScheduler steps from t to t - T // S instead of to the next
@@ -93,6 +95,7 @@ class Steps:
         self.abar = abar[ts]
         self.abar_prev = torch.where(after >= 0, abar[after.clamp_min(0)], torch.ones_like(self.abar))
         self.beta = 1.0 - self.abar / self.abar_prev
+        self.guidance_beta = guidance_beta(abar, ts)
         self.sigma = ((1 - self.abar) / self.abar).sqrt()              # Euler's sigma_t
         self.sigma_prev = ((1 - self.abar_prev) / self.abar_prev).sqrt()
 
@@ -111,6 +114,25 @@ class Steps:
             self.d.scale_model_input(x_ve, t)   # = x_t, the DiT's input (already computed); Euler checks the call
             return self.d.step(eps, t, x_ve).prev_sample / math.sqrt(1 + float(self.sigma_prev[i]) ** 2)
         return self.d.step(eps, t, x_t).prev_sample
+
+
+GUIDANCE_GRID_STEPS = 50   # guidance scales are calibrated on DiT's 50-step grid
+
+
+def guidance_beta(abar: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """abar [T] (the training schedule), t [S] timesteps -> [S]: the beta that DiT's 50-step respaced grid has at t,
+    linearly interpolated between its grid points (= the step's own beta for ddpm and ddim at 50 steps).
+
+    Why not the step's own beta: a step of length dt edits eps by ~ scale * beta ~ dt, and an edit of eps moves
+    x_{t-1} by ~ dt times as much, so a trajectory of S steps is pushed ~ S * (1/S)^2 = 1/S: a 15-step solver got
+    50/15 = 3.3x the push of DDPM-50 from the same scale (IGDS at dpm++ 15 broke its sets, README). With beta a
+    function of t, the edited eps_tilde(x_t, t) is one field, and any scheduler integrates (approximately) the
+    same guided trajectory: the push no longer depends on S."""
+    T = len(abar)
+    grid = np.linspace(0, T - 1, GUIDANCE_GRID_STEPS).round()            # ascending, 0 .. T-1
+    a = abar.double().numpy()[grid.astype(int)]
+    beta = 1.0 - a / np.concatenate([[1.0], a[:-1]])
+    return torch.from_numpy(np.interp(t.double().numpy(), grid, beta))
 
 
 # --------------------------------------------------------------------------------------------
@@ -142,10 +164,11 @@ class Guidance:
     """Steer sampling toward higher J(x0_hat, t, y, state) -> [B] (maximised).
 
     eps_tilde = eps_hat - scale * rho_t * g,  g = grad_{x_t} J, per sample, with rho_t by sampler.guidance_norm:
-      "variance" (IGD's reference code): rho_t = beta_t * ||eps_hat|| / ||g||, beta_t the respaced step's
-          beta (the top of DiT's learned variance range), so ||eps_tilde - eps_hat|| = scale * beta_t *
-          ||eps_hat|| and x_{t-1}'s mean moves by scale * beta_t^2 / sqrt(alpha_t (1 - abar_t)) * ||eps_hat||:
-          bounded, on pixels and on unclipped latents alike;
+      "variance" (IGD's reference code): rho_t = beta_t * ||eps_hat|| / ||g||, beta_t the beta of DiT's 50-step
+          grid at t (the top of DiT's learned variance range; Steps.guidance_beta, the same at any step count),
+          so ||eps_tilde - eps_hat|| = scale * beta_t * ||eps_hat|| and, at 50 ddpm steps, x_{t-1}'s mean moves
+          by scale * beta_t^2 / sqrt(alpha_t (1 - abar_t)) * ||eps_hat||: bounded, on pixels and unclipped
+          latents alike;
       "eps" (the LGD summary's formula): rho_t = sqrt(1 - abar_t) * ||eps_hat|| / ||g||, a step of
           scale * sqrt(1 - abar_t) * ||eps_hat|| in eps: at scale 15 it moves x_{t-1} by 1.25-5.5 x
           ||eps_hat|| on the 50-step schedule, which only clip_x0 survives.
@@ -184,7 +207,7 @@ def warn_guidance_scheduler(method: str, sampler: SamplerConfig) -> None:
 def guided_eps(backbone, guidance: Guidance, x_t: torch.Tensor, t: torch.Tensor, y: torch.Tensor,
                abar: float, beta: float, cfg: SamplerConfig
                ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
-    """One guided prediction -> (eps_tilde, var_values, J [B]). abar, beta: the step's abar_t and beta_t.
+    """One guided prediction -> (eps_tilde, var_values, J [B]). abar, beta: the step's abar_t and guidance beta_t.
     Rows go through in micro-batches of cfg.guidance_micro_batch. Raises GuidanceError on NaN/Inf."""
     if guidance.mode not in ("full", "x0"):
         raise ValueError(f"guidance mode {guidance.mode!r}; allowed: full, x0")
@@ -267,7 +290,7 @@ def sample(backbone, y: torch.Tensor, seeds: list[int], cfg: SamplerConfig, guid
         with torch.autocast(device_type=torch.device(device).type, dtype=autocast_dtype or torch.float32,
                             enabled=autocast_dtype is not None):
             if guidance is not None and guidance.active(i):
-                eps, var, J = guided_eps(backbone, guidance, x, t, y, abar, float(steps.beta[i]), cfg)
+                eps, var, J = guided_eps(backbone, guidance, x, t, y, abar, float(steps.guidance_beta[i]), cfg)
             else:
                 eps, var = predict_eps(backbone, x, t, y, cfg.cfg_scale, cfg.cfg_first3_quirk)
         eps, var = eps.float(), None if var is None else var.float()
