@@ -76,7 +76,7 @@ class BackboneConfig:
 @dataclass
 class SamplerConfig:
     scheduler: str = "ddpm"        # diffusers': "ddpm" (ancestral, learned-range variance) | "ddim" (eta = 0)
-                                   #   | "dpm++" | "unipc" | "euler" (few-step solvers); raydd.sampling.Steps
+                                   #   | "dpm++" | "dpm++sde" (stochastic) | "unipc" | "euler" (few-step solvers); raydd.sampling.Steps
     steps: int = 50                # model calls per sample (DiT: 50 ddpm steps; dpm++/unipc: 10-25)
     train_timesteps: int = 1000    # linear beta schedule length
     beta_start: float = 1e-4
@@ -200,7 +200,7 @@ class Config:
 ALLOWED = {
     "data.dataset": ("digits", "imagefolder"),
     "data.channels": (1, 3),
-    "sampler.scheduler": ("ddpm", "ddim", "dpm++", "unipc", "euler"),   # raydd.sampling.Steps
+    "sampler.scheduler": ("ddpm", "ddim", "dpm++", "dpm++sde", "unipc", "euler"),   # raydd.sampling.Steps
     "sampler.guidance_norm": ("variance", "eps"),
     "compute.precision": ("fp32", "bf16"),
     "eval.protocol": ("hard", "soft"),
@@ -379,7 +379,7 @@ def validate(cfg: Config) -> None:
          f"sampler.steps={cfg.sampler.steps} must be in [1, sampler.train_timesteps={cfg.sampler.train_timesteps}]"),
         (0 < cfg.sampler.beta_start < cfg.sampler.beta_end < 1, "need 0 < sampler.beta_start < sampler.beta_end < 1"),
         (not (cfg.sampler.clip_x0 and cfg.sampler.scheduler == "euler"),
-         "sampler.clip_x0=true needs a scheduler that clips x0_hat; allowed with it: ddpm, ddim, dpm++, unipc"),
+         "sampler.clip_x0=true needs a scheduler that clips x0_hat; allowed with it: ddpm, ddim, dpm++, dpm++sde, unipc"),
         (cfg.sampler.cfg_scale >= 1.0, f"sampler.cfg_scale={cfg.sampler.cfg_scale} must be >= 1 (1 = no guidance)"),
         (cfg.sampler.guidance_micro_batch >= 0,
          f"sampler.guidance_micro_batch={cfg.sampler.guidance_micro_batch} must be >= 0 (0 = the whole batch)"),

@@ -30,7 +30,7 @@ class GuidanceError(RayddError, RuntimeError):
 # --------------------------------------------------------------------------------------------
 # Schedulers: diffusers' own, seen in DDPM's variance-preserving terms
 # --------------------------------------------------------------------------------------------
-SCHEDULERS = ("ddpm", "ddim", "dpm++", "unipc", "euler")
+SCHEDULERS = ("ddpm", "ddim", "dpm++", "dpm++sde", "unipc", "euler")
 
 
 class Steps:
@@ -47,7 +47,8 @@ class Steps:
       ddim   deterministic DDIM (eta = 0) on DiT's grid, as DPMSolverMultistepScheduler of order 1 (the same
              update, Lu et al. 2022): diffusers' DDIMScheduler steps from t to t - T // S instead of to the next
              grid point (979 -> 959, not 958, at S = 50; 999 -> 833, not 799, at S = 6), so it is not DiT's DDIM;
-      dpm++  DPMSolverMultistepScheduler (DPM-Solver++(2M)), unipc UniPCMultistepScheduler (UniPC-bh2),
+      dpm++  DPMSolverMultistepScheduler (DPM-Solver++(2M)), dpm++sde its stochastic form (SDE-DPM-Solver++(2M):
+             fresh noise each step, as DDPM; each sample's from its own stream), unipc UniPCMultistepScheduler (UniPC-bh2),
       euler  EulerDiscreteScheduler: few-step solvers on diffusers' linspace grid (S points from 999, then to
              sigma = 0). Euler works on x_t sqrt(1 + sigma_t^2) = x0 + sigma_t eps; step() converts both ways.
     clip_x0 (pixel backbones): clip_sample for ddpm; thresholding with sample_max_value = 1 for ddim/dpm++/unipc,
@@ -69,9 +70,9 @@ class Steps:
         elif name == "ddim":   # DPM-Solver++ of order 1 is DDIM (eta = 0), stepping between DiT's grid points
             d = DPMSolverMultistepScheduler(**common, algorithm_type="dpmsolver++", solver_order=1,
                                             thresholding=clip, sample_max_value=1.0)
-        elif name == "dpm++":
-            d = DPMSolverMultistepScheduler(**common, algorithm_type="dpmsolver++", solver_order=2,
-                                            thresholding=clip, sample_max_value=1.0)
+        elif name in ("dpm++", "dpm++sde"):
+            d = DPMSolverMultistepScheduler(**common, algorithm_type="sde-dpmsolver++" if name == "dpm++sde" else
+                                            "dpmsolver++", solver_order=2, thresholding=clip, sample_max_value=1.0)
         elif name == "unipc":
             d = UniPCMultistepScheduler(**common, thresholding=clip, sample_max_value=1.0,
                                         disable_corrector=list(range(S)) if coupled else [])
@@ -104,11 +105,13 @@ class Steps:
 
     def step(self, eps: torch.Tensor, i: int, x_t: torch.Tensor, var_values: torch.Tensor | None,
              generators: list[torch.Generator]) -> torch.Tensor:
-        """x_t -> x_{i-1} (variance-preserving) with diffusers' step; generators: per-sample noise (ddpm)."""
+        """x_t -> x_{i-1} (variance-preserving) with diffusers' step; generators: per-sample noise (ddpm, dpm++sde)."""
         t = self.key[i]
         if self.name == "ddpm":
             out = torch.cat([eps, var_values], 1) if var_values is not None else eps   # learned range: [B, 2C]
             return self.d.step(out, t, x_t, generator=generators).prev_sample
+        if self.name == "dpm++sde":
+            return self.d.step(eps, t, x_t, generator=generators).prev_sample
         if self.name == "euler":
             x_ve = x_t * math.sqrt(1 + float(self.sigma[i]) ** 2)         # x0 + sigma_t eps
             self.d.scale_model_input(x_ve, t)   # = x_t, the DiT's input (already computed); Euler checks the call

@@ -87,8 +87,20 @@ def test_every_scheduler_lands_on_x0_for_the_exact_eps(name):
     assert (x - x0).abs().mean() < tol, (name, (x - x0).abs().mean())
 
 
+@pytest.mark.parametrize("name", ["ddpm", "dpm++sde"])
+def test_stochastic_schedulers_draw_each_samples_noise_from_its_own_stream(backbone, name):
+    """A sample is a function of its seed alone, not of its batch-mates (determinism across actor counts)."""
+    cfg = SamplerConfig(scheduler=name, steps=6, cfg_scale=2.0, clip_x0=True)
+    y, seeds = torch.tensor([1, 2, 3]), [sample_seed(0, k, 0) for k in range(3)]
+    batch = sample(backbone, y, seeds, cfg)["z0"]
+    alone = sample(backbone, y[1:2], seeds[1:2], cfg)["z0"]
+    other = sample(backbone, y[1:2], [sample_seed(1, 1, 0)], cfg)["z0"]
+    torch.testing.assert_close(alone[0], batch[1], rtol=1e-4, atol=1e-5)
+    assert not torch.allclose(other[0], batch[1], atol=1e-3)              # the noise matters: it is stochastic
+
+
 def test_euler_with_clip_x0_is_rejected_before_anything_runs():
-    with pytest.raises(ConfigError, match="clip_x0.*allowed with it: ddpm, ddim, dpm\\+\\+, unipc"):
+    with pytest.raises(ConfigError, match="clip_x0.*allowed with it: ddpm, ddim, dpm\\+\\+, dpm\\+\\+sde, unipc"):
         load_config("digits", ["sampler.scheduler=euler"])
     assert load_config("digits-latent", ["sampler.scheduler=euler"]).sampler.scheduler == "euler"
 
