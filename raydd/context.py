@@ -17,10 +17,11 @@ from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
+import torch
 
 from raydd.config import Config, SamplerConfig
 from raydd.data import RealData
-from raydd.jobs import real_classifier, set_classifier_loop
+from raydd.jobs import real_classifier, set_classifier_loop, streams
 from raydd.generate import BackboneSpec, DistilledSet, GuidanceFactory, generate_local, make_rows, map_units
 from raydd.train_hooks import TrainHooks, TrainResult, run_local
 
@@ -144,6 +145,19 @@ class Context:
         """Any callable class over rows grouped by `unit` on the actor pool (e.g. latent optimisation):
         the constructor loads models once per actor, __call__ maps numpy columns to numpy columns."""
         return self.runner.map(udf, udf_kwargs, columns)
+
+    def map_real(self, udf: type, udf_kwargs: dict, per_class: int = 0) -> dict[str, np.ndarray]:
+        """A callable class over the real train split's rows (class_idx, unit = class, image uint8 [C, H, W]), the
+        first `per_class` of each class (0: all), e.g. per-class sums. With a store it streams from the store
+        through an actor pool (raydd.distributed.store.map_part) and no process holds the split; else the held
+        split goes through `map`. Rows arrive in batches that may mix classes, in any order."""
+        if streams(self.cfg):
+            from raydd.distributed.store import map_part
+
+            return map_part(self.cfg, "train", per_class, udf, udf_kwargs)
+        x, y = self.data.train.x, self.data.train.y
+        keep = torch.cat([torch.nonzero(y == c).flatten()[: per_class or None] for c in range(self.data.num_classes)])
+        return self.map(udf, udf_kwargs, {"class_idx": y[keep].numpy(), "unit": y[keep].numpy(), "image": x[keep].numpy()})
 
     def train(self, loop: Callable[[dict, TrainHooks], None], config: dict, name: str, num_workers: int | None = None,
               cpus_per_worker: float | None = None):

@@ -60,6 +60,11 @@ class Split:
         return Split(self.x[idx], self.y[idx])
 
 
+def stored_images(column, shape: tuple[int, int, int]) -> np.ndarray:
+    """A store's image column (each row uint8 [C, H, W] as bytes) -> uint8 [N, C, H, W], writable."""
+    return np.frombuffer(b"".join(column), dtype=np.uint8).reshape(-1, *shape).copy()
+
+
 class StreamedSplit:
     """A split streamed from Ray Data (a Train worker's dataset shard, raydd.distributed.store.part_dataset),
     rows: label, pos (the row's place in the split), image (uint8 [C, H, W] bytes). It holds its labels and one
@@ -77,8 +82,7 @@ class StreamedSplit:
         return torch.from_numpy(self.labels.astype(np.int64))
 
     def _tensors(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
-        x = np.frombuffer(b"".join(batch["image"]), dtype=np.uint8).reshape(-1, *self.shape)
-        return torch.from_numpy(x.copy()), torch.from_numpy(batch["label"].astype(np.int64))
+        return torch.from_numpy(stored_images(batch["image"], self.shape)), torch.from_numpy(batch["label"].astype(np.int64))
 
     def batches(self, batch_size: int, generator: torch.Generator) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         seed = int(torch.randint(2**31 - 1, (1,), generator=generator))

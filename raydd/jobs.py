@@ -74,10 +74,15 @@ def real_train(cfg: DataConfig, hooks: TrainHooks, data: RealData) -> Split | St
     return data.train if source is None else streamed_split(source, stream_spec(cfg), cfg)
 
 
+def streams(cfg: Config) -> bool:
+    """Whether the real data is read from a prepared store as a stream (an ImageFolder with data.store)."""
+    return bool(cfg.data.store) and cfg.data.dataset == "imagefolder"
+
+
 def real_datasets(cfg: Config) -> dict:
     """{"train": the real train split as a Ray Dataset} for the jobs that train on it, when the data has a
     store (raydd.distributed.store.part_dataset), else {}: without a store each worker holds the split."""
-    if not (cfg.data.store and cfg.data.dataset == "imagefolder"):
+    if not streams(cfg):
         return {}
     from raydd.distributed.store import part_dataset
 

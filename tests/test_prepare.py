@@ -209,6 +209,35 @@ def test_a_streamed_split_gives_each_row_once_an_epoch_and_the_same_random_picks
     assert split_accuracy(model, stream) == split_accuracy(model, held)
 
 
+def test_with_a_store_per_class_statistics_stream_and_the_driver_holds_no_image(tmp_path):
+    """RSM+CGS's class means mu_c (ctx.map_real: the store streamed through the actor pool) and IMS3's real
+    reference for S3 (only its picks read): equal to what the held split gives, and the driver never reads the
+    train split (#20 item 2)."""
+    from raydd.context import Context
+    from raydd.distributed.runner import RayRunner
+    from raydd.generate import BackboneSpec
+    from raydd.methods import ims3, rsm_cgs
+    from raydd.prepare import load_data
+
+    root = make_folder(tmp_path / "folder", per_class=(12, 2))
+    cfg = cfg_for(root, tmp_path / "store", "backbone.vae=identity")
+    held_cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, store=""))
+    spec = BackboneSpec(cfg.backbone, num_classes=2, channels=3, image_size=16, class_ids=[0, 1])
+    stored = Context(cfg, load_data(cfg), spec, runner=RayRunner(cfg, tmp_path / "a"))
+    held = Context(held_cfg, load_real(held_cfg.data), spec, runner=RayRunner(held_cfg, tmp_path / "b"))
+    means = {}
+    for per_class in (0, 4):
+        mu = rsm_cgs.real_class_means(stored, rsm_cgs.Config(mu_max_per_class=per_class))      # [2, 3, 16, 16]
+        np.testing.assert_allclose(mu, rsm_cgs.real_class_means(held, rsm_cgs.Config(mu_max_per_class=per_class)),
+                                   atol=1e-6)
+        means[per_class] = mu
+    assert not np.allclose(means[0], means[4])                 # the cap is applied: 4 of the 10 train images
+    x, y = ims3.real_reference(stored, K=3)
+    hx, hy = ims3.real_reference(held, K=3)
+    assert torch.equal(x, hx) and torch.equal(y, hy) and len(y) == 6
+    assert stored.data.describe() == "splits read when used (so far: none)"
+
+
 @pytest.mark.slow
 def test_with_a_store_the_teacher_and_the_real_references_stream_the_train_split(tmp_path):
     """#20 item 2: the Train jobs that train on the real train split (the teacher; DD-Ranking's real and random

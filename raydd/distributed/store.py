@@ -67,3 +67,41 @@ def part_dataset(cfg, spec: dict, seed: int = 0) -> "ray.data.Dataset":
     return (ray.data.read_parquet(f"{_complete_store(cfg)}/train", ray_remote_args={"num_cpus": 0}, concurrency=2,
                                   shuffle=ray.data.FileShuffleConfig(seed=seed, reseed_after_execution=True))
             .map_batches(_keep_part, fn_kwargs={"where": where, "offsets": offsets}, batch_format="numpy", **light))
+
+
+def _first_of_each_class(batch: dict, start: np.ndarray, per_class: int) -> dict:
+    """map_batches: keep a part's rows that are among the first `per_class` of their class (start[c]: the part's
+    first row of class c; a class's rows are consecutive in a part)."""
+    mine = batch["pos"] - start[batch["label"]] < per_class
+    return {k: v[mine] for k, v in batch.items()}
+
+
+def _class_rows(batch: dict, shape: tuple[int, int, int]) -> dict:
+    """map_batches: stored rows -> the rows ctx.map's callables take: class_idx, unit (= the class), image uint8
+    [N, C, H, W]."""
+    from raydd.data import stored_images
+
+    return {"class_idx": batch["label"], "unit": batch["label"], "image": stored_images(batch["image"], shape)}
+
+
+def map_part(cfg, part: str, per_class: int, udf: type, udf_kwargs: dict) -> dict:
+    """`udf` (a callable class, as for ctx.map) over the first `per_class` rows of each class of a store's part (0:
+    all), streamed from the store through an actor pool (compute.num_actors, as sampling): no process holds the
+    part. -> the udf's output columns, concatenated; they should be small (per-class sums, scores), as the driver
+    holds them. Batches mix classes and arrive in any order: the udf must not depend on either (sums do not)."""
+    from raydd.data import class_labels, part_positions, stream_spec
+
+    spec = stream_spec(cfg.data, part)
+    labels = class_labels(spec["counts"])[part_positions(spec["counts"], cfg.data, spec["has_val"])[part]]
+    start = np.searchsorted(labels, np.arange(len(spec["counts"])))                      # [C]
+    shape = (cfg.data.channels, cfg.data.image_size, cfg.data.image_size)
+    c, light = cfg.compute, {"num_cpus": 0, "concurrency": 2, "batch_format": "numpy"}
+    ds = part_dataset(cfg.data, spec)
+    if per_class > 0:
+        ds = ds.map_batches(_first_of_each_class, fn_kwargs={"start": start, "per_class": per_class}, **light)
+    ds = (ds.map_batches(_class_rows, fn_kwargs={"shape": shape}, **light)
+          .map_batches(udf, fn_constructor_kwargs=udf_kwargs, batch_size=256, batch_format="numpy",
+                       compute=ray.data.ActorPoolStrategy(size=c.num_actors), num_cpus=c.cpus_per_actor,
+                       num_gpus=c.gpus_per_actor, memory=int(c.memory_per_actor_gib * 2**30) or None))
+    outs = list(ds.iter_batches(batch_size=None, batch_format="numpy"))
+    return {k: np.concatenate([o[k] for o in outs]) for k in outs[0]}

@@ -84,7 +84,7 @@ def check(cfg: Config, run=None) -> None:
 def im_finetune(ctx, cfg: Config) -> BackboneSpec:
     """Stage 1: DiffFit PEFT with L_diff + lambda_IM L_IM; returns the fine-tuned backbone's spec
     (`<dir>/transformer`, loadable as backbone.source by any method). Logs the loss curve."""
-    b, n = ctx.spec.cfg, len(ctx.data.train)
+    b, n = ctx.spec.cfg, len(ctx.data.part("train"))                  # its labels: the images stay where they are
     steps = cfg.steps or math.ceil(cfg.epochs * n / (cfg.batch * ctx.cfg.compute.train_workers))
     if ctx.cfg.smoke:
         steps = min(steps, SMOKE_FINETUNE_STEPS)
@@ -119,15 +119,16 @@ def encode(ctx, encoder: dict, images: torch.Tensor, labels: torch.Tensor) -> to
 
 
 def real_reference(ctx, K: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """K_i real train images per class (a seeded pick; all of a class if it has fewer): (x uint8, y)."""
-    x, y = ctx.data.train.x, ctx.data.train.y
-    picks = []
+    """K_i real train images per class (a seeded pick; all of a class if it has fewer): (x uint8, y). From a store
+    only the picked images are read."""
+    train = ctx.data.part("train")
+    y, picks = train.y, []
     for c in range(ctx.data.num_classes):
         idx = torch.nonzero(y == c).flatten()
         g = torch.Generator().manual_seed(sample_seed(ctx.cfg.seed, c, 0, "s3-real"))
         picks.append(idx[torch.randperm(len(idx), generator=g)[:K]])
-    idx = torch.cat(picks)
-    return x[idx], y[idx]
+    picked = train.take(torch.cat(picks))
+    return picked.x, picked.y
 
 
 def selective_subgroup_sampling(ctx, cfg: Config) -> DistilledSet:

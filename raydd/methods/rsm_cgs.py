@@ -78,13 +78,11 @@ def rsm_finetune(ctx, cfg: Config) -> BackboneSpec:
 
 
 def real_class_means(ctx, cfg: Config) -> np.ndarray:
-    """mu_c [C, c, h, w]: mean clean latent of each class's real train images, encoded on the actor pool."""
-    x, y = ctx.data.train.x, ctx.data.train.y
-    keep = torch.cat([torch.nonzero(y == c).flatten()[: cfg.mu_max_per_class or None]
-                      for c in range(ctx.data.num_classes)])
-    cols = {"class_idx": y[keep].numpy(), "unit": y[keep].numpy(), "image": x[keep].numpy()}  # a class is a unit
+    """mu_c [C, c, h, w]: mean clean latent of each class's real train images (the first mu_max_per_class), encoded
+    on the actor pool, streamed from the store when there is one."""
     b = ctx.spec.cfg
-    sums = ctx.map(ClassLatentSums, dict(vae=b.vae, vae_scale=b.vae_scale, gpus=ctx.cfg.compute.gpus_per_actor), cols)
+    sums = ctx.map_real(ClassLatentSums, dict(vae=b.vae, vae_scale=b.vae_scale, gpus=ctx.cfg.compute.gpus_per_actor),
+                        per_class=cfg.mu_max_per_class)
     return class_means(sums, ctx.data.num_classes)
 
 
