@@ -385,13 +385,9 @@ class StoreReader:
     def __init__(self, cfg: DataConfig, has_val: bool):
         self.cfg, self.has_val, self.location = cfg, has_val, _complete_store(cfg)
         self.counts = store_manifest(self.location)["counts"]
-        self.parts = part_positions(self.counts["train"], cfg, has_val)
 
     def _where(self, name: str) -> tuple[str, np.ndarray]:
-        """(stored split, the positions of `name` in it)"""
-        if name == "test" and self.has_val:
-            return "val", np.arange(sum(self.counts["val"]))
-        return "train", self.parts[name]
+        return stored_rows(name, self.counts, self.cfg, self.has_val)
 
     def labels(self, name: str) -> torch.Tensor:
         stored, positions = self._where(name)
@@ -422,17 +418,27 @@ class StoredPart:
         return self.store.read(self.name, idx)
 
 
+def stored_rows(part: str, counts: dict[str, list[int]], cfg: DataConfig, has_val: bool) -> tuple[str, np.ndarray]:
+    """Where split `part` lives in a store whose folders hold counts[folder][c] files of class c: (the stored
+    folder, the part's rows there, sorted). "test" is the root's own val/, whole, when it has one; every other
+    part is a part of the train folder (part_positions)."""
+    if part == "test" and has_val:
+        return "val", np.arange(sum(counts["val"]))
+    return "train", part_positions(counts["train"], cfg, has_val)[part]
+
+
 def stream_spec(cfg: DataConfig, part: str = "train") -> dict:
-    """What a Train worker needs, besides its Ray Data shard, to stream a part of a store's train folder
-    (raydd.distributed.store.part_dataset): the part, the folder's files per class and whether val/ exists."""
+    """What a Train worker needs, besides its Ray Data shard, to stream a split of a store
+    (raydd.distributed.store.part_dataset): the split, the files per class of each stored folder and whether the
+    root has its own val/."""
     _, _, has_val = folder_classes(cfg)
-    return {"part": part, "counts": store_manifest(_complete_store(cfg))["counts"]["train"], "has_val": has_val}
+    return {"part": part, "counts": store_manifest(_complete_store(cfg))["counts"], "has_val": has_val}
 
 
 def streamed_split(source, spec: dict, cfg: DataConfig) -> StreamedSplit:
-    """A worker's StreamedSplit of the part in `spec` (stream_spec), its labels computed, not read."""
-    positions = part_positions(spec["counts"], cfg, spec["has_val"])[spec["part"]]
-    labels = class_labels(spec["counts"])[positions]
+    """A worker's StreamedSplit of the split in `spec` (stream_spec), its labels computed, not read."""
+    folder, positions = stored_rows(spec["part"], spec["counts"], cfg, spec["has_val"])
+    labels = class_labels(spec["counts"][folder])[positions]
     return StreamedSplit(source, labels, (cfg.channels, cfg.image_size, cfg.image_size))
 
 

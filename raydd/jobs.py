@@ -67,11 +67,15 @@ def load_teacher(path: str, arch: str, data: RealData, dcfg: DataConfig) -> torc
     return model.eval().requires_grad_(False)
 
 
+def real_split(cfg: DataConfig, hooks: TrainHooks, data: RealData, split: str, key: str) -> Split | StreamedSplit:
+    """A real split in a Train worker: streamed from the job's dataset `key` when it has one (`real_datasets`),
+    else held (data.split(split))."""
+    source = hooks.dataset(key)
+    return data.split(split) if source is None else streamed_split(source, stream_spec(cfg, split), cfg)
+
+
 def real_train(cfg: DataConfig, hooks: TrainHooks, data: RealData) -> Split | StreamedSplit:
-    """The real train split in a Train worker: streamed from the job's "train" dataset when it has one
-    (`real_datasets`), else held (data.train)."""
-    source = hooks.dataset("train")
-    return data.train if source is None else streamed_split(source, stream_spec(cfg), cfg)
+    return real_split(cfg, hooks, data, "train", "train")
 
 
 def streams(cfg: Config) -> bool:
@@ -79,14 +83,17 @@ def streams(cfg: Config) -> bool:
     return bool(cfg.data.store) and cfg.data.dataset == "imagefolder"
 
 
-def real_datasets(cfg: Config) -> dict:
-    """{"train": the real train split as a Ray Dataset} for the jobs that train on it, when the data has a
-    store (raydd.distributed.store.part_dataset), else {}: without a store each worker holds the split."""
+def real_datasets(cfg: Config, train: bool = True, evaluation: bool = False) -> dict:
+    """The real splits a Train job reads, as Ray Datasets (raydd.distributed.store.part_dataset) when the data has
+    a store, else {} (each worker holds what it reads): "train" (the train split) and "eval" (eval.split: the val
+    hold-out or the test split)."""
     if not streams(cfg):
         return {}
     from raydd.distributed.store import part_dataset
 
-    return {"train": part_dataset(cfg.data, stream_spec(cfg.data), seed=cfg.data.split_seed)}
+    splits = ({"train": "train"} if train else {}) | ({"eval": cfg.eval.split} if evaluation else {})
+    return {key: part_dataset(cfg.data, stream_spec(cfg.data, split), seed=cfg.data.split_seed)
+            for key, split in splits.items()}
 
 
 def _job_epochs_and_size(job: dict, n_syn: int, n_real: int, num_classes: int, ecfg: EvalConfig) -> tuple[int, int]:
@@ -135,10 +142,11 @@ def eval_loop(config: dict, hooks: TrainHooks) -> None:
     dcfg, ecfg = DataConfig(**config["data"]), EvalConfig(**config["eval"])
     jobs = config["jobs"]
     # only real and random-subset jobs, and a val split held out of train, need the train split in this worker;
-    # given as a stream (a store), it is never held
+    # given as streams (a store), neither it nor the evaluation split is ever held
     streamed = hooks.dataset("train") is not None
-    data = load_real(dcfg, train=not streamed and (ecfg.split == "val" or any(j["kind"] != "syn" for j in jobs)))
-    target = data.split(ecfg.split)
+    data = load_real(dcfg, train=not streamed and hooks.dataset("eval") is None
+                     and (ecfg.split == "val" or any(j["kind"] != "syn" for j in jobs)))
+    target = real_split(dcfg, hooks, data, ecfg.split, "eval")
     real = real_train(dcfg, hooks, data) if any(j["kind"] != "syn" for j in jobs) else None
     syn = load_set(config["source"], data, dcfg) if config.get("source") else None
     teacher = load_teacher(config["teacher"], ecfg.teacher_arch, data, dcfg) if config.get("teacher") else None
@@ -168,7 +176,8 @@ def eval_loop(config: dict, hooks: TrainHooks) -> None:
                           teacher=teacher if soft else None, device=hooks.device,
                           log=lambda line, tag=tag: print(tag, line, flush=True))
         return {**job, **{k: res[k] for k in ("best_acc", "final_acc", "images_per_s", "train_s", "epochs", "curve")},
-                "threads": torch.get_num_threads()} | ({} if job["kind"] == "syn" else {"streamed": streamed})
+                "threads": torch.get_num_threads(), "eval_streamed": isinstance(target, StreamedSplit)} | (
+                    {} if job["kind"] == "syn" else {"streamed": streamed})
 
     # A round with fewer jobs than workers (the last of 3 seeds on 2 workers) leaves some workers waiting in
     # all_gather, which costs no CPU: the busy workers on their node take over their threads (one digits
@@ -328,7 +337,7 @@ def evaluate_set(cfg: Config, source: dict, runner, max_workers: int = 1, stages
     config = {"data": asdict(cfg.data), "eval": asdict(e), "jobs": jobs, "source": source, "teacher": teacher}
     p = cfg.compute.parallel_jobs
     workers = max(1, min(len(jobs), max_workers if p <= 0 else p))
-    streams = real_datasets(cfg) if any(j["kind"] != "syn" for j in jobs) else {}
+    streams = real_datasets(cfg, train=any(j["kind"] != "syn" for j in jobs), evaluation=True)
     if streams and p <= 0:
         # some of the stream's Ray Data tasks ask for a CPU: workers holding every CPU left them pending forever
         # (two 1-CPU nodes, two workers); leave one

@@ -45,6 +45,67 @@ def test_a_distillation_and_its_evaluation_on_two_nodes_with_the_store_on_a_uri(
                          .read_text())["summary"]
     refs = [j for j in summary["jobs"] if j["kind"] != "syn"]
     assert {j["kind"] for j in refs} == {"real", "random"} and all(j["streamed"] for j in refs)
+    assert all(j["eval_streamed"] for j in summary["jobs"])
     (teacher,) = (tmp_path / "cache" / "teachers").glob("*/metrics.json")
     assert json.loads(teacher.read_text())["streamed"] is True
     assert 0.0 <= summary["students"]["convnet_d1"]["acc_mean"] <= 1.0
+
+
+def test_a_sweep_on_an_autoscaling_cluster_brings_workers_up_and_lets_idle_ones_go(tmp_path, smoke_cache, monkeypatch):
+    """Ray's autoscaling simulator (fake nodes: real raylets on this machine, launched by the real autoscaler)
+    shaped like cluster/aws.yaml: a head with no CPU and one worker type that starts at zero. Every task, actor
+    and Train worker of the sweep needs a worker node, so only the autoscaler answering the sweep's resource
+    requests lets it finish; after it, the idle nodes are terminated."""
+    import time
+
+    import ray
+    from ray.cluster_utils import AutoscalingCluster
+
+    class Simulator(AutoscalingCluster):
+        """Ray 2.60's wheel lacks the fake_multi_node/example.yaml that AutoscalingCluster builds its config
+        from: the same settings, written out (a fake_multinode provider, no updaters, no setup commands)."""
+
+        def _generate_config(self, head_resources, worker_node_types, autoscaler_v2=False, **kw):
+            empty = ("initialization_commands", "setup_commands", "head_setup_commands", "worker_setup_commands",
+                     "head_start_ray_commands", "worker_start_ray_commands", "cluster_synced_files",
+                     "rsync_exclude", "rsync_filter")
+            return {"cluster_name": "fake_multinode", "max_workers": 8, "head_node_type": "ray.head.default",
+                    "provider": {"type": "fake_multinode", "use_node_id_as_ip": True,
+                                 "disable_node_updaters": True, "disable_launch_config_check": True},
+                    "available_node_types": worker_node_types | {"ray.head.default": {
+                        "resources": head_resources, "node_config": {}, "max_workers": 0}},
+                    "auth": {}, "upscaling_speed": 1.0, "docker": {}, "file_mounts": {},
+                    "file_mounts_sync_continuously": False} | {k: [] for k in empty} | kw
+
+    ray.shutdown()
+    # `ray start` / `ray stop` from this interpreter's environment (CI runs .venv/bin/python without activating it)
+    monkeypatch.setenv("PATH", f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}")
+    cluster = Simulator(   # as cluster/aws.yaml: the head schedules nothing, the workers start at zero
+        head_resources={"CPU": 0},
+        worker_node_types={"cpu.worker": {"resources": {"CPU": 2}, "node_config": {}, "min_workers": 0,
+                                          "max_workers": 2}},
+        idle_timeout_minutes=0.1)                                             # 6 s idle -> terminated
+    cluster.start()
+    try:
+        env = dict(os.environ, RAYDD_CACHE=str(smoke_cache), MLFLOW_TRACKING_URI=f"sqlite:///{tmp_path / 'mlflow.db'}")
+        env.pop("RAY_ADDRESS", None)
+        cmd = [sys.executable, "-m", "raydd.sweep", "--method", "dit", "--smoke", "--trials", "2", "--name", "auto",
+               "--storage", str(tmp_path / "tune"), "compute.ray_address=auto"]
+        p = subprocess.run(cmd, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=900)
+        assert p.returncode == 0, (p.stdout + p.stderr)[-4000:]
+        ray.init(address="auto")
+        workers = [n for n in ray.nodes() if not n["Resources"].get("node:__internal_head__")]
+        assert workers, "the sweep ran, so a worker node must have come up"
+        end = time.time() + 180
+        while any(n["Alive"] for n in ray.nodes() if not n["Resources"].get("node:__internal_head__")) \
+                and time.time() < end:
+            time.sleep(2)
+        alive = [n["NodeManagerAddress"] for n in ray.nodes() if n["Alive"]
+                 and not n["Resources"].get("node:__internal_head__")]
+        assert not alive, f"idle worker nodes still up 180 s after the sweep: {alive}"
+    finally:
+        ray.shutdown()
+        cluster.shutdown()
+    mlflow.set_tracking_uri(env["MLFLOW_TRACKING_URI"])
+    (parent,) = mlflow.search_runs(experiment_names=["raydd"], filter_string="tags.raydd_run = 'auto'", output_format="list")
+    assert parent.info.status == "FINISHED" and parent.data.metrics["trials_total"] == 2

@@ -239,7 +239,7 @@ def test_with_a_store_per_class_statistics_stream_and_the_driver_holds_no_image(
 
 
 @pytest.mark.slow
-def test_with_a_store_the_teacher_and_the_real_references_stream_the_train_split(tmp_path):
+def test_with_a_store_the_teacher_and_the_real_references_stream_the_train_split_and_students_the_test_split(tmp_path):
     """#20 item 2: the Train jobs that train on the real train split (the teacher; DD-Ranking's real and random
     references) take it as a Ray Dataset (`datasets=`, hooks.dataset) and no worker holds it. Random references
     train on the same picks as without a store, so they give the same accuracy."""
@@ -265,6 +265,7 @@ def test_with_a_store_the_teacher_and_the_real_references_stream_the_train_split
         assert teacher_metrics["streamed"] is streamed
         refs = [j for j in summary["jobs"] if j["kind"] != "syn"]
         assert {j["kind"] for j in refs} == {"real", "random"} and all(j["streamed"] is streamed for j in refs)
+        assert all(j["eval_streamed"] is streamed for j in summary["jobs"])   # the test split too, syn jobs too
     random = {s: [j["best_acc"] for j in runs[s][1]["jobs"] if j["kind"] == "random"] for s in runs}
     assert random[True] == random[False]
 

@@ -49,22 +49,23 @@ def _keep_part(batch: dict, where: np.ndarray, offsets: np.ndarray) -> dict:
 
 
 def part_dataset(cfg, spec: dict, seed: int = 0) -> "ray.data.Dataset":
-    """A part of a store's train folder (spec: raydd.data.stream_spec) as a Ray Dataset for Train jobs (their
-    `datasets=`): rows label, pos, image. Each epoch reads the files in another order (seeded by `seed`), then the
-    worker's local shuffle buffer mixes them (raydd.data.StreamedSplit); nothing is materialised (a block-order
-    shuffle would hold the whole part in the object store). Nothing is read until a worker iterates.
+    """A split of a store (spec: raydd.data.stream_spec; a part of its train folder, or the root's own val/) as a
+    Ray Dataset for Train jobs (their `datasets=`): rows label, pos, image. Each epoch reads the files in another
+    order (seeded by `seed`), then the worker's local shuffle buffer mixes them (raydd.data.StreamedSplit);
+    nothing is materialised (a block-order shuffle would hold the whole split in the object store). Nothing is
+    read until a worker iterates.
 
     Its tasks ask for no CPU, two at a time: the Train workers that read it hold the CPUs, and a stream whose
     tasks asked for one waited forever when they held them all (two 1-CPU nodes, two workers)."""
-    from raydd.data import _complete_store, class_offsets, part_positions
+    from raydd.data import _complete_store, class_offsets, stored_rows
 
-    counts = np.asarray(spec["counts"], dtype=np.int64)
-    positions = part_positions(spec["counts"], cfg, spec["has_val"])[spec["part"]]
-    where = np.full(int(counts.sum()), -1, dtype=np.int32)          # [rows of the folder]: 4 B a row
+    folder, positions = stored_rows(spec["part"], spec["counts"], cfg, spec["has_val"])
+    counts = spec["counts"][folder]
+    where = np.full(int(sum(counts)), -1, dtype=np.int32)           # [rows of the folder]: 4 B a row
     where[positions] = np.arange(len(positions))
-    offsets = class_offsets(spec["counts"])
+    offsets = class_offsets(counts)
     light = {"num_cpus": 0, "concurrency": 2}
-    return (ray.data.read_parquet(f"{_complete_store(cfg)}/train", ray_remote_args={"num_cpus": 0}, concurrency=2,
+    return (ray.data.read_parquet(f"{_complete_store(cfg)}/{folder}", ray_remote_args={"num_cpus": 0}, concurrency=2,
                                   shuffle=ray.data.FileShuffleConfig(seed=seed, reseed_after_execution=True))
             .map_batches(_keep_part, fn_kwargs={"where": where, "offsets": offsets}, batch_format="numpy", **light))
 
@@ -89,11 +90,11 @@ def map_part(cfg, part: str, per_class: int, udf: type, udf_kwargs: dict) -> dic
     all), streamed from the store through an actor pool (compute.num_actors, as sampling): no process holds the
     part. -> the udf's output columns, concatenated; they should be small (per-class sums, scores), as the driver
     holds them. Batches mix classes and arrive in any order: the udf must not depend on either (sums do not)."""
-    from raydd.data import class_labels, part_positions, stream_spec
+    from raydd.data import stream_spec, streamed_split
 
     spec = stream_spec(cfg.data, part)
-    labels = class_labels(spec["counts"])[part_positions(spec["counts"], cfg.data, spec["has_val"])[part]]
-    start = np.searchsorted(labels, np.arange(len(spec["counts"])))                      # [C]
+    labels = streamed_split(None, spec, cfg.data).labels                                 # [rows of the part]
+    start = np.searchsorted(labels, np.arange(len(spec["counts"]["train"])))              # [C]: a class's first row
     shape = (cfg.data.channels, cfg.data.image_size, cfg.data.image_size)
     c, light = cfg.compute, {"num_cpus": 0, "concurrency": 2, "batch_format": "numpy"}
     ds = part_dataset(cfg.data, spec)
