@@ -208,7 +208,7 @@ def test_sweep_prepare_trains_the_ve_that_trials_then_reuse(digits_cfg, spec):
 
 
 def test_guided_methods_warn_on_schedulers_their_scale_was_not_calibrated_for():
-    """IGDS at dpm++ 15 steps on digits-latent collapsed (latent_std 60) with the ddpm-calibrated eta."""
+    """IGDS at dpm++ 15 steps on digits-latent over-guided (latent_std 3.4) with the ddpm-calibrated eta."""
     from raydd.config import load_config
     from raydd.distill import check_method
 
