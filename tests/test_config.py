@@ -24,7 +24,7 @@ def test_smoke_section_and_overrides_win():
     ("ipc=abc", "expected int"),
     ("ipc=0", "ipc=0 must be >= 1"),
     ("ipc=-3", "must be >= 1"),
-    ("sampler.scheduler=heun", r"allowed: ddpm, ddim, dpm\+\+, unipc, euler"),
+    ("sampler.scheduler=heun", r"allowed: ddpm, ddim, dpm\+\+, dpm\+\+sde, unipc, euler"),
     ("eval.protocol=medium", "allowed: hard, soft"),
     ("eval.students=[convnet_d3,vit_giant]", "unknown student"),
     ("sampler.steps=5000", "sampler.steps=5000"),
