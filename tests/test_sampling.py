@@ -178,7 +178,7 @@ def test_guidance_beta_is_the_50_step_grids_beta_at_any_step_count():
         np.testing.assert_allclose(Steps(SamplerConfig(scheduler=name), True).guidance_beta.numpy(), beta, rtol=1e-3)
     s = Steps(SamplerConfig(scheduler="dpm++", steps=15), True)
     np.testing.assert_allclose(s.guidance_beta.numpy(), np.interp(s.t.numpy(), ts, beta), rtol=1e-3)
-    assert (s.guidance_beta[1:] < 0.6 * s.beta[1:]).all()               # a 15-step grid's own beta is ~3x larger
+    assert (s.guidance_beta[1:] < 0.6 * s.beta[1:]).all()               # a 15-step grid's own beta is 2-2.7x larger
 
 
 def test_guidance_pushes_as_far_with_any_solver_and_step_count(backbone):
