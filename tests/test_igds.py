@@ -121,7 +121,7 @@ def test_guided_samples_score_higher_on_J_than_unguided(digits_cfg, spec, ve_dir
     ve, _ = load_ve(ve_dir)
     rows = ctx.rows(per_class=2)                                              # same noise for both runs
     plain = ctx.generate(rows)
-    guide = ctx.generate(rows, guided(ctx, ve_dir, eta=0.3, beta=0.0))
+    guide = ctx.generate(rows, guided(ctx, ve_dir, eta=1.5, beta=0.0))
     assert torch.equal(plain.labels, guide.labels) and torch.equal(plain.slots, guide.slots)
     assert set_J(ve, guide, 0.0) > set_J(ve, plain, 0.0) + 0.05
     assert torch.isfinite(guide.scores).all() and torch.isnan(plain.scores).all()
