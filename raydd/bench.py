@@ -15,6 +15,8 @@ one run on the same machine. Writes JSON and logs one MLflow run (experiment ray
   gpu        DiT-XL/2 (random weights, 256 px, 50-step DDPM + CFG): images/s in fp32/tf32/bf16, SDPA,
              torch.compile, next to the limit: measured bf16 matmul rate / counted FLOP per image (>= 40%)
   guided-memory  (only with --only) one guided DiT-XL/2 + SD VAE step: peak memory per image, micro-batch, checkpointing
+  startup    where a sampling actor's and a Train job's start-up goes: imports, actor start, model load, first
+             unit, a whole 1-unit sampling stage and a 1-worker fit, next to the warm sampling time (#23 part 3)
   scale      (only with --only) peak PSS of a distillation + evaluation with N vs 4N real train images per class
              (<= 1.2x), and store preparation images/s vs a plain multi-process PIL loop              (>= 0.9x)
 """
@@ -242,6 +244,75 @@ def bench_train(repeats: int) -> dict:
             os.environ[key] = before
         ray.shutdown()
     return out | {"speedup": out["fit_s_poll_2s"] / out["fit_s_poll_0.25s"]}
+
+
+class _StartupProbe:
+    """A sampling actor that notes when things happened (time.time()): its process was created, its constructor
+    began (after Ray's worker start and the import of this module: torch, raydd), the model was loaded, the
+    first batch was sampled."""
+
+    def __init__(self, spec: BackboneSpec, sampler: SamplerConfig):
+        import psutil
+
+        self.t = {"process": psutil.Process().create_time(), "init": time.time()}
+        self.batches = SampleBatches(spec, sampler, threads=1)
+        self.t["loaded"] = time.time()
+
+    def first_batch(self, rows: dict) -> dict:
+        self.batches(rows)
+        return self.t | {"first_batch": time.time()}
+
+
+_IMPORTS = """import time
+t0 = time.perf_counter(); import torch
+t1 = time.perf_counter(); import raydd.generate, raydd.distributed.data
+t2 = time.perf_counter(); import raydd.backbone, diffusers.models.transformers.dit_transformer_2d
+t3 = time.perf_counter(); import raydd.jobs, raydd.distributed.train
+t4 = time.perf_counter(); print(t1 - t0, t2 - t1, t3 - t2, t4 - t3)"""
+
+
+def bench_startup(spec: BackboneSpec, sampler: SamplerConfig) -> dict:
+    """#23 part 3: where a sampling actor's and a Train job's start-up time goes, on the digits world's DiT.
+    (1) imports in a fresh interpreter, one after the other: torch; raydd's sampling modules; diffusers' DiT
+    (the model load's own import); the Train job modules. (2) A 1-CPU actor on a fresh local Ray: submit ->
+    constructor (process start, Ray's worker, imports) -> model loaded -> first unit sampled, next to the same
+    unit sampled in an already warm process. (3) One sampling stage (generate_ray, 1 actor, 1 unit): a Ray Data
+    actor pool, start to finish, minus that warm sampling time. (4) A 1-worker Ray Train fit that only
+    reports 3 times (bench_train)."""
+    import ray
+
+    from raydd.distributed.cluster import init_ray
+    from raydd.distributed.data import generate_ray
+    from raydd.distributed.train import fit
+
+    out: dict = {}
+    imports = subprocess.run([sys.executable, "-c", _IMPORTS], capture_output=True, text=True, check=True)
+    names = ("import_torch_s", "import_raydd_sampling_s", "import_diffusers_dit_s", "import_train_jobs_s")
+    out |= dict(zip(names, map(float, imports.stdout.split())))
+    rows = make_rows(10, 1, run_seed=0, unit_size=10)                  # one unit: 10 images, one per class
+    torch.set_num_threads(1)
+    warm = SampleBatches(spec, sampler, threads=1)
+    warm(rows)
+    out["sample_unit_warm_s"] = timed(lambda: warm(rows), 2)
+    torch.set_num_threads(os.cpu_count() or 1)
+    init_ray(ComputeConfig())
+    try:
+        time.sleep(5)                                                 # let Ray's own start-up work finish
+        submit = time.time()
+        probe = ray.remote(num_cpus=1)(_StartupProbe).remote(spec, sampler)
+        t = ray.get(probe.first_batch.remote(rows))
+        ray.kill(probe)
+        out |= {"actor_to_constructor_s": t["init"] - submit, "actor_process_age_at_constructor_s": t["init"] - t["process"],
+                "actor_model_load_s": t["loaded"] - t["init"], "actor_first_unit_s": t["first_batch"] - t["loaded"],
+                "actor_to_first_unit_s": t["first_batch"] - submit}
+        one = ComputeConfig(num_actors=1, cpus_per_actor=1, batch_size=10)
+        out["stage_s"] = timed(lambda: generate_ray(spec, sampler, rows, one), 2)
+        out["stage_overhead_s"] = out["stage_s"] - out["sample_unit_warm_s"]
+        with tempfile.TemporaryDirectory() as tmp:
+            out["train_fit_s"] = timed(lambda: fit(_three_reports, {}, name="bench-startup", storage=tmp), 2)
+    finally:
+        ray.shutdown()
+    return out
 
 
 def peak_tree_rss(cmd: list[str], env: dict, cwd: str, output: str | None = None) -> tuple[int, float, float, float, list]:
@@ -540,14 +611,14 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m raydd.bench", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split("\n\n", 1)[1])
     p.add_argument("--only", default="", help="comma list of: sharding,batching,guidance,schedulers,train,student,"
-                                              "memory,gpu; not in the default set: guided-memory (minutes at DiT-XL/2 "
+                                              "memory,startup,gpu; not in the default set: guided-memory (minutes at DiT-XL/2 "
                                               "on a CPU), scale (#20: real-data memory and store throughput)")
     p.add_argument("--out", default="bench.json")
     p.add_argument("--smoke", "--quick", dest="quick", action="store_true", help="small sizes (a few minutes)")
     p.add_argument("--no-mlflow", action="store_true")
     args = p.parse_args(argv)
     only = set(args.only.split(",")) if args.only else {"sharding", "batching", "guidance", "schedulers", "train",
-                                                         "student", "memory", "gpu"}
+                                                         "student", "memory", "startup", "gpu"}
     q = args.quick
     sampler = SamplerConfig(steps=10 if q else 50, cfg_scale=4.0, clip_x0=True)
     results: dict = {"machine": {"cpus": os.cpu_count(), "torch": torch.__version__,
@@ -564,6 +635,9 @@ def main(argv: list[str] | None = None) -> int:
         if "guidance" in only:
             log("guidance ...")
             results["guidance"] = bench_guidance(spec, sampler, n=20 if q else 50)
+        if "startup" in only:
+            log("start-up ...")
+            results["startup"] = bench_startup(spec, sampler)
     if "schedulers" in only:
         log("schedulers ...")
         results["schedulers"] = bench_schedulers(n=20 if q else 100)

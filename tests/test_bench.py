@@ -6,7 +6,10 @@ import os
 import subprocess
 import sys
 
+import pytest
 import torch
+
+from raydd.config import SamplerConfig
 
 
 def test_batching_section_writes_a_curve_per_precision(tmp_path):
@@ -71,3 +74,18 @@ def test_schedulers_section_rates_every_setting_of_both_worlds():
     assert set(out["digits-latent"]["images_per_s"]) == {"ddpm-50", "dpm++-10", "euler-10"}
     assert out["digits-latent"]["speedup_vs_ddpm50"]["ddpm-50"] == 1.0
     assert all(v > 0 for w in ("digits", "digits-latent") for v in out[w]["images_per_s"].values())
+
+
+@pytest.mark.slow
+@pytest.mark.ray
+def test_startup_section_splits_an_actors_start_into_its_parts(tmp_path):
+    """Each part of the start-up is measured (positive), the parts of the actor's path add up to the whole, and
+    a sampling stage costs more than the warm sampling it contains."""
+    from raydd.bench import bench_startup, tiny_spec
+
+    r = bench_startup(tiny_spec(tmp_path), SamplerConfig(steps=4, cfg_scale=4.0, clip_x0=True))
+    parts = ("actor_to_constructor_s", "actor_model_load_s", "actor_first_unit_s")
+    assert all(r[k] > 0 for k in parts + ("import_torch_s", "import_raydd_sampling_s", "sample_unit_warm_s",
+                                          "stage_s", "train_fit_s"))
+    assert sum(r[k] for k in parts) == pytest.approx(r["actor_to_first_unit_s"])
+    assert r["stage_overhead_s"] == pytest.approx(r["stage_s"] - r["sample_unit_warm_s"]) and r["stage_overhead_s"] > 0
