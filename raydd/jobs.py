@@ -144,8 +144,7 @@ def eval_loop(config: dict, hooks: TrainHooks) -> None:
     # only real and random-subset jobs, and a val split held out of train, need the train split in this worker;
     # given as streams (a store), neither it nor the evaluation split is ever held
     streamed = hooks.dataset("train") is not None
-    data = load_real(dcfg, train=not streamed and hooks.dataset("eval") is None
-                     and (ecfg.split == "val" or any(j["kind"] != "syn" for j in jobs)))
+    data = load_real(dcfg, train=not streamed and (ecfg.split == "val" or any(j["kind"] != "syn" for j in jobs)))
     target = real_split(dcfg, hooks, data, ecfg.split, "eval")
     real = real_train(dcfg, hooks, data) if any(j["kind"] != "syn" for j in jobs) else None
     syn = load_set(config["source"], data, dcfg) if config.get("source") else None

@@ -48,19 +48,20 @@ def _keep_part(batch: dict, where: np.ndarray, offsets: np.ndarray) -> dict:
     return {"label": batch["label"][mine], "pos": pos[mine], "image": batch["image"][mine]}
 
 
-def part_dataset(cfg, spec: dict, seed: int = 0) -> "ray.data.Dataset":
+def part_dataset(cfg, spec: dict, seed: int = 0, per_class: int = 0) -> "ray.data.Dataset":
     """A split of a store (spec: raydd.data.stream_spec; a part of its train folder, or the root's own val/) as a
     Ray Dataset for Train jobs (their `datasets=`): rows label, pos, image. Each epoch reads the files in another
     order (seeded by `seed`), then the worker's local shuffle buffer mixes them (raydd.data.StreamedSplit);
     nothing is materialised (a block-order shuffle would hold the whole split in the object store). Nothing is
-    read until a worker iterates.
+    read until a worker iterates. per_class > 0: only the first `per_class` rows of each class.
 
     Its tasks ask for no CPU, two at a time: the Train workers that read it hold the CPUs, and a stream whose
     tasks asked for one waited forever when they held them all (two 1-CPU nodes, two workers)."""
-    from raydd.data import _complete_store, class_offsets, stored_rows
+    from raydd.data import _complete_store, cap_per_class, class_labels, class_offsets, stored_rows
 
     folder, positions = stored_rows(spec["part"], spec["counts"], cfg, spec["has_val"])
     counts = spec["counts"][folder]
+    positions = cap_per_class(positions, class_labels(counts), per_class)
     where = np.full(int(sum(counts)), -1, dtype=np.int32)           # [rows of the folder]: 4 B a row
     where[positions] = np.arange(len(positions))
     offsets = class_offsets(counts)
@@ -68,13 +69,6 @@ def part_dataset(cfg, spec: dict, seed: int = 0) -> "ray.data.Dataset":
     return (ray.data.read_parquet(f"{_complete_store(cfg)}/{folder}", ray_remote_args={"num_cpus": 0}, concurrency=2,
                                   shuffle=ray.data.FileShuffleConfig(seed=seed, reseed_after_execution=True))
             .map_batches(_keep_part, fn_kwargs={"where": where, "offsets": offsets}, batch_format="numpy", **light))
-
-
-def _first_of_each_class(batch: dict, start: np.ndarray, per_class: int) -> dict:
-    """map_batches: keep a part's rows that are among the first `per_class` of their class (start[c]: the part's
-    first row of class c; a class's rows are consecutive in a part)."""
-    mine = batch["pos"] - start[batch["label"]] < per_class
-    return {k: v[mine] for k, v in batch.items()}
 
 
 def _class_rows(batch: dict, shape: tuple[int, int, int]) -> dict:
@@ -90,17 +84,12 @@ def map_part(cfg, part: str, per_class: int, udf: type, udf_kwargs: dict) -> dic
     all), streamed from the store through an actor pool (compute.num_actors, as sampling): no process holds the
     part. -> the udf's output columns, concatenated; they should be small (per-class sums, scores), as the driver
     holds them. Batches mix classes and arrive in any order: the udf must not depend on either (sums do not)."""
-    from raydd.data import stream_spec, streamed_split
+    from raydd.data import stream_spec
 
-    spec = stream_spec(cfg.data, part)
-    labels = streamed_split(None, spec, cfg.data).labels                                 # [rows of the part]
-    start = np.searchsorted(labels, np.arange(len(spec["counts"]["train"])))              # [C]: a class's first row
     shape = (cfg.data.channels, cfg.data.image_size, cfg.data.image_size)
-    c, light = cfg.compute, {"num_cpus": 0, "concurrency": 2, "batch_format": "numpy"}
-    ds = part_dataset(cfg.data, spec)
-    if per_class > 0:
-        ds = ds.map_batches(_first_of_each_class, fn_kwargs={"start": start, "per_class": per_class}, **light)
-    ds = (ds.map_batches(_class_rows, fn_kwargs={"shape": shape}, **light)
+    c = cfg.compute
+    ds = (part_dataset(cfg.data, stream_spec(cfg.data, part), per_class=per_class)
+          .map_batches(_class_rows, fn_kwargs={"shape": shape}, batch_format="numpy", num_cpus=0, concurrency=2)
           .map_batches(udf, fn_constructor_kwargs=udf_kwargs, batch_size=256, batch_format="numpy",
                        compute=ray.data.ActorPoolStrategy(size=c.num_actors), num_cpus=c.cpus_per_actor,
                        num_gpus=c.gpus_per_actor, memory=int(c.memory_per_actor_gib * 2**30) or None))
