@@ -21,7 +21,7 @@ import torch
 
 from raydd.config import Config, SamplerConfig
 from raydd.data import RealData
-from raydd.jobs import real_classifier, set_classifier_loop, streams
+from raydd.jobs import real_classifier, real_datasets, set_classifier_loop, streams
 from raydd.generate import BackboneSpec, DistilledSet, GuidanceFactory, generate_local, make_rows, map_units
 from raydd.train_hooks import TrainHooks, TrainResult, run_local
 
@@ -164,9 +164,11 @@ class Context:
         return self.runner.train(loop, config, name, num_workers, cpus_per_worker)
 
     def train_cached(self, kind: str, loop: Callable[[dict, TrainHooks], None], config: dict,
-                     cpus_per_worker: float | None = None) -> Path:
-        """A training job run once per config (reference models, estimators, selectors, fine-tunes)."""
-        return train_cached(self.runner, self.cfg.resolved_cache_dir(), kind, loop, config, cpus_per_worker)
+                     cpus_per_worker: float | None = None, reads: tuple[str, ...] = ()) -> Path:
+        """A training job run once per config (reference models, estimators, selectors, fine-tunes). reads: the
+        real splits the loop reads with raydd.jobs.real_split ("train", "val"); with a store they stream to it."""
+        return train_cached(self.runner, self.cfg.resolved_cache_dir(), kind, loop, config, cpus_per_worker,
+                            datasets=real_datasets(self.cfg, *reads))
 
     def real_classifier(self, arch: str = "", epochs: int = 0) -> Path:
         """A classifier trained on the real train split, cached (raydd.jobs.real_classifier)."""

@@ -107,6 +107,22 @@ class StreamedSplit:
         return Split(x, torch.from_numpy(self.labels[positions].astype(np.int64)))
 
 
+def endless_batches(split: Split | StreamedSplit, batch_size: int,
+                    generator: torch.Generator) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """Batches for a loop counted in steps (the fine-tunes, IGDS's estimator): epoch after epoch of split.batches,
+    each epoch in a new order from `generator`, held or streamed alike, as DiT's train.py draws (a shuffling
+    sampler, epoch after epoch). An epoch's last, short batch is skipped, unless the split is smaller than a batch:
+    every step then sees batch_size rows (or the whole split). uint8 [b, C, H, W], int64 [b]."""
+    if len(split) == 0:
+        raise DataError("the train split is empty: nothing to train on (check data.max_train_per_class and "
+                        "data.val_fraction / data.test_fraction)")
+    full = min(batch_size, len(split))
+    while True:
+        for x, y in split.batches(batch_size, generator):
+            if len(y) == full:
+                yield x, y
+
+
 class RealData:
     """The real splits (uint8 images and labels) and the class list. From a prepared store (`store`), a split is
     read when first used: a process that never touches the train split (the driver of most methods, the

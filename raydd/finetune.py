@@ -234,19 +234,24 @@ def finetune_config(backbone_source: str, data: DataConfig, sampler: SamplerConf
             "data": asdict(data), "sampler": schedule_key(sampler), "steps": steps, "batch": batch, "lr": lr,
             "weight_decay": weight_decay, "ema": ema, "peft": peft, "terms": dict(terms),
             "term_options": term_options or {}, "seed": seed, "recipe": RECIPE,
+            "draws": "epochs",         # batches: epochs of the shuffled split (raydd.data.endless_batches), no
+                                       # longer i.i.d. picks of a held split: fine-tunes from before are not reused
             # the files that registered the terms: a Ray Train worker is a fresh process, the loop imports them
             "term_modules": sorted({LOSS_TERMS[k].__module__ for k in terms if k in LOSS_TERMS})}
 
 
 def finetune_loop(config: dict, hooks: TrainHooks) -> None:
     """Fine-tune a DiT on the real train split: L = L_simple + L_vlb + sum_k lambda_k * term_k.
-    peft="difffit" adds DiffFit's gammas and trains them with biases, norms and the label table. Real images
-    are encoded once, a batch at a time, on the worker's device. Data-parallel across workers (DDP via
-    hooks.prepare_model); reports a diffusers model dir `transformer/` (the EMA weights, gammas folded) as
-    the final checkpoint, loadable with backbone.source=<dir>/transformer."""
+    peft="difffit" adds DiffFit's gammas and trains them with biases, norms and the label table. The split is
+    held, or streamed from the store (the job's dataset "train": no worker holds it), epoch after epoch
+    (raydd.data.endless_batches); each batch is encoded on the worker's device as it comes, as DiT's train.py
+    does. Data-parallel across workers (DDP via hooks.prepare_model); reports a diffusers model dir
+    `transformer/` (the EMA weights, gammas folded) as the final checkpoint, loadable with
+    backbone.source=<dir>/transformer."""
     from raydd.backbone import add_difffit_gammas, drop_labels, fold_difffit_gammas, load_transformer, load_vae, \
         save_transformer
-    from raydd.data import load_real
+    from raydd.data import StreamedSplit, endless_batches, load_real
+    from raydd.jobs import real_train
 
     for module in config.get("term_modules", []):                         # registers the terms here
         importlib.import_module(module)
@@ -255,10 +260,11 @@ def finetune_loop(config: dict, hooks: TrainHooks) -> None:
         raise ValueError(f"unknown fine-tuning loss term(s) {unknown}; registered: {sorted(LOSS_TERMS)}")
     dcfg, scfg = DataConfig(**config["data"]), SamplerConfig(**config["sampler"])
     torch.manual_seed(config["seed"])
-    data = load_real(dcfg)
+    data = load_real(dcfg, train=hooks.dataset("train") is None)
+    train = real_train(dcfg, hooks, data)                                  # held, or streamed from the store
     model = load_transformer(config["backbone_source"])                    # one shared embedder (backbone.py)
     null_class, channels = int(model.config.num_embeds_ada_norm), int(model.config.in_channels)
-    y_all = torch.tensor(data.backbone_class_ids(null_class))[data.train.y]   # backbone class ids [N]
+    class_ids = torch.tensor(data.backbone_class_ids(null_class))          # label -> backbone class id [C]
     if config["peft"] == "difffit":
         add_difffit_gammas(model)
     trainable = set(peft_parameters(model, config["peft"]))
@@ -269,22 +275,27 @@ def finetune_loop(config: dict, hooks: TrainHooks) -> None:
     net = hooks.prepare_model(model)
     device = hooks.device
     vae = load_vae(config["vae"], config["vae_scale"]).to(device).eval()
-    z_all, y_all = encode_real(vae, data.train.x, device), y_all.to(device)   # latents [N, c, h, w] on the device
     ema = EMA(model, config["ema"])
     # the logged rows (the loss curve) are kept with the model as history.json
     loop = TrainLoop(hooks, "finetune", config["steps"], {"model": model, "opt": opt, "ema": ema},
                      curve_file="history.json")
     schedule = make_schedule(scfg)
     predict = transformer_predict(net, channels)
-    gen = torch.Generator().manual_seed(config["seed"] * 1000 + hooks.world_rank)
+    gen = torch.Generator().manual_seed(config["seed"] * 1000 + hooks.world_rank + loop.start)
     net.train()
-    B = config["batch"]
+    batches = endless_batches(train, config["batch"], gen)
+
+    def final(d: str) -> dict:                                            # the EMA weights, gammas folded
+        save_transformer(fold_difffit_gammas(ema.copy_to(model)).cpu(), f"{d}/transformer")
+        return {"streamed": isinstance(train, StreamedSplit)}
+
     for step in loop.steps():
-        idx = torch.randint(0, len(y_all), (B,), generator=gen).to(device)
+        images, labels = next(batches)                                    # uint8 [B, C, H, W], [B]
+        x0 = encode_real(vae, images, device)                             # [B, c, h, w] latents
+        B = len(labels)
         t = torch.randint(0, scfg.train_timesteps, (B,), generator=gen).to(device)
-        x0 = z_all[idx]                                                   # [B, c, h, w] latents
         noise = torch.randn(x0.shape, generator=gen).to(device)
-        y = drop_labels(y_all[idx], null_class, gen)                      # CFG: 10% null, once per sample
+        y = drop_labels(class_ids[labels].to(device), null_class, gen)    # CFG: 10% null, once per sample
         out = diffusion_losses(predict, x0, y, t, noise, schedule)
         loss, parts = out["loss"], {"mse": out["mse"].mean().item(), "vb": out["vb"].detach().mean().item()}
         x_t = q_sample(x0, t, noise, schedule)
@@ -297,5 +308,4 @@ def finetune_loop(config: dict, hooks: TrainHooks) -> None:
         loss.backward()
         opt.step()
         ema.update(model, step)
-        loop.end_step(step, B, metrics=lambda: {"loss": loss.item(), **parts},   # EMA weights, gammas folded
-                      final=lambda d: save_transformer(fold_difffit_gammas(ema.copy_to(model)).cpu(), f"{d}/transformer"))
+        loop.end_step(step, B, metrics=lambda: {"loss": loss.item(), **parts}, final=final)

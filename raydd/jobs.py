@@ -83,17 +83,17 @@ def streams(cfg: Config) -> bool:
     return bool(cfg.data.store) and cfg.data.dataset == "imagefolder"
 
 
-def real_datasets(cfg: Config, train: bool = True, evaluation: bool = False) -> dict:
+def real_datasets(cfg: Config, *keys: str) -> dict:
     """The real splits a Train job reads, as Ray Datasets (raydd.distributed.store.part_dataset) when the data has
-    a store, else {} (each worker holds what it reads): "train" (the train split) and "eval" (eval.split: the val
-    hold-out or the test split)."""
+    a store, else {} (each worker holds what it reads). keys: "train" (the train split), "val" (its hold-out) and
+    "eval" (eval.split: the val hold-out or the test split); the loop reads each with real_split."""
     if not streams(cfg):
         return {}
     from raydd.distributed.store import part_dataset
 
-    splits = ({"train": "train"} if train else {}) | ({"eval": cfg.eval.split} if evaluation else {})
-    return {key: part_dataset(cfg.data, stream_spec(cfg.data, split), seed=cfg.data.split_seed)
-            for key, split in splits.items()}
+    split_of = {"train": "train", "val": "val", "eval": cfg.eval.split}
+    return {key: part_dataset(cfg.data, stream_spec(cfg.data, split_of[key]), seed=cfg.data.split_seed)
+            for key in keys}
 
 
 def _job_epochs_and_size(job: dict, n_syn: int, n_real: int, num_classes: int, ecfg: EvalConfig) -> tuple[int, int]:
@@ -267,7 +267,7 @@ def real_classifier(cfg: Config, runner, arch: str = "", epochs: int = 0) -> Pat
                             "teacher_epochs": epochs or cfg.eval.teacher_epochs}
     config = {"data": asdict(cfg.data), "eval": e, "seed": 0}
     return train_cached(runner, cfg.resolved_cache_dir(), "teachers", teacher_loop, config,
-                        datasets=real_datasets(cfg)) / "teacher.safetensors"
+                        datasets=real_datasets(cfg, "train")) / "teacher.safetensors"
 
 
 def ensure_teacher(cfg: Config, runner) -> str:
@@ -336,7 +336,7 @@ def evaluate_set(cfg: Config, source: dict, runner, max_workers: int = 1, stages
     config = {"data": asdict(cfg.data), "eval": asdict(e), "jobs": jobs, "source": source, "teacher": teacher}
     p = cfg.compute.parallel_jobs
     workers = max(1, min(len(jobs), max_workers if p <= 0 else p))
-    streams = real_datasets(cfg, train=any(j["kind"] != "syn" for j in jobs), evaluation=True)
+    streams = real_datasets(cfg, *(["train"] if any(j["kind"] != "syn" for j in jobs) else []), "eval")
     if streams and p <= 0:
         # some of the stream's Ray Data tasks ask for a CPU: workers holding every CPU left them pending forever
         # (two 1-CPU nodes, two workers); leave one

@@ -12,7 +12,7 @@ import torch
 
 from raydd.config import DataConfig
 from raydd.context import Context, LocalRunner
-from raydd.data import load_real
+from raydd.data import Split, load_real
 from raydd.protocols import to_float
 from raydd.methods import get_method
 from raydd.methods.igds import Config, beta_for_ipc, ensure_ve, step_window
@@ -90,7 +90,7 @@ def test_ve_checkpoint_round_trips_with_q_y(ve_dir):
     by_file, _ = load_ve(ve_dir / "ve.safetensors")                          # the file itself works too
     assert torch.equal(by_file.q_y, ve.q_y)
     data = load_real(DataConfig(**meta["train_config"]["data"]))
-    again = estimate(ve, data.val.x, data.val.y)                             # restored VE = the trained one
+    again = estimate(ve, data.val)                            # restored VE = the trained one
     assert again["H_X_given_Y"] == pytest.approx(meta["estimates"]["val"]["H_X_given_Y"], rel=1e-4, abs=1e-6)
     assert again["I_XY"] == pytest.approx(meta["estimates"]["val"]["I_XY"], rel=1e-4, abs=1e-6)
     assert 0 <= again["H_X_given_Y"] <= math.log(32) and again["I_XY"] <= math.log(10) + 1e-6
@@ -131,8 +131,8 @@ def test_larger_beta_gives_larger_contextual_information(digits_cfg, spec, ve_di
     ctx = make_ctx(digits_cfg, spec)
     ve, _ = load_ve(ve_dir)
     rows = ctx.rows(per_class=2)
-    h = {b: estimate(ve, ctx.generate(rows, guided(ctx, ve_dir, eta=0.3, beta=b)).images, torch.from_numpy(
-        rows["class_idx"]))["H_X_given_Y"] for b in (0.0, 4.0)}
+    h = {b: estimate(ve, Split(ctx.generate(rows, guided(ctx, ve_dir, eta=0.3, beta=b)).images, torch.from_numpy(
+        rows["class_idx"])))["H_X_given_Y"] for b in (0.0, 4.0)}
     assert h[4.0] > h[0.0]
 
 

@@ -238,6 +238,59 @@ def test_with_a_store_per_class_statistics_stream_and_the_driver_holds_no_image(
     assert stored.data.describe() == "splits read when used (so far: none)"
 
 
+def test_endless_batches_give_every_row_once_an_epoch_epoch_after_epoch():
+    """What the step-counted loops (fine-tunes, IGDS's estimator) draw: full batches, each epoch every row at most
+    once (its short last batch skipped), a new order each epoch; a split smaller than a batch comes whole."""
+    from raydd.data import Split, endless_batches
+
+    split = Split(torch.arange(10, dtype=torch.uint8).reshape(10, 1, 1, 1), torch.arange(10) % 2)
+    draws = endless_batches(split, 4, torch.Generator().manual_seed(0))
+    epochs = [[next(draws) for _ in range(2)] for _ in range(3)]              # 10 rows: 2 full batches an epoch
+    rows = [torch.cat([x.flatten() for x, _ in e]).tolist() for e in epochs]
+    assert all(len(set(r)) == 8 for r in rows) and len({tuple(r) for r in rows}) == 3
+    for e in epochs:
+        assert all(len(y) == 4 and torch.equal(y, x.flatten().long() % 2) for x, y in e)
+    small = next(endless_batches(split, 64, torch.Generator()))
+    assert sorted(small[0].flatten().tolist()) == list(range(10))
+    with pytest.raises(DataError, match="train split is empty"):
+        next(endless_batches(split.take(torch.tensor([], dtype=torch.long)), 4, torch.Generator()))
+
+
+def test_with_a_store_the_fine_tune_and_the_igds_estimator_stream_the_train_split(tmp_path):
+    """#20 item 2: RSM+CGS's and IMS3's DiT fine-tune (raydd.finetune.finetune_loop) and IGDS's variational
+    estimator take the real splits as Ray Datasets (ctx.train_cached(reads=...)): no worker holds them, and the
+    driver reads none. Without a store the same jobs hold them."""
+    from raydd.backbone import save_transformer, tiny_dit
+    from raydd.context import Context
+    from raydd.distributed.cluster import init_ray
+    from raydd.distributed.runner import RayRunner
+    from raydd.generate import BackboneSpec
+    from raydd.methods import igds, rsm_cgs
+    from raydd.objectives.information import load_ve
+    from raydd.prepare import load_data
+
+    root = make_folder(tmp_path / "folder", per_class=(12, 2))
+    dit = tmp_path / "dit" / "transformer"
+    save_transformer(tiny_dit(2, 3, 16, hidden_size=32, depth=1, heads=2, patch_size=4), str(dit))
+    ve = igds.Config(ve_steps=3, ve_cls_steps=2, ve_batch=8, ve_queue=16, ve_width=8, ve_embed_dim=16)
+    for store in (str(tmp_path / "store"), ""):
+        cfg = cfg_for(root, store, "backbone.vae=identity", f"backbone.source={dit}", f"cache_dir={tmp_path}/c{store[-5:]}")
+        data = load_data(cfg) if store else load_real(cfg.data)
+        init_ray(cfg.compute)
+        spec = BackboneSpec(cfg.backbone, num_classes=2, channels=3, image_size=16, class_ids=[0, 1])
+        ctx = Context(cfg, data, spec, runner=RayRunner(cfg, tmp_path / f"scratch{store[-5:]}"))
+        tuned = rsm_cgs.rsm_finetune(ctx, rsm_cgs.Config(ft_steps=3, ft_batch=4))
+        history = json.loads(Path(tuned.cfg.source).parent.joinpath("history.json").read_text())
+        assert len(history) == 3 and all(np.isfinite(r["loss"]) for r in history)
+        ve_dir = igds.ensure_ve(ctx, ve)
+        _, meta = load_ve(ve_dir, num_classes=2, channels=3)
+        assert meta["estimates"]["train"]["n"] == 20 and meta["estimates"]["val"]["n"] == 4
+        for entry in (Path(tuned.cfg.source).parent, ve_dir):
+            assert json.loads((entry / "metrics.json").read_text())["streamed"] is bool(store)
+        if store:
+            assert data.describe() == "splits read when used (so far: none)"
+
+
 @pytest.mark.slow
 def test_with_a_store_the_teacher_and_the_real_references_stream_the_train_split_and_students_the_test_split(tmp_path):
     """#20 item 2: the Train jobs that train on the real train split (the teacher; DD-Ranking's real and random

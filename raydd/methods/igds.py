@@ -25,6 +25,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from raydd.config import ConfigError
+from raydd.data import Split
 from raydd.methods import register_method
 from raydd.objectives.information import (VE_CURVE, estimate, load_ve, make_guidance, ve_config, ve_files,
                                           ve_train_loop)
@@ -80,7 +81,7 @@ def ensure_ve(ctx, cfg: Config) -> Path:
                cls_steps=cfg.ve_cls_steps, batch=cfg.ve_batch, lr=cfg.ve_lr, flip=ctx.cfg.eval.flip, seed=cfg.ve_seed)
     if ctx.cfg.smoke:
         job |= {k: min(v, job[k]) for k, v in SMOKE_VE.items()}
-    return ctx.train_cached("igds_ve", ve_train_loop, ve_config(ctx.cfg.data, **job))
+    return ctx.train_cached("igds_ve", ve_train_loop, ve_config(ctx.cfg.data, **job), reads=("train", "val"))
 
 
 def log_ve(ctx, path: Path) -> dict:
@@ -131,7 +132,7 @@ def run(ctx, cfg: Config):
 
     # 2. the estimates on what we made (same VE, same definitions as on real data)
     ve, _ = load_ve(ve_path, num_classes=ctx.data.num_classes)
-    est = estimate(ve, distilled.images, distilled.labels)
+    est = estimate(ve, Split(distilled.images, distilled.labels))
     ctx.log_metrics({"igds/beta": beta, "igds/eta": cfg.eta, "guidance_s_per_image": seconds / len(distilled),
                      **{f"ve/{k}_distilled": v for k, v in est.items() if k != "n"}})
     ctx.tracker.log_dict({"beta": beta, "window": list(window), "config": asdict(cfg), "estimates_distilled": est,

@@ -93,7 +93,7 @@ def im_finetune(ctx, cfg: Config) -> BackboneSpec:
                              term_options={"im": {"inversion_steps": cfg.inversion_steps, "im_matrix": cfg.im_matrix}},
                              seed=cfg.finetune_seed, ema=cfg.ema, latent_size=b.latent_size, vae=b.vae,
                              vae_scale=b.vae_scale)
-    path = ctx.train_cached("finetune", finetune_loop, config)
+    path = ctx.train_cached("finetune", finetune_loop, config, reads=("train",))
     curve = json.loads((path / ("history.json" if (path / "history.json").exists() else "metrics.json")).read_text())
     for h in curve if isinstance(curve, list) else [curve]:              # the curve: loss, mse, vb, im
         ctx.log_metrics({f"finetune/{k}": v for k, v in h.items() if k != "step"}, step=int(h["step"]))

@@ -73,7 +73,7 @@ def rsm_finetune(ctx, cfg: Config) -> BackboneSpec:
                              batch=cfg.ft_batch, lr=cfg.ft_lr, peft=cfg.peft, terms={"rsm": cfg.lam},
                              seed=ctx.cfg.seed, ema=cfg.ft_ema, latent_size=b.latent_size, vae=b.vae,
                              vae_scale=b.vae_scale)
-    path = ctx.train_cached("finetune", finetune_loop, config)
+    path = ctx.train_cached("finetune", finetune_loop, config, reads=("train",))
     return dataclasses.replace(ctx.spec, cfg=dataclasses.replace(b, source=str(path / "transformer"), checkpoint=""))
 
 

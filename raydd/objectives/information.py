@@ -111,17 +111,17 @@ def per_sample_objective(ve: VariationalEstimator, x: torch.Tensor, y: torch.Ten
 
 
 @torch.no_grad()
-def estimate(ve: VariationalEstimator, images: torch.Tensor, labels: torch.Tensor, batch: int = 256,
-             device: str | torch.device = "cpu") -> dict[str, float]:
-    """Î(X;Y), Ĥ(X|Y) and the VE classifier's accuracy on a whole set (uint8 images [N,C,H,W])."""
+def estimate(ve: VariationalEstimator, split, batch: int = 256, device: str | torch.device = "cpu") -> dict[str, float]:
+    """Î(X;Y), Ĥ(X|Y) and the VE classifier's accuracy on a whole set: a raydd.data.Split (uint8 images
+    [N,C,H,W], labels [N]) or a StreamedSplit, read `batch` rows at a time."""
     from raydd.protocols import to_float
 
     ve = ve.eval().to(device)
-    p, log_p_y, kl = [], [], []
-    for xb, yb in zip(images.split(batch), labels.split(batch)):
+    p, log_p_y, kl, labels = [], [], [], []
+    for xb, yb in split.ordered(batch):
         t = information_terms(ve, to_float(xb).to(device), yb.to(device))
-        p.append(t["p"].cpu()), log_p_y.append(t["log_p_y"].cpu()), kl.append(t["kl"].cpu())
-    p, log_p_y, kl = torch.cat(p), torch.cat(log_p_y), torch.cat(kl)
+        p.append(t["p"].cpu()), log_p_y.append(t["log_p_y"].cpu()), kl.append(t["kl"].cpu()), labels.append(yb)
+    p, log_p_y, kl, labels = torch.cat(p), torch.cat(log_p_y), torch.cat(kl), torch.cat(labels)
     p_bar = p.mean(0)
     h_yhat = float(-(p_bar * p_bar.clamp_min(1e-12).log()).sum())                      # H(Ŷ)
     return {"I_XY": h_yhat + float(log_p_y.mean()), "H_X_given_Y": float(kl.mean()), "H_Yhat": h_yhat,
@@ -230,6 +230,8 @@ class VETrainConfig:
     crop_scale_min: float = 0.5    # random_resized_crop_flip scale (min, 1)
     flip: bool = False             # horizontal flips in the two views (off for digits)
     seed: int = 0
+    draws: str = "epochs"          # batches: epochs of the shuffled split (raydd.data.endless_batches), no longer
+                                   # i.i.d. picks of a held split (part of the cache key: older VEs are not reused)
 
 
 def ve_config(data_cfg: DataConfig, **fields) -> dict:
@@ -246,17 +248,19 @@ def _views(x: torch.Tensor, gen: torch.Generator, cfg: VETrainConfig) -> torch.T
 def ve_train_loop(config: dict, hooks: TrainHooks) -> None:
     """Phase 1 (`steps`): encoder with L = InfoNCE(q, k+, queue) − λ·E KL(σ(q) ‖ Q_y); phase 2
     (`cls_steps`): classifier on the frozen encoder. Then Q_y exactly on the train split, the
-    estimates on train/val, and the checkpoint (ve.safetensors + ve.json + curve.json)."""
-    from raydd.data import load_real
+    estimates on train/val, and the checkpoint (ve.safetensors + ve.json + curve.json).
+    The splits are held, or streamed from the store (the job's datasets "train" and "val": no worker holds
+    them); training draws epoch after epoch (raydd.data.endless_batches)."""
+    from raydd.data import endless_batches, load_real
+    from raydd.jobs import real_split, real_train
     from raydd.protocols import to_float
 
     cfg = VETrainConfig(**config)
     dcfg = DataConfig(**cfg.data)
     torch.manual_seed(cfg.seed)
-    data = load_real(dcfg)
-    x_all, y_all = data.train.x, data.train.y                  # uint8 [N,C,H,W] on the CPU (a batch at a time
-                                                               # goes to the device as float), int64 [N]
-    N, C, D = len(y_all), data.num_classes, cfg.embed_dim
+    data = load_real(dcfg, train=hooks.dataset("train") is None)
+    train, val = real_train(dcfg, hooks, data), real_split(dcfg, hooks, data, "val", "val")
+    N, C, D = len(train), data.num_classes, cfg.embed_dim
     ve = VariationalEstimator(cfg.encoder, D, C, dcfg.channels, dcfg.image_size, cfg.tau, cfg.width)
     key_encoder = copy.deepcopy(ve.encoder).requires_grad_(False)                   # f_θ' (momentum)
     K = max(cfg.batch, min(cfg.queue_size, N // 2) // cfg.batch * cfg.batch)        # a multiple of the batch
@@ -276,9 +280,15 @@ def ve_train_loop(config: dict, hooks: TrainHooks) -> None:
     ve.to(device), key_encoder.to(device)
     queue, q_ema = queue.to(device), q_ema.to(device)
     gen = torch.Generator().manual_seed(cfg.seed * 1000 + hooks.world_rank + loop.start)
+    batches = endless_batches(train, cfg.batch, gen)
+
+    def final(d: str) -> dict:
+        batches.close()                                                 # its stream ends before _finish reads again
+        return _finish(ve, train, val, data.class_names, cfg, d, device)
+
     for step in loop.steps():
-        idx = torch.randint(0, N, (cfg.batch,), generator=gen)
-        x, y = to_float(x_all[idx]).to(device), y_all[idx].to(device)                # [B,C,H,W] in [-1,1], [B]
+        images, labels = next(batches)
+        x, y = to_float(images).to(device), labels.to(device)                      # [B,C,H,W] in [-1,1], [B]
         if step < cfg.steps:                                                        # phase 1: f_θ
             encoder.train()
             q = F.normalize(encoder(_views(x, gen, cfg)), dim=1)                    # queries [B, D]
@@ -311,21 +321,27 @@ def ve_train_loop(config: dict, hooks: TrainHooks) -> None:
             ce.backward()
             opt_g.step()
             row = {"ce": ce.item(), "cls_acc": float((logits.argmax(1) == y).float().mean())}
-        loop.end_step(step, cfg.batch, metrics=lambda: {"phase": 1 if step < cfg.steps else 2, **row},
-                      final=lambda d: _finish(ve, data, cfg, d, device),
+        loop.end_step(step, len(y), metrics=lambda: {"phase": 1 if step < cfg.steps else 2, **row},
+                      final=final,
                       extra=lambda: {"queue": queue.cpu(), "q_ema": q_ema.cpu(), "ptr": ptr})
 
 
 @torch.no_grad()
-def _finish(ve: VariationalEstimator, data, cfg: VETrainConfig, out_dir: str, device) -> None:
-    """Q_y = class mean of σ(x̂) on the (unaugmented) train split; estimates on real data; save."""
+def _finish(ve: VariationalEstimator, train, val, class_names: list[str], cfg: VETrainConfig, out_dir: str,
+            device) -> dict:
+    """Q_y = class mean of σ(x̂) on the (unaugmented) train split, one pass; estimates on train and val; save.
+    train, val: raydd.data.Split or StreamedSplit."""
+    from raydd.data import StreamedSplit
     from raydd.protocols import to_float
 
     ve.eval()
-    sig = torch.cat([ve(to_float(xb).to(device))[1].exp().cpu() for xb in data.train.x.split(256)])  # [N, D]
-    ve.q_y.copy_(torch.stack([sig[data.train.y == c].mean(0) for c in range(data.num_classes)]).to(device))
-    est = {split: estimate(ve, data.split(split).x, data.split(split).y, device=device)
-           for split in ("train", "val") if len(data.split(split))}
-    save_ve(ve, out_dir, {"class_names": data.class_names, "estimates": est, "train_config": asdict(cfg),
-                          "uniform_bound": {"I_XY_max": math.log(data.num_classes),
-                                            "H_X_given_Y_max": math.log(cfg.embed_dim)}})
+    C = len(class_names)
+    sums, counts = torch.zeros(C, cfg.embed_dim), torch.zeros(C)                       # Σ σ(x̂) per class [C, D]
+    for xb, yb in train.ordered(256):
+        sums.index_add_(0, yb, ve(to_float(xb).to(device))[1].exp().cpu())
+        counts += torch.bincount(yb, minlength=C)
+    ve.q_y.copy_((sums / counts[:, None]).to(device))
+    est = {name: estimate(ve, split, device=device) for name, split in (("train", train), ("val", val)) if len(split)}
+    save_ve(ve, out_dir, {"class_names": class_names, "estimates": est, "train_config": asdict(cfg),
+                          "uniform_bound": {"I_XY_max": math.log(C), "H_X_given_Y_max": math.log(cfg.embed_dim)}})
+    return {"streamed": isinstance(train, StreamedSplit)}
