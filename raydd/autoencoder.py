@@ -10,6 +10,8 @@ rule behind SD's 0.18215, so that the DiT sees latents of unit variance.
 """
 from __future__ import annotations
 
+import math
+
 from dataclasses import asdict
 
 import torch
@@ -36,33 +38,42 @@ def tiny_vae(channels: int, image_size: int, width: int):
 def tiny_vae_config(backbone: BackboneConfig, data: DataConfig, seed: int = 0) -> dict:
     """The training job's config (also its cache key): only what changes the trained weights."""
     return {"vae_width": backbone.vae_width, "vae_train_steps": backbone.vae_train_steps,
-            "data": asdict(data), "seed": seed}
+            "data": asdict(data), "seed": seed,
+            "draws": "epochs"}   # batches: epochs of the shuffled split, no longer i.i.d. picks (older VAEs retrain)
 
 
 def train_tiny_vae(config: dict, hooks: TrainHooks) -> None:
-    """Train the VAE on the real train split; report a diffusers model dir `vae/` as the final checkpoint."""
-    from raydd.data import load_real
+    """Train the VAE on the real train split, held or streamed from the store (the job's dataset "train"), epoch
+    after epoch; report a diffusers model dir `vae/` as the final checkpoint."""
+    from raydd.data import StreamedSplit, endless_batches, load_real
+    from raydd.jobs import real_train
     from raydd.protocols import to_float
 
     dcfg, steps = DataConfig(**config["data"]), int(config["vae_train_steps"])
     torch.manual_seed(config["seed"])
-    x_all = load_real(dcfg).train.x                                      # uint8 [N, C, H, W]
+    train = real_train(dcfg, hooks, load_real(dcfg, train=hooks.dataset("train") is None))
     vae = tiny_vae(dcfg.channels, dcfg.image_size, config["vae_width"])
     opt = torch.optim.AdamW(vae.parameters(), lr=LR, weight_decay=0.0)
     loop = TrainLoop(hooks, "vae", steps, {"vae": vae, "opt": opt})   # restores both after a worker failure
     net = hooks.prepare_model(VAELoss(vae))                              # DDP-wrapped when world_size > 1
     device = hooks.device
-    gen = torch.Generator().manual_seed(config["seed"] * 1000 + hooks.world_rank)
+    gen = torch.Generator().manual_seed(config["seed"] * 1000 + hooks.world_rank + loop.start)
+    batches = endless_batches(train, BATCH, gen)
+
+    def final(d: str) -> dict:
+        batches.close()                                                  # its stream ends before the next pass
+        return {"scaling_factor": save_with_scaling_factor(vae, train, f"{d}/vae", device),
+                "streamed": isinstance(train, StreamedSplit)}
+
     for step in loop.steps():
-        idx = torch.randint(0, len(x_all), (BATCH,), generator=gen)
-        x = to_float(x_all[idx]).to(device)                              # [B, C, H, W] in [-1, 1]
+        x = to_float(next(batches)[0]).to(device)                        # [B, C, H, W] in [-1, 1]
         mse, kl = net(x, gen)
         loss = mse + KL_WEIGHT * kl / x[0].numel()                       # both per pixel, as SD's ratio
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
-        loop.end_step(step, BATCH, metrics=lambda: {"loss": float(loss), "mse": float(mse), "kl": float(kl)},
-                      final=lambda d: {"scaling_factor": save_with_scaling_factor(vae, x_all, f"{d}/vae", device)})
+        loop.end_step(step, len(x), metrics=lambda: {"loss": float(loss), "mse": float(mse), "kl": float(kl)},
+                      final=final)
 
 
 class VAELoss(torch.nn.Module):
@@ -79,13 +90,17 @@ class VAELoss(torch.nn.Module):
 
 
 @torch.no_grad()
-def save_with_scaling_factor(vae, x_all: torch.Tensor, path: str, device) -> float:
-    """scaling_factor = 1 / std of the posterior means over the train split; saved in the VAE's config.json."""
+def save_with_scaling_factor(vae, train, path: str, device) -> float:
+    """scaling_factor = 1 / std of the posterior means over the train split (a raydd.data.Split or StreamedSplit,
+    one pass: running sums, not the latents); saved in the VAE's config.json."""
     from raydd.protocols import to_float
 
     vae.eval()
-    z = torch.cat([vae.encode(to_float(x).to(device)).latent_dist.mean.cpu() for x in x_all.split(256)])
-    scale = float(1.0 / z.std())
+    n, total, squares = 0, 0.0, 0.0                                      # over every latent element, in float64
+    for x, _ in train.ordered(256):
+        z = vae.encode(to_float(x).to(device)).latent_dist.mean.double().cpu()
+        n, total, squares = n + z.numel(), total + float(z.sum()), squares + float((z ** 2).sum())
+    scale = float(1.0 / math.sqrt((squares - total ** 2 / n) / (n - 1)))    # 1 / the unbiased std, as torch.std
     vae.register_to_config(scaling_factor=scale)
     vae.cpu().save_pretrained(path, safe_serialization=True)
     return scale

@@ -58,20 +58,22 @@ def ensure_backbone(cfg: Config, data: RealData, runner) -> BackboneSpec:
     first use, cached by config hash; the VAE first, since the DiT learns its latents."""
     from raydd.context import train_cached
     from raydd.finetune import tiny_backbone_config, train_tiny_backbone
+    from raydd.jobs import real_datasets
 
     b = cfg.backbone
     if b.vae == "tiny":
         from raydd.autoencoder import tiny_vae_config, train_tiny_vae
 
         path = train_cached(runner, cfg.resolved_cache_dir(), "vaes", train_tiny_vae, tiny_vae_config(b, cfg.data),
-                            cpus_per_worker=runner.max_cpus_per_worker(), log=log)
+                            cpus_per_worker=runner.max_cpus_per_worker(), log=log, datasets=real_datasets(cfg, "train"))
         scale = json.loads((path / "vae" / "config.json").read_text())["scaling_factor"]
         b = dataclasses.replace(b, vae=str(path / "vae"), vae_scale=float(scale))
     class_ids = data.backbone_class_ids()                  # a pretrained DiT: ImageNet's 1000 classes
     if b.source == "tiny":
         path = train_cached(runner, cfg.resolved_cache_dir(), "backbones", train_tiny_backbone,
-                            tiny_backbone_config(b, cfg.sampler, cfg.data, seed=0),
-                            cpus_per_worker=runner.max_cpus_per_worker(), log=log)  # one job: all of a node
+                            tiny_backbone_config(b, cfg.sampler, cfg.data, seed=0), log=log,
+                            cpus_per_worker=runner.max_cpus_per_worker(),       # one job: all of a node
+                            datasets=real_datasets(cfg, "train"))
         b = dataclasses.replace(b, source=str(path / "transformer"))
         class_ids = data.backbone_class_ids(data.num_classes)  # trained on these classes: the labels themselves
     return BackboneSpec(b, num_classes=data.num_classes, channels=cfg.data.channels,

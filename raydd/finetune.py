@@ -78,8 +78,9 @@ def transformer_predict(model, channels: int) -> Predict:
 
 # The training recipe's version, part of every DiT training job's cache key: models trained by an older
 # recipe are not reused. 2: one shared embedder, labels dropped once per sample; EMA and DiffFit gammas
-# in fine-tunes.
-RECIPE = 2
+# in fine-tunes. 3: batches are epochs of the shuffled split (raydd.data.endless_batches, held or streamed),
+# no longer i.i.d. picks of a held split.
+RECIPE = 3
 
 
 class EMA:
@@ -141,16 +142,18 @@ def encode_real(vae, x_uint8: torch.Tensor, device, batch: int = 256) -> torch.T
 
 
 def train_tiny_backbone(config: dict, hooks: TrainHooks) -> None:
-    """Train a tiny DiT on the real train split; report a diffusers model dir as the checkpoint.
+    """Train a tiny DiT on the real train split, held or streamed from the store (the job's dataset "train"),
+    epoch after epoch, each batch encoded as it comes; report a diffusers model dir as the checkpoint.
     Data-parallel when hooks.world_size > 1 (each rank draws its own batches)."""
     from raydd.backbone import drop_labels, load_vae, save_transformer, tiny_dit
-    from raydd.data import load_real
+    from raydd.data import StreamedSplit, endless_batches, load_real
+    from raydd.jobs import real_train
 
     bcfg, scfg, dcfg = BackboneConfig(**config["backbone"]), SamplerConfig(**config["sampler"]), DataConfig(**config["data"])
     torch.manual_seed(config["seed"])
-    data = load_real(dcfg)
+    data = load_real(dcfg, train=hooks.dataset("train") is None)
+    train = real_train(dcfg, hooks, data)                                 # held, or streamed from the store
     vae = load_vae(bcfg.vae, bcfg.vae_scale).to(hooks.device)             # identity in pixel space
-    x_all, y_all = encode_real(vae, data.train.x, hooks.device), data.train.y.to(hooks.device)   # [N,c,h,w], [N]
     channels = vae.latent_channels or dcfg.channels                       # the DiT's input: [channels, side, side]
     side = dcfg.image_size // vae.downscale_factor
     model = tiny_dit(data.num_classes, channels, side, bcfg.hidden_size, bcfg.depth, bcfg.heads, bcfg.patch_size,
@@ -162,14 +165,20 @@ def train_tiny_backbone(config: dict, hooks: TrainHooks) -> None:
     loop = TrainLoop(hooks, "backbone", bcfg.train_steps, {"model": model, "ema": ema, "opt": opt})
     schedule = make_schedule(scfg)
     predict = transformer_predict(net, channels)
-    gen = torch.Generator().manual_seed(config["seed"] * 1000 + hooks.world_rank)
+    gen = torch.Generator().manual_seed(config["seed"] * 1000 + hooks.world_rank + loop.start)
     net.train()
+    batches = endless_batches(train, bcfg.train_batch, gen)
+
+    def final(d: str) -> dict:                                            # the EMA weights
+        save_transformer(ema.copy_to(model).cpu(), f"{d}/transformer")
+        return {"streamed": isinstance(train, StreamedSplit)}
+
     for step in loop.steps():
-        idx = torch.randint(0, len(y_all), (bcfg.train_batch,), generator=gen)
-        t = torch.randint(0, scfg.train_timesteps, (bcfg.train_batch,), generator=gen).to(device)
-        x0 = x_all[idx.to(device)]                                        # [B, channels, side, side]
+        images, labels = next(batches)                                    # uint8 [B, C, H, W], [B]
+        x0 = encode_real(vae, images, device)                             # [B, channels, side, side]
+        t = torch.randint(0, scfg.train_timesteps, (len(labels),), generator=gen).to(device)
         noise = torch.randn(x0.shape, generator=gen).to(device)
-        y = drop_labels(y_all[idx.to(device)], data.num_classes, gen)     # CFG: 10% null, once per sample
+        y = drop_labels(labels.to(device), data.num_classes, gen)         # CFG: 10% null, once per sample
         losses = diffusion_losses(predict, x0, y, t, noise, schedule)
         loss = losses["loss"].mean()
         opt.zero_grad(set_to_none=True)
@@ -177,10 +186,9 @@ def train_tiny_backbone(config: dict, hooks: TrainHooks) -> None:
         torch.nn.utils.clip_grad_norm_(net.parameters(), 1.0)
         opt.step()
         ema.update(model, step)
-        loop.end_step(step, bcfg.train_batch,
+        loop.end_step(step, len(labels),
                       metrics=lambda: {"loss": loss.item(), "mse": losses["mse"].mean().item(),
-                                       "vb": float(losses["vb"].mean())},
-                      final=lambda d: save_transformer(ema.copy_to(model).cpu(), f"{d}/transformer"))
+                                       "vb": float(losses["vb"].mean())}, final=final)
 
 
 # --------------------------------------------------------------------------------------------
@@ -234,8 +242,6 @@ def finetune_config(backbone_source: str, data: DataConfig, sampler: SamplerConf
             "data": asdict(data), "sampler": schedule_key(sampler), "steps": steps, "batch": batch, "lr": lr,
             "weight_decay": weight_decay, "ema": ema, "peft": peft, "terms": dict(terms),
             "term_options": term_options or {}, "seed": seed, "recipe": RECIPE,
-            "draws": "epochs",         # batches: epochs of the shuffled split (raydd.data.endless_batches), no
-                                       # longer i.i.d. picks of a held split: fine-tunes from before are not reused
             # the files that registered the terms: a Ray Train worker is a fresh process, the loop imports them
             "term_modules": sorted({LOSS_TERMS[k].__module__ for k in terms if k in LOSS_TERMS})}
 

@@ -256,10 +256,12 @@ def test_endless_batches_give_every_row_once_an_epoch_epoch_after_epoch():
         next(endless_batches(split.take(torch.tensor([], dtype=torch.long)), 4, torch.Generator()))
 
 
-def test_with_a_store_the_fine_tune_and_the_igds_estimator_stream_the_train_split(tmp_path):
-    """#20 item 2: RSM+CGS's and IMS3's DiT fine-tune (raydd.finetune.finetune_loop) and IGDS's variational
-    estimator take the real splits as Ray Datasets (ctx.train_cached(reads=...)): no worker holds them, and the
-    driver reads none. Without a store the same jobs hold them."""
+def test_with_a_store_the_dit_trainings_and_the_igds_estimator_stream_the_train_split(tmp_path):
+    """#20 item 2: the tiny VAE and tiny DiT (raydd.distill.ensure_backbone), RSM+CGS's and IMS3's DiT fine-tune
+    (raydd.finetune.finetune_loop) and IGDS's variational estimator take the real splits as Ray Datasets
+    (ctx.train_cached(reads=...)): no worker holds them, and the driver reads none. Without a store the same jobs
+    hold them."""
+    from raydd.distill import ensure_backbone
     from raydd.backbone import save_transformer, tiny_dit
     from raydd.context import Context
     from raydd.distributed.cluster import init_ray
@@ -278,14 +280,21 @@ def test_with_a_store_the_fine_tune_and_the_igds_estimator_stream_the_train_spli
         data = load_data(cfg) if store else load_real(cfg.data)
         init_ray(cfg.compute)
         spec = BackboneSpec(cfg.backbone, num_classes=2, channels=3, image_size=16, class_ids=[0, 1])
-        ctx = Context(cfg, data, spec, runner=RayRunner(cfg, tmp_path / f"scratch{store[-5:]}"))
+        runner = RayRunner(cfg, tmp_path / f"scratch{store[-5:]}")
+        ctx = Context(cfg, data, spec, runner=runner)
+        tiny = dataclasses.replace(cfg, backbone=dataclasses.replace(
+            cfg.backbone, source="tiny", vae="tiny", train_steps=3, train_batch=8, vae_train_steps=3, hidden_size=32,
+            depth=1, heads=2, patch_size=2))
+        made = ensure_backbone(tiny, data, runner)                           # VAE, then the DiT on its latents
+        trained = [Path(made.cfg.vae).parent, Path(made.cfg.source).parent]
+        assert json.loads((trained[0] / "metrics.json").read_text())["scaling_factor"] > 0
         tuned = rsm_cgs.rsm_finetune(ctx, rsm_cgs.Config(ft_steps=3, ft_batch=4))
         history = json.loads(Path(tuned.cfg.source).parent.joinpath("history.json").read_text())
         assert len(history) == 3 and all(np.isfinite(r["loss"]) for r in history)
         ve_dir = igds.ensure_ve(ctx, ve)
         _, meta = load_ve(ve_dir, num_classes=2, channels=3)
         assert meta["estimates"]["train"]["n"] == 20 and meta["estimates"]["val"]["n"] == 4
-        for entry in (Path(tuned.cfg.source).parent, ve_dir):
+        for entry in (*trained, Path(tuned.cfg.source).parent, ve_dir):
             assert json.loads((entry / "metrics.json").read_text())["streamed"] is bool(store)
         if store:
             assert data.describe() == "splits read when used (so far: none)"

@@ -51,10 +51,15 @@ class RayRunner:
         callbacks: Ray Train UserCallbacks, run on the Train controller after every report. datasets: Ray
         Datasets the loop streams (hooks.dataset)."""
         c = self.cfg.compute
+        cpus = cpus_per_worker or c.cpus_per_worker
+        if datasets:
+            # a stream's Ray Data tasks need a CPU of their own: a worker that held all of its node's CPUs (the
+            # tiny VAE's job on one 2-CPU node) left them pending forever. Leave one, as evaluate_set does.
+            cpus = min(cpus, max(1.0, self.max_cpus_per_worker() - 1))
         resumable = resume_key is not None and self.scratch is not None
         storage = Path(self.scratch) / "ray_train" if resumable else self.cfg.resolved_cache_dir() / "ray_train"
         return fit(loop, config, name=f"{name}-{resume_key}" if resumable else name, storage=storage, resume=resumable,
-                   num_workers=num_workers or c.train_workers, cpus_per_worker=cpus_per_worker or c.cpus_per_worker,
+                   num_workers=num_workers or c.train_workers, cpus_per_worker=cpus,
                    gpus_per_worker=c.gpus_per_worker, memory_gib_per_worker=c.memory_per_worker_gib,
                    max_failures=self.max_train_failures, callbacks=callbacks, datasets=datasets)
 
