@@ -11,7 +11,6 @@ rule behind SD's 0.18215, so that the DiT sees latents of unit variance.
 from __future__ import annotations
 
 import math
-
 from dataclasses import asdict
 
 import torch

@@ -109,10 +109,10 @@ class StreamedSplit:
 
 def endless_batches(split: Split | StreamedSplit, batch_size: int,
                     generator: torch.Generator) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """Batches for a loop counted in steps (the fine-tunes, IGDS's estimator): epoch after epoch of split.batches,
-    each epoch in a new order from `generator`, held or streamed alike, as DiT's train.py draws (a shuffling
-    sampler, epoch after epoch). An epoch's last, short batch is skipped, unless the split is smaller than a batch:
-    every step then sees batch_size rows (or the whole split). uint8 [b, C, H, W], int64 [b]."""
+    """Batches for a loop counted in steps (the DiT trainings, the tiny VAE, IGDS's estimator): epoch after epoch
+    of split.batches, each epoch in a new order from `generator`, held or streamed alike, as DiT's train.py draws
+    (a shuffling sampler, epoch after epoch). An epoch's last, short batch is skipped, unless the split is smaller
+    than a batch: every step then sees batch_size rows (or the whole split). uint8 [b, C, H, W], int64 [b]."""
     if len(split) == 0:
         raise DataError("the train split is empty: nothing to train on (check data.max_train_per_class and "
                         "data.val_fraction / data.test_fraction)")
