@@ -90,7 +90,7 @@ def test_ve_checkpoint_round_trips_with_q_y(ve_dir):
     by_file, _ = load_ve(ve_dir / "ve.safetensors")                          # the file itself works too
     assert torch.equal(by_file.q_y, ve.q_y)
     data = load_real(DataConfig(**meta["train_config"]["data"]))
-    again = estimate(ve, data.val)                            # restored VE = the trained one
+    again = estimate(ve, data.val)                                           # restored VE = the trained one
     assert again["H_X_given_Y"] == pytest.approx(meta["estimates"]["val"]["H_X_given_Y"], rel=1e-4, abs=1e-6)
     assert again["I_XY"] == pytest.approx(meta["estimates"]["val"]["I_XY"], rel=1e-4, abs=1e-6)
     assert 0 <= again["H_X_given_Y"] <= math.log(32) and again["I_XY"] <= math.log(10) + 1e-6

@@ -239,7 +239,7 @@ def test_with_a_store_per_class_statistics_stream_and_the_driver_holds_no_image(
 
 
 def test_endless_batches_give_every_row_once_an_epoch_epoch_after_epoch():
-    """What the step-counted loops (fine-tunes, IGDS's estimator) draw: full batches, each epoch every row at most
+    """What the step-counted loops (the DiT trainings, the tiny VAE, IGDS's estimator) draw: full batches, each epoch every row at most
     once (its short last batch skipped), a new order each epoch; a split smaller than a batch comes whole."""
     from raydd.data import Split, endless_batches
 
