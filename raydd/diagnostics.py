@@ -20,7 +20,8 @@ from raydd.subgroups import classifier_head, load_encoder
 
 
 class TeacherScores:
-    """ctx.map UDF: rows {"class_idx", "unit", "image" uint8 [N,C,H,W]} -> {"class_idx", "unit", "correct",
+    """ctx.map UDF: rows {"class_idx", "unit", "image" uint8 [N,C,H,W] (or a StagedSet's "file"/"pos")} ->
+    {"class_idx", "unit", "correct",
     "feature" [N, D] l2-normalised penultimate features}. Loads the teacher once per actor."""
 
     def __init__(self, encoder: dict, gpus: float = 0.0, batch: int = 256):
@@ -32,7 +33,9 @@ class TeacherScores:
 
     @torch.no_grad()
     def __call__(self, rows: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        x = torch.from_numpy(np.array(rows["image"]))                             # a writable copy
+        from raydd.generate import images_of
+
+        x = torch.from_numpy(images_of(rows))
         f = torch.cat([self.features(xb) for xb in x.split(self.batch)])          # [N, D]
         pred = self.head(f.to(self.device)).argmax(1).cpu().numpy()               # the classifier's own logits
         return {"class_idx": rows["class_idx"], "unit": rows["unit"],
@@ -40,14 +43,14 @@ class TeacherScores:
                 "feature": F.normalize(f.float(), dim=1).cpu().numpy()}
 
 
-def summarise(scores: dict[str, np.ndarray], latents: torch.Tensor | None) -> dict[str, float]:
-    """TeacherScores' columns (+ the set's latents) -> {"distilled/teacher_acc", "distilled/diversity",
+def summarise(scores: dict[str, np.ndarray], latent_std: float | None) -> dict[str, float]:
+    """TeacherScores' columns (+ the std of the set's latents) -> {"distilled/teacher_acc", "distilled/diversity",
     "distilled/latent_std"}."""
     out = {"distilled/teacher_acc": float(scores["correct"].mean())}
     cos = [mean_pairwise_cosine(torch.from_numpy(scores["feature"][scores["class_idx"] == c]))   # [IPC, D]
            for c in np.unique(scores["class_idx"]) if (scores["class_idx"] == c).sum() > 1]
     if cos:
         out["distilled/diversity"] = 1.0 - float(np.mean(cos))
-    if latents is not None:
-        out["distilled/latent_std"] = float(latents.float().std())
+    if latent_std is not None:
+        out["distilled/latent_std"] = latent_std
     return out

@@ -7,11 +7,19 @@ columns), but it imports no Ray: the same object runs in-process in unit tests.
 Rows carry a `unit` id. A unit is the set of rows always denoised together in one batch (a fixed
 chunk of `batch_size` rows for slot-wise sampling, a whole class for CGS). Because a unit's
 composition is fixed by the driver, the output is bit-identical whatever the number of actors.
+
+Given a stage directory, an actor writes each finished unit there itself (`<stage>/unit-<u>.npz`) and returns
+only its light columns; the driver then holds a `StagedSet` (labels, slots, scores and where each row lives) and
+reads images only for the rows it takes. Selection steps score on the actors (`image_columns`, `images_of`) and
+fetch what they keep.
 """
 from __future__ import annotations
 
+import os
+import socket
 import warnings
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
@@ -42,6 +50,125 @@ class DistilledSet:
         return DistilledSet(self.images[idx], self.labels[idx], self.slots[idx],
                             None if self.latents is None else self.latents[idx],
                             None if self.scores is None else self.scores[idx])
+
+    def image_columns(self) -> dict[str, np.ndarray]:
+        """The columns a map UDF reads this set's images from (raydd.generate.images_of): the images themselves."""
+        return {"image": self.images.numpy()}
+
+    def latent_std(self) -> float | None:
+        return None if self.latents is None else float(self.latents.float().std())
+
+
+HEAVY = ("image", "latent")   # the columns a unit file keeps and a staged stage does not send to the driver
+
+
+def save_unit(stage_dir: str | Path, cols: dict[str, np.ndarray]) -> None:
+    """One unit's columns -> <stage_dir>/unit-<u>.npz, atomically (a temp name, then a rename): a file that exists
+    is whole, and a unit that is run twice (a retried task) writes the same bytes."""
+    u = int(cols["unit"][0])
+    tmp = Path(stage_dir) / f".unit-{u}.{os.getpid()}.tmp.npz"          # hidden: "unit-*.npz" lists whole files
+    np.savez(tmp, **cols)
+    os.replace(tmp, Path(stage_dir) / f"unit-{u}.npz")
+
+
+def read_rows(files: np.ndarray, pos: np.ndarray, key: str) -> np.ndarray | None:
+    """Column `key` of the rows at `pos` in unit `files` (a file per row), in the given order; each file is opened
+    once. None when the files have no such column (real images carry no latent)."""
+    files, pos = np.asarray(files).astype(str), np.asarray(pos)
+    out = None
+    for f in np.unique(files):
+        m = files == f
+        with np.load(f, allow_pickle=False) as z:
+            if key not in z.files:
+                return None
+            part = z[key][pos[m]]
+        if out is None:
+            out = np.empty((len(files),) + part.shape[1:], part.dtype)
+        out[m] = part
+    return out
+
+
+def images_of(batch: dict[str, np.ndarray]) -> np.ndarray:
+    """uint8 [N,C,H,W] of a map UDF's batch: its "image" column, or the rows its "file"/"pos" columns point at (a
+    StagedSet's image_columns), read here on the actor instead of being shipped from the driver."""
+    if "image" in batch:
+        return np.array(batch["image"])                                  # a writable copy
+    return read_rows(batch["file"], batch["pos"], "image")
+
+
+@dataclass
+class StagedSet:
+    """A sampled set whose images and latents stay in the unit files the sampling actors wrote: the driver holds
+    labels, slots, scores and where each row is (about 30 bytes a row) and reads a row's image only when it takes
+    it. Same interface as DistilledSet; `images` / `latents` read every row (for steps that need them all)."""
+    stage: str                            # the stage's directory: <stage>/unit-<u>.npz
+    units: np.ndarray                     # int64 [N]: the unit file holding each row
+    pos: np.ndarray                       # int64 [N]: the row's place in it
+    labels: torch.Tensor
+    slots: torch.Tensor
+    scores: torch.Tensor | None = None
+
+    @classmethod
+    def read(cls, stage_dir: str | Path, units: np.ndarray) -> "StagedSet":
+        """The light columns of the units' files, in canonical (label, slot) order."""
+        unit, pos, labels, slots, scores = [], [], [], [], []
+        for u in units:
+            with np.load(Path(stage_dir) / f"unit-{int(u)}.npz", allow_pickle=False) as z:   # the images stay unread
+                labels.append(z["class_idx"])
+                slots.append(z["slot"])
+                scores.append(z["score"])
+            unit.append(np.full(len(labels[-1]), int(u), np.int64))
+            pos.append(np.arange(len(labels[-1])))
+        return cls(str(stage_dir), np.concatenate(unit), np.concatenate(pos),
+                   torch.from_numpy(np.concatenate(labels).astype(np.int64)),
+                   torch.from_numpy(np.concatenate(slots).astype(np.int64)),
+                   torch.from_numpy(np.concatenate(scores).astype(np.float32))).sorted()
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def files(self, idx: np.ndarray | None = None) -> np.ndarray:
+        """str [N]: the unit file of each row (of rows idx)."""
+        units = self.units if idx is None else self.units[idx]
+        return np.array([f"{self.stage}/unit-{u}.npz" for u in units.tolist()])
+
+    def sorted(self) -> "StagedSet":
+        order = np.lexsort((self.slots.numpy(), self.labels.numpy()))
+        return StagedSet(self.stage, self.units[order], self.pos[order], self.labels[order], self.slots[order],
+                         None if self.scores is None else self.scores[order])
+
+    def take(self, idx: torch.Tensor) -> DistilledSet:
+        """Rows idx, read from their files (only those rows are kept in memory)."""
+        idx = np.asarray(idx, dtype=np.int64)
+        files, pos = self.files(idx), self.pos[idx]
+        lat = read_rows(files, pos, "latent")
+        return DistilledSet(torch.from_numpy(read_rows(files, pos, "image")), self.labels[idx], self.slots[idx],
+                            None if lat is None else torch.from_numpy(lat),
+                            None if self.scores is None else self.scores[idx])
+
+    @property
+    def images(self) -> torch.Tensor:
+        return torch.from_numpy(read_rows(self.files(), self.pos, "image"))
+
+    @property
+    def latents(self) -> torch.Tensor | None:
+        lat = read_rows(self.files(), self.pos, "latent")
+        return None if lat is None else torch.from_numpy(lat)
+
+    def image_columns(self) -> dict[str, np.ndarray]:
+        """Where a map UDF reads each row's image (raydd.generate.images_of): no image crosses the driver."""
+        return {"file": self.files(), "pos": self.pos}
+
+    def latent_std(self) -> float | None:
+        """std of every latent value (as torch.std: n - 1), a unit file at a time."""
+        n = total = sq = 0.0
+        for u in np.unique(self.units):
+            with np.load(f"{self.stage}/unit-{u}.npz", allow_pickle=False) as z:
+                if "latent" not in z.files:
+                    return None
+                lat = z["latent"][self.pos[self.units == u]].astype(np.float64)
+            n, total, sq = n + lat.size, total + lat.sum(), sq + np.square(lat).sum()
+        return float(np.sqrt(max(sq - total * total / n, 0.0) / max(n - 1, 1))) if n else None
 
 
 def make_rows(num_classes: int, per_class: int, run_seed: int, unit_size: int, by_class: bool = False,
@@ -115,7 +242,11 @@ class SampleBatches:
 
     def __init__(self, spec: BackboneSpec, sampler: SamplerConfig, guidance_factory: GuidanceFactory | None = None,
                  gpus: float = 0.0, threads: int = 0, precision: str = "fp32",
-                 post_step_factory: PostStepFactory | None = None):
+                 post_step_factory: PostStepFactory | None = None, stage_dir: str = "", stage_host: str = ""):
+        """stage_dir: write each finished unit there and return its light columns only, when this actor runs on
+        stage_host (the driver's machine, which reads the files; a plain path is not shared between machines).
+        Elsewhere the unit's columns go back whole and the driver writes them."""
+        self.stage_dir = stage_dir if stage_dir and stage_host == socket.gethostname() else ""
         if threads > 0:
             torch.set_num_threads(threads)
         self.device = pick_device(gpus)
@@ -127,7 +258,12 @@ class SampleBatches:
         self.class_ids = torch.tensor(spec.class_ids or list(range(spec.num_classes)), dtype=torch.long)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        return map_units(self.run_unit, batch)
+        out = map_units(self.run_unit, batch)
+        if not self.stage_dir:
+            return out
+        for u in np.unique(out["unit"]):
+            save_unit(self.stage_dir, {k: v[out["unit"] == u] for k, v in out.items()})
+        return {k: v for k, v in out.items() if k not in HEAVY}
 
     def run_unit(self, rows: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         labels = torch.from_numpy(rows["class_idx"])

@@ -19,7 +19,7 @@ import pyarrow.parquet as pq
 import torch
 from PIL import Image
 
-from raydd.generate import DistilledSet
+from raydd.generate import DistilledSet, StagedSet
 
 
 def to_pil(img: np.ndarray) -> Image.Image:
@@ -27,33 +27,35 @@ def to_pil(img: np.ndarray) -> Image.Image:
     return Image.fromarray(img[0]) if img.shape[0] == 1 else Image.fromarray(np.transpose(img, (1, 2, 0)))
 
 
-def write_distilled(ds: DistilledSet, out: str | Path, class_names: list[str], extra: dict | None = None) -> Path:
+def write_distilled(ds: DistilledSet | StagedSet, out: str | Path, class_names: list[str],
+                    extra: dict | None = None) -> Path:
+    """A class at a time: of a StagedSet, only one class's images are in memory at once."""
     out = Path(out)
     tmp = out.parent / f"{out.name}.partial-{os.getpid()}"
     if tmp.exists():
         shutil.rmtree(tmp)
     ds = ds.sorted()
-    images = ds.images.numpy()
     for c in ds.labels.unique().tolist():
-        m = (ds.labels == c).numpy()
-        idx = np.flatnonzero(m)
+        part = ds.take(torch.nonzero(ds.labels == c).flatten())        # this class's rows, in slot order
+        images = part.images.numpy()
         cols = {
-            "slot": pa.array(ds.slots.numpy()[idx]),
-            "image": pa.array([images[i].tobytes() for i in idx], type=pa.binary()),
-            "image_shape": pa.array([list(images[i].shape) for i in idx]),
-            "score": pa.array(ds.scores.numpy()[idx] if ds.scores is not None else np.full(len(idx), np.nan, np.float32)),
+            "slot": pa.array(part.slots.numpy()),
+            "image": pa.array([img.tobytes() for img in images], type=pa.binary()),
+            "image_shape": pa.array([list(img.shape) for img in images]),
+            "score": pa.array(part.scores.numpy() if part.scores is not None
+                              else np.full(len(part), np.nan, np.float32)),
         }
-        if ds.latents is not None:
-            lat = ds.latents.numpy()
-            cols["latent"] = pa.array([lat[i].tobytes() for i in idx], type=pa.binary())
-            cols["latent_shape"] = pa.array([list(lat[i].shape) for i in idx])
-        part = tmp / "parquet" / f"class_idx={c}"
-        part.mkdir(parents=True)
-        pq.write_table(pa.table(cols), part / "part-0.parquet")
+        if part.latents is not None:
+            lat = part.latents.numpy()
+            cols["latent"] = pa.array([z.tobytes() for z in lat], type=pa.binary())
+            cols["latent_shape"] = pa.array([list(z.shape) for z in lat])
+        part_dir = tmp / "parquet" / f"class_idx={c}"
+        part_dir.mkdir(parents=True)
+        pq.write_table(pa.table(cols), part_dir / "part-0.parquet")
         img_dir = tmp / "images" / class_names[c]
         img_dir.mkdir(parents=True)
-        for i in idx:
-            to_pil(images[i]).save(img_dir / f"{int(ds.slots[i])}.png")
+        for img, slot in zip(images, part.slots.tolist()):
+            to_pil(img).save(img_dir / f"{slot}.png")
     counts = torch.bincount(ds.labels, minlength=len(class_names)).tolist()
     manifest = {"classes": class_names, "counts": counts, "num_images": len(ds), **(extra or {})}
     (tmp / "manifest.json").write_text(json.dumps(manifest, indent=1))
@@ -83,6 +85,12 @@ def read_distilled(out: str | Path) -> DistilledSet:
                       torch.from_numpy(np.stack(lats)) if len(lats) == len(imgs) else None,
                       torch.tensor(scores, dtype=torch.float32))
     return ds.sorted()
+
+
+def grid_rows(labels: torch.Tensor, per_class: int = 10, max_classes: int = 20) -> torch.Tensor:
+    """The rows image_grid shows by default: the first `per_class` of each of the first `max_classes` classes
+    (so a caller reads only those images)."""
+    return torch.cat([torch.nonzero(labels == c).flatten()[:per_class] for c in labels.unique()[:max_classes]])
 
 
 def image_grid(images: torch.Tensor, labels: torch.Tensor, per_class: int = 10, scale: int = 0,

@@ -114,7 +114,8 @@ def subset_probs(logits: torch.Tensor, class_ids: list[int]) -> torch.Tensor:
 
 
 class SelectorScores:
-    """rows {"image" uint8 [N,C,H,W], ...} -> the same rows plus "probs" [N, K] ([N, K + 1] for a timm 1000-way
+    """rows {"image" uint8 [N,C,H,W] (or a StagedSet's "file"/"pos"), ...} -> the same rows plus "probs" [N, K]
+    ([N, K + 1] for a timm 1000-way
     selector, see subset_probs). Loads the selector once."""
 
     def __init__(self, path: str, arch: str, num_classes: int, channels: int, image_size: int,
@@ -133,7 +134,9 @@ class SelectorScores:
             self.model, self.prepare = load_selector(path, arch, num_classes, channels, image_size, self.device), None
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        images = torch.from_numpy(np.array(batch["image"]))                 # a writable copy, uint8 [N,C,H,W]
+        from raydd.generate import images_of
+
+        images = torch.from_numpy(images_of(batch))                         # uint8 [N,C,H,W]
         if self.prepare is None:
             probs = predict_probs(self.model, images, device=self.device)
         else:

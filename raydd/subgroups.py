@@ -179,7 +179,8 @@ def load_encoder(encoder: dict, device: torch.device) -> tuple[torch.nn.Module, 
 
 
 class EncodeImages:
-    """ctx.map UDF: {"image" uint8 [N,C,H,W], ...} -> the same rows with "feature" [N, D] (l2-normalised)."""
+    """ctx.map UDF: {"image" uint8 [N,C,H,W] (or a StagedSet's "file"/"pos"), ...} -> the same rows with
+    "feature" [N, D] (l2-normalised)."""
 
     def __init__(self, encoder: dict, gpus: float = 0.0, batch: int = 256):
         from raydd.generate import pick_device
@@ -190,7 +191,9 @@ class EncodeImages:
 
     @torch.no_grad()
     def __call__(self, rows: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        x = torch.from_numpy(np.ascontiguousarray(rows["image"]))
+        from raydd.generate import images_of
+
+        x = torch.from_numpy(images_of(rows))
         f = torch.cat([self.features(xb) for xb in x.split(self.batch)])
         f = F.normalize(f.float(), dim=1).cpu().numpy()
         return {k: v for k, v in rows.items() if k != "image"} | {"feature": f}

@@ -30,7 +30,7 @@ def test_a_second_run_reuses_the_first_runs_samples(digits_cfg, spec, tmp_path, 
 
     from raydd.distributed.cluster import init_ray
     from raydd.distributed.data import generate_ray
-    from raydd.generate import make_rows
+    from raydd.generate import StagedSet, make_rows
 
     init_ray(ComputeConfig(num_cpus=2))
     try:
@@ -42,6 +42,7 @@ def test_a_second_run_reuses_the_first_runs_samples(digits_cfg, spec, tmp_path, 
         second = generate_ray(spec, sampler, rows, ComputeConfig(batch_size=10), scratch=tmp_path / "run2",
                               stages=stages)
         assert "2 unit(s) already done, 0 to go" in capsys.readouterr().out
+        assert isinstance(first, StagedSet) and len(first.files()) == 20   # the images stay in the unit files
         assert torch.equal(first.images, second.images) and torch.equal(first.latents, second.latents)
         other = generate_ray(spec, dataclasses.replace(sampler, cfg_scale=1.5), rows, ComputeConfig(batch_size=10),
                              scratch=tmp_path / "run3", stages=stages)

@@ -37,3 +37,58 @@ def test_check_complete_rejects_lost_and_repeated_samples():
         check_complete(rows, {"class_idx": np.array([0, 1]), "slot": np.array([0, 0])})
     with pytest.raises(RuntimeError, match=r"returned 3 rows \(2 distinct\)"):
         check_complete(rows, {"class_idx": np.array([0, 0, 1]), "slot": np.array([0, 0, 0])})
+
+
+@pytest.fixture()
+def staged(spec, digits_cfg, tmp_path):
+    """Two units sampled in process by a SampleBatches that writes them (as a sampling actor on the driver's
+    machine does), and the same rows sampled in memory."""
+    import dataclasses
+    import socket
+
+    from raydd.generate import SampleBatches, generate_local, make_rows
+
+    sampler = dataclasses.replace(digits_cfg.sampler, steps=2)
+    rows = make_rows(num_classes=10, per_class=1, run_seed=4, unit_size=5)          # units 0 and 1, 5 classes each
+    stage = tmp_path / "stage"
+    stage.mkdir()
+    light = SampleBatches(spec, sampler, stage_dir=str(stage), stage_host=socket.gethostname())(rows)
+    return light, stage, rows, generate_local(spec, sampler, rows)
+
+
+def test_a_sampling_actor_writes_its_units_and_returns_only_light_columns(staged, spec, digits_cfg, tmp_path):
+    import dataclasses
+
+    from raydd.generate import SampleBatches
+
+    light, stage, rows, _ = staged
+    assert sorted(light) == ["class_idx", "score", "seed", "slot", "unit"]        # no image, no latent
+    assert sorted(p.name for p in stage.iterdir()) == ["unit-0.npz", "unit-1.npz"]
+    elsewhere = tmp_path / "elsewhere"                            # an actor on another machine: a plain path there
+    elsewhere.mkdir()                                             # is not the driver's, so the unit goes back whole
+    whole = SampleBatches(spec, dataclasses.replace(digits_cfg.sampler, steps=2), stage_dir=str(elsewhere),
+                          stage_host="another-machine")(rows)
+    assert {"image", "latent"} <= set(whole) and not any(elsewhere.iterdir())
+
+
+def test_a_staged_set_reads_writes_and_scores_like_the_set_in_memory(staged, tmp_path):
+    from raydd.generate import StagedSet, images_of
+    from raydd.outputs import read_distilled
+
+    _, stage, _, memory = staged
+    s = StagedSet.read(stage, np.array([0, 1]))
+    assert torch.equal(s.labels, memory.labels) and torch.equal(s.slots, memory.slots)
+    assert torch.equal(s.images, memory.images) and torch.equal(s.latents, memory.latents)
+    idx = torch.tensor([7, 2, 5])                                  # rows from both files, out of order
+    taken, want = s.take(idx), memory.take(idx)
+    assert torch.equal(taken.images, want.images) and torch.equal(taken.latents, want.latents)
+    cols = {k: v[idx.numpy()] for k, v in s.image_columns().items()}
+    assert sorted(cols) == ["file", "pos"] and np.array_equal(images_of(cols), want.images.numpy())
+    assert s.latent_std() == pytest.approx(memory.latent_std(), rel=1e-6)
+    a = write_distilled(s, tmp_path / "from_stage", [str(c) for c in range(10)])
+    b = write_distilled(memory, tmp_path / "from_memory", [str(c) for c in range(10)])
+    ra, rb = read_distilled(a), read_distilled(b)
+    assert torch.equal(ra.images, rb.images) and torch.equal(ra.latents, rb.latents)
+    assert torch.equal(ra.labels, rb.labels) and torch.equal(ra.slots, rb.slots)
+    pngs = sorted(p.relative_to(a) for p in (a / "images").rglob("*.png"))
+    assert len(pngs) == 10 and all((a / p).read_bytes() == (b / p).read_bytes() for p in pngs)

@@ -7,6 +7,7 @@ output does not depend on how many actors ran (checked by tests/test_determinism
 from __future__ import annotations
 
 import os
+import socket
 from pathlib import Path
 
 import numpy as np
@@ -17,7 +18,8 @@ from ray.data.extensions import ArrowTensorArray
 from raydd.config import ComputeConfig, FaultConfig, SamplerConfig
 from raydd.errors import RayddError
 from raydd.locks import file_lock
-from raydd.generate import BackboneSpec, DistilledSet, GuidanceFactory, SampleBatches, rows_to_set
+from raydd.generate import (HEAVY, BackboneSpec, DistilledSet, GuidanceFactory, SampleBatches, StagedSet,
+                             rows_to_set, save_unit)
 
 
 class FaultySampleBatches(SampleBatches):
@@ -42,32 +44,37 @@ class FaultySampleBatches(SampleBatches):
 
 
 def map_ray(udf: type, udf_kwargs: dict, columns: dict[str, np.ndarray], compute: ComputeConfig,
-            stage_dir: Path | None = None, fail_driver_after: int = -1) -> dict[str, np.ndarray]:
+            stage_dir: Path | None = None, fail_driver_after: int = -1, light: bool = False) -> dict[str, np.ndarray]:
     """Run a callable class (constructor loads models once per actor; __call__: dict of numpy columns ->
     dict of numpy columns) over `columns` on an actor pool. Rows with the same `unit` form one block,
     so they are always processed together, whatever the number of actors.
 
     With stage_dir, every finished unit is saved there as it arrives (temp file + rename), and units
-    already there are not run again: a driver that dies mid-stage resumes where it stopped.
+    already there are not run again: a driver that dies mid-stage resumes where it stopped. A unit the udf wrote
+    there itself (SampleBatches with a stage_dir) is not written again. light (with stage_dir): return the columns
+    other than raydd.generate.HEAVY only; the images and latents stay in the unit files.
     fail_driver_after >= 0 (fault injection, sampling stages only): the driver exits after saving that many."""
     if stage_dir is None:
-        return _map_units(udf, udf_kwargs, columns, compute, None, fail_driver_after)
+        return _map_units(udf, udf_kwargs, columns, compute, None, fail_driver_after, light=False)
     # processes that need the same stage at once (sweep trials sharing a pool) take turns: the first samples,
     # the others wait, then find every unit done (a local file lock: one machine or a shared POSIX file system)
     stage_dir.mkdir(parents=True, exist_ok=True)
     with file_lock(stage_dir.with_name(f".{stage_dir.name}.lock"),                 # hidden: globs list stages only
                    on_wait=lambda: print(f"[raydd] waiting for another process running stage {stage_dir.name} ...",
                                          flush=True)):
-        return _map_units(udf, udf_kwargs, columns, compute, stage_dir, fail_driver_after)
+        return _map_units(udf, udf_kwargs, columns, compute, stage_dir, fail_driver_after, light)
 
 
 def _map_units(udf: type, udf_kwargs: dict, columns: dict[str, np.ndarray], compute: ComputeConfig,
-               stage_dir: Path | None, fail_driver_after: int) -> dict[str, np.ndarray]:
+               stage_dir: Path | None, fail_driver_after: int, light: bool) -> dict[str, np.ndarray]:
+    def kept(cols) -> dict[str, np.ndarray]:
+        return {k: v for k, v in cols.items() if not (light and k in HEAVY)}
+
     done: list[dict[str, np.ndarray]] = []
     if stage_dir is not None:
         for f in sorted(stage_dir.glob("unit-*.npz")):
-            with np.load(f, allow_pickle=False) as z:
-                done.append({k: z[k] for k in z.files})
+            with np.load(f, allow_pickle=False) as z:                   # members load one by one
+                done.append(kept({k: z[k] for k in z.files}))
     finished = {int(u) for d in done for u in np.unique(d["unit"])}
     todo = ~np.isin(columns["unit"], list(finished))
     if finished:
@@ -94,13 +101,12 @@ def _map_units(udf: type, udf_kwargs: dict, columns: dict[str, np.ndarray], comp
         for batch in _batches_or_init_error(ds, udf):
             for u in np.unique(batch["unit"]):
                 part = {k: v[batch["unit"] == u] for k, v in batch.items()}
-                done.append(part)
+                done.append(kept(part))
                 if stage_dir is not None:
-                    parts.setdefault(int(u), []).append(part)
-                    rows_so_far = {k: np.concatenate([p[k] for p in parts[int(u)]]) for k in part}
-                    tmp = stage_dir / f".unit-{int(u)}.tmp.npz"
-                    np.savez(tmp, **rows_so_far)
-                    os.replace(tmp, stage_dir / f"unit-{int(u)}.npz")
+                    # the driver writes the units it receives whole (the actor wrote the others), part by part
+                    if int(u) in parts or not (stage_dir / f"unit-{int(u)}.npz").exists():
+                        parts.setdefault(int(u), []).append(part)
+                        save_unit(stage_dir, {k: np.concatenate([p[k] for p in parts[int(u)]]) for k in part})
                     saved += 1
                     if 0 <= fail_driver_after <= saved:           # fault injection: the driver dies here
                         print(f"[raydd] fault injection: driver exits after saving {saved} unit(s)", flush=True)
@@ -170,11 +176,12 @@ def _fingerprint(obj):
 def generate_ray(spec: BackboneSpec, sampler: SamplerConfig, rows: dict[str, np.ndarray], compute: ComputeConfig,
                  guidance_factory: GuidanceFactory | None = None, scratch: str | Path | None = None,
                  post_step_factory=None, stages: str | Path | None = None,
-                 faults: FaultConfig = FaultConfig()) -> DistilledSet:
+                 faults: FaultConfig = FaultConfig()) -> DistilledSet | StagedSet:
     """Sample `rows` on the actor pool. The stage is kept under `stages` (else `scratch`), keyed by its content
     (rows with their seeds, sampler, backbone, guidance and post-step recipes, precision): every run that
     asks for the same samples reuses the finished units (a sweep whose trials differ after sampling samples
-    once; a rerun after the driver died resumes)."""
+    once; a rerun after the driver died resumes). Then the result is a StagedSet: the images stay in the stage's
+    unit files, which the actors write. Without a place to keep it, a DistilledSet in memory."""
     kwargs = dict(spec=spec, sampler=sampler, guidance_factory=guidance_factory, gpus=compute.gpus_per_actor,
                   threads=max(1, int(compute.cpus_per_actor)), precision=compute.precision,
                   post_step_factory=post_step_factory)
@@ -182,14 +189,19 @@ def generate_ray(spec: BackboneSpec, sampler: SamplerConfig, rows: dict[str, np.
     if faults.actor_after >= 0:
         udf = FaultySampleBatches
         kwargs.update(fail_after=faults.actor_after, marker=str(Path(scratch or ".") / "actor_fault_injected"))
-    stage_dir, home = None, stages if stages is not None else scratch
-    if home is not None:
-        key = stage_key({k: v.tolist() for k, v in rows.items()}, sampler, spec, guidance_factory, post_step_factory,
-                        compute.precision)
-        stage_dir = Path(home) / f"generate-{key}"
-    out = map_ray(udf, kwargs, rows, compute, stage_dir, fail_driver_after=faults.driver_after)
+    home = stages if stages is not None else scratch
+    if home is None:                                                   # nothing kept: the rows come back whole
+        out = map_ray(udf, kwargs, rows, compute, fail_driver_after=faults.driver_after)
+        check_complete(rows, out)
+        return rows_to_set(out)
+    key = stage_key({k: v.tolist() for k, v in rows.items()}, sampler, spec, guidance_factory, post_step_factory,
+                    compute.precision)
+    stage_dir = Path(home).resolve() / f"generate-{key}"
+    # the actors on this machine write their units there; the driver receives (class, slot, seed, unit, score)
+    kwargs.update(stage_dir=str(stage_dir), stage_host=socket.gethostname())
+    out = map_ray(udf, kwargs, rows, compute, stage_dir, fail_driver_after=faults.driver_after, light=True)
     check_complete(rows, out)
-    return rows_to_set(out)
+    return StagedSet.read(stage_dir, np.unique(rows["unit"]))
 
 
 def check_complete(rows: dict[str, np.ndarray], out: dict[str, np.ndarray]) -> None:

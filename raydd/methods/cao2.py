@@ -160,7 +160,7 @@ def select(ctx, cfg: Config, pool: DistilledSet) -> DistilledSet:
                                         image_size=d.image_size, class_ids=ctx.spec.class_ids,
                                         **udf_resources(ctx)),
                    {"row": np.arange(len(pool)), "unit": np.arange(len(pool)) // ctx.cfg.compute.batch_size,
-                    "image": pool.images.numpy()})
+                    **pool.image_columns()})                                  # read on the actors
     probs = torch.from_numpy(cols["probs"][np.argsort(cols["row"])])              # p(k | x)  [N_pool, C]
     idx, conf = confidence_selection(probs, pool.labels, ipc, cfg.order)          # [C*ipc], p(y | x) [N_pool]
     ctx.log_metrics(selection_stats(probs, pool.labels, idx, conf, ipc))

@@ -111,9 +111,10 @@ def encoder_spec(ctx, cfg: Config) -> dict:
             "num_classes": ctx.data.num_classes, "channels": d.channels, "image_size": d.image_size}
 
 
-def encode(ctx, encoder: dict, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """phi on the actor pool (a class is a unit): uint8 [N,C,H,W] -> l2-normalised features [N, D], in row order."""
-    cols = {"class_idx": labels.numpy(), "row": np.arange(len(labels)), "unit": labels.numpy(), "image": images.numpy()}
+def encode(ctx, encoder: dict, images: dict[str, np.ndarray], labels: torch.Tensor) -> torch.Tensor:
+    """phi on the actor pool (a class is a unit): images (a set's image_columns, or {"image": uint8 [N,C,H,W]}) ->
+    l2-normalised features [N, D], in row order."""
+    cols = {"class_idx": labels.numpy(), "row": np.arange(len(labels)), "unit": labels.numpy(), **images}
     out = ctx.map(EncodeImages, {"encoder": encoder, "gpus": ctx.cfg.compute.gpus_per_actor}, cols)
     return torch.from_numpy(np.stack(out["feature"])[np.argsort(out["row"])])
 
@@ -137,9 +138,9 @@ def selective_subgroup_sampling(ctx, cfg: Config) -> DistilledSet:
     cand = ctx.generate(ctx.rows(per_class=cfg.G * ipc, stream="s3"))     # per class, slots 0 .. G*IPC-1
     group = cand.slots // ipc                                             # subgroup g of each candidate
     encoder = encoder_spec(ctx, cfg)
-    f_syn = encode(ctx, encoder, cand.images, cand.labels)                # [C*G*IPC, D]
+    f_syn = encode(ctx, encoder, cand.image_columns(), cand.labels)       # [C*G*IPC, D], read on the actors
     x_real, y_real = real_reference(ctx, cfg.K)
-    f_real = encode(ctx, encoder, x_real, y_real)                         # [sum_i K_i, D]
+    f_real = encode(ctx, encoder, {"image": x_real.numpy()}, y_real)      # [sum_i K_i, D]
     c = subgroup_centroids(f_syn, cand.labels, group, C, cfg.G)           # c_{i,g}  [C, G, D]
     r = class_centroids(f_real, y_real, C)                                # r_i      [C, D]
     res = s3_search(c, r, cfg.alpha, cfg.beta, cfg.max_sweeps, cfg.separation)   # the global step

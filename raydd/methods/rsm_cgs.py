@@ -95,7 +95,7 @@ def log_diagnostics(ctx, after: DistilledSet, before: DistilledSet | None, mu: n
         for tag, s in (("after", after), ("before", before)):
             if s is None:
                 continue
-            z = s.latents[s.labels == c].float()                      # [IPC, c, h, w]
+            z = s.take(torch.nonzero(s.labels == c).flatten()).latents.float()   # [IPC, c, h, w]: one unit's file
             m[f"cgs/dist_{tag}"] = mean_distance(z, torch.from_numpy(mu[c]))
             if len(z) > 1:
                 m[f"cgs/cos_{tag}"] = mean_pairwise_cosine(z)
