@@ -61,13 +61,14 @@ class LocalRunner:
 
 def train_cached(runner, cache_dir: Path, kind: str, loop: Callable[[dict, TrainHooks], None], config: dict,
                  cpus_per_worker: float | None = None, log: Callable[[str], None] = log,
-                 datasets: dict | None = None) -> Path:
+                 datasets: Callable[[], dict] | None = None) -> Path:
     """Run a training job once per config: its final checkpoint directory is kept at
     <cache_dir>/<kind>/<config hash>/ (copied to a temp name, then renamed: a cached entry is complete).
     Processes that need the same entry at once (concurrent sweep trials) take turns on a lock file: the
     first trains, the others wait and reuse its result (a local file lock: one machine or a shared POSIX
     file system). Ray Train's own checkpoint copies of the job are removed once the entry is in place.
-    datasets: the Ray Datasets the loop streams; not part of the key (they are the config's data, streamed)."""
+    datasets: () -> the Ray Datasets the loop streams, called only when the job runs (a cached entry lists no
+    files); not part of the key (they are the config's data, streamed)."""
     import time
 
     from raydd.config import config_hash
@@ -82,7 +83,7 @@ def train_cached(runner, cache_dir: Path, kind: str, loop: Callable[[dict, Train
             log(f"training {kind} (cached as {path}) ...")
             t0 = time.time()
             result = runner.train(loop, config, name=f"{kind}-{path.name}", cpus_per_worker=cpus_per_worker,
-                                  datasets=datasets)
+                                  datasets=datasets() if datasets else None)
             if result.checkpoint_dir is None:
                 raise RuntimeError(f"training job {kind} reported no checkpoint")
             tmp = path.with_name(path.name + ".partial")
@@ -168,7 +169,7 @@ class Context:
         """A training job run once per config (reference models, estimators, selectors, fine-tunes). reads: the
         real splits the loop reads with raydd.jobs.real_split ("train", "val"); with a store they stream to it."""
         return train_cached(self.runner, self.cfg.resolved_cache_dir(), kind, loop, config, cpus_per_worker,
-                            datasets=real_datasets(self.cfg, *reads))
+                            datasets=lambda: real_datasets(self.cfg, *reads))
 
     def real_classifier(self, arch: str = "", epochs: int = 0) -> Path:
         """A classifier trained on the real train split, cached (raydd.jobs.real_classifier)."""

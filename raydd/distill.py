@@ -65,7 +65,7 @@ def ensure_backbone(cfg: Config, data: RealData, runner) -> BackboneSpec:
         from raydd.autoencoder import tiny_vae_config, train_tiny_vae
 
         path = train_cached(runner, cfg.resolved_cache_dir(), "vaes", train_tiny_vae, tiny_vae_config(b, cfg.data),
-                            cpus_per_worker=runner.max_cpus_per_worker(), log=log, datasets=real_datasets(cfg, "train"))
+                            cpus_per_worker=runner.max_cpus_per_worker(), log=log, datasets=lambda: real_datasets(cfg, "train"))
         scale = json.loads((path / "vae" / "config.json").read_text())["scaling_factor"]
         b = dataclasses.replace(b, vae=str(path / "vae"), vae_scale=float(scale))
     class_ids = data.backbone_class_ids()                  # a pretrained DiT: ImageNet's 1000 classes
@@ -73,7 +73,7 @@ def ensure_backbone(cfg: Config, data: RealData, runner) -> BackboneSpec:
         path = train_cached(runner, cfg.resolved_cache_dir(), "backbones", train_tiny_backbone,
                             tiny_backbone_config(b, cfg.sampler, cfg.data, seed=0), log=log,
                             cpus_per_worker=runner.max_cpus_per_worker(),       # one job: all of a node
-                            datasets=real_datasets(cfg, "train"))
+                            datasets=lambda: real_datasets(cfg, "train"))
         b = dataclasses.replace(b, source=str(path / "transformer"))
         class_ids = data.backbone_class_ids(data.num_classes)  # trained on these classes: the labels themselves
     return BackboneSpec(b, num_classes=data.num_classes, channels=cfg.data.channels,
@@ -94,7 +94,7 @@ def produce(cfg: Config, data: RealData, runner, tracker, scratch: Path) -> tupl
     """method.run -> the distilled set written to cfg.output_dir() (parquet + ImageFolder) and its
     grid logged. Returns (output dir, number of images, timings)."""
     from raydd.context import Context
-    from raydd.outputs import image_grid, write_distilled
+    from raydd.outputs import grid_rows, image_grid, write_distilled
 
     method, mcfg = check_method(cfg)
     timer = {"backbone": 0.0}
@@ -116,7 +116,8 @@ def produce(cfg: Config, data: RealData, runner, tracker, scratch: Path) -> tupl
     write_distilled(distilled, out_dir, data.class_names,
                     extra={"method": cfg.method, "ipc": cfg.ipc, "seed": cfg.seed, "preset": cfg.preset})
     log(f"wrote {len(distilled)} images to {out_dir} in {t_distill:.1f}s")
-    tracker.log_images("distilled_grid", image_grid(distilled.images, distilled.labels, names=data.class_names))
+    shown = distilled.take(grid_rows(distilled.labels))                 # only the grid's images are read
+    tracker.log_images("distilled_grid", image_grid(shown.images, shown.labels, names=data.class_names))
     diagnostics = set_diagnostics(cfg, data, runner, distilled)
     log("set diagnostics: " + "  ".join(f"{k.split('/')[1]} {v:.3f}" for k, v in diagnostics.items()))
     return out_dir, len(distilled), {"time_backbone_s": timer["backbone"], "time_distill_s": t_distill,
@@ -125,15 +126,15 @@ def produce(cfg: Config, data: RealData, runner, tracker, scratch: Path) -> tupl
 
 def set_diagnostics(cfg: Config, data: RealData, runner, distilled) -> dict:
     """distilled/teacher_acc, distilled/diversity, distilled/latent_std (raydd.diagnostics): the real-data
-    teacher scores the set on the actor pool (a class is a unit)."""
+    teacher scores the set on the actor pool (a class is a unit), which reads a StagedSet's images itself."""
     from raydd.diagnostics import TeacherScores, summarise
     from raydd.jobs import teacher_encoder
 
     labels = distilled.labels.numpy()
     scores = runner.map(TeacherScores, {"encoder": teacher_encoder(cfg, data, runner),
                                         "gpus": cfg.compute.gpus_per_actor},
-                        {"class_idx": labels, "unit": labels, "image": distilled.images.numpy()})
-    return summarise(scores, distilled.latents)
+                        {"class_idx": labels, "unit": labels, **distilled.image_columns()})
+    return summarise(scores, distilled.latent_std())
 
 
 def summary_metrics(summary: dict) -> dict:

@@ -267,7 +267,7 @@ def real_classifier(cfg: Config, runner, arch: str = "", epochs: int = 0) -> Pat
                             "teacher_epochs": epochs or cfg.eval.teacher_epochs}
     config = {"data": asdict(cfg.data), "eval": e, "seed": 0}
     return train_cached(runner, cfg.resolved_cache_dir(), "teachers", teacher_loop, config,
-                        datasets=real_datasets(cfg, "train")) / "teacher.safetensors"
+                        datasets=lambda: real_datasets(cfg, "train")) / "teacher.safetensors"
 
 
 def ensure_teacher(cfg: Config, runner) -> str:

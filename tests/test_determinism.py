@@ -196,17 +196,22 @@ def test_train_cached_trains_once_when_two_need_it_at_once(tmp_path):
             (ckpt / "weights.txt").write_text(str(config))
             return TrainResult({"done": 1}, str(ckpt))
 
-    paths = []
+    paths, built = [], []
+
+    def datasets():                        # listing a store's files: only for the job that trains
+        built.append(1)
+        return {}
 
     def need():
-        paths.append(train_cached(SlowRunner(), tmp_path / "cache", "est", None, {"steps": 3}, log=logs.append))
+        paths.append(train_cached(SlowRunner(), tmp_path / "cache", "est", None, {"steps": 3}, log=logs.append,
+                                  datasets=datasets))
 
     threads = [threading.Thread(target=need) for _ in range(2)]
     for t in threads:
         t.start()
     for t in threads:
         t.join()
-    assert len(calls) == 1 and paths[0] == paths[1]
+    assert len(calls) == 1 and paths[0] == paths[1] and len(built) == 1     # the cache hit built no datasets
     assert (paths[0] / ".complete").exists() and (paths[0] / "weights.txt").read_text() == "{'steps': 3}"
     assert any(line.startswith("waiting for another process training est") for line in logs)
 
