@@ -66,7 +66,7 @@ def part_dataset(cfg, spec: dict, seed: int = 0, per_class: int = 0) -> "ray.dat
     where[positions] = np.arange(len(positions))
     offsets = class_offsets(counts)
     light = {"num_cpus": 0, "concurrency": 2}
-    return (ray.data.read_parquet(f"{_complete_store(cfg)}/{folder}", ray_remote_args={"num_cpus": 0}, concurrency=2,
+    return (ray.data.read_parquet(f"{_complete_store(cfg)}/{folder}", **light,
                                   shuffle=ray.data.FileShuffleConfig(seed=seed, reseed_after_execution=True))
             .map_batches(_keep_part, fn_kwargs={"where": where, "offsets": offsets}, batch_format="numpy", **light))
 
