@@ -74,17 +74,21 @@ def test_four_trials_two_concurrent_with_parent_child_runs(env):
 
 
 def test_failed_trial_runs_again_and_resumes(env):
-    """faults.driver_after=1: the process that samples exits after saving each new unit. In a trial
+    """faults.driver_after=1: the process that samples exits after receiving each new unit. In a trial
     that is the trial's actor, so the trial fails; Tune runs it again (FailureConfig(max_failures=2)) and
-    it resumes from its saved units: 1 done, then 2 done, and the third attempt evaluates. The best
-    config's re-run samples in the sweep's driver, which the same fault then ends (exit code 3)."""
+    it resumes from its saved units until an attempt finds both done and evaluates. The sampling actor writes
+    each unit itself and may finish the second before the trial's death ends it, so that takes two or three
+    attempts (1 done, then 2 done; or 2 done at once). The best config's re-run samples in the sweep's driver,
+    which the same fault then ends (exit code 3)."""
     cmd = [sys.executable, "-m", "raydd.sweep", "--method", "dit", "--smoke", "--trials", "1", "--name", "f1",
            "--storage", str(env["tmp"] / "tune"), "faults.driver_after=1", "compute.share_stages=false"]
     p = run(cmd, env)
     out = p.stdout + p.stderr
     assert p.returncode == 3, out[-4000:]
-    assert out.count("fault injection: driver exits after saving 1 unit(s)") == 3, out[-4000:]
-    assert "1 unit(s) already done, 1 to go" in out and "2 unit(s) already done, 0 to go" in out
+    faults = out.count("fault injection: driver exits after saving 1 unit(s)")    # failed attempts + the re-run
+    assert faults in (2, 3), out[-4000:]
+    assert "2 unit(s) already done, 0 to go" in out                 # the last attempt sampled nothing again
+    assert faults == 2 or "1 unit(s) already done, 1 to go" in out
     assert "re-running on the test split" in out                 # the trial finished after two failures
     uri = env["env"]["MLFLOW_TRACKING_URI"]
     mlflow.set_tracking_uri(uri)

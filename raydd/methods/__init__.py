@@ -1,5 +1,6 @@
 """Methods registry. A method is one file: a `Config` dataclass (paper defaults, a comment per
-field) and `run(ctx, cfg) -> DistilledSet`, registered with `@register_method(name, Config)`.
+field) and `run(ctx, cfg) -> DistilledSet` (or the StagedSet `ctx.generate` returns: its images stay in the
+sampling stage's files), registered with `@register_method(name, Config)`.
 `check(cfg, run_cfg)`, optional: raises ConfigError for values the Config's types allow but the method does
 not (allowed values, ranges, what depends on the run's IPC). raydd.distill.check_method calls it before Ray
 or MLflow start, and a sweep's search-space loader calls it for every value a trial can reach.
