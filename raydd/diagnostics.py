@@ -20,7 +20,7 @@ from raydd.subgroups import classifier_head, load_encoder
 
 
 class TeacherScores:
-    """ctx.map UDF: rows {"class_idx", "unit", "image" uint8 [N,C,H,W] (or a StagedSet's "file"/"pos")} ->
+    """ctx.map UDF: rows {"class_idx", "unit", "image" uint8 [N,C,H,W] (or a StagedSet's "unit_file"/"pos")} ->
     {"class_idx", "unit", "correct",
     "feature" [N, D] l2-normalised penultimate features}. Loads the teacher once per actor."""
 

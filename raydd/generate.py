@@ -64,7 +64,8 @@ HEAVY = ("image", "latent")   # the columns a unit file keeps and a staged stage
 
 def save_unit(stage_dir: str | Path, cols: dict[str, np.ndarray]) -> None:
     """One unit's columns -> <stage_dir>/unit-<u>.npz, atomically (a temp name, then a rename): a file that exists
-    is whole, and a unit that is run twice (a retried task) writes the same bytes."""
+    is whole, and a unit that is run twice (a retried task) writes the same bytes. Column names are np.savez's
+    keywords: "file" and "allow_pickle" cannot be columns."""
     u = int(cols["unit"][0])
     tmp = Path(stage_dir) / f".unit-{u}.{os.getpid()}.tmp.npz"          # hidden: "unit-*.npz" lists whole files
     np.savez(tmp, **cols)
@@ -89,11 +90,11 @@ def read_rows(files: np.ndarray, pos: np.ndarray, key: str) -> np.ndarray | None
 
 
 def images_of(batch: dict[str, np.ndarray]) -> np.ndarray:
-    """uint8 [N,C,H,W] of a map UDF's batch: its "image" column, or the rows its "file"/"pos" columns point at (a
+    """uint8 [N,C,H,W] of a map UDF's batch: its "image" column, or the rows its "unit_file"/"pos" columns point at (a
     StagedSet's image_columns), read here on the actor instead of being shipped from the driver."""
     if "image" in batch:
         return np.array(batch["image"])                                  # a writable copy
-    return read_rows(batch["file"], batch["pos"], "image")
+    return read_rows(batch["unit_file"], batch["pos"], "image")
 
 
 @dataclass
@@ -157,7 +158,7 @@ class StagedSet:
 
     def image_columns(self) -> dict[str, np.ndarray]:
         """Where a map UDF reads each row's image (raydd.generate.images_of): no image crosses the driver."""
-        return {"file": self.files(), "pos": self.pos}
+        return {"unit_file": self.files(), "pos": self.pos}
 
     def latent_std(self) -> float | None:
         """std of every latent value (as torch.std: n - 1), a unit file at a time."""

@@ -114,7 +114,7 @@ def subset_probs(logits: torch.Tensor, class_ids: list[int]) -> torch.Tensor:
 
 
 class SelectorScores:
-    """rows {"image" uint8 [N,C,H,W] (or a StagedSet's "file"/"pos"), ...} -> the same rows plus "probs" [N, K]
+    """rows {"image" uint8 [N,C,H,W] (or a StagedSet's "unit_file"/"pos"), ...} -> the same rows plus "probs" [N, K]
     ([N, K + 1] for a timm 1000-way
     selector, see subset_probs). Loads the selector once."""
 

@@ -179,7 +179,7 @@ def load_encoder(encoder: dict, device: torch.device) -> tuple[torch.nn.Module, 
 
 
 class EncodeImages:
-    """ctx.map UDF: {"image" uint8 [N,C,H,W] (or a StagedSet's "file"/"pos"), ...} -> the same rows with
+    """ctx.map UDF: {"image" uint8 [N,C,H,W] (or a StagedSet's "unit_file"/"pos"), ...} -> the same rows with
     "feature" [N, D] (l2-normalised)."""
 
     def __init__(self, encoder: dict, gpus: float = 0.0, batch: int = 256):

@@ -72,7 +72,7 @@ def test_a_sampling_actor_writes_its_units_and_returns_only_light_columns(staged
 
 
 def test_a_staged_set_reads_writes_and_scores_like_the_set_in_memory(staged, tmp_path):
-    from raydd.generate import StagedSet, images_of
+    from raydd.generate import StagedSet, images_of, save_unit
     from raydd.outputs import read_distilled
 
     _, stage, _, memory = staged
@@ -83,7 +83,12 @@ def test_a_staged_set_reads_writes_and_scores_like_the_set_in_memory(staged, tmp
     taken, want = s.take(idx), memory.take(idx)
     assert torch.equal(taken.images, want.images) and torch.equal(taken.latents, want.latents)
     cols = {k: v[idx.numpy()] for k, v in s.image_columns().items()}
-    assert sorted(cols) == ["file", "pos"] and np.array_equal(images_of(cols), want.images.numpy())
+    assert sorted(cols) == ["pos", "unit_file"] and np.array_equal(images_of(cols), want.images.numpy())
+    # a map stage (CaO2's selector, S3's encoder) keeps its rows with these columns in them
+    (tmp_path / "map").mkdir()
+    save_unit(tmp_path / "map", {"unit": np.zeros(3, np.int64), **cols})
+    with np.load(tmp_path / "map" / "unit-0.npz") as z:
+        assert np.array_equal(z["unit_file"], cols["unit_file"]) and np.array_equal(z["pos"], cols["pos"])
     assert s.latent_std() == pytest.approx(memory.latent_std(), rel=1e-6)
     a = write_distilled(s, tmp_path / "from_stage", [str(c) for c in range(10)])
     b = write_distilled(memory, tmp_path / "from_memory", [str(c) for c in range(10)])
