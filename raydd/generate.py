@@ -72,20 +72,20 @@ def save_unit(stage_dir: str | Path, cols: dict[str, np.ndarray]) -> None:
     os.replace(tmp, Path(stage_dir) / f"unit-{u}.npz")
 
 
-def read_rows(files: np.ndarray, pos: np.ndarray, key: str) -> np.ndarray | None:
-    """Column `key` of the rows at `pos` in unit `files` (a file per row), in the given order; each file is opened
-    once. None when the files have no such column (real images carry no latent)."""
-    files, pos = np.asarray(files).astype(str), np.asarray(pos)
-    out = None
-    for f in np.unique(files):
+def read_rows(files: np.ndarray, pos: np.ndarray, keys: tuple[str, ...], like: str = "") -> dict[str, np.ndarray]:
+    """Columns `keys` of the rows at `pos` in unit `files` (a file per row), in the given order; each file is opened
+    once. A key the files do not have is left out (real images carry no latent). No rows: empty columns, shaped
+    as in the unit file `like`."""
+    files, pos = np.asarray(files).astype(str), np.asarray(pos, dtype=np.int64)
+    out: dict[str, np.ndarray] = {}
+    for f in np.unique(files) if len(files) else [like] * bool(like):
         m = files == f
         with np.load(f, allow_pickle=False) as z:
-            if key not in z.files:
-                return None
-            part = z[key][pos[m]]
-        if out is None:
-            out = np.empty((len(files),) + part.shape[1:], part.dtype)
-        out[m] = part
+            for key in set(keys) & set(z.files):
+                part = z[key][pos[m]]
+                if key not in out:
+                    out[key] = np.empty((len(files),) + part.shape[1:], part.dtype)
+                out[key][m] = part
     return out
 
 
@@ -94,7 +94,7 @@ def images_of(batch: dict[str, np.ndarray]) -> np.ndarray:
     StagedSet's image_columns), read here on the actor instead of being shipped from the driver."""
     if "image" in batch:
         return np.array(batch["image"])                                  # a writable copy
-    return read_rows(batch["unit_file"], batch["pos"], "image")
+    return read_rows(batch["unit_file"], batch["pos"], ("image",))["image"]
 
 
 @dataclass
@@ -128,9 +128,9 @@ class StagedSet:
     def __len__(self) -> int:
         return len(self.labels)
 
-    def files(self, idx: np.ndarray | None = None) -> np.ndarray:
+    def files(self, idx: np.ndarray | slice = slice(None)) -> np.ndarray:
         """str [N]: the unit file of each row (of rows idx)."""
-        units = self.units if idx is None else self.units[idx]
+        units = self.units[idx]
         return np.array([f"{self.stage}/unit-{u}.npz" for u in units.tolist()])
 
     def sorted(self) -> "StagedSet":
@@ -138,22 +138,26 @@ class StagedSet:
         return StagedSet(self.stage, self.units[order], self.pos[order], self.labels[order], self.slots[order],
                          None if self.scores is None else self.scores[order])
 
+    def read_columns(self, idx: np.ndarray | slice, keys: tuple[str, ...]) -> dict[str, np.ndarray]:
+        """Columns `keys` of rows idx, from their unit files (raydd.generate.read_rows)."""
+        like = f"{self.stage}/unit-{self.units[0]}.npz" if len(self.units) else ""
+        return read_rows(self.files(idx), self.pos[idx], keys, like=like)
+
     def take(self, idx: torch.Tensor) -> DistilledSet:
         """Rows idx, read from their files (only those rows are kept in memory)."""
         idx = np.asarray(idx, dtype=np.int64)
-        files, pos = self.files(idx), self.pos[idx]
-        lat = read_rows(files, pos, "latent")
-        return DistilledSet(torch.from_numpy(read_rows(files, pos, "image")), self.labels[idx], self.slots[idx],
-                            None if lat is None else torch.from_numpy(lat),
+        cols = self.read_columns(idx, HEAVY)
+        return DistilledSet(torch.from_numpy(cols["image"]), self.labels[idx], self.slots[idx],
+                            torch.from_numpy(cols["latent"]) if "latent" in cols else None,
                             None if self.scores is None else self.scores[idx])
 
     @property
     def images(self) -> torch.Tensor:
-        return torch.from_numpy(read_rows(self.files(), self.pos, "image"))
+        return torch.from_numpy(self.read_columns(slice(None), ("image",))["image"])
 
     @property
     def latents(self) -> torch.Tensor | None:
-        lat = read_rows(self.files(), self.pos, "latent")
+        lat = self.read_columns(slice(None), ("latent",)).get("latent")
         return None if lat is None else torch.from_numpy(lat)
 
     def image_columns(self) -> dict[str, np.ndarray]:

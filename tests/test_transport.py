@@ -82,6 +82,8 @@ def test_a_staged_set_reads_writes_and_scores_like_the_set_in_memory(staged, tmp
     idx = torch.tensor([7, 2, 5])                                  # rows from both files, out of order
     taken, want = s.take(idx), memory.take(idx)
     assert torch.equal(taken.images, want.images) and torch.equal(taken.latents, want.latents)
+    none = s.take(torch.tensor([], dtype=torch.long))                 # no rows: empty, shaped like the set's
+    assert none.images.shape == (0, *memory.images.shape[1:]) and none.latents.shape == (0, *memory.latents.shape[1:])
     cols = {k: v[idx.numpy()] for k, v in s.image_columns().items()}
     assert sorted(cols) == ["pos", "unit_file"] and np.array_equal(images_of(cols), want.images.numpy())
     # a map stage (CaO2's selector, S3's encoder) keeps its rows with these columns in them
