@@ -69,7 +69,7 @@ def lgd_objectives(ctx, work: Path):
     d = ctx.cfg.data
     classify = dict(arch=mcfg.arch, num_classes=ctx.data.num_classes, channels=d.channels, image_size=d.image_size)
     reference = ctx.real_classifier(mcfg.arch, mcfg.reference_epochs)
-    theta_path = ctx.set_classifier(memory, mcfg.arch, epochs_for(5, ctx.cfg.eval), work / "theta.safetensors")
+    theta_path, _ = ctx.set_classifier(memory, mcfg.arch, epochs_for(5, ctx.cfg.eval), work / "theta.safetensors")
     theta, theta_star = load_selector(theta_path, **classify), load_selector(reference, **classify)
 
     def factory(scale):

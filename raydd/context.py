@@ -147,6 +147,22 @@ class Context:
         the constructor loads models once per actor, __call__ maps numpy columns to numpy columns."""
         return self.runner.map(udf, udf_kwargs, columns)
 
+    def map_rows(self, udf: type, udf_kwargs: dict, columns: dict[str, np.ndarray],
+                 unit: np.ndarray | None = None) -> dict[str, np.ndarray]:
+        """`map` over N rows (every column [N, ...]) with its output back in row order (the pool returns units in
+        any order). unit [N]: the rows processed together (default: chunks of compute.batch_size)."""
+        n = len(next(iter(columns.values())))
+        unit = np.arange(n) // self.cfg.compute.batch_size if unit is None else unit
+        out = self.map(udf, udf_kwargs, {"row": np.arange(n), "unit": unit, **columns})
+        order = np.argsort(out["row"])
+        return {k: v[order] for k, v in out.items()}
+
+    def actor_resources(self) -> dict:
+        """A map UDF's share of an actor (its `gpus` and `threads` arguments): compute.gpus_per_actor, and
+        compute.cpus_per_actor threads."""
+        c = self.cfg.compute
+        return {"gpus": c.gpus_per_actor, "threads": max(1, int(c.cpus_per_actor))}
+
     def map_real(self, udf: type, udf_kwargs: dict, per_class: int = 0) -> dict[str, np.ndarray]:
         """A callable class over the real train split's rows (class_idx, unit = class, image uint8 [C, H, W]), the
         first `per_class` of each class (0: all), e.g. per-class sums. With a store it streams from the store
@@ -161,8 +177,8 @@ class Context:
         return self.map(udf, udf_kwargs, {"class_idx": y[keep].numpy(), "unit": y[keep].numpy(), "image": x[keep].numpy()})
 
     def train(self, loop: Callable[[dict, TrainHooks], None], config: dict, name: str, num_workers: int | None = None,
-              cpus_per_worker: float | None = None):
-        return self.runner.train(loop, config, name, num_workers, cpus_per_worker)
+              cpus_per_worker: float | None = None, datasets: dict | None = None):
+        return self.runner.train(loop, config, name, num_workers, cpus_per_worker, datasets=datasets)
 
     def train_cached(self, kind: str, loop: Callable[[dict, TrainHooks], None], config: dict,
                      cpus_per_worker: float | None = None, reads: tuple[str, ...] = ()) -> Path:
@@ -175,18 +191,24 @@ class Context:
         """A classifier trained on the real train split, cached (raydd.jobs.real_classifier)."""
         return real_classifier(self.cfg, self.runner, arch, epochs)
 
-    def set_classifier(self, set_dir: Path, arch: str, epochs: int, dst: Path) -> Path:
+    def set_classifier(self, set_dir: Path, arch: str, epochs: int, dst: Path, evaluate: bool = False) -> tuple[Path, dict]:
         """A classifier trained on a distilled set (hard labels, the eval protocol's recipe), kept as `dst`
-        (safetensors, written atomically; reused when it exists): raydd.jobs.set_classifier_loop."""
+        (safetensors, written atomically; reused when it exists) with its job's metrics beside it
+        (`dst`.json): raydd.jobs.set_classifier_loop. evaluate: the job also measures "eval_acc" on eval.split,
+        streamed to it with a store (the driver reads no real split)."""
+        metrics = dst.with_suffix(".json")
         if not dst.exists():
             config = {"set_path": str(set_dir), "arch": arch, "num_classes": self.data.num_classes,
                       "eval": asdict(self.cfg.eval), "epochs": epochs, "seed": self.cfg.seed}
+            if evaluate:
+                config["data"] = asdict(self.cfg.data)
             result = self.train(set_classifier_loop, config, name=f"{self.cfg.resolved_run_name()}-{dst.stem}",
-                                num_workers=1)
+                                num_workers=1, datasets=real_datasets(self.cfg, "eval") if evaluate else None)
+            metrics.write_text(json.dumps(result.metrics, default=str))
             tmp = dst.with_name(dst.name + ".partial")
             shutil.copyfile(Path(result.checkpoint_dir) / "model.safetensors", tmp)
             os.replace(tmp, dst)
-        return dst
+        return dst, json.loads(metrics.read_text()) if metrics.exists() else {}
 
     def run_method(self, name: str, ipc: int) -> DistilledSet:
         """Another registered method's set at `ipc`, with its own `<name>.<field>` settings and this backbone

@@ -24,7 +24,7 @@ import torch
 from raydd.config import Config, DataConfig, EvalConfig, config_hash
 from raydd.data import RealData, Split, StreamedSplit, load_distilled_folder, load_real, stream_spec, streamed_split
 from raydd.generate import random_subset
-from raydd.protocols import dd_ranking, epochs_for, fit_student, train_student, train_teacher
+from raydd.protocols import dd_ranking, epochs_for, fit_student, split_accuracy, train_student, train_teacher
 from raydd.train_hooks import TrainHooks
 
 
@@ -215,23 +215,30 @@ def eval_loop(config: dict, hooks: TrainHooks) -> None:
 
 
 def set_classifier_loop(config: dict, hooks: TrainHooks) -> None:
-    """Train a classifier on a distilled set (config: set_path, arch, num_classes, eval, epochs, seed):
-    LGD's θ_{i−1}. Hard labels, the eval protocol's recipe; saves model.safetensors."""
+    """Train a classifier on a distilled set (config: set_path, arch, num_classes, eval, epochs, seed): LGD's
+    θ_{i−1}. Hard labels, the eval protocol's recipe; saves model.safetensors. With config["data"] it also reports
+    "eval_acc", its top-1 on eval.split: streamed from the job's "eval" dataset (a store), else held here."""
     import tempfile
 
     from safetensors.torch import save_file
 
     from raydd.outputs import read_distilled
 
-    s = read_distilled(config["set_path"])
+    s, ecfg = read_distilled(config["set_path"]), EvalConfig(**config["eval"])
     res = train_student(s.images, s.labels, None, None, student=config["arch"], num_classes=config["num_classes"],
-                        cfg=EvalConfig(**config["eval"]), epochs=config["epochs"], seed=config["seed"],
-                        device=hooks.device, return_model=True)
+                        cfg=ecfg, epochs=config["epochs"], seed=config["seed"], device=hooks.device,
+                        return_model=True)
+    metrics = {"train_s": res["train_s"], "epochs": res["epochs"]}
+    if config.get("data"):
+        dcfg = DataConfig(**config["data"])
+        held = None if hooks.dataset("eval") is not None else load_real(dcfg, train=ecfg.split == "val")
+        target = real_split(dcfg, hooks, held, ecfg.split, "eval")
+        metrics |= {"eval_acc": split_accuracy(res["model"], target, device=hooks.device),
+                    "eval_streamed": isinstance(target, StreamedSplit)}
     with tempfile.TemporaryDirectory() as d:
         if hooks.world_rank == 0:
             save_file({k: v.contiguous().cpu() for k, v in res["model"].state_dict().items()}, f"{d}/model.safetensors")
-        hooks.report({"train_s": res["train_s"], "epochs": res["epochs"]},
-                     checkpoint_dir=d if hooks.world_rank == 0 else None)
+        hooks.report(metrics, checkpoint_dir=d if hooks.world_rank == 0 else None)
 
 
 def teacher_loop(config: dict, hooks: TrainHooks) -> None:

@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from raydd.errors import CheckpointError
+from raydd.generate import images_of, pick_device
 
 ORDERS = ("most", "least")
 
@@ -115,13 +116,10 @@ def subset_probs(logits: torch.Tensor, class_ids: list[int]) -> torch.Tensor:
 
 class SelectorScores:
     """rows {"image" uint8 [N,C,H,W] (or a StagedSet's "unit_file"/"pos"), ...} -> the same rows plus "probs" [N, K]
-    ([N, K + 1] for a timm 1000-way
-    selector, see subset_probs). Loads the selector once."""
+    ([N, K + 1] for a timm 1000-way selector, see subset_probs). Loads the selector once."""
 
     def __init__(self, path: str, arch: str, num_classes: int, channels: int, image_size: int,
                  gpus: float = 0.0, threads: int = 0, class_ids: list[int] | None = None):
-        from raydd.generate import pick_device
-
         if threads > 0:
             torch.set_num_threads(threads)
         self.device = pick_device(gpus)
@@ -134,8 +132,6 @@ class SelectorScores:
             self.model, self.prepare = load_selector(path, arch, num_classes, channels, image_size, self.device), None
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        from raydd.generate import images_of
-
         images = torch.from_numpy(images_of(batch))                         # uint8 [N,C,H,W]
         if self.prepare is None:
             probs = predict_probs(self.model, images, device=self.device)

@@ -35,6 +35,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from raydd.generate import images_of, pick_device
+
 LOG_EPS = 1e-6   # log(1 - cos) is clamped at log(1e-6) when two centroids coincide
 SEPARATIONS = ("reference", "paper")
 
@@ -183,16 +185,12 @@ class EncodeImages:
     "feature" [N, D] (l2-normalised)."""
 
     def __init__(self, encoder: dict, gpus: float = 0.0, batch: int = 256):
-        from raydd.generate import pick_device
-
         self.device = pick_device(gpus)
         self.model, self.features = load_encoder(encoder, self.device)
         self.batch = batch
 
     @torch.no_grad()
     def __call__(self, rows: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        from raydd.generate import images_of
-
         x = torch.from_numpy(images_of(rows))
         f = torch.cat([self.features(xb) for xb in x.split(self.batch)])
         f = F.normalize(f.float(), dim=1).cpu().numpy()

@@ -68,8 +68,8 @@ def test_learnability_guidance_raises_S_over_unguided_from_the_same_noise(world)
 
 
 def test_candidates_are_scored_from_uint8_batch_by_batch_as_from_floats(world):
-    """LGD scores its κ·IPC candidates per class in the driver: uint8 images are converted per batch, not all at
-    once (a float copy of every candidate is ~22 GiB at ImageNet-1K)."""
+    """LGD scores its κ·IPC candidates per class (on the actors, LearnabilityScores): uint8 images are converted per
+    batch, not all at once (a float copy of every candidate is ~22 GiB at ImageNet-1K)."""
     from raydd.protocols import to_float
 
     w = world
@@ -77,6 +77,31 @@ def test_candidates_are_scored_from_uint8_batch_by_batch_as_from_floats(world):
     labels = torch.arange(20) % 10
     from_uint8 = score_images(w["theta"], w["reference"], images, labels, 0.5, batch_size=6)
     torch.testing.assert_close(from_uint8, score_images(w["theta"], w["reference"], to_float(images), labels, 0.5))
+
+
+def test_candidates_are_scored_on_the_actors_from_their_unit_files_as_in_memory(world, tmp_path):
+    """LearnabilityScores, the map UDF LGD scores its candidates with, reads a StagedSet's rows from the unit files
+    the sampling actors wrote and gives score_images' S."""
+    from safetensors.torch import save_file
+
+    from raydd.generate import StagedSet, save_unit
+    from raydd.objectives.learnability import LearnabilityScores
+
+    w = world
+    images = torch.randint(0, 256, (20, 1, 16, 16), dtype=torch.uint8, generator=torch.Generator().manual_seed(1))
+    for u in (0, 1):                                                     # two unit files of 10 rows
+        rows = slice(10 * u, 10 * u + 10)
+        save_unit(tmp_path, {"unit": np.full(10, u), "class_idx": np.arange(10), "slot": np.full(10, u),
+                             "score": np.zeros(10, np.float32), "image": images[rows].numpy()})
+    staged = StagedSet.read(tmp_path, np.array([0, 1]))
+    for name in ("theta", "reference"):
+        save_file(w[name].state_dict(), str(tmp_path / f"{name}.safetensors"))
+    udf = LearnabilityScores(str(tmp_path / "theta.safetensors"), str(tmp_path / "reference.safetensors"), omega=0.5,
+                             arch="convnet_d1", num_classes=10, channels=1, image_size=16)
+    out = udf({"class_idx": staged.labels.numpy(), **staged.image_columns()})
+    assert "image" not in out and sorted(out) == ["S", "class_idx", "pos", "unit_file"]
+    want = score_images(w["theta"], w["reference"], staged.images, staged.labels, 0.5)
+    torch.testing.assert_close(torch.from_numpy(out["S"]), want)
 
 
 def test_memory_term_lowers_the_max_cosine_to_earlier_samples(world):
@@ -294,3 +319,48 @@ def test_lgd_at_its_seed_ipc_warns_that_nothing_is_guided():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         check_method(load_config("digits", ["ipc=10", "lgd.seed_ipc=5", "lgd.increment=5"], method="lgd"))
+
+
+@pytest.mark.slow
+def test_on_ray_the_driver_reads_only_the_candidates_it_keeps(digits_cfg, spec, tmp_path, monkeypatch):
+    """#20 item 3: through RayRunner the sampling actors write LGD's κ candidates per slot, LearnabilityScores scores
+    them on the actors, and the driver reads the images of the rows it keeps only (the seed set's and the
+    increment's winners). θ_{i−1}'s accuracy on the eval split is measured in its own training job."""
+    import ray
+
+    from raydd.context import NullTracker
+    from raydd.distributed.cluster import init_ray
+    from raydd.distributed.runner import RayRunner
+    from raydd.generate import StagedSet
+
+    taken, metrics, take = [], {}, StagedSet.take
+
+    def counted_take(self, idx):
+        taken.append(len(idx))
+        return take(self, idx)
+
+    def read_every_row(self):
+        raise AssertionError("the driver read every row of a staged set")
+
+    monkeypatch.setattr(StagedSet, "take", counted_take)             # the driver only: actors import their own
+    monkeypatch.setattr(StagedSet, "images", property(read_every_row))
+    monkeypatch.setattr(StagedSet, "latents", property(read_every_row))
+
+    class Tracker(NullTracker):
+        def log_metrics(self, m: dict, step: int | None = None) -> None:
+            metrics.update(m)
+
+    cfg = dataclasses.replace(digits_cfg, ipc=2, data=dataclasses.replace(digits_cfg.data, max_train_per_class=10),
+                              eval=dataclasses.replace(digits_cfg.eval, epochs=2, teacher_epochs=1))
+    cfg.sampler = dataclasses.replace(cfg.sampler, steps=4)
+    method = get_method("lgd")
+    init_ray(cfg.compute)
+    try:
+        ctx = Context(cfg, load_real(cfg.data), spec, runner=RayRunner(cfg, tmp_path / "scratch"), tracker=Tracker(),
+                      scratch=tmp_path / "scratch")
+        ds = method.run(ctx, make_method_config(method.Config, {"seed_ipc": 1, "increment": 1, "kappa": 3}, "lgd"))
+    finally:
+        ray.shutdown()
+    assert taken == [10, 10]                    # the seed set (1 per class), then 1 of 3 candidates per class
+    assert len(ds) == 20 and ds.slots.tolist() == [0, 1] * 10 and torch.isfinite(ds.scores[ds.slots == 1]).all()
+    assert 0.0 <= metrics["lgd/theta_acc"] <= 1.0

@@ -256,19 +256,20 @@ def test_endless_batches_give_every_row_once_an_epoch_epoch_after_epoch():
         next(endless_batches(split.take(torch.tensor([], dtype=torch.long)), 4, torch.Generator()))
 
 
-def test_with_a_store_the_dit_trainings_and_the_igds_estimator_stream_the_train_split(tmp_path):
+def test_with_a_store_the_dit_trainings_the_igds_estimator_and_lgds_theta_stream_the_real_splits(tmp_path):
     """#20 item 2: the tiny VAE and tiny DiT (raydd.distill.ensure_backbone), RSM+CGS's and IMS3's DiT fine-tune
     (raydd.finetune.finetune_loop) and IGDS's variational estimator take the real splits as Ray Datasets
-    (ctx.train_cached(reads=...)): no worker holds them, and the driver reads none. Without a store the same jobs
-    hold them."""
+    (ctx.train_cached(reads=...)), and so does LGD's θ_{i−1} (ctx.set_classifier) for its accuracy on the eval
+    split: no worker holds them, and the driver reads none. Without a store the same jobs hold them."""
     from raydd.distill import ensure_backbone
     from raydd.backbone import save_transformer, tiny_dit
     from raydd.context import Context
     from raydd.distributed.cluster import init_ray
     from raydd.distributed.runner import RayRunner
-    from raydd.generate import BackboneSpec
+    from raydd.generate import BackboneSpec, DistilledSet
     from raydd.methods import igds, rsm_cgs
     from raydd.objectives.information import load_ve
+    from raydd.outputs import write_distilled
     from raydd.prepare import load_data
 
     root = make_folder(tmp_path / "folder", per_class=(12, 2))
@@ -296,6 +297,11 @@ def test_with_a_store_the_dit_trainings_and_the_igds_estimator_stream_the_train_
         assert meta["estimates"]["train"]["n"] == 20 and meta["estimates"]["val"]["n"] == 4
         for entry in (*trained, Path(tuned.cfg.source).parent, ve_dir):
             assert json.loads((entry / "metrics.json").read_text())["streamed"] is bool(store)
+        images = torch.randint(0, 256, (4, 3, 16, 16), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+        set_dir = write_distilled(DistilledSet(images, torch.tensor([0, 0, 1, 1]), torch.tensor([0, 1, 0, 1])),
+                                  tmp_path / f"set{store[-5:]}", WNIDS)
+        _, fit = ctx.set_classifier(set_dir, "convnet_d1", 1, tmp_path / f"theta{store[-5:]}.safetensors", evaluate=True)
+        assert fit["eval_streamed"] is bool(store) and 0.0 <= fit["eval_acc"] <= 1.0
         if store:
             assert data.describe() == "splits read when used (so far: none)"
 

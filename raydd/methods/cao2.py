@@ -134,11 +134,6 @@ def sample_pool(ctx, cfg: Config, per_class: int) -> DistilledSet:
     return sub.run_method(cfg.generator, per_class).sorted()
 
 
-def udf_resources(ctx) -> dict:
-    c = ctx.cfg.compute
-    return {"gpus": c.gpus_per_actor, "threads": max(1, int(c.cpus_per_actor))}
-
-
 def selection_stats(probs: torch.Tensor, labels: torch.Tensor, idx: torch.Tensor, conf: torch.Tensor, ipc: int) -> dict:
     """Pool accuracy of the selector, confidence p(y|x) of the kept vs the dropped, classes that needed padding."""
     correct = probs.argmax(1) == labels
@@ -156,12 +151,11 @@ def select(ctx, cfg: Config, pool: DistilledSet) -> DistilledSet:
     """Stage 1: score the decoded pool with the selector (on the actors), keep IPC per class."""
     ipc, C, d = ctx.cfg.ipc, ctx.data.num_classes, ctx.cfg.data
     path = selector_path(ctx, cfg)
-    cols = ctx.map(SelectorScores, dict(path=path, arch=cfg.selector_arch, num_classes=C, channels=d.channels,
-                                        image_size=d.image_size, class_ids=ctx.spec.class_ids,
-                                        **udf_resources(ctx)),
-                   {"row": np.arange(len(pool)), "unit": np.arange(len(pool)) // ctx.cfg.compute.batch_size,
-                    **pool.image_columns()})                                  # read on the actors
-    probs = torch.from_numpy(cols["probs"][np.argsort(cols["row"])])              # p(k | x)  [N_pool, C]
+    cols = ctx.map_rows(SelectorScores, dict(path=path, arch=cfg.selector_arch, num_classes=C, channels=d.channels,
+                                             image_size=d.image_size, class_ids=ctx.spec.class_ids,
+                                             **ctx.actor_resources()),
+                       pool.image_columns())                                      # read on the actors
+    probs = torch.from_numpy(cols["probs"])                                       # p(k | x)  [N_pool, C]
     idx, conf = confidence_selection(probs, pool.labels, ipc, cfg.order)          # [C*ipc], p(y | x) [N_pool]
     ctx.log_metrics(selection_stats(probs, pool.labels, idx, conf, ipc))
     kept = pool.take(idx)
@@ -174,20 +168,18 @@ def optimize(ctx, cfg: Config, kept: DistilledSet) -> DistilledSet:
     t_hat = max(1, min(round(cfg.t_hat * T), T - 1))                             # T_hat in true timesteps
     class_ids = torch.tensor(ctx.spec.class_ids)
     cond = class_ids[kept.labels] if cfg.condition == "true" else torch.full_like(kept.labels, NULL_COND)
-    cols = {"row": np.arange(len(kept)), "unit": np.arange(len(kept)) // ctx.cfg.compute.batch_size,
-            "class_idx": kept.labels.numpy(), "slot": kept.slots.numpy(), "cond": cond.numpy(),
+    cols = {"class_idx": kept.labels.numpy(), "slot": kept.slots.numpy(), "cond": cond.numpy(),
             "seed": np.array([sample_seed(ctx.cfg.seed, int(c), int(s), "cao2-opt")       # fixed eps, t draws
                               for c, s in zip(kept.labels, kept.slots)], dtype=np.int64)}
     if kept.latents is not None:
         cols["latent"] = kept.latents.float().numpy()
     else:                                                     # real images (generator=random): the UDF encodes them
         cols["image"] = kept.images.numpy()
-    out = ctx.map(LatentOptBatches, dict(spec=ctx.spec, sampler=ctx.cfg.sampler, iterations=cfg.iterations, lr=cfg.lr,
-                                         lam=cfg.lam, t_hat=t_hat, eta=cfg.eta, precision=ctx.cfg.compute.precision,
-                                         **udf_resources(ctx)), cols)
-    order = np.argsort(out["row"])
-    after = torch.from_numpy(np.ascontiguousarray(out["image"][order]))           # uint8 [N, C, H, W]
-    curve = out["loss_curve"][order].mean(axis=0)                                  # mean over images [iterations]
+    out = ctx.map_rows(LatentOptBatches, dict(spec=ctx.spec, sampler=ctx.cfg.sampler, iterations=cfg.iterations,
+                                              lr=cfg.lr, lam=cfg.lam, t_hat=t_hat, eta=cfg.eta,
+                                              precision=ctx.cfg.compute.precision, **ctx.actor_resources()), cols)
+    after = torch.from_numpy(np.ascontiguousarray(out["image"]))                   # uint8 [N, C, H, W]
+    curve = out["loss_curve"].mean(axis=0)                                         # mean over images [iterations]
     for k, v in enumerate(curve):
         ctx.log_metrics({"cao2/latent_loss": float(v)}, step=k)
     ctx.log_metrics({"cao2/objective_before": float(out["objective_before"].mean()),   # E_t on a fixed t grid
@@ -199,7 +191,7 @@ def optimize(ctx, cfg: Config, kept: DistilledSet) -> DistilledSet:
     grid = torch.cat([torch.cat([kept.images[i], after[i]]) for i in show])
     labels = torch.arange(ctx.data.num_classes).repeat_interleave(2 * k)
     ctx.tracker.log_images("cao2_before_after", image_grid(grid, labels, per_class=2 * k, names=ctx.data.class_names))
-    return DistilledSet(after, kept.labels, kept.slots, torch.from_numpy(out["latent"][order]).to(torch.float16),
+    return DistilledSet(after, kept.labels, kept.slots, torch.from_numpy(out["latent"]).to(torch.float16),
                         kept.scores)
 
 

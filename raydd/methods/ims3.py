@@ -114,9 +114,9 @@ def encoder_spec(ctx, cfg: Config) -> dict:
 def encode(ctx, encoder: dict, images: dict[str, np.ndarray], labels: torch.Tensor) -> torch.Tensor:
     """phi on the actor pool (a class is a unit): images (a set's image_columns, or {"image": uint8 [N,C,H,W]}) ->
     l2-normalised features [N, D], in row order."""
-    cols = {"class_idx": labels.numpy(), "row": np.arange(len(labels)), "unit": labels.numpy(), **images}
-    out = ctx.map(EncodeImages, {"encoder": encoder, "gpus": ctx.cfg.compute.gpus_per_actor}, cols)
-    return torch.from_numpy(np.stack(out["feature"])[np.argsort(out["row"])])
+    out = ctx.map_rows(EncodeImages, {"encoder": encoder, "gpus": ctx.cfg.compute.gpus_per_actor},
+                       {"class_idx": labels.numpy(), **images}, unit=labels.numpy())
+    return torch.from_numpy(np.stack(out["feature"]))
 
 
 def real_reference(ctx, K: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -6,7 +6,7 @@ IPC). Increment 0 is a seed set (another method's output, default dit); then for
   2. sample κ candidates per new slot, guided on  S(x, y) = L(θ_{i−1}, x, y) − ω·L(θ*, x, y)  (λ, window
      t ∈ [10, 45] of 50, ρ_t normalisation) plus deviation away from the most cosine-similar latent of
      the class in the memory buffer M (γ) — one objective, raydd.objectives.learnability;
-  3. keep the candidate with the highest S per slot (top-κ) and merge: D_i = D_{i−1} ∪ I_i.
+  3. keep the candidate with the highest S per slot (top-κ; S scored on the actors) and merge: D_i = D_{i−1} ∪ I_i.
 The memory is sequential as in IGD: an increment's slots are sampled in `memory_rounds` rounds, and the
 samples a round keeps join M (= D_{i−1} at the first round) before the next round is sampled.
 θ* is a reference classifier trained once on the full real train split (cached like the teachers).
@@ -18,7 +18,7 @@ from __future__ import annotations
 import json
 import shutil
 import warnings
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from functools import partial
 from pathlib import Path
 
@@ -30,10 +30,10 @@ from raydd.config import ConfigError, config_hash
 from raydd.data import DataError
 from raydd.generate import DistilledSet
 from raydd.methods import get_method, register_method
-from raydd.objectives.learnability import (LearnabilityState, learnability_objective, memory_term, rank_in_class,
-                                           score_images, top_kappa)
+from raydd.objectives.learnability import (LearnabilityScores, LearnabilityState, learnability_objective, memory_term,
+                                           rank_in_class, top_kappa)
 from raydd.outputs import read_distilled, write_distilled
-from raydd.protocols import accuracy, epochs_for, to_float
+from raydd.protocols import epochs_for, to_float
 from raydd.sampling import Guidance, warn_guidance_scheduler
 from raydd.selection import load_selector
 
@@ -110,9 +110,10 @@ def train_reference(ctx, cfg: Config) -> Path:
     return ctx.real_classifier(cfg.arch, cfg.reference_epochs)
 
 
-def train_theta(ctx, cfg: Config, set_dir: Path, ipc: int, dst: Path) -> Path:
-    """θ_{i−1} on D_{i−1}, kept as `dst` (reused when it exists)."""
-    return ctx.set_classifier(set_dir, cfg.arch, cfg.model_epochs or epochs_for(ipc, ctx.cfg.eval), dst)
+def train_theta(ctx, cfg: Config, set_dir: Path, ipc: int, dst: Path) -> tuple[Path, dict]:
+    """θ_{i−1} on D_{i−1}, kept as `dst` (reused when it exists), and its job's metrics: "eval_acc", its top-1 on
+    eval.split, measured in the job (streamed there with a store)."""
+    return ctx.set_classifier(set_dir, cfg.arch, cfg.model_epochs or epochs_for(ipc, ctx.cfg.eval), dst, evaluate=True)
 
 
 # --- the guidance: built once per sampling actor from checkpoint paths (picklable) -----------------
@@ -211,7 +212,6 @@ def run(ctx, cfg: Config):
     work.mkdir(parents=True, exist_ok=True)
     classify = dict(arch=cfg.arch, num_classes=ctx.data.num_classes, channels=d.channels, image_size=d.image_size)
     reference = train_reference(ctx, cfg)                                    # θ*
-    theta_star = load_selector(reference, **classify)
 
     resumed = last_stage(work, fingerprint)
     if resumed is None:
@@ -220,11 +220,11 @@ def run(ctx, cfg: Config):
         print(f"[lgd] resuming after increment {resumed[0]} ({resumed[1]})", flush=True)
     done, stage = resumed
     current = read_distilled(stage)
-    eval_split = ctx.data.split(ctx.cfg.eval.split)
     for i in range(done + 1, 1 + len(sizes)):
         have, n = seed_ipc + sum(sizes[:i - 1]), sizes[i - 1]                # IPC of D_{i−1}, IPC added now
-        theta_path = train_theta(ctx, cfg, stage, have, work / f"theta-{i - 1:03d}-{fingerprint}.safetensors")
+        theta_path, theta_fit = train_theta(ctx, cfg, stage, have, work / f"theta-{i - 1:03d}-{fingerprint}.safetensors")
         theta = load_selector(theta_path, **classify)                        # θ_{i−1}
+        scorer = dict(theta=str(theta_path), reference=str(reference), omega=cfg.omega, **classify, **ctx.actor_resources())
         factory = partial(learnability_guidance, theta=str(theta_path), reference=str(reference),
                           class_ids=ctx.spec.class_ids, lam=cfg.lam, omega=cfg.omega, gamma=cfg.gamma,
                           window=respaced_window(cfg, ctx.cfg.sampler.steps), mode=cfg.mode, **classify)
@@ -233,16 +233,16 @@ def run(ctx, cfg: Config):
         for r, js in enumerate(np.array_split(np.arange(n), rounds)):        # sequential memory: slots js
             mine = np.isin(rows["slot"] % n, js)
             cands = ctx.generate({k: v[mine] for k, v in rows.items()}, partial(factory, memory=str(memory)))
-            s = score_images(theta, theta_star, cands.images, cands.labels, cfg.omega)            # S
+            s = torch.from_numpy(ctx.map_rows(LearnabilityScores, scorer,                          # S, on the actors
+                                              {"class_idx": cands.labels.numpy(), **cands.image_columns()})["S"])
             keep = torch.from_numpy(top_kappa(s, (cands.labels * n + cands.slots % n).numpy()))
-            kept = DistilledSet(cands.images[keep], cands.labels[keep], have + cands.slots[keep] % n,
-                                None if cands.latents is None else cands.latents[keep], s[keep])
+            kept = replace(cands.take(keep), slots=have + cands.slots[keep] % n, scores=s[keep])   # reads the kept only
             new = kept if new is None else merge(new, kept)
             if r < rounds - 1:                                                # M ← M ∪ kept, for the next round
                 memory = write_distilled(merge(current, new), work / f"memory-{i:03d}", ctx.data.class_names)
         merged = merge(current, new)
         ctx.log_metrics({"lgd/ipc": have + n,
-                         "lgd/theta_acc": accuracy(theta, eval_split.x, eval_split.y),    # θ_{i−1} on eval split
+                         "lgd/theta_acc": theta_fit.get("eval_acc", float("nan")),  # θ_{i−1} on eval split
                          "lgd/loss_new": mean_ce(theta, new),                             # L(θ_{i−1}, I_i)
                          "lgd/loss_jump": mean_ce(theta, merged) - mean_ce(theta, current),  # the loss spike
                          "lgd/score_kept": float(new.scores.mean())}, step=i)

@@ -27,7 +27,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from raydd.generate import images_of, pick_device
 from raydd.protocols import to_float
+from raydd.selection import load_selector
 
 
 def learnability_score(model: nn.Module, reference: nn.Module, x: torch.Tensor, labels: torch.Tensor,
@@ -108,6 +110,27 @@ def score_images(model: nn.Module, reference: nn.Module, x: torch.Tensor, labels
     out = [learnability_score(model, reference, batch(i), labels[i:i + batch_size], omega)
            for i in range(0, len(x), batch_size)]
     return torch.cat(out).float().cpu() if out else torch.zeros(0)
+
+
+class LearnabilityScores:
+    """ctx.map UDF: rows {"class_idx", "image" uint8 [N,C,H,W] (or a StagedSet's "unit_file"/"pos"), ...} -> the same
+    rows plus "S" [N] (score_images). LGD scores its κ·n candidates per class here, on the actors, so the driver
+    reads only the candidates it keeps. Loads θ_{i−1} and θ* (safetensors state dicts of `arch`) once."""
+
+    def __init__(self, theta: str, reference: str, omega: float, arch: str, num_classes: int, channels: int,
+                 image_size: int, gpus: float = 0.0, threads: int = 0):
+        if threads > 0:
+            torch.set_num_threads(threads)
+        self.device = pick_device(gpus)
+        classify = dict(arch=arch, num_classes=num_classes, channels=channels, image_size=image_size, device=self.device)
+        self.model, self.reference = load_selector(theta, **classify), load_selector(reference, **classify)
+        self.omega = omega
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        x = torch.from_numpy(images_of(batch)).to(self.device)                 # uint8 [N,C,H,W]
+        y = torch.from_numpy(np.asarray(batch["class_idx"], dtype=np.int64)).to(self.device)
+        s = score_images(self.model, self.reference, x, y, self.omega)          # [N]
+        return {**{k: v for k, v in batch.items() if k != "image"}, "S": s.numpy()}
 
 
 def top_kappa(scores: np.ndarray | torch.Tensor, groups: np.ndarray | torch.Tensor) -> np.ndarray:
