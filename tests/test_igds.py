@@ -7,6 +7,7 @@ import json
 import math
 import shutil
 
+import numpy as np
 import pytest
 import torch
 
@@ -97,6 +98,25 @@ def test_ve_checkpoint_round_trips_with_q_y(ve_dir):
     curve = json.loads((ve_dir / "curve.json").read_text())
     assert {r["phase"] for r in curve} == {1, 2} and curve[-1]["step"] == 24
     assert {"nce", "kl"} <= set(curve[0]) and "ce" in curve[-1]
+
+
+def test_the_estimates_on_a_staged_set_come_from_the_actors_as_from_the_set_in_memory(ve_dir, tmp_path):
+    """IGDS's estimates on its set: InformationTerms (the map UDF) reads the rows from the unit files the sampling
+    actors wrote, and set_estimates on its terms equals estimate() on the images held in memory."""
+    from raydd.generate import StagedSet, save_unit
+    from raydd.objectives.information import InformationTerms, set_estimates
+
+    images = torch.randint(0, 256, (30, 1, 16, 16), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    for u in range(3):                                                       # three unit files of 10 rows
+        save_unit(tmp_path, {"unit": np.full(10, u), "class_idx": np.arange(10), "slot": np.full(10, u),
+                             "score": np.zeros(10, np.float32), "image": images[10 * u:10 * u + 10].numpy()})
+    staged = StagedSet.read(tmp_path, np.arange(3))
+    udf = InformationTerms(str(ve_dir), num_classes=10, batch=4)
+    terms = udf({"class_idx": staged.labels.numpy(), **staged.image_columns()})
+    assert "image" not in terms and terms["p"].shape == (30, 10)
+    got = set_estimates(*(torch.from_numpy(terms[k]) for k in ("p", "log_p_y", "kl")), staged.labels)
+    want = estimate(load_ve(ve_dir, num_classes=10)[0], Split(staged.images, staged.labels))
+    assert got == pytest.approx(want, rel=1e-5, abs=1e-6) and got["n"] == 30
 
 
 def test_missing_or_wrong_ve_checkpoint_is_a_clear_error(digits_cfg, spec, ve_dir, tmp_path):

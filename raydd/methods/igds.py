@@ -24,11 +24,12 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+import torch
+
 from raydd.config import ConfigError
-from raydd.data import Split
 from raydd.methods import register_method
-from raydd.objectives.information import (VE_CURVE, estimate, load_ve, make_guidance, ve_config, ve_files,
-                                          ve_train_loop)
+from raydd.objectives.information import (VE_CURVE, InformationTerms, load_ve, make_guidance, set_estimates, ve_config,
+                                          ve_files, ve_train_loop)
 from raydd.sampling import warn_guidance_scheduler
 
 SMOKE_VE = {"steps": 30, "cls_steps": 20, "batch": 32}   # --smoke: the same job, a few steps
@@ -130,9 +131,11 @@ def run(ctx, cfg: Config):
     distilled = ctx.generate(rows, factory)
     seconds = time.time() - t0
 
-    # 2. the estimates on what we made (same VE, same definitions as on real data)
-    ve, _ = load_ve(ve_path, num_classes=ctx.data.num_classes)
-    est = estimate(ve, Split(distilled.images, distilled.labels))
+    # 2. the estimates on what we made (same VE, same definitions as on real data), its images read on the actors
+    terms = ctx.map_rows(InformationTerms, dict(ve_path=str(ve_path), num_classes=ctx.data.num_classes,
+                                                **ctx.actor_resources()),
+                         {"class_idx": distilled.labels.numpy(), **distilled.image_columns()})
+    est = set_estimates(*(torch.from_numpy(terms[k]) for k in ("p", "log_p_y", "kl")), distilled.labels)
     ctx.log_metrics({"igds/beta": beta, "igds/eta": cfg.eta, "guidance_s_per_image": seconds / len(distilled),
                      **{f"ve/{k}_distilled": v for k, v in est.items() if k != "n"}})
     ctx.tracker.log_dict({"beta": beta, "window": list(window), "config": asdict(cfg), "estimates_distilled": est,

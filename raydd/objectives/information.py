@@ -37,6 +37,7 @@ import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -117,16 +118,46 @@ def estimate(ve: VariationalEstimator, split, batch: int = 256, device: str | to
     from raydd.protocols import to_float
 
     ve = ve.eval().to(device)
-    p, log_p_y, kl, labels = [], [], [], []
-    for xb, yb in split.ordered(batch):
-        t = information_terms(ve, to_float(xb).to(device), yb.to(device))
-        p.append(t["p"].cpu()), log_p_y.append(t["log_p_y"].cpu()), kl.append(t["kl"].cpu()), labels.append(yb)
-    p, log_p_y, kl, labels = torch.cat(p), torch.cat(log_p_y), torch.cat(kl), torch.cat(labels)
+    terms = [dict(information_terms(ve, to_float(xb).to(device), yb.to(device)), labels=yb)
+             for xb, yb in split.ordered(batch)]
+    return set_estimates(*(torch.cat([t[k].cpu() for t in terms]) for k in ("p", "log_p_y", "kl", "labels")))
+
+
+def set_estimates(p: torch.Tensor, log_p_y: torch.Tensor, kl: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:
+    """The estimates on a set from the per-sample terms of all its images (information_terms): p [N,C], log_p_y [N],
+    kl [N], labels [N]. Î(X;Y) = H(Ŷ) + E log P(ŷ=y|x) with H(Ŷ) the entropy of the mean prediction p̄."""
     p_bar = p.mean(0)
     h_yhat = float(-(p_bar * p_bar.clamp_min(1e-12).log()).sum())                      # H(Ŷ)
     return {"I_XY": h_yhat + float(log_p_y.mean()), "H_X_given_Y": float(kl.mean()), "H_Yhat": h_yhat,
             "log_p_y": float(log_p_y.mean()), "acc": float((p.argmax(1) == labels).float().mean()),
             "n": len(labels)}
+
+
+class InformationTerms:
+    """ctx.map UDF: rows {"class_idx", "image" uint8 [N,C,H,W] (or a StagedSet's "unit_file"/"pos"), ...} -> the same
+    rows plus the VE's per-sample terms "p" [N,C], "log_p_y" [N], "kl" [N] (information_terms). IGDS's estimates on
+    its set come from these (set_estimates): the images are read on the actors, not by the driver."""
+
+    def __init__(self, ve_path: str, num_classes: int, gpus: float = 0.0, threads: int = 0, batch: int = 256):
+        from raydd.generate import pick_device
+
+        if threads > 0:
+            torch.set_num_threads(threads)
+        self.device = pick_device(gpus)
+        self.ve, _ = load_ve(ve_path, num_classes=num_classes, device=self.device)
+        self.batch = batch
+
+    @torch.no_grad()
+    def __call__(self, rows: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        from raydd.generate import images_of
+        from raydd.protocols import to_float
+
+        x = torch.from_numpy(images_of(rows))                                             # uint8 [N,C,H,W]
+        y = torch.from_numpy(np.asarray(rows["class_idx"], dtype=np.int64))
+        terms = [information_terms(self.ve, to_float(xb).to(self.device), yb.to(self.device))
+                 for xb, yb in zip(x.split(self.batch), y.split(self.batch))]
+        out = {k: torch.cat([t[k] for t in terms]).float().cpu().numpy() for k in ("p", "log_p_y", "kl")}
+        return {**{k: v for k, v in rows.items() if k != "image"}, **out}
 
 
 # --------------------------------------------------------------------------------------------
