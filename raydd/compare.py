@@ -351,8 +351,9 @@ def grid_inputs(cfg, results: list[dict]):
     from raydd.outputs import read_distilled
 
     top = max(r["ipc"] for r in results)
-    sets = {r["method"]: read_distilled(r["output_dir"]) for r in results if r["ipc"] == top and r["seed"] == 0}
     data = load_data(cfg)
+    shown = dict(classes=list(range(min(10, data.num_classes))), per_class=min(top, 4))   # what grid_figure shows
+    sets = {r["method"]: read_distilled(r["output_dir"], **shown) for r in results if r["ipc"] == top and r["seed"] == 0}
     real = random_subset(data.part("train"), min(top, 4), seed=0)
     return sets, (real.images, torch.as_tensor(real.labels)), data.class_names
 

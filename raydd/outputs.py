@@ -65,16 +65,20 @@ def write_distilled(ds: DistilledSet | StagedSet, out: str | Path, class_names: 
     return out
 
 
-def read_distilled(out: str | Path) -> DistilledSet:
-    """Read back what write_distilled wrote (canonical (label, slot) order)."""
+def read_distilled(out: str | Path, classes: list[int] | None = None, per_class: int = 0) -> DistilledSet:
+    """Read back what write_distilled wrote (canonical (label, slot) order): every class, or only `classes` (their
+    files alone are read), and of each all rows or the `per_class` lowest slots (a figure's few images of a large
+    set)."""
     root = Path(out) / "parquet"
     if not (Path(out) / "manifest.json").exists():
         raise FileNotFoundError(f"{out} is not a complete distilled set (no manifest.json)")
     imgs, labels, slots, lats, scores = [], [], [], [], []
     for part in sorted(root.glob("class_idx=*"), key=lambda p: int(p.name.split("=")[1])):
         c = int(part.name.split("=")[1])
+        if classes is not None and c not in classes:
+            continue
         t = pq.read_table(part / "part-0.parquet").to_pydict()
-        for k in range(len(t["slot"])):
+        for k in sorted(range(len(t["slot"])), key=lambda k: t["slot"][k])[:per_class or None]:
             imgs.append(np.frombuffer(t["image"][k], np.uint8).reshape(t["image_shape"][k]))
             if "latent" in t and t["latent"][k] is not None:
                 lats.append(np.frombuffer(t["latent"][k], np.float16).reshape(t["latent_shape"][k]))

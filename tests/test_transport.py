@@ -99,3 +99,21 @@ def test_a_staged_set_reads_writes_and_scores_like_the_set_in_memory(staged, tmp
     assert torch.equal(ra.labels, rb.labels) and torch.equal(ra.slots, rb.slots)
     pngs = sorted(p.relative_to(a) for p in (a / "images").rglob("*.png"))
     assert len(pngs) == 10 and all((a / p).read_bytes() == (b / p).read_bytes() for p in pngs)
+
+
+def test_a_figure_reads_only_the_classes_and_slots_it_shows(tmp_path):
+    """compare's grid shows 4 images of 10 classes: read_distilled(classes=, per_class=) returns the lowest slots of
+    those classes only, in canonical order, and opens no other class's file."""
+    from raydd.outputs import read_distilled
+
+    g = torch.Generator().manual_seed(0)
+    labels, slots = torch.arange(3).repeat_interleave(3), torch.tensor([2, 0, 1] * 3)   # slots out of order
+    ds = DistilledSet(torch.randint(0, 256, (9, 1, 4, 4), dtype=torch.uint8, generator=g), labels, slots,
+                      torch.randn(9, 2, 2, 2, generator=g).half(), torch.arange(9).float())
+    out = write_distilled(ds, tmp_path / "set", ["a", "b", "c"])
+    (out / "parquet" / "class_idx=0" / "part-0.parquet").write_bytes(b"not parquet")   # never opened
+    part = read_distilled(out, classes=[1, 2], per_class=2)
+    want = ds.sorted().take(torch.tensor([3, 4, 6, 7]))                              # slots 0, 1 of classes 1, 2
+    assert part.labels.tolist() == [1, 1, 2, 2] and part.slots.tolist() == [0, 1, 0, 1]
+    assert torch.equal(part.images, want.images) and torch.equal(part.latents, want.latents)
+    assert torch.equal(part.scores, want.scores)
