@@ -20,7 +20,7 @@ import socket
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import numpy as np
 import torch
@@ -50,6 +50,12 @@ class DistilledSet:
         return DistilledSet(self.images[idx], self.labels[idx], self.slots[idx],
                             None if self.latents is None else self.latents[idx],
                             None if self.scores is None else self.scores[idx])
+
+    def classes(self) -> Iterator[tuple[int, "DistilledSet"]]:
+        """(label, that class's rows in slot order), in label order."""
+        s = self.sorted()
+        for c in s.labels.unique().tolist():
+            yield c, s.take(torch.nonzero(s.labels == c).flatten())
 
     def image_columns(self) -> dict[str, np.ndarray]:
         """The columns a map UDF reads this set's images from (raydd.generate.images_of): the images themselves."""
@@ -150,6 +156,27 @@ class StagedSet:
         return DistilledSet(torch.from_numpy(cols["image"]), self.labels[idx], self.slots[idx],
                             torch.from_numpy(cols["latent"]) if "latent" in cols else None,
                             None if self.scores is None else self.scores[idx])
+
+    def classes(self) -> Iterator[tuple[int, DistilledSet]]:
+        """(label, that class's rows in slot order), in label order, reading every unit file once: a unit holds
+        consecutive classes' rows, so a file is kept only until the last class with rows in it is out (the driver
+        holds about a unit and a class, not the set)."""
+        s = self.sorted()
+        labels = s.labels.numpy()
+        last = {u: k for k, u in enumerate(s.units.tolist())}                # unit -> its last row in s
+        held: dict[int, dict[str, np.ndarray]] = {}
+        for c in np.unique(labels).tolist():
+            rows = np.flatnonzero(labels == c)
+            for u in np.unique(s.units[rows]).tolist():
+                if u not in held:
+                    with np.load(f"{s.stage}/unit-{u}.npz", allow_pickle=False) as z:
+                        held[u] = {k: z[k] for k in HEAVY if k in z.files}
+            cols = {k: np.stack([held[u][k][p] for u, p in zip(s.units[rows].tolist(), s.pos[rows].tolist())])
+                    for k in held[int(s.units[rows[0]])]}
+            yield c, DistilledSet(torch.from_numpy(cols["image"]), s.labels[rows], s.slots[rows],
+                                  torch.from_numpy(cols["latent"]) if "latent" in cols else None,
+                                  None if s.scores is None else s.scores[rows])
+            held = {u: v for u, v in held.items() if last[u] > rows[-1]}
 
     @property
     def images(self) -> torch.Tensor:

@@ -29,14 +29,13 @@ def to_pil(img: np.ndarray) -> Image.Image:
 
 def write_distilled(ds: DistilledSet | StagedSet, out: str | Path, class_names: list[str],
                     extra: dict | None = None) -> Path:
-    """A class at a time: of a StagedSet, only one class's images are in memory at once."""
+    """A class at a time (`classes()`): of a StagedSet, one class's images and the unit files they are in are held,
+    and every unit file is read once."""
     out = Path(out)
     tmp = out.parent / f"{out.name}.partial-{os.getpid()}"
     if tmp.exists():
         shutil.rmtree(tmp)
-    ds = ds.sorted()
-    for c in ds.labels.unique().tolist():
-        part = ds.take(torch.nonzero(ds.labels == c).flatten())        # this class's rows, in slot order
+    for c, part in ds.classes():                                       # this class's rows, in slot order
         images = part.images.numpy()
         cols = {
             "slot": pa.array(part.slots.numpy()),

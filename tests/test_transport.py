@@ -92,7 +92,16 @@ def test_a_staged_set_reads_writes_and_scores_like_the_set_in_memory(staged, tmp
     with np.load(tmp_path / "map" / "unit-0.npz") as z:
         assert np.array_equal(z["unit_file"], cols["unit_file"]) and np.array_equal(z["pos"], cols["pos"])
     assert s.latent_std() == pytest.approx(memory.latent_std(), rel=1e-6)
-    a = write_distilled(s, tmp_path / "from_stage", [str(c) for c in range(10)])
+    opened, load = [], np.load
+
+    def counted_load(f, *args, **kwargs):
+        opened.append(str(f))
+        return load(f, *args, **kwargs)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(np, "load", counted_load)
+        a = write_distilled(s, tmp_path / "from_stage", [str(c) for c in range(10)])
+    assert sorted(opened) == sorted(s.files(np.array([0, 5])))       # a class at a time, each unit file read once
     b = write_distilled(memory, tmp_path / "from_memory", [str(c) for c in range(10)])
     ra, rb = read_distilled(a), read_distilled(b)
     assert torch.equal(ra.images, rb.images) and torch.equal(ra.latents, rb.latents)
