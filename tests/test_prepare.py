@@ -260,7 +260,8 @@ def test_with_a_store_the_dit_trainings_the_igds_estimator_and_lgds_theta_stream
     """#20 item 2: the tiny VAE and tiny DiT (raydd.distill.ensure_backbone), RSM+CGS's and IMS3's DiT fine-tune
     (raydd.finetune.finetune_loop) and IGDS's variational estimator take the real splits as Ray Datasets
     (ctx.train_cached(reads=...)), and so does LGD's θ_{i−1} (ctx.set_classifier) for its accuracy on the eval
-    split: no worker holds them, and the driver reads none. Without a store the same jobs hold them."""
+    split: no worker holds them, and the driver reads none. (Without a store the same jobs hold them: the digits
+    tests run them so, and the no-store pass here cost half of this test's ~7 minutes.)"""
     from raydd.distill import ensure_backbone
     from raydd.backbone import save_transformer, tiny_dit
     from raydd.context import Context
@@ -276,34 +277,33 @@ def test_with_a_store_the_dit_trainings_the_igds_estimator_and_lgds_theta_stream
     dit = tmp_path / "dit" / "transformer"
     save_transformer(tiny_dit(2, 3, 16, hidden_size=32, depth=1, heads=2, patch_size=4), str(dit))
     ve = igds.Config(ve_steps=3, ve_cls_steps=2, ve_batch=8, ve_queue=16, ve_width=8, ve_embed_dim=16)
-    for store in (str(tmp_path / "store"), ""):
-        cfg = cfg_for(root, store, "backbone.vae=identity", f"backbone.source={dit}", f"cache_dir={tmp_path}/c{store[-5:]}")
-        data = load_data(cfg) if store else load_real(cfg.data)
-        init_ray(cfg.compute)
-        spec = BackboneSpec(cfg.backbone, num_classes=2, channels=3, image_size=16, class_ids=[0, 1])
-        runner = RayRunner(cfg, tmp_path / f"scratch{store[-5:]}")
-        ctx = Context(cfg, data, spec, runner=runner)
-        tiny = dataclasses.replace(cfg, backbone=dataclasses.replace(
-            cfg.backbone, source="tiny", vae="tiny", train_steps=3, train_batch=8, vae_train_steps=3, hidden_size=32,
-            depth=1, heads=2, patch_size=2))
-        made = ensure_backbone(tiny, data, runner)                           # VAE, then the DiT on its latents
-        trained = [Path(made.cfg.vae).parent, Path(made.cfg.source).parent]
-        assert json.loads((trained[0] / "metrics.json").read_text())["scaling_factor"] > 0
-        tuned = rsm_cgs.rsm_finetune(ctx, rsm_cgs.Config(ft_steps=3, ft_batch=4))
-        history = json.loads(Path(tuned.cfg.source).parent.joinpath("history.json").read_text())
-        assert len(history) == 3 and all(np.isfinite(r["loss"]) for r in history)
-        ve_dir = igds.ensure_ve(ctx, ve)
-        _, meta = load_ve(ve_dir, num_classes=2, channels=3)
-        assert meta["estimates"]["train"]["n"] == 20 and meta["estimates"]["val"]["n"] == 4
-        for entry in (*trained, Path(tuned.cfg.source).parent, ve_dir):
-            assert json.loads((entry / "metrics.json").read_text())["streamed"] is bool(store)
-        images = torch.randint(0, 256, (4, 3, 16, 16), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
-        set_dir = write_distilled(DistilledSet(images, torch.tensor([0, 0, 1, 1]), torch.tensor([0, 1, 0, 1])),
-                                  tmp_path / f"set{store[-5:]}", WNIDS)
-        _, fit = ctx.set_classifier(set_dir, "convnet_d1", 1, tmp_path / f"theta{store[-5:]}.safetensors", evaluate=True)
-        assert fit["eval_streamed"] is bool(store) and 0.0 <= fit["eval_acc"] <= 1.0
-        if store:
-            assert data.describe() == "splits read when used (so far: none)"
+    cfg = cfg_for(root, str(tmp_path / "store"), "backbone.vae=identity", f"backbone.source={dit}",
+                  f"cache_dir={tmp_path / 'cache'}")
+    data = load_data(cfg)
+    init_ray(cfg.compute)
+    spec = BackboneSpec(cfg.backbone, num_classes=2, channels=3, image_size=16, class_ids=[0, 1])
+    runner = RayRunner(cfg, tmp_path / "scratch")
+    ctx = Context(cfg, data, spec, runner=runner)
+    tiny = dataclasses.replace(cfg, backbone=dataclasses.replace(
+        cfg.backbone, source="tiny", vae="tiny", train_steps=3, train_batch=8, vae_train_steps=3, hidden_size=32,
+        depth=1, heads=2, patch_size=2))
+    made = ensure_backbone(tiny, data, runner)                               # VAE, then the DiT on its latents
+    trained = [Path(made.cfg.vae).parent, Path(made.cfg.source).parent]
+    assert json.loads((trained[0] / "metrics.json").read_text())["scaling_factor"] > 0
+    tuned = rsm_cgs.rsm_finetune(ctx, rsm_cgs.Config(ft_steps=3, ft_batch=4))
+    history = json.loads(Path(tuned.cfg.source).parent.joinpath("history.json").read_text())
+    assert len(history) == 3 and all(np.isfinite(r["loss"]) for r in history)
+    ve_dir = igds.ensure_ve(ctx, ve)
+    _, meta = load_ve(ve_dir, num_classes=2, channels=3)
+    assert meta["estimates"]["train"]["n"] == 20 and meta["estimates"]["val"]["n"] == 4
+    for entry in (*trained, Path(tuned.cfg.source).parent, ve_dir):
+        assert json.loads((entry / "metrics.json").read_text())["streamed"] is True
+    images = torch.randint(0, 256, (4, 3, 16, 16), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    set_dir = write_distilled(DistilledSet(images, torch.tensor([0, 0, 1, 1]), torch.tensor([0, 1, 0, 1])),
+                              tmp_path / "set", WNIDS)
+    _, fit = ctx.set_classifier(set_dir, "convnet_d1", 1, tmp_path / "theta.safetensors", evaluate=True)
+    assert fit["eval_streamed"] is True and 0.0 <= fit["eval_acc"] <= 1.0
+    assert data.describe() == "splits read when used (so far: none)"
 
 
 @pytest.mark.slow
