@@ -25,7 +25,7 @@ def test_stage_key_counts_arrays_by_content_not_by_their_repr():
 
 
 @pytest.mark.ray
-def test_a_second_run_reuses_the_first_runs_samples(digits_cfg, spec, tmp_path, capsys):
+def test_a_second_run_reuses_the_first_runs_samples(digits_cfg, spec, tmp_path, capsys, monkeypatch):
     import ray
 
     from raydd.distributed.cluster import init_ray
@@ -39,9 +39,13 @@ def test_a_second_run_reuses_the_first_runs_samples(digits_cfg, spec, tmp_path, 
         stages = tmp_path / "cache" / "stages"
         first = generate_ray(spec, sampler, rows, ComputeConfig(batch_size=10), scratch=tmp_path / "run1", stages=stages)
         capsys.readouterr()
+        read, getitem = [], np.lib.npyio.NpzFile.__getitem__
+        monkeypatch.setattr(np.lib.npyio.NpzFile, "__getitem__", lambda z, k: read.append(k) or getitem(z, k))
         second = generate_ray(spec, sampler, rows, ComputeConfig(batch_size=10), scratch=tmp_path / "run2",
                               stages=stages)
+        monkeypatch.undo()
         assert "2 unit(s) already done, 0 to go" in capsys.readouterr().out
+        assert read and not {"image", "latent"} & set(read)      # a reused stage: the driver reads no image
         assert isinstance(first, StagedSet) and len(first.files()) == 20   # the images stay in the unit files
         assert torch.equal(first.images, second.images) and torch.equal(first.latents, second.latents)
         other = generate_ray(spec, dataclasses.replace(sampler, cfg_scale=1.5), rows, ComputeConfig(batch_size=10),

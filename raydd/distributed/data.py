@@ -67,14 +67,17 @@ def map_ray(udf: type, udf_kwargs: dict, columns: dict[str, np.ndarray], compute
 
 def _map_units(udf: type, udf_kwargs: dict, columns: dict[str, np.ndarray], compute: ComputeConfig,
                stage_dir: Path | None, fail_driver_after: int, light: bool) -> dict[str, np.ndarray]:
+    def wanted(key: str) -> bool:
+        return not (light and key in HEAVY)
+
     def kept(cols) -> dict[str, np.ndarray]:
-        return {k: v for k, v in cols.items() if not (light and k in HEAVY)}
+        return {k: v for k, v in cols.items() if wanted(k)}
 
     done: list[dict[str, np.ndarray]] = []
     if stage_dir is not None:
         for f in sorted(stage_dir.glob("unit-*.npz")):
-            with np.load(f, allow_pickle=False) as z:                   # members load one by one
-                done.append(kept({k: z[k] for k in z.files}))
+            with np.load(f, allow_pickle=False) as z:                   # members load one by one, only those kept
+                done.append({k: z[k] for k in z.files if wanted(k)})
     finished = {int(u) for d in done for u in np.unique(d["unit"])}
     todo = ~np.isin(columns["unit"], list(finished))
     if finished:
