@@ -93,6 +93,9 @@ class SamplerConfig:
                                    #   one more forward; results unchanged)
 
 
+STAGE_SCHEMES = ("file", "s3", "gs", "gcs", "hdfs", "abfs", "abfss")   # pyarrow's filesystems
+
+
 @dataclass
 class ComputeConfig:
     ray_address: str = ""          # "" = start a local Ray (or join RAY_ADDRESS if set)
@@ -112,6 +115,9 @@ class ComputeConfig:
     precision: str = "fp32"        # "fp32" | "bf16": the backbone under bf16 autocast (CUDA; CPUs with native bf16)
     share_stages: bool = True      # generation stages shared across runs by content (the cache's stages/);
                                    #   false: kept in the run's own work dir only
+    stages: str = ""               # where shared stages live: "" = <cache_dir>/stages, a path on the driver's machine
+                                   #   (actors elsewhere send their units to the driver), or a pyarrow URI every node
+                                   #   reaches (s3://..., gs://..., file:///shared/...): every actor writes its units
 
 
 @dataclass
@@ -260,7 +266,7 @@ def load_config(preset: str = "digits", overrides: list[str] | None = None, smok
         apply_dict(cfg, read_preset(cfg.eval.recipe, RECIPE_DIR))
         for item in overrides or []:
             set_key(cfg, *parse_override(item))
-    for key in ("data.root", "data.store"):   # local paths absolute: Ray's workers run in other directories
+    for key in ("data.root", "data.store", "compute.stages"):   # local paths absolute: Ray's workers run elsewhere
         value = get_key(cfg, key)
         if value and "://" not in value:
             set_key(cfg, key, str(Path(value).expanduser().resolve()))
@@ -386,6 +392,10 @@ def validate(cfg: Config) -> None:
         (cfg.compute.num_actors >= 1, f"compute.num_actors={cfg.compute.num_actors} must be >= 1"),
         (cfg.compute.batch_size >= 1, f"compute.batch_size={cfg.compute.batch_size} must be >= 1"),
         (cfg.compute.train_workers >= 1, "compute.train_workers must be >= 1"),
+        (not cfg.compute.stages or cfg.compute.share_stages,
+         "compute.stages is where shared stages live; with compute.share_stages=false none are shared (unset one)"),
+        ("://" not in cfg.compute.stages or cfg.compute.stages.split("://")[0] in STAGE_SCHEMES,
+         f"compute.stages={cfg.compute.stages!r}: allowed: a path, or a URI of {', '.join(STAGE_SCHEMES)}"),
         (min(cfg.compute.cpus_per_actor, cfg.compute.gpus_per_actor, cfg.compute.cpus_per_worker,
              cfg.compute.gpus_per_worker, cfg.compute.memory_per_actor_gib, cfg.compute.memory_per_worker_gib) >= 0,
          "compute.cpus_per_actor, gpus_per_actor, memory_per_actor_gib, cpus_per_worker, gpus_per_worker and "

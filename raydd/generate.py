@@ -15,7 +15,12 @@ fetch what they keep.
 """
 from __future__ import annotations
 
+import contextlib
+import functools
+import io
 import os
+import posixpath
+import re
 import socket
 import warnings
 from dataclasses import dataclass, field
@@ -23,10 +28,11 @@ from pathlib import Path
 from typing import Any, Callable, Iterator
 
 import numpy as np
+import pyarrow.fs as pafs
 import torch
 
 from raydd.config import BackboneConfig, SamplerConfig
-from raydd.data import DataError
+from raydd.data import DataError, store_filesystem
 from raydd.sampling import Guidance, sample, sample_seed, to_uint8
 
 
@@ -68,14 +74,45 @@ class DistilledSet:
 HEAVY = ("image", "latent")   # the columns a unit file keeps and a staged stage does not send to the driver
 
 
+# --- unit files: <stage>/unit-<u>.npz, the stage a path or a pyarrow URI (file://, s3://, gs://, ...) ------------
+@functools.lru_cache(maxsize=32)
+def stage_filesystem(stage: str):
+    """(pyarrow FileSystem, the stage's path on it), made once per stage and process: one S3 client, not one a file."""
+    return store_filesystem(stage)
+
+
+def unit_file(stage: str | Path, u: int) -> str:
+    return f"{stage}/unit-{int(u)}.npz"
+
+
+@contextlib.contextmanager
+def open_unit(file: str):
+    """np.load of a unit file, wherever its stage is (members load one by one, when read)."""
+    fs, root = stage_filesystem(posixpath.dirname(str(file)))
+    with fs.open_input_file(f"{root}/{posixpath.basename(str(file))}") as fh, np.load(fh, allow_pickle=False) as z:
+        yield z
+
+
+def stage_units(stage: str) -> list[int]:
+    """The units whose files a stage holds (whole files only: temp files are hidden); none if it does not exist."""
+    fs, root = stage_filesystem(str(stage))
+    names = [i.base_name for i in fs.get_file_info(pafs.FileSelector(root, allow_not_found=True))]
+    return sorted(int(m.group(1)) for m in map(re.compile(r"unit-(\d+)\.npz").fullmatch, names) if m)
+
+
 def save_unit(stage_dir: str | Path, cols: dict[str, np.ndarray]) -> None:
-    """One unit's columns -> <stage_dir>/unit-<u>.npz, atomically (a temp name, then a rename): a file that exists
-    is whole, and a unit that is run twice (a retried task) writes the same bytes. Column names are np.savez's
-    keywords: "file" and "allow_pickle" cannot be columns."""
+    """One unit's columns -> <stage_dir>/unit-<u>.npz, atomically (a temp name, then a rename; on an object store
+    the object appears whole): a file that exists is whole, and a unit that is run twice (a retried task) writes the
+    same bytes. Column names are np.savez's keywords: "file" and "allow_pickle" cannot be columns."""
     u = int(cols["unit"][0])
-    tmp = Path(stage_dir) / f".unit-{u}.{os.getpid()}.tmp.npz"          # hidden: "unit-*.npz" lists whole files
-    np.savez(tmp, **cols)
-    os.replace(tmp, Path(stage_dir) / f"unit-{u}.npz")
+    fs, root = stage_filesystem(str(stage_dir))
+    buf = io.BytesIO()
+    np.savez(buf, **cols)
+    tmp = f"{root}/.unit-{u}.{os.getpid()}.tmp.npz"                     # hidden: stage_units lists whole files
+    fs.create_dir(root, recursive=True)
+    with fs.open_output_stream(tmp) as f:
+        f.write(buf.getbuffer())
+    fs.move(tmp, f"{root}/unit-{u}.npz")
 
 
 def read_rows(files: np.ndarray, pos: np.ndarray, keys: tuple[str, ...], like: str = "") -> dict[str, np.ndarray]:
@@ -86,7 +123,7 @@ def read_rows(files: np.ndarray, pos: np.ndarray, keys: tuple[str, ...], like: s
     out: dict[str, np.ndarray] = {}
     for f in np.unique(files) if len(files) else [like] * bool(like):
         m = files == f
-        with np.load(f, allow_pickle=False) as z:
+        with open_unit(f) as z:
             for key in set(keys) & set(z.files):
                 part = z[key][pos[m]]
                 if key not in out:
@@ -120,7 +157,7 @@ class StagedSet:
         """The light columns of the units' files, in canonical (label, slot) order."""
         unit, pos, labels, slots, scores = [], [], [], [], []
         for u in units:
-            with np.load(Path(stage_dir) / f"unit-{int(u)}.npz", allow_pickle=False) as z:   # the images stay unread
+            with open_unit(unit_file(stage_dir, u)) as z:                    # the images stay unread
                 labels.append(z["class_idx"])
                 slots.append(z["slot"])
                 scores.append(z["score"])
@@ -137,7 +174,7 @@ class StagedSet:
     def files(self, idx: np.ndarray | slice = slice(None)) -> np.ndarray:
         """str [N]: the unit file of each row (of rows idx)."""
         units = self.units[idx]
-        return np.array([f"{self.stage}/unit-{u}.npz" for u in units.tolist()])
+        return np.array([unit_file(self.stage, u) for u in units.tolist()])
 
     def sorted(self) -> "StagedSet":
         order = np.lexsort((self.slots.numpy(), self.labels.numpy()))
@@ -146,7 +183,7 @@ class StagedSet:
 
     def read_columns(self, idx: np.ndarray | slice, keys: tuple[str, ...]) -> dict[str, np.ndarray]:
         """Columns `keys` of rows idx, from their unit files (raydd.generate.read_rows)."""
-        like = f"{self.stage}/unit-{self.units[0]}.npz" if len(self.units) else ""
+        like = unit_file(self.stage, self.units[0]) if len(self.units) else ""
         return read_rows(self.files(idx), self.pos[idx], keys, like=like)
 
     def take(self, idx: torch.Tensor) -> DistilledSet:
@@ -169,7 +206,7 @@ class StagedSet:
             rows = np.flatnonzero(labels == c)
             for u in np.unique(s.units[rows]).tolist():
                 if u not in held:
-                    with np.load(f"{s.stage}/unit-{u}.npz", allow_pickle=False) as z:
+                    with open_unit(unit_file(s.stage, u)) as z:
                         held[u] = {k: z[k] for k in HEAVY if k in z.files}
             cols = {k: np.stack([held[u][k][p] for u, p in zip(s.units[rows].tolist(), s.pos[rows].tolist())])
                     for k in held[int(s.units[rows[0]])]}
@@ -195,7 +232,7 @@ class StagedSet:
         """std of every latent value (as torch.std: n - 1), a unit file at a time."""
         n = total = sq = 0.0
         for u in np.unique(self.units):
-            with np.load(f"{self.stage}/unit-{u}.npz", allow_pickle=False) as z:
+            with open_unit(unit_file(self.stage, u)) as z:
                 if "latent" not in z.files:
                     return None
                 lat = z["latent"][self.pos[self.units == u]].astype(np.float64)
@@ -275,10 +312,11 @@ class SampleBatches:
     def __init__(self, spec: BackboneSpec, sampler: SamplerConfig, guidance_factory: GuidanceFactory | None = None,
                  gpus: float = 0.0, threads: int = 0, precision: str = "fp32",
                  post_step_factory: PostStepFactory | None = None, stage_dir: str = "", stage_host: str = ""):
-        """stage_dir: write each finished unit there and return its light columns only, when this actor runs on
-        stage_host (the driver's machine, which reads the files; a plain path is not shared between machines).
-        Elsewhere the unit's columns go back whole and the driver writes them."""
-        self.stage_dir = stage_dir if stage_dir and stage_host == socket.gethostname() else ""
+        """stage_dir: write each finished unit there and return its light columns only, when the stage is a URI
+        (every node reaches it) or this actor runs on stage_host (the driver's machine: a plain path is not shared
+        between machines). Elsewhere the unit's columns go back whole and the driver writes them."""
+        mine = "://" in stage_dir or stage_host == socket.gethostname()
+        self.stage_dir = stage_dir if stage_dir and mine else ""
         if threads > 0:
             torch.set_num_threads(threads)
         self.device = pick_device(gpus)

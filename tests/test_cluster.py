@@ -15,21 +15,30 @@ from test_prepare import WNIDS, make_folder          # tests/ is on sys.path (ro
 pytestmark = [pytest.mark.slow, pytest.mark.ray]
 
 
-def test_a_distillation_and_its_evaluation_on_two_nodes_with_the_store_on_a_uri(tmp_path):
+def test_a_distillation_and_its_evaluation_on_two_nodes_with_the_store_and_stages_on_uris(tmp_path):
+    """A `dit` distillation (a random tiny DiT over ImageNet's 1000 class ids, saved in the diffusers format) with
+    the real-data store and the generation stages on file:// URIs: the sampling actors write their units to the
+    stage URI, on whichever node they run."""
     import ray
     from ray.cluster_utils import Cluster
 
+    from raydd.backbone import save_transformer, tiny_dit
+
     ray.shutdown()
     root = make_folder(tmp_path / "folder", per_class=(12, 3))
+    dit = tmp_path / "dit" / "transformer"
+    save_transformer(tiny_dit(1000, 3, 16, hidden_size=32, depth=1, heads=2, patch_size=4), str(dit))
     cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "include_dashboard": False})
     cluster.add_node(num_cpus=1)
     cluster.wait_for_nodes()
     try:
         env = dict(os.environ, RAYDD_CACHE=str(tmp_path / "cache"), MLFLOW_TRACKING_URI=f"sqlite:///{tmp_path / 'mlflow.db'}")
         env.pop("RAY_ADDRESS", None)
-        cmd = [sys.executable, "-m", "raydd.distill", "--method", "random", "data.dataset=imagefolder",
+        cmd = [sys.executable, "-m", "raydd.distill", "--method", "dit", "data.dataset=imagefolder",
                f"data.root={root}", f"data.classes={','.join(WNIDS)}", "data.image_size=16", "data.channels=3",
                "data.val_fraction=0.2", f"data.store=file://{tmp_path / 'stores'}", f"compute.ray_address={cluster.address}",
+               f"compute.stages=file://{tmp_path / 'stages'}", "compute.num_actors=2", "compute.batch_size=2",
+               f"backbone.source={dit}", "backbone.vae=identity", "sampler.steps=4",
                "ipc=2", "eval.students=[convnet_d1]", "eval.seeds=2", "eval.epochs=2", "eval.teacher_epochs=1",
                "eval.teacher_arch=convnet_d1", f"out_dir={tmp_path / 'outputs'}", "--result-json", str(tmp_path / "r.json")]
         p = subprocess.run(cmd, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=900)
@@ -38,6 +47,8 @@ def test_a_distillation_and_its_evaluation_on_two_nodes_with_the_store_on_a_uri(
     finally:
         cluster.shutdown()
     (manifest,) = (tmp_path / "stores").glob("*/manifest.json")              # prepared on the URI, complete
+    (stage,) = (tmp_path / "stages").glob("generate-*")                     # sampled into the stage URI
+    assert sorted(p.name for p in stage.iterdir()) == ["unit-0.npz", "unit-1.npz"]   # 2 classes x IPC 2, by 2
     assert json.loads(manifest.read_text())["counts"] == {"train": [12, 12], "val": [3, 3]}
     run_id = json.loads((tmp_path / "r.json").read_text())["run_id"]
     mlflow.set_tracking_uri(env["MLFLOW_TRACKING_URI"])

@@ -34,10 +34,19 @@ def test_smoke_section_and_overrides_win():
     ("compute.cpus_per_actor=-1", "gpus_per_worker and memory_per_worker_gib must be >= 0"),
     ("compute.memory_per_actor_gib=-1", "memory_per_actor_gib, cpus_per_worker"),
     ("eval.real_acc={resnet18: 87.1}", "accuracies are fractions in [0, 1]"),
+    ("compute.stages=ftp://host/stages", "allowed: a path, or a URI of file, s3, gs"),
 ])
 def test_bad_overrides_name_the_problem(override, expected):
     with pytest.raises(ConfigError, match=expected.replace("(", r"\(").replace("[", r"\[")):
         load_config("digits", [override])
+
+
+def test_a_stage_location_needs_shared_stages_and_a_path_is_made_absolute(tmp_path, monkeypatch):
+    with pytest.raises(ConfigError, match="with compute.share_stages=false none are shared"):
+        load_config("digits", ["compute.stages=s3://bucket/stages", "compute.share_stages=false"])
+    monkeypatch.chdir(tmp_path)
+    assert load_config("digits", ["compute.stages=stages"]).compute.stages == str(tmp_path / "stages")
+    assert load_config("digits", ["compute.stages=s3://bucket/stages"]).compute.stages == "s3://bucket/stages"
 
 
 def test_unknown_preset_lists_allowed():

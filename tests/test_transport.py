@@ -92,14 +92,16 @@ def test_a_staged_set_reads_writes_and_scores_like_the_set_in_memory(staged, tmp
     with np.load(tmp_path / "map" / "unit-0.npz") as z:
         assert np.array_equal(z["unit_file"], cols["unit_file"]) and np.array_equal(z["pos"], cols["pos"])
     assert s.latent_std() == pytest.approx(memory.latent_std(), rel=1e-6)
-    opened, load = [], np.load
+    import raydd.generate
 
-    def counted_load(f, *args, **kwargs):
+    opened, open_unit = [], raydd.generate.open_unit
+
+    def counted_open(f):
         opened.append(str(f))
-        return load(f, *args, **kwargs)
+        return open_unit(f)
 
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(np, "load", counted_load)
+        mp.setattr(raydd.generate, "open_unit", counted_open)
         a = write_distilled(s, tmp_path / "from_stage", [str(c) for c in range(10)])
     assert sorted(opened) == sorted(s.files(np.array([0, 5])))       # a class at a time, each unit file read once
     b = write_distilled(memory, tmp_path / "from_memory", [str(c) for c in range(10)])
@@ -126,3 +128,25 @@ def test_a_figure_reads_only_the_classes_and_slots_it_shows(tmp_path):
     assert part.labels.tolist() == [1, 1, 2, 2] and part.slots.tolist() == [0, 1, 0, 1]
     assert torch.equal(part.images, want.images) and torch.equal(part.latents, want.latents)
     assert torch.equal(part.scores, want.scores)
+
+
+def test_a_stage_on_a_uri_is_written_by_actors_on_any_machine_and_reads_as_on_a_path(spec, digits_cfg, tmp_path):
+    """compute.stages as a pyarrow URI (file:// here; s3://, gs:// on clusters): every node reaches it, so an actor
+    on another machine than the driver's writes its units there too, and the staged set reads, writes and resumes
+    from it as from a local path."""
+    import dataclasses
+
+    from raydd.generate import SampleBatches, StagedSet, generate_local, make_rows, stage_units
+    from raydd.outputs import read_distilled
+
+    sampler = dataclasses.replace(digits_cfg.sampler, steps=2)
+    rows = make_rows(num_classes=10, per_class=1, run_seed=4, unit_size=5)
+    uri = f"file://{tmp_path}/stages/generate-x"
+    light = SampleBatches(spec, sampler, stage_dir=uri, stage_host="another-machine")(rows)
+    assert "image" not in light and stage_units(uri) == [0, 1]
+    assert sorted(p.name for p in (tmp_path / "stages" / "generate-x").iterdir()) == ["unit-0.npz", "unit-1.npz"]
+    s, memory = StagedSet.read(uri, np.array([0, 1])), generate_local(spec, sampler, rows)
+    assert s.files()[0].startswith("file://") and torch.equal(s.images, memory.images)
+    assert torch.equal(s.take(torch.tensor([3, 8])).latents, memory.latents[[3, 8]])
+    back = read_distilled(write_distilled(s, tmp_path / "out", [str(c) for c in range(10)]))
+    assert torch.equal(back.images, memory.images) and s.latent_std() == pytest.approx(memory.latent_std(), rel=1e-6)

@@ -7,19 +7,22 @@ output does not depend on how many actors ran (checked by tests/test_determinism
 from __future__ import annotations
 
 import os
+import posixpath
 import socket
+import tempfile
 from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.fs as pafs
 import ray
 from ray.data.extensions import ArrowTensorArray
 
 from raydd.config import ComputeConfig, FaultConfig, SamplerConfig
 from raydd.errors import RayddError
 from raydd.locks import file_lock
-from raydd.generate import (HEAVY, BackboneSpec, DistilledSet, GuidanceFactory, SampleBatches, StagedSet,
-                             rows_to_set, save_unit)
+from raydd.generate import (HEAVY, BackboneSpec, DistilledSet, GuidanceFactory, SampleBatches, StagedSet, open_unit,
+                             rows_to_set, save_unit, stage_filesystem, stage_units, unit_file)
 
 
 class FaultySampleBatches(SampleBatches):
@@ -44,12 +47,12 @@ class FaultySampleBatches(SampleBatches):
 
 
 def map_ray(udf: type, udf_kwargs: dict, columns: dict[str, np.ndarray], compute: ComputeConfig,
-            stage_dir: Path | None = None, fail_driver_after: int = -1, light: bool = False) -> dict[str, np.ndarray]:
+            stage_dir: str | None = None, fail_driver_after: int = -1, light: bool = False) -> dict[str, np.ndarray]:
     """Run a callable class (constructor loads models once per actor; __call__: dict of numpy columns ->
     dict of numpy columns) over `columns` on an actor pool. Rows with the same `unit` form one block,
     so they are always processed together, whatever the number of actors.
 
-    With stage_dir, every finished unit is saved there as it arrives (temp file + rename), and units
+    With stage_dir (a path or a URI), every finished unit is saved there as it arrives (temp file + rename), and units
     already there are not run again: a driver that dies mid-stage resumes where it stopped. A unit the udf wrote
     there itself (SampleBatches with a stage_dir) is not written again. light (with stage_dir): return the columns
     other than raydd.generate.HEAVY only; the images and latents stay in the unit files.
@@ -57,16 +60,19 @@ def map_ray(udf: type, udf_kwargs: dict, columns: dict[str, np.ndarray], compute
     if stage_dir is None:
         return _map_units(udf, udf_kwargs, columns, compute, None, fail_driver_after, light=False)
     # processes that need the same stage at once (sweep trials sharing a pool) take turns: the first samples,
-    # the others wait, then find every unit done (a local file lock: one machine or a shared POSIX file system)
-    stage_dir.mkdir(parents=True, exist_ok=True)
-    with file_lock(stage_dir.with_name(f".{stage_dir.name}.lock"),                 # hidden: globs list stages only
-                   on_wait=lambda: print(f"[raydd] waiting for another process running stage {stage_dir.name} ...",
+    # the others wait, then find every unit done (a local file lock: one machine or a shared POSIX file system;
+    # for a URI stage, the driver machine's temp dir)
+    name = posixpath.basename(stage_dir)
+    home = Path(tempfile.gettempdir()) / "raydd-stage-locks" if "://" in stage_dir else Path(stage_dir).parent
+    home.mkdir(parents=True, exist_ok=True)
+    with file_lock(home / f".{name}.lock",                                          # hidden: globs list stages only
+                   on_wait=lambda: print(f"[raydd] waiting for another process running stage {name} ...",
                                          flush=True)):
         return _map_units(udf, udf_kwargs, columns, compute, stage_dir, fail_driver_after, light)
 
 
 def _map_units(udf: type, udf_kwargs: dict, columns: dict[str, np.ndarray], compute: ComputeConfig,
-               stage_dir: Path | None, fail_driver_after: int, light: bool) -> dict[str, np.ndarray]:
+               stage_dir: str | None, fail_driver_after: int, light: bool) -> dict[str, np.ndarray]:
     def wanted(key: str) -> bool:
         return not (light and key in HEAVY)
 
@@ -75,15 +81,20 @@ def _map_units(udf: type, udf_kwargs: dict, columns: dict[str, np.ndarray], comp
 
     done: list[dict[str, np.ndarray]] = []
     if stage_dir is not None:
-        for f in sorted(stage_dir.glob("unit-*.npz")):
-            with np.load(f, allow_pickle=False) as z:                   # members load one by one, only those kept
+        for u in stage_units(stage_dir):
+            with open_unit(unit_file(stage_dir, u)) as z:               # members load one by one, only those kept
                 done.append({k: z[k] for k in z.files if wanted(k)})
     finished = {int(u) for d in done for u in np.unique(d["unit"])}
     todo = ~np.isin(columns["unit"], list(finished))
     if finished:
-        print(f"[raydd] resuming stage {stage_dir.name}: {len(finished)} unit(s) already done, "
+        print(f"[raydd] resuming stage {posixpath.basename(stage_dir)}: {len(finished)} unit(s) already done, "
               f"{len(np.unique(columns['unit'][todo]))} to go", flush=True)
     saved = 0
+
+    def written(u: int) -> bool:                                        # the unit's file exists (the actor wrote it)
+        fs, root = stage_filesystem(stage_dir)
+        return fs.get_file_info(f"{root}/unit-{u}.npz").type != pafs.FileType.NotFound
+
     if todo.any():
         def block(m: np.ndarray) -> pa.Table:  # tensors (latents [N,C,H,W]) as Ray's Arrow tensor columns
             return pa.table({k: ArrowTensorArray.from_numpy(v[m]) if v.ndim > 1 else v[m] for k, v in columns.items()})
@@ -107,7 +118,7 @@ def _map_units(udf: type, udf_kwargs: dict, columns: dict[str, np.ndarray], comp
                 done.append(kept(part))
                 if stage_dir is not None:
                     # the driver writes the units it receives whole (the actor wrote the others), part by part
-                    if int(u) in parts or not (stage_dir / f"unit-{int(u)}.npz").exists():
+                    if int(u) in parts or not written(int(u)):
                         parts.setdefault(int(u), []).append(part)
                         save_unit(stage_dir, {k: np.concatenate([p[k] for p in parts[int(u)]]) for k in part})
                     saved += 1
@@ -199,9 +210,11 @@ def generate_ray(spec: BackboneSpec, sampler: SamplerConfig, rows: dict[str, np.
         return rows_to_set(out)
     key = stage_key({k: v.tolist() for k, v in rows.items()}, sampler, spec, guidance_factory, post_step_factory,
                     compute.precision)
-    stage_dir = Path(home).resolve() / f"generate-{key}"
-    # the actors on this machine write their units there; the driver receives (class, slot, seed, unit, score)
-    kwargs.update(stage_dir=str(stage_dir), stage_host=socket.gethostname())
+    home = str(home).rstrip("/") if "://" in str(home) else str(Path(home).resolve())
+    stage_dir = f"{home}/generate-{key}"
+    # the actors on this machine (any, for a URI) write their units there; the driver receives (class, slot, seed,
+    # unit, score)
+    kwargs.update(stage_dir=stage_dir, stage_host=socket.gethostname())
     out = map_ray(udf, kwargs, rows, compute, stage_dir, fail_driver_after=faults.driver_after, light=True)
     check_complete(rows, out)
     return StagedSet.read(stage_dir, np.unique(rows["unit"]))

@@ -31,7 +31,7 @@ class RayRunner:
         # generation stages are shared by content across runs (the cache's stages/); without a scratch dir
         # (python -m raydd.evaluate) nothing is kept
         share = self.scratch is not None and self.cfg.compute.share_stages
-        stages = self.cfg.resolved_cache_dir() / "stages" if share else None
+        stages = (self.cfg.compute.stages or self.cfg.resolved_cache_dir() / "stages") if share else None
         return generate_ray(spec, sampler or self.cfg.sampler, rows, self.cfg.compute, guidance_factory,
                             scratch=self.scratch, post_step_factory=post_step_factory, stages=stages,
                             faults=self.cfg.faults)
@@ -41,7 +41,7 @@ class RayRunner:
         driver died resumes the stage. The key: the udf, its kwargs and the bytes of every input column."""
         digest = {k: hashlib.sha256(np.ascontiguousarray(v).tobytes()).hexdigest() for k, v in columns.items()}
         key = stage_key(udf.__qualname__, tuple(sorted(udf_kwargs.items())), digest)
-        return map_ray(udf, udf_kwargs, columns, self.cfg.compute, Path(self.scratch) / f"map-{udf.__name__}-{key}")
+        return map_ray(udf, udf_kwargs, columns, self.cfg.compute, str(Path(self.scratch) / f"map-{udf.__name__}-{key}"))
 
     def train(self, loop: Callable[[dict, TrainHooks], None], config: dict, name: str,
               num_workers: int | None = None, cpus_per_worker: float | None = None, resume_key: str | None = None,
