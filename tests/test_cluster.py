@@ -37,7 +37,7 @@ def test_a_distillation_and_its_evaluation_on_two_nodes_with_the_store_and_stage
         cmd = [sys.executable, "-m", "raydd.distill", "--method", "dit", "data.dataset=imagefolder",
                f"data.root={root}", f"data.classes={','.join(WNIDS)}", "data.image_size=16", "data.channels=3",
                "data.val_fraction=0.2", f"data.store=file://{tmp_path / 'stores'}", f"compute.ray_address={cluster.address}",
-               f"compute.stages=file://{tmp_path / 'stages'}", "compute.num_actors=2", "compute.batch_size=2",
+               f"compute.stages=file://{tmp_path / 'stages'}", "compute.batch_size=2",
                f"backbone.source={dit}", "backbone.vae=identity", "sampler.steps=4",
                "ipc=2", "eval.students=[convnet_d1]", "eval.seeds=2", "eval.epochs=2", "eval.teacher_epochs=1",
                "eval.teacher_arch=convnet_d1", f"out_dir={tmp_path / 'outputs'}", "--result-json", str(tmp_path / "r.json")]
