@@ -44,6 +44,7 @@ import torch.nn.functional as F
 
 from raydd.config import DataConfig
 from raydd.errors import CheckpointError
+from raydd.generate import images_of, pick_device
 from raydd.sampling import Guidance
 from raydd.train_hooks import TrainHooks, TrainLoop
 
@@ -139,8 +140,6 @@ class InformationTerms:
     its set come from these (set_estimates): the images are read on the actors, not by the driver."""
 
     def __init__(self, ve_path: str, num_classes: int, gpus: float = 0.0, threads: int = 0, batch: int = 256):
-        from raydd.generate import pick_device
-
         if threads > 0:
             torch.set_num_threads(threads)
         self.device = pick_device(gpus)
@@ -149,7 +148,6 @@ class InformationTerms:
 
     @torch.no_grad()
     def __call__(self, rows: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        from raydd.generate import images_of
         from raydd.protocols import to_float
 
         x = torch.from_numpy(images_of(rows))                                             # uint8 [N,C,H,W]
