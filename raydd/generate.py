@@ -93,6 +93,12 @@ def open_unit(file: str):
         yield z
 
 
+def unit_exists(stage: str, u: int) -> bool:
+    """Whether the stage holds unit u's whole file (an actor wrote it)."""
+    fs, root = stage_filesystem(str(stage))
+    return fs.get_file_info(f"{root}/unit-{int(u)}.npz").type != pafs.FileType.NotFound
+
+
 def stage_units(stage: str) -> list[int]:
     """The units whose files a stage holds (whole files only: temp files are hidden); none if it does not exist."""
     fs, root = stage_filesystem(str(stage))
@@ -287,6 +293,20 @@ def pick_device(gpus: float) -> torch.device:
     return torch.device("cuda" if gpus > 0 and torch.cuda.is_available() else "cpu")
 
 
+def actor_device(gpus: float, threads: int = 0) -> torch.device:
+    """A map UDF's device, chosen in its constructor: torch's CPU threads capped to the actor's CPUs (threads > 0),
+    then CUDA if the actor holds a GPU."""
+    if threads > 0:
+        torch.set_num_threads(threads)
+    return pick_device(gpus)
+
+
+def rows_with(rows: dict[str, np.ndarray], **columns: np.ndarray) -> dict[str, np.ndarray]:
+    """A map UDF's answer: the rows it was given, less their "image" column (the driver does not want images back),
+    plus the UDF's own columns."""
+    return {k: v for k, v in rows.items() if k != "image"} | columns
+
+
 def cpu_has_bf16() -> bool:
     """Native bf16 matrix instructions (AVX512-BF16 or AMX): there bf16 matmuls run about twice as fast as
     fp32; elsewhere torch emulates bf16 and it is slower than fp32."""
@@ -317,9 +337,7 @@ class SampleBatches:
         between machines). Elsewhere the unit's columns go back whole and the driver writes them."""
         mine = "://" in stage_dir or stage_host == socket.gethostname()
         self.stage_dir = stage_dir if stage_dir and mine else ""
-        if threads > 0:
-            torch.set_num_threads(threads)
-        self.device = pick_device(gpus)
+        self.device = actor_device(gpus, threads)
         self.spec, self.sampler = spec, sampler
         self.backbone = spec.load(self.device)
         self.guidance = guidance_factory(self.backbone, self.device) if guidance_factory else None

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from raydd.errors import CheckpointError
-from raydd.generate import images_of, pick_device
+from raydd.generate import actor_device, images_of, rows_with
 
 ORDERS = ("most", "least")
 
@@ -120,9 +120,7 @@ class SelectorScores:
 
     def __init__(self, path: str, arch: str, num_classes: int, channels: int, image_size: int,
                  gpus: float = 0.0, threads: int = 0, class_ids: list[int] | None = None):
-        if threads > 0:
-            torch.set_num_threads(threads)
-        self.device = pick_device(gpus)
+        self.device = actor_device(gpus, threads)
         self.class_ids = class_ids
         if path.startswith("timm:"):
             from raydd.students import pretrained_timm
@@ -137,4 +135,4 @@ class SelectorScores:
             probs = predict_probs(self.model, images, device=self.device)
         else:
             probs = torch.cat([subset_probs(self.model(self.prepare(b)), self.class_ids).cpu() for b in images.split(64)])
-        return {**{k: v for k, v in batch.items() if k != "image"}, "probs": probs.numpy()}
+        return rows_with(batch, probs=probs.numpy())

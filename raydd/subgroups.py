@@ -35,7 +35,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from raydd.generate import images_of, pick_device
+from raydd.generate import actor_device, images_of, rows_with
 
 LOG_EPS = 1e-6   # log(1 - cos) is clamped at log(1e-6) when two centroids coincide
 SEPARATIONS = ("reference", "paper")
@@ -185,7 +185,7 @@ class EncodeImages:
     "feature" [N, D] (l2-normalised)."""
 
     def __init__(self, encoder: dict, gpus: float = 0.0, batch: int = 256):
-        self.device = pick_device(gpus)
+        self.device = actor_device(gpus)
         self.model, self.features = load_encoder(encoder, self.device)
         self.batch = batch
 
@@ -194,4 +194,4 @@ class EncodeImages:
         x = torch.from_numpy(images_of(rows))
         f = torch.cat([self.features(xb) for xb in x.split(self.batch)])
         f = F.normalize(f.float(), dim=1).cpu().numpy()
-        return {k: v for k, v in rows.items() if k != "image"} | {"feature": f}
+        return rows_with(rows, feature=f)

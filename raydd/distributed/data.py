@@ -14,7 +14,6 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.fs as pafs
 import ray
 from ray.data.extensions import ArrowTensorArray
 
@@ -22,7 +21,7 @@ from raydd.config import ComputeConfig, FaultConfig, SamplerConfig
 from raydd.errors import RayddError
 from raydd.locks import file_lock
 from raydd.generate import (HEAVY, BackboneSpec, DistilledSet, GuidanceFactory, SampleBatches, StagedSet, open_unit,
-                             rows_to_set, save_unit, stage_filesystem, stage_units, unit_file)
+                             rows_to_set, save_unit, stage_units, unit_exists, unit_file)
 
 
 class FaultySampleBatches(SampleBatches):
@@ -91,10 +90,6 @@ def _map_units(udf: type, udf_kwargs: dict, columns: dict[str, np.ndarray], comp
               f"{len(np.unique(columns['unit'][todo]))} to go", flush=True)
     saved = 0
 
-    def written(u: int) -> bool:                                        # the unit's file exists (the actor wrote it)
-        fs, root = stage_filesystem(stage_dir)
-        return fs.get_file_info(f"{root}/unit-{u}.npz").type != pafs.FileType.NotFound
-
     if todo.any():
         def block(m: np.ndarray) -> pa.Table:  # tensors (latents [N,C,H,W]) as Ray's Arrow tensor columns
             return pa.table({k: ArrowTensorArray.from_numpy(v[m]) if v.ndim > 1 else v[m] for k, v in columns.items()})
@@ -118,7 +113,7 @@ def _map_units(udf: type, udf_kwargs: dict, columns: dict[str, np.ndarray], comp
                 done.append(kept(part))
                 if stage_dir is not None:
                     # the driver writes the units it receives whole (the actor wrote the others), part by part
-                    if int(u) in parts or not written(int(u)):
+                    if int(u) in parts or not unit_exists(stage_dir, int(u)):
                         parts.setdefault(int(u), []).append(part)
                         save_unit(stage_dir, {k: np.concatenate([p[k] for p in parts[int(u)]]) for k in part})
                     saved += 1

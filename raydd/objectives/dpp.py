@@ -129,9 +129,9 @@ class ClassLatentSums:
 
     def __init__(self, vae: str, vae_scale: float, gpus: float = 0.0, batch: int = 64):
         from raydd.backbone import load_vae
-        from raydd.generate import pick_device
+        from raydd.generate import actor_device
 
-        self.device, self.batch = pick_device(gpus), batch
+        self.device, self.batch = actor_device(gpus), batch
         self.vae = load_vae(vae, vae_scale).to(self.device).eval()
 
     @torch.no_grad()

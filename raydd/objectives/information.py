@@ -44,7 +44,7 @@ import torch.nn.functional as F
 
 from raydd.config import DataConfig
 from raydd.errors import CheckpointError
-from raydd.generate import images_of, pick_device
+from raydd.generate import actor_device, images_of, rows_with
 from raydd.sampling import Guidance
 from raydd.train_hooks import TrainHooks, TrainLoop
 
@@ -140,9 +140,7 @@ class InformationTerms:
     its set come from these (set_estimates): the images are read on the actors, not by the driver."""
 
     def __init__(self, ve_path: str, num_classes: int, gpus: float = 0.0, threads: int = 0, batch: int = 256):
-        if threads > 0:
-            torch.set_num_threads(threads)
-        self.device = pick_device(gpus)
+        self.device = actor_device(gpus, threads)
         self.ve, _ = load_ve(ve_path, num_classes=num_classes, device=self.device)
         self.batch = batch
 
@@ -155,7 +153,7 @@ class InformationTerms:
         terms = [information_terms(self.ve, to_float(xb).to(self.device), yb.to(self.device))
                  for xb, yb in zip(x.split(self.batch), y.split(self.batch))]
         out = {k: torch.cat([t[k] for t in terms]).float().cpu().numpy() for k in ("p", "log_p_y", "kl")}
-        return {**{k: v for k, v in rows.items() if k != "image"}, **out}
+        return rows_with(rows, **out)
 
 
 # --------------------------------------------------------------------------------------------

@@ -98,11 +98,9 @@ class LatentOptBatches:
 
     def __init__(self, spec, sampler: SamplerConfig, iterations: int, lr: float, lam: float, t_hat: int,
                  eta: float, gpus: float = 0.0, threads: int = 0, precision: str = "fp32"):
-        from raydd.generate import autocast_for, pick_device
+        from raydd.generate import actor_device, autocast_for
 
-        if threads > 0:
-            torch.set_num_threads(threads)
-        self.device = pick_device(gpus)
+        self.device = actor_device(gpus, threads)
         self.backbone = spec.load(self.device)
         self.schedule = make_schedule(sampler)   # the full 1000-step schedule
         self.opts = dict(iterations=iterations, lr=lr, lam=lam, t_hat=t_hat, eta=eta)

@@ -27,7 +27,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from raydd.generate import images_of, pick_device
+from raydd.generate import actor_device, images_of, rows_with
 from raydd.protocols import to_float
 from raydd.selection import load_selector
 
@@ -119,9 +119,7 @@ class LearnabilityScores:
 
     def __init__(self, theta: str, reference: str, omega: float, arch: str, num_classes: int, channels: int,
                  image_size: int, gpus: float = 0.0, threads: int = 0):
-        if threads > 0:
-            torch.set_num_threads(threads)
-        self.device = pick_device(gpus)
+        self.device = actor_device(gpus, threads)
         classify = dict(arch=arch, num_classes=num_classes, channels=channels, image_size=image_size, device=self.device)
         self.model, self.reference = load_selector(theta, **classify), load_selector(reference, **classify)
         self.omega = omega
@@ -130,7 +128,7 @@ class LearnabilityScores:
         x = torch.from_numpy(images_of(batch)).to(self.device)                 # uint8 [N,C,H,W]
         y = torch.from_numpy(np.asarray(batch["class_idx"], dtype=np.int64)).to(self.device)
         s = score_images(self.model, self.reference, x, y, self.omega)          # [N]
-        return {**{k: v for k, v in batch.items() if k != "image"}, "S": s.numpy()}
+        return rows_with(batch, S=s.numpy())
 
 
 def top_kappa(scores: np.ndarray | torch.Tensor, groups: np.ndarray | torch.Tensor) -> np.ndarray:
