@@ -35,8 +35,12 @@ class ConfigError(RayddError, ValueError):
 # --------------------------------------------------------------------------------------------
 @dataclass
 class DataConfig:
-    dataset: str = "digits"        # "digits" (scikit-learn, built in) | "imagefolder"
-    root: str = ""                 # imagefolder: dir with train/<class>/... and optionally val/<class>/...
+    dataset: str = "digits"        # "digits" (scikit-learn, built in) | "imagefolder" | "webdataset"
+    root: str = ""                 # imagefolder: dir with train/<class>/... and optionally val/<class>/...;
+                                   #   webdataset: dir or URI with train/*.tar (or *.tar) and optionally val/*.tar,
+                                   #   each sample an image (.jpg/.jpeg/.png/.webp) and its integer label (.cls)
+    source_classes: str = "imagenet1k"  # webdataset: the class of each .cls integer, in label order: a subset name
+                                   #   (imagenet1k: the 1000 wnids sorted, ImageNet's label order) or a comma list
     classes: str = ""              # subset name (imagenette, imagewoof, imageidc, imagenet100, imagenet1k),
                                    # a comma list of class names (digits: "0,3,8"), or "" = all classes
     image_size: int = 16           # side length images are resized to (digits: 8x8 upsampled)
@@ -47,9 +51,9 @@ class DataConfig:
     split_seed: int = 0            # the split is a deterministic function of this seed
     max_train_per_class: int = 0   # cap on real train images per class (0 = all); an ImageFolder decodes only
                                    #   the first ~cap / (1 - hold-out) files of each class (file-name order)
-    store: str = ""                # imagefolder: where prepared stores live (a directory or a pyarrow URI: s3://...);
-                                   #   the data is decoded once into <store>/<key> (raydd.prepare) and read from
-                                   #   there; "" = every process decodes the ImageFolder itself
+    store: str = ""                # where prepared stores live (a directory or a pyarrow URI: s3://...); the data
+                                   #   is decoded once into <store>/<key> (raydd.prepare) and read from there;
+                                   #   "" = every process decodes the ImageFolder itself (a webdataset needs one)
 
 
 @dataclass
@@ -204,7 +208,7 @@ class Config:
 
 
 ALLOWED = {
-    "data.dataset": ("digits", "imagefolder"),
+    "data.dataset": ("digits", "imagefolder", "webdataset"),
     "data.channels": (1, 3),
     "sampler.scheduler": ("ddpm", "ddim", "dpm++", "dpm++sde", "unipc", "euler"),   # raydd.sampling.Steps
     "sampler.guidance_norm": ("variance", "eps"),
@@ -380,7 +384,9 @@ def validate(cfg: Config) -> None:
         (0 <= cfg.data.val_fraction < 1 and 0 <= cfg.data.test_fraction < 1
          and cfg.data.val_fraction + cfg.data.test_fraction < 1,
          "data.val_fraction and data.test_fraction must be in [0, 1) and sum to < 1"),
-        (cfg.data.dataset != "imagefolder" or cfg.data.root, "data.root must be set when data.dataset=imagefolder"),
+        (cfg.data.dataset == "digits" or cfg.data.root, f"data.root must be set when data.dataset={cfg.data.dataset}"),
+        (cfg.data.dataset != "webdataset" or cfg.data.store,
+         "data.dataset=webdataset needs data.store=DIR_OR_URI: its shards are decoded once into a store"),
         (1 <= cfg.sampler.steps <= cfg.sampler.train_timesteps,
          f"sampler.steps={cfg.sampler.steps} must be in [1, sampler.train_timesteps={cfg.sampler.train_timesteps}]"),
         (0 < cfg.sampler.beta_start < cfg.sampler.beta_end < 1, "need 0 < sampler.beta_start < sampler.beta_end < 1"),

@@ -176,7 +176,7 @@ def subset_classes(name: str) -> list[str]:
     return (SUBSET_DIR / f"{file}.txt").read_text().split()
 
 
-def resolve_classes(spec: str, available: list[str] | None = None) -> list[str]:
+def resolve_classes(spec: str, available: list[str] | None = None, where: str = "found as directories") -> list[str]:
     """'' -> all available (sorted); a subset name; or a comma list. Unknown/duplicate -> DataError."""
     if not spec:
         if available is None:
@@ -189,7 +189,7 @@ def resolve_classes(spec: str, available: list[str] | None = None) -> list[str]:
     if available is not None:
         missing = [c for c in names if c not in available]
         if missing:
-            raise DataError(f"data.classes names {len(missing)} class(es) not found as directories: "
+            raise DataError(f"data.classes names {len(missing)} class(es) not {where}: "
                             f"{missing[:10]}{' ...' if len(missing) > 10 else ''}; available: "
                             f"{sorted(available)[:20]}{' ...' if len(available) > 20 else ''}")
     return names
@@ -280,12 +280,15 @@ def load_digits_data(cfg: DataConfig) -> RealData:
     return RealData(Split(x[tr], y[tr]), Split(x[va], y[va]), Split(x[te], y[te]), names)
 
 
-def read_image(path: Path, size: int, channels: int) -> torch.Tensor:
-    """One image file -> uint8 [C, size, size] (short side resized, centre crop). DataError on failure."""
+def read_image(path: Path | str, size: int, channels: int, data: bytes | None = None) -> torch.Tensor:
+    """One image file (or its bytes `data`, read from an archive; `path` then names it) -> uint8 [C, size, size]
+    (short side resized, centre crop). DataError on failure."""
+    import io
+
     from PIL import Image, UnidentifiedImageError
 
     try:
-        with Image.open(path) as im:
+        with Image.open(path if data is None else io.BytesIO(data)) as im:
             im = im.convert("L" if channels == 1 else "RGB")
             w, h = im.size
             s = size / min(w, h)
@@ -334,6 +337,44 @@ def folder_classes(cfg: DataConfig) -> tuple[Path, list[str], bool]:
         raise DataError(f"data.root {root} is not a directory")
     available = [p.name for p in train_dir.iterdir() if p.is_dir()]
     return root, resolve_classes(cfg.classes, available), (root / "val").is_dir()
+
+
+def shard_files(folder: str) -> list[str]:
+    """The WebDataset shards (*.tar) directly in `folder` (a path or URI), sorted; [] if it does not exist."""
+    from pyarrow import fs as pafs
+
+    fs, path = store_filesystem(folder)
+    infos = fs.get_file_info(pafs.FileSelector(path, allow_not_found=True))
+    base = folder.rstrip("/") if "://" in folder else path
+    return sorted(f"{base}/{i.base_name}" for i in infos if i.type == pafs.FileType.File and i.base_name.endswith(".tar"))
+
+
+def webdataset_splits(root: str) -> dict[str, str]:
+    """A WebDataset root's shard folders: {"train": root/train (or root itself), "val": root/val when it has
+    shards: the held-out test split, as an ImageFolder's val/}."""
+    root = root.rstrip("/")
+    train = f"{root}/train" if shard_files(f"{root}/train") else root
+    if not shard_files(train):
+        raise DataError(f"data.root {root} has no WebDataset shards (*.tar) in it or in {root}/train")
+    return {"train": train} | ({"val": f"{root}/val"} if shard_files(f"{root}/val") else {})
+
+
+def source_classes(cfg: DataConfig) -> tuple[str, list[str], bool]:
+    """A file source's root, its classes (data.classes resolved against the classes it has) and whether it has its
+    own val split. An ImageFolder's classes are its class folders; a WebDataset's are data.source_classes, the names
+    of the integers in its samples' .cls members."""
+    if cfg.dataset == "webdataset":
+        root = cfg.root if "://" in cfg.root else str(Path(cfg.root).expanduser().resolve())
+        has_val = "val" in webdataset_splits(root)
+        return root, resolve_classes(cfg.classes, label_names(cfg.source_classes), "in data.source_classes"), has_val
+    root, classes, has_val = folder_classes(cfg)
+    return str(root), classes, has_val
+
+
+def label_names(spec: str) -> list[str]:
+    """data.source_classes -> the class name of each integer label, in label order: a subset's wnids (imagenet1k:
+    the 1000 wnids sorted, ImageNet's usual label order) or a comma list."""
+    return subset_classes(spec) if spec in SUBSETS else [c.strip() for c in spec.split(",") if c.strip()]
 
 
 def decode_cap(cfg: DataConfig, has_val: bool) -> int:
@@ -447,7 +488,7 @@ def stream_spec(cfg: DataConfig, part: str = "train") -> dict:
     """What a Train worker needs, besides its Ray Data shard, to stream a split of a store
     (raydd.distributed.store.part_dataset): the split, the files per class of each stored folder and whether the
     root has its own val/."""
-    _, _, has_val = folder_classes(cfg)
+    _, _, has_val = source_classes(cfg)
     return {"part": part, "counts": store_manifest(_complete_store(cfg))["counts"], "has_val": has_val}
 
 
@@ -459,9 +500,10 @@ def streamed_split(source, spec: dict, cfg: DataConfig) -> StreamedSplit:
 
 
 def load_imagefolder_data(cfg: DataConfig, train: bool = True) -> RealData:
-    root, classes, has_val = folder_classes(cfg)
     if cfg.store:                         # prepared once (raydd.prepare.load_data): a split is read when used
+        _, classes, has_val = source_classes(cfg)
         return RealData(None, None, None, classes, store=StoreReader(cfg, has_val))
+    root, classes, has_val = folder_classes(cfg)
     read = functools.partial(_imagefolder_splits, cfg, root, classes, has_val)
     if not train and has_val:             # only the test split (val/): train and its hold-out stay empty
         test = read("test")["test"]
@@ -488,7 +530,7 @@ def load_real(cfg: DataConfig, train: bool = True) -> RealData:
     with its own val/) does not read or hold the train split; elsewhere every split is read."""
     if cfg.dataset == "digits":
         return load_digits_data(cfg)
-    return load_imagefolder_data(cfg, train)
+    return load_imagefolder_data(cfg, train)       # a WebDataset always has a store (config.validate)
 
 
 def load_distilled_folder(path: str | Path, class_names: list[str], size: int, channels: int) -> Split:

@@ -1,15 +1,17 @@
 """python -m raydd.prepare --preset P data.root=DIR data.store=DIR_OR_URI [key=value ...]
 
-The real data's store: an ImageFolder decoded once, resized to data.image_size, as parquet shards under
-`<data.store>/<key>/{train,val}/` (a local directory or any pyarrow filesystem URI: s3://, gs://, a shared
-path), so that no process decodes JPEGs again. Ray Data does the work: each class folder is listed by its own
-task (no process lists 1.28 M files), images are decoded and resized in map_batches tasks across the cluster
-and written with write_parquet. The key is the data that decides the rows (root, classes, size, channels,
-the decode cap of data.max_train_per_class). Unreadable files are named and fail the store; it is complete
+The real data's store: an ImageFolder (or WebDataset shards: data.dataset=webdataset) decoded once, resized to
+data.image_size, as parquet shards under `<data.store>/<key>/{train,val}/` (a local directory or any pyarrow
+filesystem URI: s3://, gs://, a shared path), so that no process decodes JPEGs again. Ray Data does the work: each
+class folder is listed by its own task (no process lists 1.28 M files), or Ray Data's WebDataset reader reads the
+shards; images are decoded and resized in map_batches tasks across the cluster and written with write_parquet.
+The key is the data that decides the rows (root, classes, size, channels, the decode cap of
+data.max_train_per_class; a WebDataset's source_classes). Unreadable files are named and fail the store; it is complete
 only when its manifest.json exists, which is written last. distill / sweep / evaluate / compare prepare a
 missing store themselves when data.store is set (`load_data`).
 
-Rows: label (position in the class list), index (the file's place in its class, file-name order), path (the file, for the order and for error messages), image
+Rows: label (position in the class list), index (the file's place in its class: file-name order; in a WebDataset,
+(shard, key) order), path (the file or shard:key, for error messages), image
 (uint8 [C, H, W] bytes), error ("" or why the file could not be read). Read by `raydd.data.read_store_split`,
 in file-name order per class, so a stored split equals the decoded one exactly, and streamed to Train jobs by
 `raydd.distributed.store.part_dataset`.
@@ -23,13 +25,14 @@ from pathlib import Path
 import numpy as np
 
 from raydd.config import Config, DataConfig, config_hash, load_config
-from raydd.data import DataError, RealData, decode_cap, folder_classes, load_real, store_filesystem
+from raydd.data import DataError, RealData, decode_cap, load_real, source_classes, store_filesystem, webdataset_splits
 
 
 def store_location(d: DataConfig) -> str:
     """<data.store>/<key>: the store of this data config (an absolute path or a URI)."""
-    root, classes, has_val = folder_classes(d)
-    key = config_hash("store-v2", str(root), classes, d.image_size, d.channels, decode_cap(d, has_val))
+    root, classes, has_val = source_classes(d)
+    source = () if d.dataset == "imagefolder" else (d.dataset, d.source_classes)   # ImageFolder keys stay as they were
+    key = config_hash("store-v2", root, classes, d.image_size, d.channels, decode_cap(d, has_val), *source)
     base = d.store if "://" in d.store else str(Path(d.store).expanduser().resolve())
     return f"{base.rstrip('/')}/{key}"
 
@@ -59,18 +62,26 @@ def prepare_store(d: DataConfig) -> str:
 def _write_store(d: DataConfig, location: str) -> str:
     import pyarrow.parquet as pq
 
-    from raydd.distributed.store import write_folder_split
+    from raydd.data import label_names
+    from raydd.distributed.store import write_folder_split, write_webdataset_split
 
-    root, classes, has_val = folder_classes(d)
+    root, classes, has_val = source_classes(d)
     fs, path = store_filesystem(location)
     fs.create_dir(path, recursive=True)
     fs.delete_dir_contents(path, missing_dir_ok=True)                  # what an interrupted prepare left
-    train_dir = root / "train" if (root / "train").is_dir() else root
-    splits = {"train": (train_dir, decode_cap(d, has_val))} | ({"val": (root / "val", 0)} if has_val else {})
+    if d.dataset == "webdataset":
+        folders = webdataset_splits(root)
+    else:
+        folders = {"train": f"{root}/train" if Path(root, "train").is_dir() else root} | (
+            {"val": f"{root}/val"} if has_val else {})
     counts = {}
-    for split, (folder, cap) in splits.items():
-        print(f"[raydd] prepare: {split} of {len(classes)} classes from {folder} -> {location}/{split}", flush=True)
-        write_folder_split([str(folder / c) for c in classes], cap, d.image_size, d.channels, f"{location}/{split}")
+    for split, folder in folders.items():
+        cap, dest = decode_cap(d, has_val) if split == "train" else 0, f"{location}/{split}"
+        print(f"[raydd] prepare: {split} of {len(classes)} classes from {folder} -> {dest}", flush=True)
+        if d.dataset == "webdataset":
+            write_webdataset_split(folder, label_names(d.source_classes), classes, cap, d.image_size, d.channels, dest)
+        else:
+            write_folder_split([f"{folder}/{c}" for c in classes], cap, d.image_size, d.channels, dest)
         meta = pq.read_table(f"{path}/{split}", filesystem=fs, columns=["label", "error"])
         errors = [e for e in meta.column("error").to_pylist() if e]
         if errors:
@@ -88,7 +99,7 @@ def load_data(cfg: Config) -> RealData:
     """The run's real data. With data.store set (an ImageFolder), read from its store; a missing store is
     prepared first, which starts Ray (unknown classes and a missing root fail before that)."""
     d = cfg.data
-    if d.store and d.dataset == "imagefolder" and not is_complete(store_location(d)):
+    if d.store and d.dataset != "digits" and not is_complete(store_location(d)):
         from raydd.distributed.cluster import init_ray
 
         init_ray(cfg.compute)
@@ -105,8 +116,8 @@ def main(argv: list[str] | None = None) -> int:
 
     def body():
         cfg = load_config(args.preset, args.overrides, smoke=args.smoke)
-        if cfg.data.dataset != "imagefolder" or not cfg.data.store:
-            raise DataError("raydd.prepare needs an ImageFolder and a store: data.dataset=imagefolder "
+        if cfg.data.dataset == "digits" or not cfg.data.store:
+            raise DataError("raydd.prepare needs files and a store: data.dataset=imagefolder (or webdataset) "
                             "data.root=DIR data.store=DIR_OR_URI (e.g. --preset imagenette)")
         data = load_data(cfg)
         print(f"{store_location(cfg.data)}: {len(data.train)} train / {len(data.val)} val / {len(data.test)} test "

@@ -1,6 +1,7 @@
 """The Ray Data pipeline that fills a real-data store (raydd.prepare decides what and where)."""
 from __future__ import annotations
 
+import posixpath
 from pathlib import Path
 
 import numpy as np
@@ -38,6 +39,102 @@ def write_folder_split(folders: list[str], cap: int, size: int, channels: int, d
     (ray.data.from_items(items, override_num_blocks=len(items))
      .flat_map(_class_files)
      .map_batches(_decode, fn_kwargs={"size": size, "channels": channels}, batch_size=64)
+     .write_parquet(dest))
+
+
+IMAGE_MEMBERS = ("jpg", "jpeg", "png", "webp")                        # a WebDataset sample's image, by suffix
+
+
+def _is_label_member(name: str) -> bool:
+    """read_webdataset's fileselect for the first pass: only each sample's label (.cls) is read into a row."""
+    return name.lower().endswith(".cls")
+
+
+def _sample_ids(urls, keys, shards: list[str]) -> np.ndarray:
+    """A sample's id, b"<shard number>\t<key>" (bytes [N]): WebDataset keys are unique within a shard."""
+    number = {name: i for i, name in enumerate(shards)}
+    return np.array([f"{number[posixpath.basename(u)]:07d}\t{k}".encode() for u, k in zip(urls, keys)], dtype=bytes)
+
+
+def _order_samples(files: list[str], source_names: list[str], classes: list[str], cap: int) -> dict[str, np.ndarray]:
+    """First pass: each sample's shard, key and .cls label (the reader streams past the images: none is kept or
+    decoded) -> the rows the store keeps, as
+    {"id": sorted sample ids, "label": [N], "index": [N]}: index = the sample's place in its class in (shard, key)
+    order, the first `cap` of each class when cap > 0 (so only those are decoded). Samples of classes not in
+    `classes` are left out; a sample without a .cls member is reported by the second pass."""
+    label_of = np.full(len(source_names), -1)                             # .cls integer -> label (-1: not kept)
+    label_of[[source_names.index(c) for c in classes]] = np.arange(len(classes))
+    shards = [posixpath.basename(f) for f in files]
+    ids, labels = [], []
+    for b in ray.data.read_webdataset(files, decoder=None, fileselect=_is_label_member).iter_batches(
+            batch_size=4096, batch_format="numpy"):
+        src = np.array([int(v) for v in b["cls"]])
+        if (bad := (src < 0) | (src >= len(source_names))).any():
+            raise DataError(f"{int(bad.sum())} sample(s) have a .cls label outside data.source_classes (labels 0.."
+                            f"{len(source_names) - 1}), e.g. {b['__url__'][bad][0]}:{b['__key__'][bad][0]} = {src[bad][0]}")
+        kept = label_of[src] >= 0
+        ids.append(_sample_ids(b["__url__"][kept], b["__key__"][kept], shards))
+        labels.append(label_of[src][kept])
+    ids, labels = np.concatenate(ids or [np.zeros(0, bytes)]), np.concatenate(labels or [np.zeros(0, int)])
+    order = np.lexsort((ids, labels))                                     # by class, then (shard, key)
+    ids, labels = ids[order], labels[order]
+    if len(dup := ids[1:][ids[1:] == ids[:-1]]):
+        raise DataError(f"{len(dup)} WebDataset key(s) appear twice in one shard, e.g. {dup[0].decode()!r}")
+    index = np.arange(len(ids)) - np.searchsorted(labels, labels)          # place in its class
+    keep = index < cap if cap > 0 else np.ones(len(ids), dtype=bool)
+    by_id = np.argsort(ids[keep])
+    return {"id": ids[keep][by_id], "label": labels[keep][by_id], "index": index[keep][by_id]}
+
+
+def _present(member) -> bool:
+    """Whether a sample has this member: a sample without it holds None or NaN in the batch's column."""
+    return isinstance(member, bytes)
+
+
+def _decode_samples(batch: dict, order, shards: list[str], size: int, channels: int) -> dict:
+    """map_batches, second pass: WebDataset samples (raw bytes) -> the store's rows for the samples the first pass
+    kept (others are skipped undecoded); a sample without a label or an image is an error row."""
+    order = ray.get(order)                                               # zero-copy from the object store
+    ids = _sample_ids(batch["__url__"], batch["__key__"], shards)
+    at = np.minimum(np.searchsorted(order["id"], ids), len(order["id"]) - 1)
+    found = order["id"][at] == ids
+    no_label = np.array([not _present(v) for v in batch["cls"]]) if "cls" in batch else np.ones(len(ids), dtype=bool)
+    image_cols = [c for c in batch if c.lower() in IMAGE_MEMBERS]
+    rows = {"label": [], "index": [], "path": [], "image": [], "error": []}
+    for i in np.flatnonzero(found | no_label):
+        name = f"{batch['__url__'][i]}:{batch['__key__'][i]}"
+        data = next((batch[c][i] for c in image_cols if _present(batch[c][i])), None)
+        image, error = b"", ""
+        if no_label[i]:
+            error = f"sample {name} has no .cls label"
+        elif data is None:
+            error = f"sample {name} has no image member ({', '.join(IMAGE_MEMBERS)})"
+        else:
+            try:
+                image = read_image(name, size, channels, data=data).numpy().tobytes()
+            except DataError as e:
+                error = str(e)
+        for k, v in zip(rows, (order["label"][at[i]] if found[i] else -1, order["index"][at[i]] if found[i] else -1,
+                               name, image, error)):
+            rows[k].append(v)
+    return {"label": np.array(rows["label"], dtype=np.int64), "index": np.array(rows["index"], dtype=np.int64),
+            "path": np.array(rows["path"], dtype=object), "image": np.array(rows["image"], dtype=object),
+            "error": np.array(rows["error"], dtype=object)}
+
+
+def write_webdataset_split(folder: str, source_names: list[str], classes: list[str], cap: int, size: int,
+                           channels: int, dest: str) -> None:
+    """WebDataset shards (folder/*.tar, a path or URI; each sample an image and its .cls integer, an index into
+    `source_names`) -> the same parquet rows as write_folder_split, through Ray Data's WebDataset reader, twice:
+    the first pass reads only the labels and orders the samples (_order_samples), the second decodes and resizes
+    the kept ones in batches of 64 across the cluster."""
+    from raydd.data import shard_files
+
+    files = shard_files(folder)
+    order = ray.put(_order_samples(files, source_names, classes, cap))
+    (ray.data.read_webdataset(files, decoder=None)
+     .map_batches(_decode_samples, fn_kwargs={"order": order, "shards": [posixpath.basename(f) for f in files],
+                                              "size": size, "channels": channels}, batch_size=64)
      .write_parquet(dest))
 
 

@@ -1,0 +1,115 @@
+"""data.dataset=webdataset: tar shards read by Ray Data's WebDataset reader into the same store an ImageFolder of
+the same images gives, row for row; bad samples named, bad settings refused before anything runs."""
+import dataclasses
+import io
+import tarfile
+
+import numpy as np
+import pytest
+import torch
+
+from raydd.config import ConfigError, load_config
+from raydd.data import DataError, load_real
+from test_prepare import WNIDS, cfg_for, make_folder
+
+pytestmark = pytest.mark.ray
+
+SOURCE = ["n01440764", WNIDS[0], "n02102040", WNIDS[1]]       # .cls integers 0..3; WNIDS are labels 1 and 3
+
+
+@pytest.fixture(scope="module", autouse=True)
+def ray_shutdown():
+    yield
+    import ray
+
+    ray.shutdown()
+
+
+def add(tar: tarfile.TarFile, name: str, data: bytes) -> None:
+    info = tarfile.TarInfo(name)
+    info.size = len(data)
+    tar.addfile(info, io.BytesIO(data))
+
+
+def make_shards(folder, out, shards: int = 3, extra: dict | None = None) -> None:
+    """The ImageFolder's files as WebDataset shards: out/train/*.tar and out/val/*.tar, samples in (class, file
+    name) order spread over `shards` shards, each an image (.jpg, the file's bytes) and its .cls integer (the
+    wnid's place in SOURCE); plus, in every train shard, a sample of a class the run does not use (.cls 0).
+    extra: {member name: bytes} added to the first train shard."""
+    for split in ("train", "val"):
+        files = sorted((folder / split).glob("*/*.JPEG"), key=lambda f: (SOURCE.index(f.parent.name), f.name))
+        (out / split).mkdir(parents=True)
+        for s, part in enumerate(np.array_split(np.array(files, dtype=object), shards)):
+            with tarfile.open(out / split / f"{split}-{s:04d}.tar", "w") as tar:
+                for f in part:
+                    add(tar, f"{f.stem}.jpg", f.read_bytes())
+                    add(tar, f"{f.stem}.cls", str(SOURCE.index(f.parent.name)).encode())
+                if split == "train":
+                    add(tar, f"other_{s}.jpg", next(iter(part)).read_bytes())
+                    add(tar, f"other_{s}.cls", b"0")
+                for name, data in (extra or {}).items() if (split, s) == ("train", 0) else ():
+                    add(tar, name, data)
+
+
+def wds_cfg(root, store, *extra):
+    return cfg_for(root, store, "data.dataset=webdataset", f"data.source_classes={','.join(SOURCE)}", *extra)
+
+
+@pytest.mark.parametrize("cap", [0, 2])
+def test_shards_prepare_into_the_store_their_imagefolder_gives_row_for_row(tmp_path, cap, capsys):
+    from raydd.prepare import main, store_location
+
+    folder = make_folder(tmp_path / "folder")
+    make_shards(folder, tmp_path / "wds")
+    store, limit = tmp_path / "store", f"data.max_train_per_class={cap}"
+    args = ["data.dataset=webdataset", f"data.root={tmp_path / 'wds'}", f"data.source_classes={','.join(SOURCE)}",
+            f"data.classes={','.join(WNIDS)}", "data.image_size=16", "data.channels=3", "data.val_fraction=0.2",
+            f"data.store={store}", "compute.num_cpus=2", limit]
+    assert main(args) == 0
+    cfg, folder_cfg = wds_cfg(tmp_path / "wds", store, limit), cfg_for(folder, "", limit)
+    assert store_location(cfg.data) in capsys.readouterr().out
+    stored, decoded = load_real(cfg.data), load_real(folder_cfg.data)
+    assert stored.class_names == WNIDS
+    for split in ("train", "val", "test"):
+        a, b = stored.split(split), decoded.split(split)
+        assert len(a) > 0 and torch.equal(a.y, b.y) and torch.equal(a.x, b.x), split
+    assert len(stored.split("train")) == (2 * cap if cap else 8)
+    # an ImageFolder store of the same data has another key: the source is part of it
+    assert store_location(dataclasses.replace(cfg.data, dataset="imagefolder", root=str(folder))) \
+        != store_location(cfg.data)
+
+
+def test_a_corrupt_image_and_a_sample_without_a_label_are_named_and_the_store_stays_incomplete(tmp_path):
+    from raydd.prepare import is_complete, load_data, store_location
+
+    make_shards(make_folder(tmp_path / "folder"), tmp_path / "wds",
+                extra={"broken.jpg": b"not a jpeg", "broken.cls": b"3", "nolabel.jpg": b"\xff\xd8"})
+    cfg = wds_cfg(tmp_path / "wds", tmp_path / "store")
+    with pytest.raises(DataError, match=r"(?s)2 unreadable image\(s\).*(broken.*nolabel has no \.cls|nolabel has no "
+                                        r"\.cls.*broken)"):
+        load_data(cfg)
+    assert not is_complete(store_location(cfg.data))
+
+
+def test_a_label_outside_source_classes_is_refused(tmp_path):
+    from raydd.prepare import load_data
+
+    make_shards(make_folder(tmp_path / "folder"), tmp_path / "wds", extra={"far.jpg": b"", "far.cls": b"7"})
+    with pytest.raises(DataError, match=r"1 sample\(s\) have a \.cls label outside data.source_classes \(labels 0..3\)"
+                                        r".*train-0000.tar:far = 7"):
+        load_data(wds_cfg(tmp_path / "wds", tmp_path / "store"))
+
+
+def test_bad_webdataset_settings_fail_in_the_config_naming_what_is_allowed(tmp_path):
+    with pytest.raises(ConfigError, match="data.dataset=webdataset needs data.store=DIR_OR_URI"):
+        load_config("digits", ["data.dataset=webdataset", f"data.root={tmp_path}"])
+    with pytest.raises(ConfigError, match="data.root must be set when data.dataset=webdataset"):
+        load_config("digits", ["data.dataset=webdataset", f"data.store={tmp_path}"])
+    with pytest.raises(ConfigError, match="allowed: digits, imagefolder, webdataset"):
+        load_config("digits", ["data.dataset=tfrecord"])
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(DataError, match="has no WebDataset shards"):
+        load_real(wds_cfg(tmp_path / "empty", tmp_path / "store").data)
+    make_shards(make_folder(tmp_path / "folder"), tmp_path / "wds")
+    with pytest.raises(DataError, match=r"data.classes names 1 class\(es\) not in data.source_classes: \['n09999999'\]"):
+        load_real(wds_cfg(tmp_path / "wds", tmp_path / "store", "data.classes=n09999999").data)
