@@ -106,6 +106,21 @@ def stage_units(stage: str) -> list[int]:
     return sorted(int(m.group(1)) for m in map(re.compile(r"unit-(\d+)\.npz").fullmatch, names) if m)
 
 
+def remove_stale_temps(stage: str, older_than_s: float = 3600.0) -> list[str]:
+    """Delete the temp files of unit writes that never finished (a writer killed mid-write; save_unit) when they are
+    over an hour old, and return their names. Only old ones: a live write takes seconds, and a URI stage can be in
+    use by a driver on another machine, whose lock this process does not see."""
+    import time
+
+    fs, root = stage_filesystem(str(stage))
+    stale = [i for i in fs.get_file_info(pafs.FileSelector(root, allow_not_found=True))
+             if re.fullmatch(r"\.unit-\d+\.\d+\.tmp\.npz", i.base_name)
+             and i.mtime is not None and time.time() - i.mtime.timestamp() > older_than_s]
+    for info in stale:
+        fs.delete_file(info.path)
+    return [i.base_name for i in stale]
+
+
 def save_unit(stage_dir: str | Path, cols: dict[str, np.ndarray]) -> None:
     """One unit's columns -> <stage_dir>/unit-<u>.npz, atomically (a temp name, then a rename; on an object store
     the object appears whole): a file that exists is whole, and a unit that is run twice (a retried task) writes the

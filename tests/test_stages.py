@@ -2,6 +2,8 @@
 trials differ only after sampling samples once), and the key tells apart inputs a repr would not."""
 import dataclasses
 import functools
+import os
+import time
 
 import numpy as np
 import pytest
@@ -39,12 +41,20 @@ def test_a_second_run_reuses_the_first_runs_samples(digits_cfg, spec, tmp_path, 
         stages = tmp_path / "cache" / "stages"
         first = generate_ray(spec, sampler, rows, ComputeConfig(batch_size=10), scratch=tmp_path / "run1", stages=stages)
         capsys.readouterr()
+        # what writers killed mid-write left: an old temp file is removed, a fresh one (maybe a live write) is not
+        (stage_dir,) = stages.glob("generate-*")
+        old, fresh = stage_dir / ".unit-0.123.tmp.npz", stage_dir / ".unit-1.456.tmp.npz"
+        old.write_bytes(b"partial")
+        fresh.write_bytes(b"partial")
+        os.utime(old, (time.time() - 7200, time.time() - 7200))
         read, getitem = [], np.lib.npyio.NpzFile.__getitem__
         monkeypatch.setattr(np.lib.npyio.NpzFile, "__getitem__", lambda z, k: read.append(k) or getitem(z, k))
         second = generate_ray(spec, sampler, rows, ComputeConfig(batch_size=10), scratch=tmp_path / "run2",
                               stages=stages)
         monkeypatch.undo()
-        assert "2 unit(s) already done, 0 to go" in capsys.readouterr().out
+        out = capsys.readouterr().out
+        assert "2 unit(s) already done, 0 to go" in out and "removed 1 unfinished unit write(s)" in out
+        assert not old.exists() and fresh.exists()
         assert read and not {"image", "latent"} & set(read)      # a reused stage: the driver reads no image
         assert isinstance(first, StagedSet) and len(first.files()) == 20   # the images stay in the unit files
         assert torch.equal(first.images, second.images) and torch.equal(first.latents, second.latents)

@@ -21,7 +21,8 @@ from raydd.config import ComputeConfig, FaultConfig, SamplerConfig
 from raydd.errors import RayddError
 from raydd.locks import file_lock
 from raydd.generate import (HEAVY, BackboneSpec, DistilledSet, GuidanceFactory, SampleBatches, StagedSet, open_unit,
-                             rows_to_set, save_unit, stage_units, unit_exists, unit_file)
+                             remove_stale_temps, rows_to_set, save_unit, stage_units, unit_exists,
+                             unit_file)
 
 
 class FaultySampleBatches(SampleBatches):
@@ -80,6 +81,9 @@ def _map_units(udf: type, udf_kwargs: dict, columns: dict[str, np.ndarray], comp
 
     done: list[dict[str, np.ndarray]] = []
     if stage_dir is not None:
+        if stale := remove_stale_temps(stage_dir):
+            print(f"[raydd] stage {posixpath.basename(stage_dir)}: removed {len(stale)} unfinished unit write(s) "
+                  f"over an hour old", flush=True)
         for u in stage_units(stage_dir):
             with open_unit(unit_file(stage_dir, u)) as z:               # members load one by one, only those kept
                 done.append({k: z[k] for k in z.files if wanted(k)})
