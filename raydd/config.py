@@ -35,12 +35,15 @@ class ConfigError(RayddError, ValueError):
 # --------------------------------------------------------------------------------------------
 @dataclass
 class DataConfig:
-    dataset: str = "digits"        # "digits" (scikit-learn, built in) | "imagefolder" | "webdataset"
+    dataset: str = "digits"        # "digits" (scikit-learn, built in) | "imagefolder" | "webdataset" | "huggingface"
     root: str = ""                 # imagefolder: dir with train/<class>/... and optionally val/<class>/...;
                                    #   webdataset: dir or URI with train/*.tar (or *.tar) and optionally val/*.tar,
-                                   #   each sample an image (.jpg/.jpeg/.png/.webp) and its integer label (.cls)
-    source_classes: str = "imagenet1k"  # webdataset: the class of each .cls integer, in label order: a subset name
-                                   #   (imagenet1k: the 1000 wnids sorted, ImageNet's label order) or a comma list
+                                   #   each sample an image (.jpg/.jpeg/.png/.webp) and its integer label (.cls);
+                                   #   huggingface: a dataset's parquet files as the hub lays them out
+                                   #   (data/train-*.parquet, data/validation-*.parquet; columns image, label)
+    source_classes: str = "imagenet1k"  # webdataset / huggingface: the class of each integer label, in label order:
+                                   #   a subset name (imagenet1k: the 1000 wnids sorted, ImageNet's label order)
+                                   #   or a comma list
     classes: str = ""              # subset name (imagenette, imagewoof, imageidc, imagenet100, imagenet1k),
                                    # a comma list of class names (digits: "0,3,8"), or "" = all classes
     image_size: int = 16           # side length images are resized to (digits: 8x8 upsampled)
@@ -53,7 +56,7 @@ class DataConfig:
                                    #   the first ~cap / (1 - hold-out) files of each class (file-name order)
     store: str = ""                # where prepared stores live (a directory or a pyarrow URI: s3://...); the data
                                    #   is decoded once into <store>/<key> (raydd.prepare) and read from there;
-                                   #   "" = every process decodes the ImageFolder itself (a webdataset needs one)
+                                   #   "" = every process decodes the ImageFolder itself (other sources need one)
 
 
 @dataclass
@@ -208,7 +211,7 @@ class Config:
 
 
 ALLOWED = {
-    "data.dataset": ("digits", "imagefolder", "webdataset"),
+    "data.dataset": ("digits", "imagefolder", "webdataset", "huggingface"),
     "data.channels": (1, 3),
     "sampler.scheduler": ("ddpm", "ddim", "dpm++", "dpm++sde", "unipc", "euler"),   # raydd.sampling.Steps
     "sampler.guidance_norm": ("variance", "eps"),
@@ -385,8 +388,8 @@ def validate(cfg: Config) -> None:
          and cfg.data.val_fraction + cfg.data.test_fraction < 1,
          "data.val_fraction and data.test_fraction must be in [0, 1) and sum to < 1"),
         (cfg.data.dataset == "digits" or cfg.data.root, f"data.root must be set when data.dataset={cfg.data.dataset}"),
-        (cfg.data.dataset != "webdataset" or cfg.data.store,
-         "data.dataset=webdataset needs data.store=DIR_OR_URI: its shards are decoded once into a store"),
+        (cfg.data.dataset in ("digits", "imagefolder") or cfg.data.store,
+         f"data.dataset={cfg.data.dataset} needs data.store=DIR_OR_URI: its files are decoded once into a store"),
         (1 <= cfg.sampler.steps <= cfg.sampler.train_timesteps,
          f"sampler.steps={cfg.sampler.steps} must be in [1, sampler.train_timesteps={cfg.sampler.train_timesteps}]"),
         (0 < cfg.sampler.beta_start < cfg.sampler.beta_end < 1, "need 0 < sampler.beta_start < sampler.beta_end < 1"),

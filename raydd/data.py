@@ -339,33 +339,44 @@ def folder_classes(cfg: DataConfig) -> tuple[Path, list[str], bool]:
     return root, resolve_classes(cfg.classes, available), (root / "val").is_dir()
 
 
-def shard_files(folder: str) -> list[str]:
-    """The WebDataset shards (*.tar) directly in `folder` (a path or URI), sorted; [] if it does not exist."""
+SHARD_SOURCES = {"webdataset": ".tar", "huggingface": ".parquet"}     # data.dataset -> its files' extension
+SPLIT_NAMES = {"train": "train", "val": "val", "validation": "val"}
+
+
+def source_files(dataset: str, root: str) -> dict[str, list[str]]:
+    """A shard source's files under `root` (a path or URI) per split, sorted: "train", and "val" when it has one (the
+    held-out test split, as an ImageFolder's val/). A file's split is the first folder under root or the start of
+    its name that names one: train/0000.tar, val/..., data/train-00000-of-00294.parquet, data/validation-...
+    (a Hugging Face dataset's parquet files as the hub lays them out). Files no split names are train when none
+    is named train (a folder of shards); others (test) are left out."""
+    import re
+
     from pyarrow import fs as pafs
 
-    fs, path = store_filesystem(folder)
-    infos = fs.get_file_info(pafs.FileSelector(path, allow_not_found=True))
-    base = folder.rstrip("/") if "://" in folder else path
-    return sorted(f"{base}/{i.base_name}" for i in infos if i.type == pafs.FileType.File and i.base_name.endswith(".tar"))
-
-
-def webdataset_splits(root: str) -> dict[str, str]:
-    """A WebDataset root's shard folders: {"train": root/train (or root itself), "val": root/val when it has
-    shards: the held-out test split, as an ImageFolder's val/}."""
-    root = root.rstrip("/")
-    train = f"{root}/train" if shard_files(f"{root}/train") else root
-    if not shard_files(train):
-        raise DataError(f"data.root {root} has no WebDataset shards (*.tar) in it or in {root}/train")
-    return {"train": train} | ({"val": f"{root}/val"} if shard_files(f"{root}/val") else {})
+    fs, path = store_filesystem(root)
+    ext, base = SHARD_SOURCES[dataset], root.rstrip("/") if "://" in root else path
+    split, unnamed = {"train": [], "val": []}, []
+    for info in fs.get_file_info(pafs.FileSelector(path, recursive=True, allow_not_found=True)):
+        rel = info.path[len(path.rstrip("/")):].lstrip("/")
+        if info.type != pafs.FileType.File or not rel.endswith(ext) or info.base_name.startswith("."):
+            continue
+        words = rel.split("/")[:-1] + [re.split(r"[-_.]", info.base_name)[0]]
+        named = next((SPLIT_NAMES[w] for w in words if w in SPLIT_NAMES), None)
+        (split[named] if named else unnamed).append(f"{base}/{rel}")
+    if not split["train"]:
+        split["train"] = unnamed
+    if not split["train"]:
+        raise DataError(f"data.root {root} has no {dataset} files (*{ext}) for a train split")
+    return {k: sorted(v) for k, v in split.items() if v}
 
 
 def source_classes(cfg: DataConfig) -> tuple[str, list[str], bool]:
     """A file source's root, its classes (data.classes resolved against the classes it has) and whether it has its
-    own val split. An ImageFolder's classes are its class folders; a WebDataset's are data.source_classes, the names
-    of the integers in its samples' .cls members."""
-    if cfg.dataset == "webdataset":
+    own val split. An ImageFolder's classes are its class folders; a shard source's are data.source_classes, the
+    names of its integer labels (a WebDataset sample's .cls, a Hugging Face dataset's label column)."""
+    if cfg.dataset in SHARD_SOURCES:
         root = cfg.root if "://" in cfg.root else str(Path(cfg.root).expanduser().resolve())
-        has_val = "val" in webdataset_splits(root)
+        has_val = "val" in source_files(cfg.dataset, root)
         return root, resolve_classes(cfg.classes, label_names(cfg.source_classes), "in data.source_classes"), has_val
     root, classes, has_val = folder_classes(cfg)
     return str(root), classes, has_val
@@ -530,7 +541,7 @@ def load_real(cfg: DataConfig, train: bool = True) -> RealData:
     with its own val/) does not read or hold the train split; elsewhere every split is read."""
     if cfg.dataset == "digits":
         return load_digits_data(cfg)
-    return load_imagefolder_data(cfg, train)       # a WebDataset always has a store (config.validate)
+    return load_imagefolder_data(cfg, train)       # a shard source always has a store (config.validate)
 
 
 def load_distilled_folder(path: str | Path, class_names: list[str], size: int, channels: int) -> Split:

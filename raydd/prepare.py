@@ -1,17 +1,18 @@
 """python -m raydd.prepare --preset P data.root=DIR data.store=DIR_OR_URI [key=value ...]
 
-The real data's store: an ImageFolder (or WebDataset shards: data.dataset=webdataset) decoded once, resized to
+The real data's store: an ImageFolder (or WebDataset shards, or a Hugging Face dataset's parquet files:
+data.dataset=webdataset / huggingface) decoded once, resized to
 data.image_size, as parquet shards under `<data.store>/<key>/{train,val}/` (a local directory or any pyarrow
 filesystem URI: s3://, gs://, a shared path), so that no process decodes JPEGs again. Ray Data does the work: each
 class folder is listed by its own task (no process lists 1.28 M files), or Ray Data's WebDataset reader reads the
 shards; images are decoded and resized in map_batches tasks across the cluster and written with write_parquet.
 The key is the data that decides the rows (root, classes, size, channels, the decode cap of
-data.max_train_per_class; a WebDataset's source_classes). Unreadable files are named and fail the store; it is complete
+data.max_train_per_class; a shard source's dataset and source_classes). Unreadable files are named and fail the store; it is complete
 only when its manifest.json exists, which is written last. distill / sweep / evaluate / compare prepare a
 missing store themselves when data.store is set (`load_data`).
 
 Rows: label (position in the class list), index (the file's place in its class: file-name order; in a WebDataset,
-(shard, key) order), path (the file or shard:key, for error messages), image
+(file, key or row hash) order), path (the file, or file:key, for error messages), image
 (uint8 [C, H, W] bytes), error ("" or why the file could not be read). Read by `raydd.data.read_store_split`,
 in file-name order per class, so a stored split equals the decoded one exactly, and streamed to Train jobs by
 `raydd.distributed.store.part_dataset`.
@@ -25,7 +26,8 @@ from pathlib import Path
 import numpy as np
 
 from raydd.config import Config, DataConfig, config_hash, load_config
-from raydd.data import DataError, RealData, decode_cap, load_real, source_classes, store_filesystem, webdataset_splits
+from raydd.data import (SHARD_SOURCES, DataError, RealData, decode_cap, load_real, source_classes, source_files,
+                        store_filesystem)
 
 
 def store_location(d: DataConfig) -> str:
@@ -63,29 +65,32 @@ def _write_store(d: DataConfig, location: str) -> str:
     import pyarrow.parquet as pq
 
     from raydd.data import label_names
-    from raydd.distributed.store import write_folder_split, write_webdataset_split
+    from raydd.distributed.store import write_folder_split, write_shard_split
 
     root, classes, has_val = source_classes(d)
     fs, path = store_filesystem(location)
     fs.create_dir(path, recursive=True)
     fs.delete_dir_contents(path, missing_dir_ok=True)                  # what an interrupted prepare left
-    if d.dataset == "webdataset":
-        folders = webdataset_splits(root)
+    shards = d.dataset in SHARD_SOURCES
+    if shards:
+        sources = source_files(d.dataset, root)                          # {split: [files]}
     else:
-        folders = {"train": f"{root}/train" if Path(root, "train").is_dir() else root} | (
+        sources = {"train": f"{root}/train" if Path(root, "train").is_dir() else root} | (
             {"val": f"{root}/val"} if has_val else {})
     counts = {}
-    for split, folder in folders.items():
+    for split, source in sources.items():
         cap, dest = decode_cap(d, has_val) if split == "train" else 0, f"{location}/{split}"
-        print(f"[raydd] prepare: {split} of {len(classes)} classes from {folder} -> {dest}", flush=True)
-        if d.dataset == "webdataset":
-            write_webdataset_split(folder, label_names(d.source_classes), classes, cap, d.image_size, d.channels, dest)
+        where = f"{root} ({len(source)} {d.dataset} files)" if shards else source
+        print(f"[raydd] prepare: {split} of {len(classes)} classes from {where} -> {dest}", flush=True)
+        if shards:
+            write_shard_split(d.dataset, source, label_names(d.source_classes), classes, cap, d.image_size,
+                              d.channels, dest)
         else:
-            write_folder_split([f"{folder}/{c}" for c in classes], cap, d.image_size, d.channels, dest)
+            write_folder_split([f"{source}/{c}" for c in classes], cap, d.image_size, d.channels, dest)
         meta = pq.read_table(f"{path}/{split}", filesystem=fs, columns=["label", "error"])
         errors = [e for e in meta.column("error").to_pylist() if e]
         if errors:
-            raise DataError(f"{len(errors)} unreadable image(s) under {folder}:\n  " + "\n  ".join(errors[:20]))
+            raise DataError(f"{len(errors)} unreadable image(s) under {where}:\n  " + "\n  ".join(errors[:20]))
         counts[split] = np.bincount(meta.column("label").to_numpy(), minlength=len(classes)).tolist()
     manifest = {"root": str(root), "classes": classes, "image_size": d.image_size, "channels": d.channels,
                 "counts": counts}
@@ -117,7 +122,7 @@ def main(argv: list[str] | None = None) -> int:
     def body():
         cfg = load_config(args.preset, args.overrides, smoke=args.smoke)
         if cfg.data.dataset == "digits" or not cfg.data.store:
-            raise DataError("raydd.prepare needs files and a store: data.dataset=imagefolder (or webdataset) "
+            raise DataError("raydd.prepare needs files and a store: data.dataset=imagefolder (webdataset, huggingface) "
                             "data.root=DIR data.store=DIR_OR_URI (e.g. --preset imagenette)")
         data = load_data(cfg)
         print(f"{store_location(cfg.data)}: {len(data.train)} train / {len(data.val)} val / {len(data.test)} test "

@@ -1,5 +1,6 @@
-"""data.dataset=webdataset: tar shards read by Ray Data's WebDataset reader into the same store an ImageFolder of
-the same images gives, row for row; bad samples named, bad settings refused before anything runs."""
+"""Shard sources: WebDataset tar shards (read by Ray Data's WebDataset reader) prepare into the same store an
+ImageFolder of the same images gives, row for row; a Hugging Face dataset's parquet files (Ray Data's parquet reader)
+into a store of the same images; bad samples named, bad settings refused before anything runs."""
 import dataclasses
 import io
 import tarfile
@@ -105,11 +106,52 @@ def test_bad_webdataset_settings_fail_in_the_config_naming_what_is_allowed(tmp_p
         load_config("digits", ["data.dataset=webdataset", f"data.root={tmp_path}"])
     with pytest.raises(ConfigError, match="data.root must be set when data.dataset=webdataset"):
         load_config("digits", ["data.dataset=webdataset", f"data.store={tmp_path}"])
-    with pytest.raises(ConfigError, match="allowed: digits, imagefolder, webdataset"):
+    with pytest.raises(ConfigError, match="allowed: digits, imagefolder, webdataset, huggingface"):
         load_config("digits", ["data.dataset=tfrecord"])
     (tmp_path / "empty").mkdir()
-    with pytest.raises(DataError, match="has no WebDataset shards"):
+    with pytest.raises(DataError, match=r"has no webdataset files \(\*.tar\) for a train split"):
         load_real(wds_cfg(tmp_path / "empty", tmp_path / "store").data)
     make_shards(make_folder(tmp_path / "folder"), tmp_path / "wds")
-    with pytest.raises(DataError, match=r"data.classes names 1 class\(es\) not in data.source_classes: \['n09999999'\]"):
+    with pytest.raises(DataError, match=r"names 1 class\(es\) not in data.source_classes: \['n09999999'\]"):
         load_real(wds_cfg(tmp_path / "wds", tmp_path / "store", "data.classes=n09999999").data)
+
+
+def make_hf_parquet(folder, out) -> None:
+    """The ImageFolder's files as a Hugging Face dataset's parquet files, laid out as the hub does: data/train-*
+    (two files), data/validation-*, and data/test-* (unlabelled, label -1: not a split raydd reads). Columns: image
+    {bytes, path}, label (the wnid's place in SOURCE)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    (out / "data").mkdir(parents=True)
+    files = {s: sorted((folder / s).glob("*/*.JPEG"), key=lambda f: f.name) for s in ("train", "val")}
+    parts = {"train-00000-of-00002": files["train"][::2], "train-00001-of-00002": files["train"][1::2],
+             "validation-00000-of-00001": files["val"], "test-00000-of-00001": files["val"][:2]}
+    for name, part in parts.items():
+        image = [{"bytes": f.read_bytes(), "path": f.name} for f in part]
+        label = [-1 if name.startswith("test") else SOURCE.index(f.parent.name) for f in part]
+        table = pa.table({"image": image, "label": pa.array(label, pa.int64())})
+        pq.write_table(table, out / "data" / f"{name}.parquet")
+
+
+def by_content(split) -> list[tuple[int, bytes]]:
+    return sorted(zip(split.y.tolist(), (x.numpy().tobytes() for x in split.x)))
+
+
+def test_a_hugging_face_datasets_parquet_files_prepare_into_a_store_of_the_same_images_in_a_fixed_order(tmp_path):
+    from raydd.prepare import load_data
+
+    folder = make_folder(tmp_path / "folder")
+    make_hf_parquet(folder, tmp_path / "hf")
+    hf = ["data.dataset=huggingface", "data.val_fraction=0"]      # every train image in train: compare them all
+    first = load_data(cfg_for(tmp_path / "hf", tmp_path / "store1", *hf, f"data.source_classes={','.join(SOURCE)}"))
+    second = load_data(cfg_for(tmp_path / "hf", tmp_path / "store2", *hf, f"data.source_classes={','.join(SOURCE)}"))
+    decoded = load_real(cfg_for(folder, "", "data.val_fraction=0").data)
+    for split in ("train", "test"):                                # test: the validation files
+        a, b = first.split(split), decoded.split(split)
+        assert len(a) == len(b) > 0 and by_content(a) == by_content(b), split
+        again = second.split(split)                                # prepared afresh: the same rows, in the same order
+        assert torch.equal(a.x, again.x) and torch.equal(a.y, again.y)
+    capped = load_data(cfg_for(tmp_path / "hf", tmp_path / "store3", *hf, f"data.source_classes={','.join(SOURCE)}",
+                               "data.max_train_per_class=2")).split("train")
+    assert capped.y.tolist() == [0, 0, 1, 1] and set(by_content(capped)) <= set(by_content(decoded.split("train")))

@@ -43,6 +43,7 @@ def write_folder_split(folders: list[str], cap: int, size: int, channels: int, d
 
 
 IMAGE_MEMBERS = ("jpg", "jpeg", "png", "webp")                        # a WebDataset sample's image, by suffix
+LABEL_NAME = {"webdataset": ".cls", "huggingface": "label"}           # where a sample's integer label is
 
 
 def _is_label_member(name: str) -> bool:
@@ -50,65 +51,94 @@ def _is_label_member(name: str) -> bool:
     return name.lower().endswith(".cls")
 
 
-def _sample_ids(urls, keys, shards: list[str]) -> np.ndarray:
-    """A sample's id, b"<shard number>\t<key>" (bytes [N]): WebDataset keys are unique within a shard."""
-    number = {name: i for i, name in enumerate(shards)}
-    return np.array([f"{number[posixpath.basename(u)]:07d}\t{k}".encode() for u, k in zip(urls, keys)], dtype=bytes)
+def _present(value) -> bool:
+    """Whether a sample has this member or value: a missing one is None or NaN in a batch's column."""
+    return value is not None and not (isinstance(value, float) and np.isnan(value))
 
 
-def _order_samples(files: list[str], source_names: list[str], classes: list[str], cap: int) -> dict[str, np.ndarray]:
-    """First pass: each sample's shard, key and .cls label (the reader streams past the images: none is kept or
-    decoded) -> the rows the store keeps, as
-    {"id": sorted sample ids, "label": [N], "index": [N]}: index = the sample's place in its class in (shard, key)
-    order, the first `cap` of each class when cap > 0 (so only those are decoded). Samples of classes not in
-    `classes` are left out; a sample without a .cls member is reported by the second pass."""
-    label_of = np.full(len(source_names), -1)                             # .cls integer -> label (-1: not kept)
+def _wds_rows(batch: dict, files: list[str], light: bool) -> dict:
+    """map_batches: read_webdataset's raw samples -> rows id (b"<shard number>\t<key>": keys are unique within a
+    shard), name (shard:key), src (the .cls integer; -1: none) and, unless light, data (the image's bytes; b"":
+    none)."""
+    number = {posixpath.basename(f): i for i, f in enumerate(files)}
+    urls, keys = batch["__url__"], batch["__key__"]
+    labels = batch.get("cls", np.full(len(keys), None))
+    rows = {"id": np.array([f"{number[posixpath.basename(u)]:07d}\t{k}".encode() for u, k in zip(urls, keys)]),
+            "name": np.array([f"{u}:{k}" for u, k in zip(urls, keys)], dtype=object),
+            "src": np.array([int(v) if _present(v) else -1 for v in labels], dtype=np.int64)}
+    if not light:
+        images = [batch[c] for c in batch if c.lower() in IMAGE_MEMBERS]
+        rows["data"] = np.array([next((m[i] for m in images if _present(m[i])), b"") for i in range(len(keys))],
+                                dtype=object)
+    return rows
+
+
+def _hf_rows(batch: dict, files: list[str], light: bool) -> dict:
+    """map_batches: a Hugging Face dataset's parquet rows (label, image {bytes, path}; read_parquet's path and
+    row_hash, the latter from the file and the row's place in it) -> the rows _wds_rows gives."""
+    number = {posixpath.basename(f): i for i, f in enumerate(files)}
+    paths, hashes = batch["path"], batch["row_hash"]
+    rows = {"id": np.array([f"{number[posixpath.basename(p)]:07d}\t{h:020d}".encode() for p, h in zip(paths, hashes)]),
+            "name": np.array([f"{p}:row-hash-{h}" for p, h in zip(paths, hashes)], dtype=object),
+            "src": np.array([int(v) if _present(v) and v >= 0 else -1 for v in batch["label"]], dtype=np.int64)}
+    if not light:
+        rows["data"] = np.array([(im or {}).get("bytes") or b"" for im in batch["image"]], dtype=object)
+    return rows
+
+
+def _samples(dataset: str, files: list[str], light: bool) -> "ray.data.Dataset":
+    """A shard source's samples through Ray Data's own reader, as rows id, name, src (+ data unless light: the
+    first pass reads no image into a row)."""
+    kwargs = {"fn_kwargs": {"files": files, "light": light}, "batch_format": "numpy"}
+    if dataset == "webdataset":
+        ds = ray.data.read_webdataset(files, decoder=None, fileselect=_is_label_member if light else None)
+        return ds.map_batches(_wds_rows, **kwargs)
+    ds = ray.data.read_parquet(files, include_paths=True, include_row_hash=True)
+    return (ds.select_columns(["label", "path", "row_hash"]) if light else ds).map_batches(_hf_rows, **kwargs)
+
+
+def _order_samples(dataset: str, files: list[str], source_names: list[str], classes: list[str],
+                   cap: int) -> dict[str, np.ndarray]:
+    """First pass: each sample's id and label, no image -> the rows the store keeps, as {"id": sorted sample ids,
+    "label": [N], "index": [N]}: index = the sample's place in its class in id order (file, then key or row
+    hash), the first `cap` of each class when cap > 0 (so only those are decoded). Samples of classes not in
+    `classes` are left out; one without a label is reported by the second pass."""
+    label_of = np.full(len(source_names), -1)                             # source label -> label (-1: not kept)
     label_of[[source_names.index(c) for c in classes]] = np.arange(len(classes))
-    shards = [posixpath.basename(f) for f in files]
-    ids, labels = [], []
-    for b in ray.data.read_webdataset(files, decoder=None, fileselect=_is_label_member).iter_batches(
-            batch_size=4096, batch_format="numpy"):
-        src = np.array([int(v) for v in b["cls"]])
-        if (bad := (src < 0) | (src >= len(source_names))).any():
-            raise DataError(f"{int(bad.sum())} sample(s) have a .cls label outside data.source_classes (labels 0.."
-                            f"{len(source_names) - 1}), e.g. {b['__url__'][bad][0]}:{b['__key__'][bad][0]} = {src[bad][0]}")
-        kept = label_of[src] >= 0
-        ids.append(_sample_ids(b["__url__"][kept], b["__key__"][kept], shards))
-        labels.append(label_of[src][kept])
-    ids, labels = np.concatenate(ids or [np.zeros(0, bytes)]), np.concatenate(labels or [np.zeros(0, int)])
-    order = np.lexsort((ids, labels))                                     # by class, then (shard, key)
+    ids, labels = [np.zeros(0, bytes)], [np.zeros(0, np.int64)]
+    for b in _samples(dataset, files, light=True).iter_batches(batch_size=4096, batch_format="numpy"):
+        has, src = b["src"] >= 0, b["src"]
+        if (bad := has & (src >= len(source_names))).any():
+            raise DataError(f"{int(bad.sum())} sample(s) have a {LABEL_NAME[dataset]} label outside "
+                            f"data.source_classes (labels 0..{len(source_names) - 1}), e.g. {b['name'][bad][0]} = "
+                            f"{src[bad][0]}")
+        kept = has & (label_of[np.where(has, src, 0)] >= 0)
+        ids.append(b["id"][kept])
+        labels.append(label_of[src[kept]])
+    ids, labels = np.concatenate(ids), np.concatenate(labels)
+    order = np.lexsort((ids, labels))                                     # by class, then id
     ids, labels = ids[order], labels[order]
     if len(dup := ids[1:][ids[1:] == ids[:-1]]):
-        raise DataError(f"{len(dup)} WebDataset key(s) appear twice in one shard, e.g. {dup[0].decode()!r}")
+        raise DataError(f"{len(dup)} sample id(s) appear twice in one file, e.g. {dup[0].decode()!r}")
     index = np.arange(len(ids)) - np.searchsorted(labels, labels)          # place in its class
     keep = index < cap if cap > 0 else np.ones(len(ids), dtype=bool)
     by_id = np.argsort(ids[keep])
     return {"id": ids[keep][by_id], "label": labels[keep][by_id], "index": index[keep][by_id]}
 
 
-def _present(member) -> bool:
-    """Whether a sample has this member: a sample without it holds None or NaN in the batch's column."""
-    return isinstance(member, bytes)
-
-
-def _decode_samples(batch: dict, order, shards: list[str], size: int, channels: int) -> dict:
-    """map_batches, second pass: WebDataset samples (raw bytes) -> the store's rows for the samples the first pass
-    kept (others are skipped undecoded); a sample without a label or an image is an error row."""
+def _decode_samples(batch: dict, order, label_name: str, size: int, channels: int) -> dict:
+    """map_batches, second pass: samples (_samples' rows) -> the store's rows for the samples the first pass kept
+    (others are skipped undecoded); a sample without a label or an image is an error row."""
     order = ray.get(order)                                               # zero-copy from the object store
-    ids = _sample_ids(batch["__url__"], batch["__key__"], shards)
-    at = np.minimum(np.searchsorted(order["id"], ids), len(order["id"]) - 1)
-    found = order["id"][at] == ids
-    no_label = np.array([not _present(v) for v in batch["cls"]]) if "cls" in batch else np.ones(len(ids), dtype=bool)
-    image_cols = [c for c in batch if c.lower() in IMAGE_MEMBERS]
+    at = np.minimum(np.searchsorted(order["id"], batch["id"]), max(len(order["id"]) - 1, 0))
+    found = order["id"][at] == batch["id"] if len(order["id"]) else np.zeros(len(batch["id"]), dtype=bool)
     rows = {"label": [], "index": [], "path": [], "image": [], "error": []}
-    for i in np.flatnonzero(found | no_label):
-        name = f"{batch['__url__'][i]}:{batch['__key__'][i]}"
-        data = next((batch[c][i] for c in image_cols if _present(batch[c][i])), None)
-        image, error = b"", ""
-        if no_label[i]:
-            error = f"sample {name} has no .cls label"
-        elif data is None:
-            error = f"sample {name} has no image member ({', '.join(IMAGE_MEMBERS)})"
+    for i in np.flatnonzero(found | (batch["src"] < 0)):
+        name, data, image, error = batch["name"][i], batch["data"][i], b"", ""
+        if batch["src"][i] < 0:
+            error = f"sample {name} has no {label_name} label"
+        elif not data:
+            error = f"sample {name} has no image"
         else:
             try:
                 image = read_image(name, size, channels, data=data).numpy().tobytes()
@@ -122,19 +152,21 @@ def _decode_samples(batch: dict, order, shards: list[str], size: int, channels: 
             "error": np.array(rows["error"], dtype=object)}
 
 
-def write_webdataset_split(folder: str, source_names: list[str], classes: list[str], cap: int, size: int,
-                           channels: int, dest: str) -> None:
-    """WebDataset shards (folder/*.tar, a path or URI; each sample an image and its .cls integer, an index into
-    `source_names`) -> the same parquet rows as write_folder_split, through Ray Data's WebDataset reader, twice:
-    the first pass reads only the labels and orders the samples (_order_samples), the second decodes and resizes
-    the kept ones in batches of 64 across the cluster."""
-    from raydd.data import shard_files
-
-    files = shard_files(folder)
-    order = ray.put(_order_samples(files, source_names, classes, cap))
-    (ray.data.read_webdataset(files, decoder=None)
-     .map_batches(_decode_samples, fn_kwargs={"order": order, "shards": [posixpath.basename(f) for f in files],
-                                              "size": size, "channels": channels}, batch_size=64)
+def write_shard_split(dataset: str, files: list[str], source_names: list[str], classes: list[str], cap: int,
+                      size: int, channels: int, dest: str) -> None:
+    """A shard source's files (data.dataset webdataset: tar shards, each sample an image and its .cls integer;
+    huggingface: parquet files with an image {bytes, path} and a label column; integers index `source_names`) ->
+    the same parquet rows as write_folder_split, read twice by Ray Data's own reader: the first pass reads only
+    the labels and orders the samples (_order_samples), the second decodes and resizes the kept ones in batches of
+    64 across the cluster."""
+    names = [posixpath.basename(f) for f in files]
+    if dups := sorted({n for n in names if names.count(n) > 1}):
+        raise DataError(f"data.root has files of one split with the same name in different folders ({dups[:5]}): a "
+                        f"split's files are told apart by name; point data.root at one configuration's folder")
+    order = ray.put(_order_samples(dataset, files, source_names, classes, cap))
+    (_samples(dataset, files, light=False)
+     .map_batches(_decode_samples, fn_kwargs={"order": order, "label_name": LABEL_NAME[dataset], "size": size,
+                                              "channels": channels}, batch_size=64, batch_format="numpy")
      .write_parquet(dest))
 
 
