@@ -1,20 +1,20 @@
 """python -m raydd.prepare --preset P data.root=DIR data.store=DIR_OR_URI [key=value ...]
 
-The real data's store: an ImageFolder (or WebDataset shards, or a Hugging Face dataset's parquet files:
-data.dataset=webdataset / huggingface) decoded once, resized to
-data.image_size, as parquet shards under `<data.store>/<key>/{train,val}/` (a local directory or any pyarrow
-filesystem URI: s3://, gs://, a shared path), so that no process decodes JPEGs again. Ray Data does the work: each
-class folder is listed by its own task (no process lists 1.28 M files), or Ray Data's WebDataset reader reads the
-shards; images are decoded and resized in map_batches tasks across the cluster and written with write_parquet.
-The key is the data that decides the rows (root, classes, size, channels, the decode cap of
-data.max_train_per_class; a shard source's dataset and source_classes). Unreadable files are named and fail the store; it is complete
-only when its manifest.json exists, which is written last. distill / sweep / evaluate / compare prepare a
-missing store themselves when data.store is set (`load_data`).
+The real data's store: an ImageFolder, WebDataset shards or a Hugging Face dataset's parquet files
+(data.dataset=imagefolder / webdataset / huggingface) decoded once, resized to data.image_size, as parquet shards
+under `<data.store>/<key>/{train,val}/` (a local directory or any pyarrow filesystem URI: s3://, gs://, a shared
+path), so that no process decodes JPEGs again. Ray Data does the work: each class folder is listed by its own task
+(no process lists 1.28 M files), or Ray Data's WebDataset or parquet reader reads the shards; images are decoded
+and resized in map_batches tasks across the cluster and written with write_parquet. The key is the data that
+decides the rows (root, classes, size, channels, the decode cap of data.max_train_per_class; a shard source's
+dataset and source_classes). Unreadable files are named and fail the store; it is complete only when its
+manifest.json exists, which is written last. distill / sweep / evaluate / compare prepare a missing store
+themselves when data.store is set (`load_data`).
 
-Rows: label (position in the class list), index (the file's place in its class: file-name order; in a WebDataset,
-(file, key or row hash) order), path (the file, or file:key, for error messages), image
-(uint8 [C, H, W] bytes), error ("" or why the file could not be read). Read by `raydd.data.read_store_split`,
-in file-name order per class, so a stored split equals the decoded one exactly, and streamed to Train jobs by
+Rows: label (position in the class list), index (the file's place in its class: file-name order; in a shard
+source, (file, WebDataset key or parquet row hash) order), path (the file, or file:key, for error messages), image
+(uint8 [C, H, W] bytes), error ("" or why the file could not be read). Read by `raydd.data.read_store_split`
+in index order per class, so a stored ImageFolder equals the decoded one exactly, and streamed to Train jobs by
 `raydd.distributed.store.part_dataset`.
 """
 from __future__ import annotations
