@@ -345,10 +345,11 @@ SPLIT_NAMES = {"train": "train", "val": "val", "validation": "val"}
 
 def source_files(dataset: str, root: str) -> dict[str, list[str]]:
     """A shard source's files under `root` (a path or URI) per split, sorted: "train", and "val" when it has one (the
-    held-out test split, as an ImageFolder's val/). A file's split is the first folder under root or the start of
-    its name that names one: train/0000.tar, val/..., data/train-00000-of-00294.parquet, data/validation-...
-    (a Hugging Face dataset's parquet files as the hub lays them out). Files no split names are train when none
-    is named train (a folder of shards); others (test) are left out."""
+    held-out test split, as an ImageFolder's val/). A file's split is the first word of its path under root (folders,
+    then its name split at - _ .) that names one: train/0000.tar, val/0000.tar, imagenet1k-validation-0001.tar
+    (timm's ImageNet WebDataset), data/train-00000-of-00294.parquet (a Hugging Face dataset's parquet files as the
+    hub lays them out). Files no split names are train when none is named train (a folder of shards); others
+    (test) are left out."""
     import re
 
     from pyarrow import fs as pafs
@@ -360,7 +361,7 @@ def source_files(dataset: str, root: str) -> dict[str, list[str]]:
         rel = info.path[len(path.rstrip("/")):].lstrip("/")
         if info.type != pafs.FileType.File or not rel.endswith(ext) or info.base_name.startswith("."):
             continue
-        words = rel.split("/")[:-1] + [re.split(r"[-_.]", info.base_name)[0]]
+        words = rel.split("/")[:-1] + re.split(r"[-_.]", info.base_name)
         named = next((SPLIT_NAMES[w] for w in words if w in SPLIT_NAMES), None)
         (split[named] if named else unnamed).append(f"{base}/{rel}")
     if not split["train"]:

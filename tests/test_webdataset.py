@@ -33,15 +33,15 @@ def add(tar: tarfile.TarFile, name: str, data: bytes) -> None:
 
 
 def make_shards(folder, out, shards: int = 3, extra: dict | None = None) -> None:
-    """The ImageFolder's files as WebDataset shards: out/train/*.tar and out/val/*.tar, samples in (class, file
-    name) order spread over `shards` shards, each an image (.jpg, the file's bytes) and its .cls integer (the
-    wnid's place in SOURCE); plus, in every train shard, a sample of a class the run does not use (.cls 0).
-    extra: {member name: bytes} added to the first train shard."""
-    for split in ("train", "val"):
+    """The ImageFolder's files as WebDataset shards laid out as timm's ImageNet ones: out/wds-train-000s.tar and
+    out/wds-validation-000s.tar, samples in (class, file name) order spread over `shards` shards, each an image
+    (.jpg, the file's bytes) and its .cls integer (the wnid's place in SOURCE); plus, in every train shard, a
+    sample of a class the run does not use (.cls 0). extra: {member name: bytes} added to the first train shard."""
+    out.mkdir(parents=True)
+    for split, name in (("train", "train"), ("val", "validation")):
         files = sorted((folder / split).glob("*/*.JPEG"), key=lambda f: (SOURCE.index(f.parent.name), f.name))
-        (out / split).mkdir(parents=True)
         for s, part in enumerate(np.array_split(np.array(files, dtype=object), shards)):
-            with tarfile.open(out / split / f"{split}-{s:04d}.tar", "w") as tar:
+            with tarfile.open(out / f"wds-{name}-{s:04d}.tar", "w") as tar:
                 for f in part:
                     add(tar, f"{f.stem}.jpg", f.read_bytes())
                     add(tar, f"{f.stem}.cls", str(SOURCE.index(f.parent.name)).encode())
@@ -97,7 +97,7 @@ def test_a_label_outside_source_classes_is_refused(tmp_path):
 
     make_shards(make_folder(tmp_path / "folder"), tmp_path / "wds", extra={"far.jpg": b"", "far.cls": b"7"})
     with pytest.raises(DataError, match=r"1 sample\(s\) have a \.cls label outside data.source_classes \(labels 0..3\)"
-                                        r".*train-0000.tar:far = 7"):
+                                        r".*wds-train-0000.tar:far = 7"):
         load_data(wds_cfg(tmp_path / "wds", tmp_path / "store"))
 
 
@@ -155,3 +155,25 @@ def test_a_hugging_face_datasets_parquet_files_prepare_into_a_store_of_the_same_
     capped = load_data(cfg_for(tmp_path / "hf", tmp_path / "store3", *hf, f"data.source_classes={','.join(SOURCE)}",
                                "data.max_train_per_class=2")).split("train")
     assert capped.y.tolist() == [0, 0, 1, 1] and set(by_content(capped)) <= set(by_content(decoded.split("train")))
+
+
+@pytest.mark.parametrize("dataset, names, want", [
+    ("webdataset", ["train/0000.tar", "train/0001.tar", "val/0000.tar"],
+     {"train": ["train/0000.tar", "train/0001.tar"], "val": ["val/0000.tar"]}),
+    ("webdataset", ["b.tar", "a.tar", "notes.txt", ".partial.tar"], {"train": ["a.tar", "b.tar"]}),
+    ("webdataset", ["in1k-train-0000.tar", "in1k-validation-0000.tar", "in1k-test-0000.tar"],
+     {"train": ["in1k-train-0000.tar"], "val": ["in1k-validation-0000.tar"]}),
+    ("huggingface", ["README.md", "data/train-00000-of-00002.parquet", "data/train-00001-of-00002.parquet",
+                     "data/validation-00000-of-00001.parquet", "data/test-00000-of-00001.parquet"],
+     {"train": ["data/train-00000-of-00002.parquet", "data/train-00001-of-00002.parquet"],
+      "val": ["data/validation-00000-of-00001.parquet"]}),
+    ("huggingface", ["default/train/0000.parquet", "default/validation/0000.parquet"],
+     {"train": ["default/train/0000.parquet"], "val": ["default/validation/0000.parquet"]}),
+])
+def test_a_shard_sources_splits_come_from_its_folders_or_file_names(tmp_path, dataset, names, want):
+    from raydd.data import source_files
+
+    for name in names:
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_bytes(b"")
+    assert source_files(dataset, str(tmp_path)) == {k: [f"{tmp_path}/{n}" for n in v] for k, v in want.items()}
