@@ -101,8 +101,8 @@ def _write_store(d: DataConfig, location: str) -> str:
 
 
 def load_data(cfg: Config) -> RealData:
-    """The run's real data. With data.store set (an ImageFolder), read from its store; a missing store is
-    prepared first, which starts Ray (unknown classes and a missing root fail before that)."""
+    """The run's real data. With data.store set (files: an ImageFolder or a shard source), read from its store; a
+    missing store is prepared first, which starts Ray (unknown classes and a missing root fail before that)."""
     d = cfg.data
     if d.store and d.dataset != "digits" and not is_complete(store_location(d)):
         from raydd.distributed.cluster import init_ray
