@@ -19,6 +19,8 @@ one run on the same machine. Writes JSON and logs one MLflow run (experiment ray
              unit, a whole 1-unit sampling stage and a 1-worker fit, next to the warm sampling time (#23 part 3)
   scale      (only with --only) peak PSS of a distillation + evaluation with N vs 4N real train images per class
              (<= 1.2x), and store preparation images/s vs a plain multi-process PIL loop              (>= 0.9x)
+  prepare    (only with --only) store preparation images/s from an ImageFolder, WebDataset shards and a Hugging
+             Face dataset's parquet files of the same images, each vs a plain multi-process PIL loop  (>= 0.9x)
 """
 from __future__ import annotations
 
@@ -414,27 +416,51 @@ def bench_scale(quick: bool) -> dict:
     return out
 
 
-def prepare_rates(root: Path, store: Path) -> dict:
+def prepare_rates(root: Path, store: Path, sources: tuple[str, ...] = ("imagefolder",)) -> dict:
     """Store preparation (raydd.prepare on a fresh local Ray, every CPU) vs a plain multi-process PIL loop with
-    every CPU, over the same ImageFolder (train/ and val/), in images/s."""
+    every CPU, over the same ImageFolder (train/ and val/), in images/s; with "webdataset" / "huggingface" in
+    `sources`, also from the same images as that source (raydd.realarch.write_shards), each into its own store."""
     import ray
 
     from raydd.distributed.cluster import init_ray
     from raydd.prepare import prepare_store
+    from raydd.realarch import write_shards
 
     files = sorted(root.rglob("*.JPEG"))
     cpus = os.cpu_count() or 1
-    out = {"cpus": cpus, "pil_pool_images_per_s": _pil_pool_rate(files, 256, cpus)}
-    cfg = load_config("imagenette", [f"data.root={root}", f"data.store={store}", "compute.gpus_per_actor=0",
-                                     "compute.gpus_per_worker=0", "compute.memory_per_actor_gib=0"])
+    out = {"cpus": cpus, "images": len(files), "pil_pool_images_per_s": _pil_pool_rate(files, 256, cpus)}
+    classes = ",".join(sorted(p.name for p in (root / "train").iterdir()))
+    cfg = load_config("imagenette", [f"data.root={root}", f"data.store={store}", f"data.classes={classes}",
+                                     "compute.gpus_per_actor=0", "compute.gpus_per_worker=0",
+                                     "compute.memory_per_actor_gib=0"])
     init_ray(cfg.compute)
     try:
-        t0 = time.perf_counter()
-        prepare_store(cfg.data)
-        out["prepare_images_per_s"] = len(files) / (time.perf_counter() - t0)
+        for source in sources:
+            data = cfg.data
+            if source != "imagefolder":
+                write_shards(root, root.parent / f"{root.name}-{source}", source)
+                data = dataclasses.replace(data, dataset=source, root=str(root.parent / f"{root.name}-{source}"))
+            t0 = time.perf_counter()
+            prepare_store(data)
+            key = "prepare" if source == "imagefolder" else f"prepare_{source}"
+            out[f"{key}_images_per_s"] = len(files) / (time.perf_counter() - t0)
+            out[f"{key}_over_pil_pool"] = out[f"{key}_images_per_s"] / out["pil_pool_images_per_s"]
     finally:
         ray.shutdown()
-    return out | {"prepare_over_pil_pool": out["prepare_images_per_s"] / out["pil_pool_images_per_s"]}
+    return out
+
+
+def bench_prepare(quick: bool) -> dict:
+    """Store preparation from each source (ImageFolder, WebDataset shards, a Hugging Face dataset's parquet files)
+    of the same synthetic 256 px JPEGs (10 imagenette classes, 200 train + 5 val each; 50 with --smoke), next to a
+    plain multi-process PIL loop over the files (prepare_rates)."""
+    from raydd.data import subset_classes
+    from raydd.realarch import write_imagefolder
+
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp) / "folder"
+        write_imagefolder(root, subset_classes("imagenette"), train=50 if quick else 200, val=5)
+        return prepare_rates(root, Path(tmp) / "stores", ("imagefolder", "webdataset", "huggingface"))
 
 
 DIT_XL_2 = {"hidden_size": 1152, "depth": 28, "heads": 16, "patch_size": 2}   # DiT-XL/2
@@ -612,7 +638,8 @@ def main(argv: list[str] | None = None) -> int:
                                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split("\n\n", 1)[1])
     p.add_argument("--only", default="", help="comma list of: sharding,batching,guidance,schedulers,train,student,"
                                               "memory,startup,gpu; not in the default set: guided-memory (minutes at DiT-XL/2 "
-                                              "on a CPU), scale (#20: real-data memory and store throughput)")
+                                              "on a CPU), scale (#20: real-data memory and store throughput), "
+                                              "prepare (store throughput from each source)")
     p.add_argument("--out", default="bench.json")
     p.add_argument("--smoke", "--quick", dest="quick", action="store_true", help="small sizes (a few minutes)")
     p.add_argument("--no-mlflow", action="store_true")
@@ -657,6 +684,9 @@ def main(argv: list[str] | None = None) -> int:
     if "scale" in only:
         log("scale (random + evaluation on a synthetic 256 px ImageFolder, N and 4N per class; store throughput) ...")
         results["scale"] = bench_scale(q)
+    if "prepare" in only:
+        log("prepare (a store from an ImageFolder, WebDataset shards and parquet files of the same images) ...")
+        results["prepare"] = bench_prepare(q)
     if "gpu" in only:
         log("gpu ...")
         results["gpu"] = bench_gpu(steps=10 if q else 50, batch=8 if q else 32, compile_model=not q)

@@ -64,6 +64,41 @@ def write_imagefolder(root: Path, classes: list[str], train: int = 12, val: int 
                 Image.fromarray(pixels).save(d / f"{wnid}_{i}.JPEG", quality=90)
 
 
+def write_shards(folder: Path, out: Path, dataset: str, per_file: int = 256) -> None:
+    """An ImageFolder's train/ and val/ (written by write_imagefolder) as a shard source of the same JPEG bytes,
+    labels = the wnids' places in the sorted 1000 (data.source_classes=imagenet1k): "webdataset" as timm's ImageNet
+    shards (out/imagenet1k-{train,validation}-NNNN.tar, samples <key>.jpg + <key>.cls), "huggingface" as a hub
+    dataset's parquet files (out/data/{train,validation}-NNNNN-of-NNNNN.parquet, columns image {bytes, path},
+    label). Samples in (class, file name) order, `per_file` a file."""
+    import io
+    import tarfile
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from raydd.data import subset_classes
+
+    label = {w: i for i, w in enumerate(subset_classes("imagenet1k"))}
+    for split, name in (("train", "train"), ("val", "validation")):
+        files = sorted((folder / split).glob("*/*.JPEG"), key=lambda f: (f.parent.name, f.name))
+        parts = [files[i:i + per_file] for i in range(0, len(files), per_file)]
+        for k, part in enumerate(parts):
+            if dataset == "webdataset":
+                out.mkdir(parents=True, exist_ok=True)
+                with tarfile.open(out / f"imagenet1k-{name}-{k:04d}.tar", "w") as tar:
+                    for f in part:
+                        for member, data in ((f"{f.stem}.jpg", f.read_bytes()),
+                                             (f"{f.stem}.cls", str(label[f.parent.name]).encode())):
+                            info = tarfile.TarInfo(member)
+                            info.size = len(data)
+                            tar.addfile(info, io.BytesIO(data))
+            else:
+                (out / "data").mkdir(parents=True, exist_ok=True)
+                table = pa.table({"image": [{"bytes": f.read_bytes(), "path": f.name} for f in part],
+                                  "label": pa.array([label[f.parent.name] for f in part], pa.int64())})
+                pq.write_table(table, out / "data" / f"{name}-{k:05d}-of-{len(parts):05d}.parquet")
+
+
 def main(argv: list[str] | None = None) -> int:
     from raydd.bench import peak_tree_rss
     from raydd.data import subset_classes

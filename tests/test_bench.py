@@ -89,3 +89,20 @@ def test_startup_section_splits_an_actors_start_into_its_parts(tmp_path):
                                           "stage_s", "train_fit_s"))
     assert sum(r[k] for k in parts) == pytest.approx(r["actor_to_first_unit_s"])
     assert r["stage_overhead_s"] == pytest.approx(r["stage_s"] - r["sample_unit_warm_s"]) and r["stage_overhead_s"] > 0
+
+
+def test_prepare_section_times_each_source_of_the_same_images(tmp_path):
+    """prepare_rates on a tiny folder: each source (the folder, its WebDataset shards, its parquet files) prepares
+    into its own store of the same counts, and each gets a rate."""
+    import json
+
+    from raydd.bench import prepare_rates
+    from raydd.realarch import write_imagefolder
+
+    write_imagefolder(tmp_path / "folder", ["n01440764", "n02102040"], train=3, val=1, size=32)
+    r = prepare_rates(tmp_path / "folder", tmp_path / "stores", ("imagefolder", "webdataset", "huggingface"))
+    assert r["images"] == 8
+    for key in ("prepare", "prepare_webdataset", "prepare_huggingface"):
+        assert r[f"{key}_images_per_s"] > 0 and r[f"{key}_over_pil_pool"] > 0
+    manifests = [json.loads(m.read_text()) for m in (tmp_path / "stores").glob("*/manifest.json")]
+    assert len(manifests) == 3 and {str(m["counts"]) for m in manifests} == {str({"train": [3, 3], "val": [1, 1]})}
