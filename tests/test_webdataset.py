@@ -13,8 +13,6 @@ from raydd.config import ConfigError, load_config
 from raydd.data import DataError, load_real
 from test_prepare import WNIDS, cfg_for, make_folder
 
-pytestmark = pytest.mark.ray
-
 SOURCE = ["n01440764", WNIDS[0], "n02102040", WNIDS[1]]       # .cls integers 0..3; WNIDS are labels 1 and 3
 
 
@@ -56,6 +54,7 @@ def wds_cfg(root, store, *extra):
     return cfg_for(root, store, "data.dataset=webdataset", f"data.source_classes={','.join(SOURCE)}", *extra)
 
 
+@pytest.mark.ray
 @pytest.mark.parametrize("cap", [0, 2])
 def test_shards_prepare_into_the_store_their_imagefolder_gives_row_for_row(tmp_path, cap, capsys):
     from raydd.prepare import main, store_location
@@ -80,6 +79,7 @@ def test_shards_prepare_into_the_store_their_imagefolder_gives_row_for_row(tmp_p
         != store_location(cfg.data)
 
 
+@pytest.mark.ray
 def test_a_corrupt_image_and_a_sample_without_a_label_are_named_and_the_store_stays_incomplete(tmp_path):
     from raydd.prepare import is_complete, load_data, store_location
 
@@ -92,6 +92,7 @@ def test_a_corrupt_image_and_a_sample_without_a_label_are_named_and_the_store_st
     assert not is_complete(store_location(cfg.data))
 
 
+@pytest.mark.ray
 def test_a_label_outside_source_classes_is_refused(tmp_path):
     from raydd.prepare import load_data
 
@@ -138,6 +139,7 @@ def by_content(split) -> list[tuple[int, bytes]]:
     return sorted(zip(split.y.tolist(), (x.numpy().tobytes() for x in split.x)))
 
 
+@pytest.mark.ray
 def test_a_hugging_face_datasets_parquet_files_prepare_into_a_store_of_the_same_images_in_a_fixed_order(tmp_path):
     from raydd.prepare import load_data
 
