@@ -417,9 +417,10 @@ def bench_scale(quick: bool) -> dict:
 
 
 def prepare_rates(root: Path, store: Path, sources: tuple[str, ...] = ("imagefolder",)) -> dict:
-    """Store preparation (raydd.prepare on a fresh local Ray, every CPU) vs a plain multi-process PIL loop with
-    every CPU, over the same ImageFolder (train/ and val/), in images/s; with "webdataset" / "huggingface" in
-    `sources`, also from the same images as that source (raydd.realarch.write_shards), each into its own store."""
+    """Store preparation (raydd.prepare on a fresh local Ray, every CPU, after a warm-up) vs a plain multi-process
+    PIL loop with every CPU, over the same ImageFolder (train/ and val/), in images/s; with "webdataset" /
+    "huggingface" in `sources`, also from the same images as that source (raydd.realarch.write_shards), each into
+    its own store."""
     import ray
 
     from raydd.distributed.cluster import init_ray
@@ -435,6 +436,9 @@ def prepare_rates(root: Path, store: Path, sources: tuple[str, ...] = ("imagefol
                                      "compute.memory_per_actor_gib=0"])
     init_ray(cfg.compute)
     try:
+        # a warm-up store (2 images a class) first: Ray Data's workers start and import once, as they do once in
+        # a preparation of ImageNet; measured cold, whichever source came first paid for it (2-3x slower here)
+        prepare_store(dataclasses.replace(cfg.data, max_train_per_class=2))
         for source in sources:
             data = cfg.data
             if source != "imagefolder":
