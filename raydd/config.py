@@ -213,7 +213,7 @@ class Config:
 ALLOWED = {
     "data.dataset": ("digits", "imagefolder", "webdataset", "huggingface"),
     "data.channels": (1, 3),
-    "sampler.scheduler": ("ddpm", "ddim", "dpm++", "dpm++sde", "unipc", "euler"),   # raydd.sampling.Steps
+    "sampler.scheduler": ("ddpm", "ddim", "dpm++", "dpm++sde", "unipc", "euler"),   # each built by raydd.sampling.Steps
     "sampler.guidance_norm": ("variance", "eps"),
     "compute.precision": ("fp32", "bf16"),
     "eval.protocol": ("hard", "soft"),

@@ -18,7 +18,7 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
-from raydd.config import ConfigError, SamplerConfig
+from raydd.config import ALLOWED, ConfigError, SamplerConfig
 from raydd.diffusion import predict_x0
 from raydd.errors import RayddError
 
@@ -30,7 +30,7 @@ class GuidanceError(RayddError, RuntimeError):
 # --------------------------------------------------------------------------------------------
 # Schedulers: diffusers' own, seen in DDPM's variance-preserving terms
 # --------------------------------------------------------------------------------------------
-SCHEDULERS = ("ddpm", "ddim", "dpm++", "dpm++sde", "unipc", "euler")
+SCHEDULERS = ALLOWED["sampler.scheduler"]                  # one list: the config's allowed values, Steps builds each
 
 
 class Steps:
