@@ -46,8 +46,8 @@ def make_shards(folder, out, shards: int = 3, extra: dict | None = None) -> None
                 if split == "train":
                     add(tar, f"other_{s}.jpg", next(iter(part)).read_bytes())
                     add(tar, f"other_{s}.cls", b"0")
-                for name, data in (extra or {}).items() if (split, s) == ("train", 0) else ():
-                    add(tar, name, data)
+                for member, data in (extra or {}).items() if (split, s) == ("train", 0) else ():
+                    add(tar, member, data)
 
 
 def wds_cfg(root, store, *extra):
