@@ -182,7 +182,7 @@ def resolve_classes(spec: str, available: list[str] | None = None, where: str = 
         if available is None:
             raise DataError("data.classes is empty and there is no directory to list classes from")
         return sorted(available)
-    names = subset_classes(spec) if spec in SUBSETS else [c.strip() for c in spec.split(",") if c.strip()]
+    names = class_list(spec)
     dupes = sorted({c for c in names if names.count(c) > 1})
     if dupes:
         raise DataError(f"data.classes has duplicate classes: {dupes}")
@@ -378,14 +378,14 @@ def source_classes(cfg: DataConfig) -> tuple[str, list[str], bool]:
     if cfg.dataset in SHARD_SOURCES:
         root = cfg.root if "://" in cfg.root else str(Path(cfg.root).expanduser().resolve())
         has_val = "val" in source_files(cfg.dataset, root)
-        return root, resolve_classes(cfg.classes, label_names(cfg.source_classes), "in data.source_classes"), has_val
+        return root, resolve_classes(cfg.classes, class_list(cfg.source_classes), "in data.source_classes"), has_val
     root, classes, has_val = folder_classes(cfg)
     return str(root), classes, has_val
 
 
-def label_names(spec: str) -> list[str]:
-    """data.source_classes -> the class name of each integer label, in label order: a subset's wnids (imagenet1k:
-    the 1000 wnids sorted, ImageNet's usual label order) or a comma list."""
+def class_list(spec: str) -> list[str]:
+    """A class list as data.classes and data.source_classes give it -> the names in order: a subset's wnids
+    (imagenet1k: the 1000 wnids sorted, ImageNet's usual label order) or a comma list."""
     return subset_classes(spec) if spec in SUBSETS else [c.strip() for c in spec.split(",") if c.strip()]
 
 

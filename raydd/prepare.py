@@ -64,7 +64,7 @@ def prepare_store(d: DataConfig) -> str:
 def _write_store(d: DataConfig, location: str) -> str:
     import pyarrow.parquet as pq
 
-    from raydd.data import label_names
+    from raydd.data import class_list
     from raydd.distributed.store import write_folder_split, write_shard_split
 
     root, classes, has_val = source_classes(d)
@@ -83,7 +83,7 @@ def _write_store(d: DataConfig, location: str) -> str:
         where = f"{root} ({len(source)} {d.dataset} files)" if shards else source
         print(f"[raydd] prepare: {split} of {len(classes)} classes from {where} -> {dest}", flush=True)
         if shards:
-            write_shard_split(d.dataset, source, label_names(d.source_classes), classes, cap, d.image_size,
+            write_shard_split(d.dataset, source, class_list(d.source_classes), classes, cap, d.image_size,
                               d.channels, dest)
         else:
             write_folder_split([f"{source}/{c}" for c in classes], cap, d.image_size, d.channels, dest)
