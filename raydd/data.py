@@ -343,8 +343,10 @@ SHARD_SOURCES = {"webdataset": ".tar", "huggingface": ".parquet"}     # data.dat
 SPLIT_NAMES = {"train": "train", "val": "val", "validation": "val"}
 
 
+@functools.lru_cache(maxsize=None)
 def source_files(dataset: str, root: str) -> dict[str, list[str]]:
-    """A shard source's files under `root` (a path or URI) per split, sorted: "train", and "val" when it has one (the
+    """Listed once per process (the store's key needs it, and every store_location and stream_spec asks; callers
+    must not change the answer). A shard source's files under `root` (a path or URI) per split, sorted: "train", and "val" when it has one (the
     held-out test split, as an ImageFolder's val/). A file's split is the first word of its path under root (folders,
     then its name split at - _ .) that names one: train/0000.tar, val/0000.tar, imagenet1k-validation-0001.tar
     (timm's ImageNet WebDataset), data/train-00000-of-00294.parquet (a Hugging Face dataset's parquet files as the
