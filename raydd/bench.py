@@ -437,7 +437,7 @@ def prepare_rates(root: Path, store: Path, sources: tuple[str, ...] = ("imagefol
     init_ray(cfg.compute)
     try:
         # a warm-up store (2 images a class) first: Ray Data's workers start and import once, as they do once in
-        # a preparation of ImageNet; measured cold, whichever source came first paid for it (2-3x slower here)
+        # a preparation of ImageNet; measured cold, whichever source came first paid for it (about 2x slower here)
         prepare_store(dataclasses.replace(cfg.data, max_train_per_class=2, store=f"{store}-warm-up"))
         for source in sources:
             data = cfg.data
