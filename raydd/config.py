@@ -185,7 +185,7 @@ class Config:
     preset: str = "digits"
     ipc: int = 10                  # images per class
     seed: int = 0                  # run seed: every sample's noise derives from (seed, class, slot)
-    out_dir: str = "outputs"       # distilled sets go to <out_dir>/<run_name>/
+    out_dir: str = "outputs"       # distilled sets go to <out_dir>/<run_name>/ (a path or a pyarrow URI: s3://...)
     run_name: str = ""             # "" = <preset>-<method>-ipc<ipc>-s<seed>
     cache_dir: str = ""            # "" = $RAYDD_CACHE or ~/.cache/raydd (backbones, teachers, references)
     smoke: bool = False
@@ -206,8 +206,20 @@ class Config:
         d = self.cache_dir or os.environ.get("RAYDD_CACHE") or "~/.cache/raydd"
         return Path(d).expanduser().resolve()
 
-    def output_dir(self) -> Path:
-        return Path(self.out_dir).expanduser().resolve() / self.resolved_run_name()
+    def output_dir(self) -> str:
+        """<out_dir>/<run_name>: an absolute path, or a URI (s3://, gs://, file://: where every node reads the set)."""
+        if "://" in self.out_dir:
+            return f"{self.out_dir.rstrip('/')}/{self.resolved_run_name()}"
+        return str(Path(self.out_dir).expanduser().resolve() / self.resolved_run_name())
+
+    def scratch_dir(self) -> Path:
+        """The run's work dir on the driver's machine (stage units, Ray Train checkpoints; removed when the run
+        finishes, kept for a rerun to resume): next to a local output, `.<run_name>.work`; for an output on a URI,
+        under the cache, named by the output."""
+        out = self.output_dir()
+        if "://" in out:
+            return self.resolved_cache_dir() / "work" / f"{self.resolved_run_name()}-{config_hash(out)}"
+        return Path(out).parent / f".{self.resolved_run_name()}.work"
 
 
 ALLOWED = {

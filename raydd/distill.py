@@ -90,7 +90,7 @@ def prepare_method(cfg: Config, data: RealData, runner) -> None:
                                runner=runner), mcfg)
 
 
-def produce(cfg: Config, data: RealData, runner, tracker, scratch: Path) -> tuple[Path, int, dict]:
+def produce(cfg: Config, data: RealData, runner, tracker, scratch: Path) -> tuple[str, int, dict]:
     """method.run -> the distilled set written to cfg.output_dir() (parquet + ImageFolder) and its
     grid logged. Returns (output dir, number of images, timings)."""
     from raydd.context import Context
@@ -170,8 +170,7 @@ def distill(cfg: Config, parent_run_id: str | None = None) -> dict:
     data = load_data(cfg)                    # unknown classes / corrupt images fail here (a store: prepared)
     check_backbone(cfg)                                            # missing weights fail here
     log(f"{cfg.method} on {cfg.preset}: {data.num_classes} classes, {data.describe()}, IPC {cfg.ipc}")
-    out_dir = cfg.output_dir()
-    scratch = out_dir.parent / f".{out_dir.name}.work"
+    scratch = cfg.scratch_dir()
     scratch.mkdir(parents=True, exist_ok=True)
 
     init_ray(cfg.compute)                                          # resources no node has fail here
@@ -187,19 +186,19 @@ def distill(cfg: Config, parent_run_id: str | None = None) -> dict:
             f"on the {cfg.eval.split} split ...")
         t0 = time.time()
         max_workers = int(cluster_cpus() // max(cfg.compute.cpus_per_worker, 1e-9))
-        summary = evaluate_set(cfg, set_source(str(out_dir)), runner, max_workers=max_workers)
+        summary = evaluate_set(cfg, set_source(out_dir), runner, max_workers=max_workers)
         metrics |= {"time_eval_s": time.time() - t0, "time_total_s": time.time() - t_start,
                     "driver_peak_rss_mb": peak_rss_mb()} | summary_metrics(summary)
         tracker.log_metrics(metrics)
         log_curves(tracker, summary)
-        tracker.set_tags({"output_dir": str(out_dir)})
-        tracker.log_dict({"output_dir": str(out_dir), "summary": summary, "metrics": metrics}, "result.json")
+        tracker.set_tags({"output_dir": out_dir})
+        tracker.log_dict({"output_dir": out_dir, "summary": summary, "metrics": metrics}, "result.json")
         tracker.end("FINISHED")
     except BaseException as e:
         tracker.end_after(e)
         raise
     shutil.rmtree(scratch, ignore_errors=True)
-    result = {"run_id": tracker.run_id, "output_dir": str(out_dir), "summary": summary, "metrics": metrics}
+    result = {"run_id": tracker.run_id, "output_dir": out_dir, "summary": summary, "metrics": metrics}
     report(cfg, result)
     return result
 

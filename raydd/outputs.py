@@ -1,6 +1,7 @@
-"""Writing and reading a distilled set.
+"""Writing and reading a distilled set, at a local path or a pyarrow filesystem URI (s3://, gs://, file://).
 
-Layout of <out>/ (written to <out>.partial-<pid>/ first, then renamed: a set that exists is complete):
+Layout of <out>/ (manifest.json is removed first and written last: a set whose manifest exists is complete; on an
+object store a directory cannot be renamed whole, so the set is written in place):
   parquet/class_idx=<c>/part-0.parquet   columns slot, seed?, image (raw uint8 bytes), image_shape,
                                          latent (raw float16 bytes, may be null), latent_shape, score
   images/<class_name>/<slot>.png         the ImageFolder every reference repo's evaluation reads
@@ -8,17 +9,18 @@ Layout of <out>/ (written to <out>.partial-<pid>/ first, then renamed: a set tha
 """
 from __future__ import annotations
 
+import io
 import json
-import os
-import shutil
 from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 import torch
 from PIL import Image
 
+from raydd.data import store_filesystem
 from raydd.generate import DistilledSet, StagedSet
 
 
@@ -28,13 +30,20 @@ def to_pil(img: np.ndarray) -> Image.Image:
 
 
 def write_distilled(ds: DistilledSet | StagedSet, out: str | Path, class_names: list[str],
-                    extra: dict | None = None) -> Path:
-    """A class at a time (`classes()`): of a StagedSet, one class's images and the unit files they are in are held,
-    and every unit file is read once."""
-    out = Path(out)
-    tmp = out.parent / f"{out.name}.partial-{os.getpid()}"
-    if tmp.exists():
-        shutil.rmtree(tmp)
+                    extra: dict | None = None) -> str | Path:
+    """The set -> <out>/ (a path or a URI), a class at a time (`classes()`): of a StagedSet, one class's images and
+    the unit files they are in are held, and every unit file is read once. Returns out (a Path for a local path)."""
+    fs, root = store_filesystem(str(out))
+    if fs.get_file_info(f"{root}/manifest.json").type != pafs.FileType.NotFound:
+        fs.delete_file(f"{root}/manifest.json")                            # first: the old set is incomplete now
+    fs.create_dir(root, recursive=True)
+    fs.delete_dir_contents(root, missing_dir_ok=True)
+
+    def put(path: str, data: bytes) -> None:
+        fs.create_dir(path.rsplit("/", 1)[0], recursive=True)
+        with fs.open_output_stream(path) as f:
+            f.write(data)
+
     for c, part in ds.classes():                                       # this class's rows, in slot order
         images = part.images.numpy()
         cols = {
@@ -48,35 +57,33 @@ def write_distilled(ds: DistilledSet | StagedSet, out: str | Path, class_names: 
             lat = part.latents.numpy()
             cols["latent"] = pa.array([z.tobytes() for z in lat], type=pa.binary())
             cols["latent_shape"] = pa.array([list(z.shape) for z in lat])
-        part_dir = tmp / "parquet" / f"class_idx={c}"
-        part_dir.mkdir(parents=True)
-        pq.write_table(pa.table(cols), part_dir / "part-0.parquet")
-        img_dir = tmp / "images" / class_names[c]
-        img_dir.mkdir(parents=True)
+        table = io.BytesIO()
+        pq.write_table(pa.table(cols), table)
+        put(f"{root}/parquet/class_idx={c}/part-0.parquet", table.getvalue())
         for img, slot in zip(images, part.slots.tolist()):
-            to_pil(img).save(img_dir / f"{slot}.png")
+            png = io.BytesIO()
+            to_pil(img).save(png, format="PNG")
+            put(f"{root}/images/{class_names[c]}/{slot}.png", png.getvalue())
     counts = torch.bincount(ds.labels, minlength=len(class_names)).tolist()
     manifest = {"classes": class_names, "counts": counts, "num_images": len(ds), **(extra or {})}
-    (tmp / "manifest.json").write_text(json.dumps(manifest, indent=1))
-    if out.exists():
-        shutil.rmtree(out)
-    os.replace(tmp, out)
-    return out
+    put(f"{root}/manifest.json", json.dumps(manifest, indent=1).encode())   # last: the set is complete
+    return out if "://" in str(out) else Path(root)
 
 
 def read_distilled(out: str | Path, classes: list[int] | None = None, per_class: int = 0) -> DistilledSet:
     """Read back what write_distilled wrote (canonical (label, slot) order): every class, or only `classes` (their
     files alone are read), and of each all rows or the `per_class` lowest slots (a figure's few images of a large
     set)."""
-    root = Path(out) / "parquet"
-    if not (Path(out) / "manifest.json").exists():
+    fs, root = store_filesystem(str(out))
+    if fs.get_file_info(f"{root}/manifest.json").type != pafs.FileType.File:
         raise FileNotFoundError(f"{out} is not a complete distilled set (no manifest.json)")
+    parts = {int(i.base_name.split("=")[1]): i.path for i in fs.get_file_info(pafs.FileSelector(f"{root}/parquet"))
+             if i.base_name.startswith("class_idx=")}
     imgs, labels, slots, lats, scores = [], [], [], [], []
-    for part in sorted(root.glob("class_idx=*"), key=lambda p: int(p.name.split("=")[1])):
-        c = int(part.name.split("=")[1])
+    for c, part in sorted(parts.items()):
         if classes is not None and c not in classes:
             continue
-        t = pq.read_table(part / "part-0.parquet").to_pydict()
+        t = pq.read_table(f"{part}/part-0.parquet", filesystem=fs).to_pydict()
         for k in sorted(range(len(t["slot"])), key=lambda k: t["slot"][k])[:per_class or None]:
             imgs.append(np.frombuffer(t["image"][k], np.uint8).reshape(t["image_shape"][k]))
             if "latent" in t and t["latent"][k] is not None:

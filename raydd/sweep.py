@@ -92,7 +92,7 @@ def run_trial(params: dict, base: Config, sweep_dir: Path, parent_run_id: str) -
         out_dir, _, timings = produce(cfg, data, runner, tracker, scratch)
         tracker.log_metrics(timings)
         report = StagesToTune(functools.partial(stage_done, cfg.tracking, tracker.run_id))
-        evaluate_set(cfg, set_source(str(out_dir)), runner, max_workers=1, stages=STAGES, callbacks=[report])
+        evaluate_set(cfg, set_source(out_dir), runner, max_workers=1, stages=STAGES, callbacks=[report])
         status = "FINISHED"                      # (stage_done closed the run at the last stage)
     finally:
         # Tune stops a trial at its last report too, which can end the Train job (and this function) with

@@ -1,5 +1,6 @@
 """raydd on a simulated two-node Ray cluster (ray.cluster_utils.Cluster, real raylets on this machine): a
-distillation and its evaluation with the real-data store on a storage URI (file://), every Train job that
+distillation and its evaluation with the real-data store, the stages and the output on storage URIs (file://), every
+Train job that
 trains on the real data streaming it through Ray Data on whichever node it lands (#20)."""
 import json
 import os
@@ -15,10 +16,10 @@ from test_prepare import WNIDS, make_folder          # tests/ is on sys.path (ro
 pytestmark = [pytest.mark.slow, pytest.mark.ray]
 
 
-def test_a_distillation_and_its_evaluation_on_two_nodes_with_the_store_and_stages_on_uris(tmp_path):
+def test_a_distillation_and_its_evaluation_on_two_nodes_with_the_store_stages_and_output_on_uris(tmp_path):
     """A `dit` distillation (a random tiny DiT over ImageNet's 1000 class ids, saved in the diffusers format) with
-    the real-data store and the generation stages on file:// URIs: the sampling actors write their units to the
-    stage URI, on whichever node they run."""
+    the real-data store, the generation stages and the output on file:// URIs: the sampling actors write their units
+    to the stage URI, on whichever node they run, and the set is written to and evaluated from the output URI."""
     import ray
     from ray.cluster_utils import Cluster
 
@@ -40,7 +41,7 @@ def test_a_distillation_and_its_evaluation_on_two_nodes_with_the_store_and_stage
                f"compute.stages=file://{tmp_path / 'stages'}", "compute.batch_size=2",
                f"backbone.source={dit}", "backbone.vae=identity", "sampler.steps=4",
                "ipc=2", "eval.students=[convnet_d1]", "eval.seeds=2", "eval.epochs=2", "eval.teacher_epochs=1",
-               "eval.teacher_arch=convnet_d1", f"out_dir={tmp_path / 'outputs'}", "--result-json", str(tmp_path / "r.json")]
+               "eval.teacher_arch=convnet_d1", f"out_dir=file://{tmp_path / 'outputs'}", "run_name=two-nodes", "--result-json", str(tmp_path / "r.json")]
         p = subprocess.run(cmd, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=900)
         assert p.returncode == 0, (p.stdout + p.stderr)[-4000:]
         assert len(cluster.list_all_nodes()) == 2
@@ -50,7 +51,12 @@ def test_a_distillation_and_its_evaluation_on_two_nodes_with_the_store_and_stage
     (stage,) = (tmp_path / "stages").glob("generate-*")                     # sampled into the stage URI
     assert sorted(p.name for p in stage.iterdir()) == ["unit-0.npz", "unit-1.npz"]   # 2 classes x IPC 2, by 2
     assert json.loads(manifest.read_text())["counts"] == {"train": [12, 12], "val": [3, 3]}
-    run_id = json.loads((tmp_path / "r.json").read_text())["run_id"]
+    result = json.loads((tmp_path / "r.json").read_text())
+    assert result["output_dir"] == f"file://{tmp_path / 'outputs'}/two-nodes"
+    assert json.loads((tmp_path / "outputs" / "two-nodes" / "manifest.json").read_text())["counts"] == [2, 2]
+    assert len(list((tmp_path / "outputs" / "two-nodes" / "images").rglob("*.png"))) == 4
+    assert not (tmp_path / "file:").exists() and not list((tmp_path / "cache" / "work").iterdir())   # scratch gone
+    run_id = result["run_id"]
     mlflow.set_tracking_uri(env["MLFLOW_TRACKING_URI"])
     summary = json.loads(Path(mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path="result.json"))
                          .read_text())["summary"]
