@@ -57,6 +57,12 @@ class DistilledSet:
                             None if self.latents is None else self.latents[idx],
                             None if self.scores is None else self.scores[idx])
 
+    def subset(self, idx, slots: torch.Tensor | None = None, scores: torch.Tensor | None = None) -> "DistilledSet":
+        """Rows idx (new slots / scores for them, if given), as StagedSet.subset."""
+        s = self.take(torch.as_tensor(np.asarray(idx, dtype=np.int64)))
+        return DistilledSet(s.images, s.labels, s.slots if slots is None else slots, s.latents,
+                            s.scores if scores is None else scores)
+
     def classes(self) -> Iterator[tuple[int, "DistilledSet"]]:
         """(label, that class's rows in slot order), in label order."""
         s = self.sorted()
@@ -87,10 +93,17 @@ def unit_file(stage: str | Path, u: int) -> str:
 
 @contextlib.contextmanager
 def open_unit(file: str):
-    """np.load of a unit file, wherever its stage is (members load one by one, when read)."""
+    """np.load of a unit file, wherever its stage is (members load one by one, when read); a written set's class
+    file (.parquet, raydd.outputs.ClassFile) reads as one too."""
     fs, root = stage_filesystem(posixpath.dirname(str(file)))
-    with fs.open_input_file(f"{root}/{posixpath.basename(str(file))}") as fh, np.load(fh, allow_pickle=False) as z:
-        yield z
+    with fs.open_input_file(f"{root}/{posixpath.basename(str(file))}") as fh:
+        if str(file).endswith(".parquet"):
+            from raydd.outputs import ClassFile
+
+            yield ClassFile(fh, int(re.search(r"class_idx=(\d+)", str(file)).group(1)))
+            return
+        with np.load(fh, allow_pickle=False) as z:
+            yield z
 
 
 def unit_exists(stage: str, u: int) -> bool:
@@ -163,11 +176,12 @@ def images_of(batch: dict[str, np.ndarray]) -> np.ndarray:
 
 @dataclass
 class StagedSet:
-    """A sampled set whose images and latents stay in the unit files the sampling actors wrote: the driver holds
-    labels, slots, scores and where each row is (about 30 bytes a row) and reads a row's image only when it takes
-    it. Same interface as DistilledSet; `images` / `latents` read every row (for steps that need them all)."""
-    stage: str                            # the stage's directory: <stage>/unit-<u>.npz
-    units: np.ndarray                     # int64 [N]: the unit file holding each row
+    """A sampled set whose images and latents stay in the files the sampling actors wrote (a stage's unit files, or
+    a written set's class files, raydd.outputs.written_set): the driver holds labels, slots, scores and where each
+    row is (about 30 bytes a row) and reads a row's image only when it takes it. Same interface as DistilledSet;
+    `images` / `latents` read every row (for steps that need them all)."""
+    paths: list[str]                      # the files rows live in: <stage>/unit-<u>.npz (or a written set's parquet)
+    units: np.ndarray                     # int64 [N]: the file holding each row (an index into paths)
     pos: np.ndarray                       # int64 [N]: the row's place in it
     labels: torch.Tensor
     slots: torch.Tensor
@@ -175,16 +189,21 @@ class StagedSet:
 
     @classmethod
     def read(cls, stage_dir: str | Path, units: np.ndarray) -> "StagedSet":
-        """The light columns of the units' files, in canonical (label, slot) order."""
+        """The light columns of a stage's unit files, in canonical (label, slot) order."""
+        return cls.of_files([unit_file(stage_dir, u) for u in units])
+
+    @classmethod
+    def of_files(cls, paths: list[str]) -> "StagedSet":
+        """The light columns (class_idx, slot, score) of the files, in canonical (label, slot) order."""
         unit, pos, labels, slots, scores = [], [], [], [], []
-        for u in units:
-            with open_unit(unit_file(stage_dir, u)) as z:                    # the images stay unread
+        for k, path in enumerate(paths):
+            with open_unit(path) as z:                                       # the images stay unread
                 labels.append(z["class_idx"])
                 slots.append(z["slot"])
                 scores.append(z["score"])
-            unit.append(np.full(len(labels[-1]), int(u), np.int64))
+            unit.append(np.full(len(labels[-1]), k, np.int64))
             pos.append(np.arange(len(labels[-1])))
-        return cls(str(stage_dir), np.concatenate(unit), np.concatenate(pos),
+        return cls(list(paths), np.concatenate(unit), np.concatenate(pos),
                    torch.from_numpy(np.concatenate(labels).astype(np.int64)),
                    torch.from_numpy(np.concatenate(slots).astype(np.int64)),
                    torch.from_numpy(np.concatenate(scores).astype(np.float32))).sorted()
@@ -193,18 +212,22 @@ class StagedSet:
         return len(self.labels)
 
     def files(self, idx: np.ndarray | slice = slice(None)) -> np.ndarray:
-        """str [N]: the unit file of each row (of rows idx)."""
-        units = self.units[idx]
-        return np.array([unit_file(self.stage, u) for u in units.tolist()])
+        """str [N]: the file of each row (of rows idx)."""
+        return np.array([self.paths[u] for u in self.units[idx].tolist()])
+
+    def subset(self, idx, slots: torch.Tensor | None = None, scores: torch.Tensor | None = None) -> "StagedSet":
+        """Rows idx, nothing read (new slots / scores for them, if given)."""
+        idx = np.asarray(idx, dtype=np.int64)
+        return StagedSet(self.paths, self.units[idx], self.pos[idx], self.labels[idx],
+                         self.slots[idx] if slots is None else slots,
+                         (None if self.scores is None else self.scores[idx]) if scores is None else scores)
 
     def sorted(self) -> "StagedSet":
-        order = np.lexsort((self.slots.numpy(), self.labels.numpy()))
-        return StagedSet(self.stage, self.units[order], self.pos[order], self.labels[order], self.slots[order],
-                         None if self.scores is None else self.scores[order])
+        return self.subset(np.lexsort((self.slots.numpy(), self.labels.numpy())))
 
     def read_columns(self, idx: np.ndarray | slice, keys: tuple[str, ...]) -> dict[str, np.ndarray]:
-        """Columns `keys` of rows idx, from their unit files (raydd.generate.read_rows)."""
-        like = unit_file(self.stage, self.units[0]) if len(self.units) else ""
+        """Columns `keys` of rows idx, from their files (raydd.generate.read_rows)."""
+        like = self.paths[int(self.units[0])] if len(self.units) else ""
         return read_rows(self.files(idx), self.pos[idx], keys, like=like)
 
     def take(self, idx: torch.Tensor) -> DistilledSet:
@@ -216,21 +239,21 @@ class StagedSet:
                             None if self.scores is None else self.scores[idx])
 
     def classes(self) -> Iterator[tuple[int, DistilledSet]]:
-        """(label, that class's rows in slot order), in label order, reading every unit file once: a unit holds
+        """(label, that class's rows in slot order), in label order, reading every file once: a unit holds
         consecutive classes' rows, so a file is kept only until the last class with rows in it is out (the driver
         holds about a unit and a class, not the set)."""
         s = self.sorted()
         labels = s.labels.numpy()
-        last = {u: k for k, u in enumerate(s.units.tolist())}                # unit -> its last row in s
+        last = {u: k for k, u in enumerate(s.units.tolist())}                # file -> its last row in s
         held: dict[int, dict[str, np.ndarray]] = {}
         for c in np.unique(labels).tolist():
             rows = np.flatnonzero(labels == c)
             for u in np.unique(s.units[rows]).tolist():
                 if u not in held:
-                    with open_unit(unit_file(s.stage, u)) as z:
+                    with open_unit(s.paths[u]) as z:
                         held[u] = {k: z[k] for k in HEAVY if k in z.files}
             cols = {k: np.stack([held[u][k][p] for u, p in zip(s.units[rows].tolist(), s.pos[rows].tolist())])
-                    for k in held[int(s.units[rows[0]])]}
+                    for k in set.intersection(*(set(held[u]) for u in np.unique(s.units[rows]).tolist()))}
             yield c, DistilledSet(torch.from_numpy(cols["image"]), s.labels[rows], s.slots[rows],
                                   torch.from_numpy(cols["latent"]) if "latent" in cols else None,
                                   None if s.scores is None else s.scores[rows])
@@ -250,15 +273,50 @@ class StagedSet:
         return {"unit_file": self.files(), "pos": self.pos}
 
     def latent_std(self) -> float | None:
-        """std of every latent value (as torch.std: n - 1), a unit file at a time."""
+        """std of every latent value (as torch.std: n - 1), a file at a time."""
         n = total = sq = 0.0
         for u in np.unique(self.units):
-            with open_unit(unit_file(self.stage, u)) as z:
+            with open_unit(self.paths[u]) as z:
                 if "latent" not in z.files:
                     return None
                 lat = z["latent"][self.pos[self.units == u]].astype(np.float64)
             n, total, sq = n + lat.size, total + lat.sum(), sq + np.square(lat).sum()
         return float(np.sqrt(max(sq - total * total / n, 0.0) / max(n - 1, 1))) if n else None
+
+
+@dataclass
+class SetUnion:
+    """a ∪ b (DistilledSets, StagedSets or unions), read a class at a time: what write_distilled and a per-class
+    pass need (labels, classes()), without holding either set. Latents are kept only where both sides have them."""
+    a: Any
+    b: Any
+
+    @property
+    def labels(self) -> torch.Tensor:
+        return torch.cat([self.a.labels, self.b.labels])
+
+    @property
+    def scores(self) -> torch.Tensor | None:
+        return None if self.a.scores is None or self.b.scores is None else torch.cat([self.a.scores, self.b.scores])
+
+    def __len__(self) -> int:
+        return len(self.a) + len(self.b)
+
+    def classes(self) -> Iterator[tuple[int, DistilledSet]]:
+        """(label, the class's rows of a and b together, in slot order), in label order: a merge of the two sides'
+        class-by-class reads."""
+        sides = [self.a.classes(), self.b.classes()]
+        heads = [next(side, None) for side in sides]                      # (label, DistilledSet) or None
+        while any(heads):
+            c = min(h[0] for h in heads if h)
+            mine = [h[1] for h in heads if h and h[0] == c]
+            latents = [m.latents for m in mine]
+            scores = [torch.full((len(m),), float("nan")) if m.scores is None else m.scores for m in mine]
+            yield c, DistilledSet(torch.cat([m.images for m in mine]), torch.cat([m.labels for m in mine]),
+                                  torch.cat([m.slots for m in mine]),
+                                  None if any(z is None for z in latents) else torch.cat([z.half() for z in latents]),
+                                  torch.cat(scores)).sorted()
+            heads = [next(side, None) if h and h[0] == c else h for side, h in zip(sides, heads)]
 
 
 def make_rows(num_classes: int, per_class: int, run_seed: int, unit_size: int, by_class: bool = False,

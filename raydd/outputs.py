@@ -97,6 +97,38 @@ def read_distilled(out: str | Path, classes: list[int] | None = None, per_class:
     return ds.sorted()
 
 
+class ClassFile:
+    """One class file of a written set (parquet/class_idx=<c>/part-0.parquet), read like a stage's unit file
+    (raydd.generate.open_unit): `files` names its columns, and [key] reads one as numpy [rows] in the file's
+    (slot) order: class_idx, slot, score, image uint8 [n, C, H, W], latent float16 [n, c, h, w] when it has one."""
+
+    def __init__(self, source, class_idx: int):
+        self.parquet, self.class_idx = pq.ParquetFile(source), class_idx
+        names = self.parquet.schema_arrow.names
+        self.files = ["class_idx", "slot", "score", "image"] + (["latent"] if "latent" in names else [])
+
+    def __getitem__(self, key: str) -> np.ndarray:
+        if key == "class_idx":
+            return np.full(self.parquet.metadata.num_rows, self.class_idx, np.int64)
+        if key in ("slot", "score"):
+            return self.parquet.read(columns=[key]).column(key).to_numpy()
+        t = self.parquet.read(columns=[key, f"{key}_shape"])
+        shape = t.column(f"{key}_shape")[0].as_py()
+        dtype = np.uint8 if key == "image" else np.float16
+        return np.frombuffer(b"".join(t.column(key).to_pylist()), dtype).reshape(-1, *shape).copy()
+
+
+def written_set(out: str | Path) -> StagedSet:
+    """A written set (write_distilled) as a StagedSet: labels, slots and scores read, images left in its class
+    files until a row is taken, so a step that goes on from a written set (LGD's next increment) holds none."""
+    fs, root = store_filesystem(str(out))
+    if fs.get_file_info(f"{root}/manifest.json").type != pafs.FileType.File:
+        raise FileNotFoundError(f"{out} is not a complete distilled set (no manifest.json)")
+    parts = sorted(i.path for i in fs.get_file_info(pafs.FileSelector(f"{root}/parquet")) if "class_idx=" in i.base_name)
+    prefix = str(out).rstrip("/")[:-len(root)] if "://" in str(out) else ""           # keep the URI's scheme
+    return StagedSet.of_files([f"{prefix}{p}/part-0.parquet" for p in parts])
+
+
 def grid_rows(labels: torch.Tensor, per_class: int = 10, max_classes: int = 20) -> torch.Tensor:
     """The rows image_grid shows by default: the first `per_class` of each of the first `max_classes` classes
     (so a caller reads only those images)."""

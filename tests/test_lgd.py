@@ -322,26 +322,35 @@ def test_lgd_at_its_seed_ipc_warns_that_nothing_is_guided():
 
 
 @pytest.mark.slow
-def test_on_ray_the_driver_reads_only_the_candidates_it_keeps(digits_cfg, spec, tmp_path, monkeypatch):
-    """#20 item 3: through RayRunner the sampling actors write LGD's κ candidates per slot, LearnabilityScores scores
-    them on the actors, and the driver reads the images of the rows it keeps only (the seed set's and the
-    increment's winners). θ_{i−1}'s accuracy on the eval split is measured in its own training job."""
+def test_on_ray_the_driver_holds_no_whole_set_only_a_class_at_a_time(digits_cfg, spec, tmp_path, monkeypatch):
+    """#20 items 3 and 5: through RayRunner the sampling actors write LGD's κ candidates per slot, LearnabilityScores
+    scores them on the actors, and the driver keeps the winners as rows of the candidates' unit files: it takes no
+    row, reads no whole set, and reads images only a class at a time, to write D_i and to measure θ_{i−1}'s loss on
+    it. θ_{i−1}'s accuracy on the eval split is measured in its own training job."""
     import ray
 
+    import raydd.methods.lgd
     from raydd.context import NullTracker
     from raydd.distributed.cluster import init_ray
     from raydd.distributed.runner import RayRunner
     from raydd.generate import StagedSet
 
-    taken, metrics, take = [], {}, StagedSet.take
+    taken, metrics, take, per_class, classes = [], {}, StagedSet.take, [], StagedSet.classes
 
     def counted_take(self, idx):
         taken.append(len(idx))
         return take(self, idx)
 
-    def read_every_row(self):
-        raise AssertionError("the driver read every row of a staged set")
+    def counted_classes(self):
+        for c, part in classes(self):
+            per_class.append(len(part))
+            yield c, part
 
+    def read_every_row(*a, **kw):
+        raise AssertionError("the driver read every row of a set")
+
+    monkeypatch.setattr(StagedSet, "classes", counted_classes)
+    monkeypatch.setattr(raydd.methods.lgd, "read_distilled", read_every_row)
     monkeypatch.setattr(StagedSet, "take", counted_take)             # the driver only: actors import their own
     monkeypatch.setattr(StagedSet, "images", property(read_every_row))
     monkeypatch.setattr(StagedSet, "latents", property(read_every_row))
@@ -361,6 +370,7 @@ def test_on_ray_the_driver_reads_only_the_candidates_it_keeps(digits_cfg, spec, 
         ds = method.run(ctx, make_method_config(method.Config, {"seed_ipc": 1, "increment": 1, "kappa": 3}, "lgd"))
     finally:
         ray.shutdown()
-    assert taken == [10, 10]                    # the seed set (1 per class), then 1 of 3 candidates per class
-    assert len(ds) == 20 and ds.slots.tolist() == [0, 1] * 10 and torch.isfinite(ds.scores[ds.slots == 1]).all()
+    assert taken == []                          # the seed set's rows and the kept candidates stay in their files
+    assert per_class and max(per_class) <= 2    # a class of D_1 (IPC 2) at most: written, then θ_0's loss on it
+    assert isinstance(ds, StagedSet) and len(ds) == 20 and ds.slots.tolist() == [0, 1] * 10 and torch.isfinite(ds.scores[ds.slots == 1]).all()
     assert 0.0 <= metrics["lgd/theta_acc"] <= 1.0

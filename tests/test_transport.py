@@ -150,3 +150,36 @@ def test_a_stage_on_a_uri_is_written_by_actors_on_any_machine_and_reads_as_on_a_
     assert torch.equal(s.take(torch.tensor([3, 8])).latents, memory.latents[[3, 8]])
     back = read_distilled(write_distilled(s, tmp_path / "out", [str(c) for c in range(10)]))
     assert torch.equal(back.images, memory.images) and s.latent_std() == pytest.approx(memory.latent_std(), rel=1e-6)
+
+
+@pytest.mark.parametrize("where", ["path", "uri"])
+def test_a_written_set_reads_as_a_staged_set_and_a_union_writes_class_by_class(tmp_path, where):
+    """LGD goes on from a written D_{i−1} without reading it (raydd.outputs.written_set: its class files read as unit
+    files), and writes D_i = D_{i−1} ∪ I_i a class at a time (SetUnion): the same set as merging them in memory."""
+    from raydd.generate import SetUnion, StagedSet, images_of
+    from raydd.outputs import read_distilled, written_set
+
+    g = torch.Generator().manual_seed(1)
+    old = DistilledSet(images=torch.randint(0, 256, (6, 3, 8, 8), generator=g, dtype=torch.uint8),
+                       labels=torch.tensor([2, 0, 1, 0, 1, 2]), slots=torch.tensor([0, 0, 0, 1, 1, 1]),
+                       latents=torch.randn(6, 4, 2, 2, generator=g).half(), scores=torch.arange(6).float())
+    out = write_distilled(old, f"file://{tmp_path}/set" if where == "uri" else tmp_path / "set", ["a", "b", "c"])
+    w, want = written_set(out), read_distilled(out)
+    assert isinstance(w, StagedSet) and torch.equal(w.labels, want.labels) and torch.equal(w.slots, want.slots)
+    assert torch.equal(w.scores, want.scores) and str(w.files()[0]).startswith("file://" if where == "uri" else "/")
+    assert torch.equal(w.take(torch.tensor([4, 1])).latents, want.latents[[4, 1]])
+    assert np.array_equal(images_of(w.image_columns()), want.images.numpy())          # as an actor reads them
+    assert w.latent_std() == pytest.approx(want.latent_std(), rel=1e-6)
+    new = DistilledSet(images=torch.randint(0, 256, (2, 3, 8, 8), generator=g, dtype=torch.uint8),
+                       labels=torch.tensor([2, 1]), slots=torch.tensor([2, 2]),
+                       latents=torch.randn(2, 4, 2, 2, generator=g).half(), scores=torch.tensor([7.0, 8.0]))
+    u = read_distilled(write_distilled(SetUnion(w.subset(np.array([1, 2, 3, 4, 5])), new), tmp_path / "u",
+                                       ["a", "b", "c"]))
+    merged = DistilledSet(torch.cat([want.images[1:], new.images]), torch.cat([want.labels[1:], new.labels]),
+                          torch.cat([want.slots[1:], new.slots]), torch.cat([want.latents[1:], new.latents]),
+                          torch.cat([want.scores[1:], new.scores])).sorted()
+    assert u.labels.tolist() == [0, 1, 1, 1, 2, 2, 2] and torch.equal(u.slots, merged.slots)
+    assert torch.equal(u.images, merged.images) and torch.equal(u.latents, merged.latents)
+    assert torch.equal(u.scores, merged.scores)
+    no_latents = DistilledSet(new.images, new.labels, new.slots)                      # a real-image side: no latents
+    assert read_distilled(write_distilled(SetUnion(w, no_latents), tmp_path / "v", ["a", "b", "c"])).latents is None

@@ -7,10 +7,12 @@ IPC). Increment 0 is a seed set (another method's output, default dit); then for
      t ∈ [10, 45] of 50, ρ_t normalisation) plus deviation away from the most cosine-similar latent of
      the class in the memory buffer M (γ) — one objective, raydd.objectives.learnability;
   3. keep the candidate with the highest S per slot (top-κ; S scored on the actors) and merge: D_i = D_{i−1} ∪ I_i.
+The driver holds no image: D_{i−1} stays in its written stage and I_i in the candidates' unit files (StagedSet rows),
+and D_i is written a class at a time (SetUnion).
 The memory is sequential as in IGD: an increment's slots are sampled in `memory_rounds` rounds, and the
 samples a round keeps join M (= D_{i−1} at the first round) before the next round is sampled.
 θ* is a reference classifier trained once on the full real train split (cached like the teachers).
-Each D_i is written under ctx.scratch (atomically, with its increment index in the manifest): a
+Each D_i is written under ctx.scratch (its manifest, with the increment index, last): a
 re-run with the same run name resumes after the last finished increment.
 """
 from __future__ import annotations
@@ -18,7 +20,7 @@ from __future__ import annotations
 import json
 import shutil
 import warnings
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass
 from functools import partial
 from pathlib import Path
 
@@ -28,11 +30,11 @@ import torch.nn.functional as F
 
 from raydd.config import ConfigError, config_hash
 from raydd.data import DataError
-from raydd.generate import DistilledSet
+from raydd.generate import DistilledSet, SetUnion, StagedSet
 from raydd.methods import get_method, register_method
 from raydd.objectives.learnability import (LearnabilityScores, LearnabilityState, learnability_objective, memory_term,
                                            rank_in_class, top_kappa)
-from raydd.outputs import read_distilled, write_distilled
+from raydd.outputs import read_distilled, write_distilled, written_set
 from raydd.protocols import epochs_for, to_float
 from raydd.sampling import Guidance, warn_guidance_scheduler
 from raydd.selection import load_selector
@@ -133,8 +135,8 @@ def learnability_guidance(backbone, device, *, theta: str, reference: str, memor
 
 
 # --- stages: D_i under ctx.scratch, one complete directory per finished increment ------------------
-def save_stage(work: Path, i: int, ds: DistilledSet, class_names: list[str], fingerprint: str) -> Path:
-    path = write_distilled(ds, work / f"stage-{i:03d}", class_names,       # temp dir + rename
+def save_stage(work: Path, i: int, ds, class_names: list[str], fingerprint: str) -> Path:
+    path = write_distilled(ds, work / f"stage-{i:03d}", class_names,       # manifest last: complete or absent
                            extra={"increment": i, "fingerprint": fingerprint})
     for old in work.glob("stage-[0-9][0-9][0-9]"):                         # earlier stages are superseded
         if int(old.name.split("-")[1]) < i:
@@ -152,14 +154,15 @@ def last_stage(work: Path, fingerprint: str) -> tuple[int, Path] | None:
     return max(done) if done else None
 
 
-def seed_set(ctx, cfg: Config, seed_ipc: int) -> DistilledSet:
-    """Increment 0: another registered method's output, or an existing set read from disk."""
+def seed_set(ctx, cfg: Config, seed_ipc: int) -> DistilledSet | StagedSet:
+    """Increment 0: another registered method's output, or an existing set read from disk (its first seed_ipc slots
+    per class; of our output, only their labels until they are written)."""
     if cfg.seed_path:
         from raydd.redundancy import load_with_slots
 
         root = Path(cfg.seed_path).expanduser()
         if (root / "manifest.json").exists():
-            ds = read_distilled(root)                                        # ours: real slots, latents
+            ds = written_set(root)                                           # ours: real slots, latents
         else:                                                                # any ImageFolder: file-name order
             ds = DistilledSet(*load_with_slots(root, ctx.data.class_names, ctx.cfg.data.image_size,
                                                ctx.cfg.data.channels))
@@ -171,25 +174,21 @@ def seed_set(ctx, cfg: Config, seed_ipc: int) -> DistilledSet:
                          f"lgd needs {seed_ipc} per class")
     ds = ds.sorted()
     rank = rank_in_class(ds.labels)                                          # position in class, slot order
-    ds = ds.take(torch.nonzero(rank < seed_ipc).flatten())
-    return DistilledSet(ds.images, ds.labels, rank[rank < seed_ipc], ds.latents,
-                        torch.full((len(ds),), float("nan")) if ds.scores is None else ds.scores)
-
-
-def merge(a: DistilledSet, b: DistilledSet) -> DistilledSet:
-    """D_{i−1} ∪ I_i (latents kept only when both have them, e.g. not with a real-image seed)."""
-    both = a.latents is not None and b.latents is not None
-    lat = torch.cat([a.latents, b.latents.to(a.latents.dtype)]) if both else None
-    return DistilledSet(torch.cat([a.images, b.images]), torch.cat([a.labels, b.labels]),
-                        torch.cat([a.slots, b.slots]), lat, torch.cat([a.scores, b.scores])).sorted()
+    keep = torch.nonzero(rank < seed_ipc).flatten()
+    return ds.subset(keep, slots=rank[keep],
+                     scores=torch.full((len(keep),), float("nan")) if ds.scores is None else ds.scores[keep])
 
 
 @torch.no_grad()
-def mean_ce(model, ds: DistilledSet, batch_size: int = 256) -> float:
-    """Mean cross-entropy of `model` on a set (clean images, no augmentation)."""
-    losses = [F.cross_entropy(model(to_float(ds.images[k:k + batch_size])), ds.labels[k:k + batch_size],
-                              reduction="sum") for k in range(0, len(ds), batch_size)]
-    return float(sum(losses)) / max(1, len(ds))
+def ce_sum(model, ds, batch_size: int = 256) -> tuple[float, int]:
+    """(summed cross-entropy of `model`, number of images) on a set, a class at a time (clean images)."""
+    total, n = 0.0, 0
+    for _, part in ds.classes():
+        for k in range(0, len(part), batch_size):
+            total += float(F.cross_entropy(model(to_float(part.images[k:k + batch_size])),
+                                           part.labels[k:k + batch_size], reduction="sum"))
+        n += len(part)
+    return total, n
 
 
 def candidate_rows(ctx, cfg: Config, i: int, n: int) -> dict[str, np.ndarray]:
@@ -219,7 +218,7 @@ def run(ctx, cfg: Config):
     else:
         print(f"[lgd] resuming after increment {resumed[0]} ({resumed[1]})", flush=True)
     done, stage = resumed
-    current = read_distilled(stage)
+    current = written_set(stage)                                             # D_{i−1}: its labels, no images
     for i in range(done + 1, 1 + len(sizes)):
         have, n = seed_ipc + sum(sizes[:i - 1]), sizes[i - 1]                # IPC of D_{i−1}, IPC added now
         theta_path, theta_fit = train_theta(ctx, cfg, stage, have, work / f"theta-{i - 1:03d}-{fingerprint}.safetensors")
@@ -236,15 +235,16 @@ def run(ctx, cfg: Config):
             s = torch.from_numpy(ctx.map_rows(LearnabilityScores, scorer,                          # S, on the actors
                                               {"class_idx": cands.labels.numpy(), **cands.image_columns()})["S"])
             keep = torch.from_numpy(top_kappa(s, (cands.labels * n + cands.slots % n).numpy()))
-            kept = replace(cands.take(keep), slots=have + cands.slots[keep] % n, scores=s[keep])   # reads the kept only
-            new = kept if new is None else merge(new, kept)
+            kept = cands.subset(keep, slots=have + cands.slots[keep] % n, scores=s[keep])   # rows, nothing read
+            new = kept if new is None else SetUnion(new, kept)
             if r < rounds - 1:                                                # M ← M ∪ kept, for the next round
-                memory = write_distilled(merge(current, new), work / f"memory-{i:03d}", ctx.data.class_names)
-        merged = merge(current, new)
+                memory = write_distilled(SetUnion(current, new), work / f"memory-{i:03d}", ctx.data.class_names)
+        (ce_old, n_old), (ce_new, n_new) = ce_sum(theta, current), ce_sum(theta, new)
         ctx.log_metrics({"lgd/ipc": have + n,
                          "lgd/theta_acc": theta_fit.get("eval_acc", float("nan")),  # θ_{i−1} on eval split
-                         "lgd/loss_new": mean_ce(theta, new),                             # L(θ_{i−1}, I_i)
-                         "lgd/loss_jump": mean_ce(theta, merged) - mean_ce(theta, current),  # the loss spike
+                         "lgd/loss_new": ce_new / n_new,                                  # L(θ_{i−1}, I_i)
+                         "lgd/loss_jump": (ce_old + ce_new) / (n_old + n_new) - ce_old / n_old,  # the loss spike
                          "lgd/score_kept": float(new.scores.mean())}, step=i)
-        stage, current = save_stage(work, i, merged, ctx.data.class_names, fingerprint), merged
+        stage = save_stage(work, i, SetUnion(current, new), ctx.data.class_names, fingerprint)   # D_i, class by class
+        current = written_set(stage)
     return current
