@@ -2,19 +2,21 @@
 
 Evaluate any distilled ImageFolder (<dir>/<class>/*.png, ours or another repo's) against a preset's
 real data with the same protocols as `raydd.distill`: students x seeds, DD-Ranking references, one
-MLflow run. Class folders are the preset's class names (wnids, or 0..9 for digits) or indices.
+MLflow run. Class folders are the preset's class names (wnids, or 0..9 for digits) or indices. A set on a
+storage URI (s3://, gs://, file://) is read as raydd's output there (its parquet and manifest.json).
 With --redundancy K: LGD's redundancy diagnostic instead (K x K cross-increment accuracy, raydd.redundancy).
 """
 from __future__ import annotations
 
 import dataclasses
 import json
+import posixpath
 import sys
 import time
 from pathlib import Path
 
 from raydd.config import load_config, run_params
-from raydd.data import DataError, load_distilled_folder
+from raydd.data import DataError, Split, load_distilled_folder, store_manifest
 from raydd.prepare import load_data
 from raydd.distill import build_parser, log, log_curves, run_cli, summary_metrics
 
@@ -26,25 +28,28 @@ def evaluate_folder(folder: str, cfg) -> dict:
     from raydd.outputs import image_grid
     from raydd.tracking import Tracker, check_reachable
 
-    if not Path(folder).is_dir():
+    uri = "://" in folder
+    if not uri and not Path(folder).is_dir():
         raise DataError(f"distilled set {folder} is not a directory")
     check_reachable(cfg.tracking)
     data = load_data(cfg)
-    syn = load_distilled_folder(folder, data.class_names, cfg.data.image_size, cfg.data.channels)  # bad files fail here
+    syn = (read_output(folder, data.class_names) if uri else                                # bad files fail here
+           load_distilled_folder(folder, data.class_names, cfg.data.image_size, cfg.data.channels))
     counts = [int((syn.y == c).sum()) for c in range(data.num_classes)]
     cfg.ipc = max(counts)
     log(f"evaluating {folder}: {len(syn.y)} images, IPC {cfg.ipc} (per class {min(counts)}..{max(counts)})")
     init_ray(cfg.compute)
-    tracker = Tracker(cfg.tracking, f"eval-{Path(folder).name}",
+    tracker = Tracker(cfg.tracking, f"eval-{posixpath.basename(folder.rstrip('/'))}",
                       tags={"raydd_eval": str(folder), "kind": "evaluate", "split": cfg.eval.split,
                             "preset": cfg.preset, "ipc": str(cfg.ipc), "smoke": str(cfg.smoke).lower()})
     try:
-        tracker.log_params(run_params(cfg) | {"folder": str(Path(folder).resolve())})
+        where = folder if uri else str(Path(folder).resolve())
+        tracker.log_params(run_params(cfg) | {"folder": where})
         tracker.log_images("distilled_grid", image_grid(syn.x, syn.y, names=data.class_names))
         t0 = time.time()
         runner = RayRunner(cfg, None)   # no scratch dir: nothing is written next to the user's folder
         max_workers = int(cluster_cpus() // max(cfg.compute.cpus_per_worker, 1e-9))
-        source = {"kind": "folder", "path": str(Path(folder).resolve())}
+        source = {"kind": "parquet" if uri else "folder", "path": where}
         if syn.x.numel() <= INLINE_LIMIT:   # already read and checked here: ship the arrays to the workers
             source |= {"kind": "arrays", "x": syn.x.numpy(), "y": syn.y.numpy()}
         summary = evaluate_set(cfg, source, runner, max_workers)
@@ -60,6 +65,22 @@ def evaluate_folder(folder: str, cfg) -> dict:
         log(f"  {s:16s} {r['protocol']}-label acc {100 * r['acc_mean']:.1f} +- {100 * r['acc_std']:.1f} "
             f"({len(r['accs'])} seeds)  " + "  ".join(f"{k}={v:.3f}" for k, v in summary["ranking"].get(s, {}).items()))
     return {"run_id": tracker.run_id, "summary": summary, "metrics": metrics}
+
+
+def read_output(uri: str, class_names: list[str]) -> Split:
+    """raydd's output on a storage URI: its parquet, whose labels are positions in the class list its manifest
+    names (which must be the preset's)."""
+    from raydd.outputs import read_distilled
+
+    try:
+        classes = store_manifest(uri)["classes"]
+    except (FileNotFoundError, OSError):
+        raise DataError(f"distilled set {uri}: no manifest.json there; a set on a URI is read as raydd's output "
+                        f"(parquet + manifest.json), an ImageFolder from a local directory") from None
+    if classes != class_names:
+        raise DataError(f"distilled set {uri} has classes {classes[:5]}..., not the preset's {class_names[:5]}...")
+    s = read_distilled(uri)
+    return Split(s.images, s.labels)
 
 
 def evaluate_redundancy(folder: str, cfg, k: int) -> dict:

@@ -176,3 +176,17 @@ def test_max_train_per_class_bounds_what_is_decoded(tmp_path, monkeypatch):
     assert torch.bincount(d.train.y).tolist() == [5, 5] and len(d.val) > 0
     train_reads = [f for f in reads if "/train/" in str(f)]
     assert len(train_reads) <= 2 * 8, len(train_reads)         # ceil(5 / 0.85) + 2 = 8 per class, not 40
+
+
+def test_evaluating_a_set_on_a_uri_reads_our_output_and_names_what_is_wrong(tmp_path):
+    from raydd.evaluate import read_output
+
+    ds = DistilledSet(images=torch.zeros(2, 1, 8, 8, dtype=torch.uint8), labels=torch.tensor([0, 1]),
+                      slots=torch.tensor([0, 0]))
+    uri = write_distilled(ds, f"file://{tmp_path}/set", ["a", "b"])
+    split = read_output(uri, ["a", "b"])
+    assert split.y.tolist() == [0, 1] and split.x.shape == (2, 1, 8, 8)
+    with pytest.raises(DataError, match="no manifest.json there; a set on a URI is read as raydd's output"):
+        read_output(f"file://{tmp_path}/images", ["a", "b"])
+    with pytest.raises(DataError, match=r"has classes \['a', 'b'\]\.\.\., not the preset's \['0', '1'\]"):
+        read_output(uri, ["0", "1"])

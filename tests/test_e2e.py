@@ -164,12 +164,16 @@ def test_ctrl_c_during_evaluation_exits_130_and_the_rerun_finishes(world):
     assert run.info.status == "FINISHED"
 
 
-def test_evaluate_any_imagefolder(world):
-    folder = world["tmp"] / "outputs" / "digits-dit-ipc2-s0" / "images"
-    rc, out = run_cli(["raydd.evaluate", str(folder), "--smoke", "eval.ranking=false"], world["env"], world["tmp"])
-    assert rc == 0, out[-3000:]
-    (run,) = runs(world, raydd_eval=str(folder))
+@pytest.mark.parametrize("where", ["folder", "uri"])
+def test_evaluate_any_imagefolder_or_our_output_on_a_uri(world, where):
+    out = world["tmp"] / "outputs" / "digits-dit-ipc2-s0"
+    folder = str(out / "images") if where == "folder" else f"file://{out}"
+    rc, log = run_cli(["raydd.evaluate", folder, "--smoke", "eval.ranking=false"], world["env"], world["tmp"])
+    assert rc == 0, log[-3000:]
+    (run,) = runs(world, raydd_eval=folder)
     assert_accuracy_is_counted(run)
+    if where == "uri":
+        assert run.data.params["folder"] == folder and "evaluating file://" in log
 
 
 @pytest.mark.parametrize("args, message", [
