@@ -265,16 +265,29 @@ def digits_arrays() -> tuple[np.ndarray, np.ndarray]:
     return rows[:, :64].reshape(-1, 8, 8), rows[:, 64].astype(int)
 
 
-def load_digits_data(cfg: DataConfig) -> RealData:
+def digits_classes(cfg: DataConfig) -> list[str]:
+    """data.classes among the digits' "0".."9" (all ten by default)."""
+    return resolve_classes(cfg.classes, [str(i) for i in range(10)]) if cfg.classes else [str(i) for i in range(10)]
+
+
+def digits_images(cfg: DataConfig) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
+    """The digits of data.classes, as the data config asks for them: uint8 [N, C, size, size], labels int64 [N]
+    (the position in the class list), in scikit-learn's order; and the class list."""
     images, target = digits_arrays()
     x = torch.from_numpy(np.round(images * (255.0 / 16.0)).astype(np.uint8))[:, None]  # [1797,1,8,8]
     x = resize_uint8(x, cfg.image_size)
     if cfg.channels == 3:
         x = x.repeat(1, 3, 1, 1)
-    names = resolve_classes(cfg.classes, [str(i) for i in range(10)]) if cfg.classes else [str(i) for i in range(10)]
+    names = digits_classes(cfg)
     keep = np.isin(target, [int(n) for n in names])
     x, target = x[torch.from_numpy(keep)], target[keep]
     y = torch.from_numpy(np.array([names.index(str(t)) for t in target], dtype=np.int64))  # label = list position
+    return x, y, names
+
+
+def load_digits_data(cfg: DataConfig) -> RealData:
+    """Held in memory (without data.store; with it, the digits are read from their store like any source)."""
+    x, y, names = digits_images(cfg)
     tr, va, te = stratified_split(y.numpy(), (cfg.val_fraction, cfg.test_fraction), cfg.split_seed)
     tr = cap_per_class(tr, y.numpy(), cfg.max_train_per_class)
     return RealData(Split(x[tr], y[tr]), Split(x[va], y[va]), Split(x[te], y[te]), names)
@@ -377,6 +390,8 @@ def source_classes(cfg: DataConfig) -> tuple[str, list[str], bool]:
     """A file source's root, its classes (data.classes resolved against the classes it has) and whether it has its
     own val split. An ImageFolder's classes are its class folders; a shard source's are data.source_classes, the
     names of its integer labels (a WebDataset sample's .cls, a Hugging Face dataset's label column)."""
+    if cfg.dataset == "digits":                                # built in: one train folder, no val of its own
+        return "sklearn-digits", digits_classes(cfg), False
     if cfg.dataset in SHARD_SOURCES:
         root = cfg.root if "://" in cfg.root else str(Path(cfg.root).expanduser().resolve())
         has_val = "val" in source_files(cfg.dataset, root)
@@ -394,6 +409,8 @@ def class_list(spec: str) -> list[str]:
 def decode_cap(cfg: DataConfig, has_val: bool) -> int:
     """Files decoded per train class (0 = all). data.max_train_per_class bounds what is decoded, not only what
     trains: the first files of each class (file-name order), enough that the hold-out leaves the cap for train."""
+    if cfg.dataset == "digits":               # all 1,797 are stored: the cap then applies to train, as when held
+        return 0
     kept = 1.0 - cfg.val_fraction - (0.0 if has_val else cfg.test_fraction)
     return math.ceil(cfg.max_train_per_class / kept) + 2 if cfg.max_train_per_class > 0 else 0
 
@@ -542,7 +559,7 @@ def _imagefolder_splits(cfg: DataConfig, root: Path, classes: list[str], has_val
 def load_real(cfg: DataConfig, train: bool = True) -> RealData:
     """The real data. train=False: a process that needs only the test split (evaluating a set on an ImageFolder
     with its own val/) does not read or hold the train split; elsewhere every split is read."""
-    if cfg.dataset == "digits":
+    if cfg.dataset == "digits" and not cfg.store:
         return load_digits_data(cfg)
     return load_imagefolder_data(cfg, train)       # a shard source always has a store (config.validate)
 

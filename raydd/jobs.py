@@ -79,8 +79,8 @@ def real_train(cfg: DataConfig, hooks: TrainHooks, data: RealData) -> Split | St
 
 
 def streams(cfg: Config) -> bool:
-    """Whether the real data is read from a prepared store as a stream (a file source with data.store)."""
-    return bool(cfg.data.store) and cfg.data.dataset != "digits"
+    """Whether the real data is read from a prepared store as a stream (any source with data.store)."""
+    return bool(cfg.data.store)
 
 
 def real_datasets(cfg: Config, *keys: str) -> dict:

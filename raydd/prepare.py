@@ -65,14 +65,16 @@ def _write_store(d: DataConfig, location: str) -> str:
     import pyarrow.parquet as pq
 
     from raydd.data import class_list
-    from raydd.distributed.store import write_folder_split, write_shard_split
+    from raydd.distributed.store import write_digits_split, write_folder_split, write_shard_split
 
     root, classes, has_val = source_classes(d)
     fs, path = store_filesystem(location)
     fs.create_dir(path, recursive=True)
     fs.delete_dir_contents(path, missing_dir_ok=True)                  # what an interrupted prepare left
     shards = d.dataset in SHARD_SOURCES
-    if shards:
+    if d.dataset == "digits":
+        sources = {"train": "scikit-learn's digits"}
+    elif shards:
         sources = source_files(d.dataset, root)                          # {split: [files]}
     else:
         sources = {"train": f"{root}/train" if Path(root, "train").is_dir() else root} | (
@@ -82,7 +84,9 @@ def _write_store(d: DataConfig, location: str) -> str:
         cap, dest = decode_cap(d, has_val) if split == "train" else 0, f"{location}/{split}"
         where = f"{root} ({len(source)} {d.dataset} files)" if shards else source
         print(f"[raydd] prepare: {split} of {len(classes)} classes from {where} -> {dest}", flush=True)
-        if shards:
+        if d.dataset == "digits":
+            write_digits_split(d, dest)
+        elif shards:
             write_shard_split(d.dataset, source, class_list(d.source_classes), classes, cap, d.image_size,
                               d.channels, dest)
         else:
@@ -104,7 +108,7 @@ def load_data(cfg: Config) -> RealData:
     """The run's real data. With data.store set (files: an ImageFolder or a shard source), read from its store; a
     missing store is prepared first, which starts Ray (unknown classes and a missing root fail before that)."""
     d = cfg.data
-    if d.store and d.dataset != "digits" and not is_complete(store_location(d)):
+    if d.store and not is_complete(store_location(d)):
         from raydd.distributed.cluster import init_ray
 
         init_ray(cfg.compute)
@@ -121,9 +125,9 @@ def main(argv: list[str] | None = None) -> int:
 
     def body():
         cfg = load_config(args.preset, args.overrides, smoke=args.smoke)
-        if cfg.data.dataset == "digits" or not cfg.data.store:
-            raise DataError("raydd.prepare needs files and a store: data.dataset=imagefolder (webdataset, huggingface) "
-                            "data.root=DIR data.store=DIR_OR_URI (e.g. --preset imagenette)")
+        if not cfg.data.store:
+            raise DataError("raydd.prepare needs a store: data.store=DIR_OR_URI (and for files data.dataset="
+                            "imagefolder (webdataset, huggingface) data.root=DIR, e.g. --preset imagenette)")
         data = load_data(cfg)
         print(f"{store_location(cfg.data)}: {len(data.train)} train / {len(data.val)} val / {len(data.test)} test "
               f"images of {data.num_classes} classes (read back)")

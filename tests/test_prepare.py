@@ -122,13 +122,15 @@ def test_from_a_store_a_split_is_read_only_when_used(tmp_path):
 
 def test_turning_a_store_on_changes_no_cache_key():
     """Teachers, backbones and fine-tunes are keyed by their data config: data.store (where the same bytes are read
-    from) must not retrain them."""
+    from) must not retrain them; the digits' store, whose splits are in class order, must."""
     import dataclasses as dc
 
     from raydd.config import DataConfig, config_hash
     from raydd.finetune import tiny_backbone_config
 
     cfg = load_config("digits")
+    digits = cfg.data
+    cfg.data = dc.replace(cfg.data, dataset="imagefolder", root="/data/imagenet")
     with_store = dc.replace(cfg.data, store="/data/stores")
     assert config_hash(cfg.data) == config_hash(with_store)
     assert config_hash(tiny_backbone_config(cfg.backbone, cfg.sampler, cfg.data, seed=0)) == \
@@ -137,6 +139,9 @@ def test_turning_a_store_on_changes_no_cache_key():
     assert config_hash(dc.replace(cfg.data, image_size=32)) != config_hash(cfg.data)   # the content still counts
     assert config_hash({"store": "a"}) != config_hash({"store": "b"})                 # elsewhere "store" is kept
     assert DataConfig().store == ""
+    # the digits' store holds the splits in class order, which trains differently: it counts, wherever it is
+    assert config_hash(dc.replace(digits, store="/a")) == config_hash(dc.replace(digits, store="s3://b"))
+    assert config_hash(dc.replace(digits, store="/a")) != config_hash(digits)
 
 
 def test_two_commands_preparing_one_store_take_turns(tmp_path, monkeypatch):
@@ -351,3 +356,31 @@ def test_from_a_store_a_random_subset_reads_only_its_picks(tmp_path):
         a, b = random_subset(data.part("train"), 3, seed), random_subset(decoded.train, 3, seed)
         assert torch.equal(a.images, b.images) and torch.equal(a.labels, b.labels) and torch.equal(a.slots, b.slots)
     assert data.describe() == "splits read when used (so far: none)"
+
+
+@pytest.mark.slow
+def test_the_digits_go_through_a_store_that_holds_the_held_splits_in_class_order_and_stream(tmp_path):
+    """#20 item 5: the digits world goes through the same plane, a small store (`data.store` with the digits): each
+    split read back holds the images of the split held without a store, in class order (the same per-class
+    random split: the store is in class order, scikit-learn's order within a class), and a Train job streams it."""
+    from raydd.distributed.cluster import init_ray
+    from raydd.distributed.runner import RayRunner
+    from raydd.jobs import real_classifier, streams
+    from raydd.prepare import main, store_location
+
+    store = tmp_path / "store"
+    extra = [f"data.store={store}", "data.classes=3,1,7", "data.max_train_per_class=20", "compute.num_cpus=2",
+             "eval.teacher_epochs=1", "eval.teacher_arch=convnet_d1", f"cache_dir={tmp_path / 'cache'}"]
+    assert main(extra) == 0
+    cfg = load_config("digits", extra)
+    manifest = json.loads((Path(store_location(cfg.data)) / "manifest.json").read_text())
+    assert manifest["classes"] == ["3", "1", "7"] and sum(manifest["counts"]["train"]) == 183 + 182 + 179
+    stored, held = load_real(cfg.data), load_real(dataclasses.replace(cfg.data, store=""))
+    for split in ("train", "val", "test"):
+        a, b = stored.split(split), held.split(split)
+        order = torch.from_numpy(np.argsort(b.y.numpy(), kind="stable"))
+        assert len(a) > 0 and torch.equal(a.y, b.y[order]) and torch.equal(a.x, b.x[order])
+    assert len(stored.train) == 60 and streams(cfg)
+    init_ray(cfg.compute)
+    teacher = real_classifier(cfg, RayRunner(cfg, tmp_path / "scratch"))
+    assert json.loads((teacher.parent / "metrics.json").read_text())["streamed"] is True

@@ -42,6 +42,24 @@ def write_folder_split(folders: list[str], cap: int, size: int, channels: int, d
      .write_parquet(dest))
 
 
+def write_digits_split(d, dest: str) -> None:
+    """scikit-learn's digits of data.classes, as the data config asks for them (raydd.data.digits_images) -> parquet
+    under `dest`, the rows of write_folder_split in class order: index = the image's place in its class in
+    scikit-learn's order, so each split of the store holds the images of the held split, in class order."""
+    import pyarrow as pa
+
+    from raydd.data import class_offsets, digits_images
+
+    x, y, _ = digits_images(d)
+    order = np.argsort(y.numpy(), kind="stable")                                   # class order
+    labels = y.numpy()[order]
+    index = np.arange(len(order)) - class_offsets(np.bincount(labels).tolist())[labels]
+    ray.data.from_arrow(pa.table({
+        "label": labels, "index": index, "path": [f"digits:{i}" for i in order.tolist()],
+        "image": [x[i].numpy().tobytes() for i in order.tolist()], "error": [""] * len(order),
+    })).write_parquet(dest)
+
+
 IMAGE_MEMBERS = ("jpg", "jpeg", "png", "webp")                        # a WebDataset sample's image, by suffix
 LABEL_NAME = {"webdataset": ".cls", "huggingface": "label"}           # where a sample's integer label is
 
