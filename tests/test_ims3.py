@@ -242,3 +242,33 @@ def test_ims3_with_both_stages_off_is_dit(small_cfg):
     a = get_method("ims3").run(make_ctx(small_cfg), Config(finetune=False, s3=False))
     b = get_method("dit").run(make_ctx(small_cfg), get_method("dit").Config())
     assert torch.equal(a.images, b.images)
+
+
+@pytest.mark.slow
+@pytest.mark.ray
+def test_on_ray_s3_keeps_the_chosen_rows_without_reading_them_and_equals_the_local_run(small_cfg, tmp_path,
+                                                                                        monkeypatch):
+    """#20 item 3: on the actor pool the candidates stay in their unit files, S3's encoder reads them on the actors,
+    and the driver keeps the chosen subgroups as rows of those files (no image read): the same set as in-process."""
+    import ray
+
+    from raydd.distributed.cluster import init_ray
+    from raydd.distributed.runner import RayRunner
+    from raydd.generate import StagedSet
+    from raydd.methods import get_method
+    from raydd.methods.ims3 import Config
+
+    torch.set_num_threads(1)
+    mcfg = Config(finetune=False, G=3, K=20)
+    local = get_method("ims3").run(make_ctx(small_cfg), mcfg)
+    taken, take = [], StagedSet.take
+    monkeypatch.setattr(StagedSet, "take", lambda self, idx: taken.append(len(idx)) or take(self, idx))
+    init_ray(small_cfg.compute)
+    try:
+        ctx = Context(small_cfg, load_real(small_cfg.data), spec_for(small_cfg), runner=RayRunner(small_cfg, tmp_path),
+                      tracker=Recorder(), scratch=tmp_path)
+        out = get_method("ims3").run(ctx, mcfg)
+        assert isinstance(out, StagedSet) and taken == []                   # rows of the candidates' unit files
+        assert torch.equal(out.images, local.images) and out.slots.tolist() == [0] * 10
+    finally:
+        ray.shutdown()

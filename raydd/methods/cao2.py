@@ -34,7 +34,7 @@ import torch
 
 from raydd.config import ConfigError
 from raydd.data import subset_classes
-from raydd.generate import DistilledSet
+from raydd.generate import DistilledSet, StagedSet
 from raydd.methods import get_method, register_method
 from raydd.objectives.latent_opt import NULL_COND, LatentOptBatches
 from raydd.outputs import image_grid
@@ -147,8 +147,8 @@ def selection_stats(probs: torch.Tensor, labels: torch.Tensor, idx: torch.Tensor
             "cao2/classes_padded": padded}
 
 
-def select(ctx, cfg: Config, pool: DistilledSet) -> DistilledSet:
-    """Stage 1: score the decoded pool with the selector (on the actors), keep IPC per class."""
+def select(ctx, cfg: Config, pool: DistilledSet | StagedSet) -> DistilledSet | StagedSet:
+    """Stage 1: score the decoded pool with the selector (on the actors), keep IPC per class (their rows)."""
     ipc, C, d = ctx.cfg.ipc, ctx.data.num_classes, ctx.cfg.data
     path = selector_path(ctx, cfg)
     cols = ctx.map_rows(SelectorScores, dict(path=path, arch=cfg.selector_arch, num_classes=C, channels=d.channels,
@@ -158,8 +158,7 @@ def select(ctx, cfg: Config, pool: DistilledSet) -> DistilledSet:
     probs = torch.from_numpy(cols["probs"])                                       # p(k | x)  [N_pool, C]
     idx, conf = confidence_selection(probs, pool.labels, ipc, cfg.order)          # [C*ipc], p(y | x) [N_pool]
     ctx.log_metrics(selection_stats(probs, pool.labels, idx, conf, ipc))
-    kept = pool.take(idx)
-    return DistilledSet(kept.images, kept.labels, torch.arange(ipc).repeat(C), kept.latents, conf[idx])
+    return pool.subset(idx, slots=torch.arange(ipc).repeat(C), scores=conf[idx])     # rows: nothing read yet
 
 
 def optimize(ctx, cfg: Config, kept: DistilledSet) -> DistilledSet:
@@ -171,8 +170,9 @@ def optimize(ctx, cfg: Config, kept: DistilledSet) -> DistilledSet:
     cols = {"class_idx": kept.labels.numpy(), "slot": kept.slots.numpy(), "cond": cond.numpy(),
             "seed": np.array([sample_seed(ctx.cfg.seed, int(c), int(s), "cao2-opt")       # fixed eps, t draws
                               for c, s in zip(kept.labels, kept.slots)], dtype=np.int64)}
-    if kept.latents is not None:
-        cols["latent"] = kept.latents.float().numpy()
+    latents = kept.latents                                    # [N, c, h, w] (of a StagedSet: read once, here)
+    if latents is not None:
+        cols["latent"] = latents.float().numpy()
     else:                                                     # real images (generator=random): the UDF encodes them
         cols["image"] = kept.images.numpy()
     out = ctx.map_rows(LatentOptBatches, dict(spec=ctx.spec, sampler=ctx.cfg.sampler, iterations=cfg.iterations,
@@ -188,7 +188,8 @@ def optimize(ctx, cfg: Config, kept: DistilledSet) -> DistilledSet:
                      "cao2/t_hat": t_hat, "cao2/eta": cfg.eta})
     k = min(ctx.cfg.ipc, 5)                                   # before | after, a row per class
     show = [torch.nonzero(kept.labels == c).flatten()[:k] for c in range(ctx.data.num_classes)]
-    grid = torch.cat([torch.cat([kept.images[i], after[i]]) for i in show])
+    before = kept.take(torch.cat(show)).images.split([len(i) for i in show])       # only the grid's are read
+    grid = torch.cat([torch.cat([b, after[i]]) for b, i in zip(before, show)])
     labels = torch.arange(ctx.data.num_classes).repeat_interleave(2 * k)
     ctx.tracker.log_images("cao2_before_after", image_grid(grid, labels, per_class=2 * k, names=ctx.data.class_names))
     return DistilledSet(after, kept.labels, kept.slots, torch.from_numpy(out["latent"]).to(torch.float16),

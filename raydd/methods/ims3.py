@@ -154,9 +154,8 @@ def selective_subgroup_sampling(ctx, cfg: Config) -> DistilledSet:
                           "separation": cfg.separation},
                          "s3.json")
     keep = torch.from_numpy(res.groups)[cand.labels] == group             # candidates in the chosen groups
-    chosen = cand.take(torch.nonzero(keep).flatten())
-    chosen.slots = chosen.slots % ipc                                     # slot within the class: 0 .. IPC-1
-    return chosen.sorted()
+    idx = torch.nonzero(keep).flatten()
+    return cand.subset(idx, slots=cand.slots[idx] % ipc).sorted()        # slot within the class: 0 .. IPC-1; rows only
 
 
 @register_method("ims3", Config, check=check)
