@@ -161,7 +161,7 @@ def select(ctx, cfg: Config, pool: DistilledSet | StagedSet) -> DistilledSet | S
     return pool.subset(idx, slots=torch.arange(ipc).repeat(C), scores=conf[idx])     # rows: nothing read yet
 
 
-def optimize(ctx, cfg: Config, kept: DistilledSet) -> DistilledSet:
+def optimize(ctx, cfg: Config, kept: DistilledSet | StagedSet) -> DistilledSet:
     """Stage 2: condition-aware latent optimisation of the kept latents on the actors, then decode."""
     T = ctx.cfg.sampler.train_timesteps
     t_hat = max(1, min(round(cfg.t_hat * T), T - 1))                             # T_hat in true timesteps

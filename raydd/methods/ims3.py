@@ -32,7 +32,7 @@ import torch
 import raydd.objectives.inversion  # noqa: F401  registers the fine-tuning loss term "im"
 from raydd.config import ConfigError
 from raydd.finetune import finetune_config, finetune_loop
-from raydd.generate import BackboneSpec, DistilledSet
+from raydd.generate import BackboneSpec, DistilledSet, StagedSet
 from raydd.methods import register_method
 from raydd.sampling import sample_seed
 from raydd.subgroups import SEPARATIONS, EncodeImages, class_centroids, s3_search, subgroup_centroids
@@ -132,7 +132,7 @@ def real_reference(ctx, K: int) -> tuple[torch.Tensor, torch.Tensor]:
     return picked.x, picked.y
 
 
-def selective_subgroup_sampling(ctx, cfg: Config) -> DistilledSet:
+def selective_subgroup_sampling(ctx, cfg: Config) -> DistilledSet | StagedSet:
     """Stage 2: G x IPC candidates per class -> features -> global choice g* -> IPC images per class."""
     ipc, C = ctx.cfg.ipc, ctx.data.num_classes
     cand = ctx.generate(ctx.rows(per_class=cfg.G * ipc, stream="s3"))     # per class, slots 0 .. G*IPC-1
