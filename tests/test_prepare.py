@@ -384,3 +384,10 @@ def test_the_digits_go_through_a_store_that_holds_the_held_splits_in_class_order
     init_ray(cfg.compute)
     teacher = real_classifier(cfg, RayRunner(cfg, tmp_path / "scratch"))
     assert json.loads((teacher.parent / "metrics.json").read_text())["streamed"] is True
+
+
+def test_prepare_without_a_store_says_what_it_needs(capsys):
+    from raydd.prepare import main
+
+    assert main([]) == 2                                             # the digits, no data.store
+    assert "raydd.prepare needs a store: data.store=DIR_OR_URI" in capsys.readouterr().err
