@@ -40,11 +40,12 @@ def write_distilled(ds: DistilledSet | StagedSet, out: str | Path, class_names: 
     fs.delete_dir_contents(root, missing_dir_ok=True)
 
     def put(path: str, data: bytes) -> None:
-        fs.create_dir(path.rsplit("/", 1)[0], recursive=True)
         with fs.open_output_stream(path) as f:
             f.write(data)
 
     for c, part in ds.classes():                                       # this class's rows, in slot order
+        for folder in (f"{root}/parquet/class_idx={c}", f"{root}/images/{class_names[c]}"):
+            fs.create_dir(folder, recursive=True)
         images = part.images.numpy()
         cols = {
             "slot": pa.array(part.slots.numpy()),
@@ -70,31 +71,38 @@ def write_distilled(ds: DistilledSet | StagedSet, out: str | Path, class_names: 
     return out if "://" in str(out) else Path(root)
 
 
+def class_files(out: str | Path) -> dict[int, str]:
+    """A complete written set's class files {class: path}, paths as `out` is given (a URI stays a URI);
+    FileNotFoundError when the set is not complete."""
+    fs, root = store_filesystem(str(out))
+    if fs.get_file_info(f"{root}/manifest.json").type != pafs.FileType.File:
+        raise FileNotFoundError(f"{out} is not a complete distilled set (no manifest.json)")
+    base = str(out).rstrip("/") if "://" in str(out) else root
+    return {int(i.base_name.split("=")[1]): f"{base}/parquet/{i.base_name}/part-0.parquet"
+            for i in fs.get_file_info(pafs.FileSelector(f"{root}/parquet")) if i.base_name.startswith("class_idx=")}
+
+
 def read_distilled(out: str | Path, classes: list[int] | None = None, per_class: int = 0) -> DistilledSet:
     """Read back what write_distilled wrote (canonical (label, slot) order): every class, or only `classes` (their
     files alone are read), and of each all rows or the `per_class` lowest slots (a figure's few images of a large
     set)."""
-    fs, root = store_filesystem(str(out))
-    if fs.get_file_info(f"{root}/manifest.json").type != pafs.FileType.File:
-        raise FileNotFoundError(f"{out} is not a complete distilled set (no manifest.json)")
-    parts = {int(i.base_name.split("=")[1]): i.path for i in fs.get_file_info(pafs.FileSelector(f"{root}/parquet"))
-             if i.base_name.startswith("class_idx=")}
-    imgs, labels, slots, lats, scores = [], [], [], [], []
-    for c, part in sorted(parts.items()):
+    from raydd.generate import open_unit
+
+    parts = []
+    for c, path in sorted(class_files(out).items()):
         if classes is not None and c not in classes:
             continue
-        t = pq.read_table(f"{part}/part-0.parquet", filesystem=fs).to_pydict()
-        for k in sorted(range(len(t["slot"])), key=lambda k: t["slot"][k])[:per_class or None]:
-            imgs.append(np.frombuffer(t["image"][k], np.uint8).reshape(t["image_shape"][k]))
-            if "latent" in t and t["latent"][k] is not None:
-                lats.append(np.frombuffer(t["latent"][k], np.float16).reshape(t["latent_shape"][k]))
-            labels.append(c)
-            slots.append(t["slot"][k])
-            scores.append(t["score"][k])
-    ds = DistilledSet(torch.from_numpy(np.stack(imgs)), torch.tensor(labels), torch.tensor(slots),
-                      torch.from_numpy(np.stack(lats)) if len(lats) == len(imgs) else None,
-                      torch.tensor(scores, dtype=torch.float32))
-    return ds.sorted()
+        with open_unit(path) as z:                                     # a ClassFile
+            rows = np.argsort(z["slot"], kind="stable")[:per_class or None]
+            parts.append(DistilledSet(torch.from_numpy(z["image"][rows]), torch.full((len(rows),), c),
+                                      torch.from_numpy(z["slot"][rows]),
+                                      torch.from_numpy(z["latent"][rows]) if "latent" in z.files else None,
+                                      torch.from_numpy(z["score"][rows].astype(np.float32))))
+    both = all(p.latents is not None for p in parts)
+    return DistilledSet(torch.cat([p.images for p in parts]), torch.cat([p.labels for p in parts]),
+                        torch.cat([p.slots for p in parts]),
+                        torch.cat([p.latents for p in parts]) if both else None,
+                        torch.cat([p.scores for p in parts])).sorted()
 
 
 class ClassFile:
@@ -121,12 +129,7 @@ class ClassFile:
 def written_set(out: str | Path) -> StagedSet:
     """A written set (write_distilled) as a StagedSet: labels, slots and scores read, images left in its class
     files until a row is taken, so a step that goes on from a written set (LGD's next increment) holds none."""
-    fs, root = store_filesystem(str(out))
-    if fs.get_file_info(f"{root}/manifest.json").type != pafs.FileType.File:
-        raise FileNotFoundError(f"{out} is not a complete distilled set (no manifest.json)")
-    parts = sorted(i.path for i in fs.get_file_info(pafs.FileSelector(f"{root}/parquet")) if "class_idx=" in i.base_name)
-    prefix = str(out).rstrip("/")[:-len(root)] if "://" in str(out) else ""           # keep the URI's scheme
-    return StagedSet.of_files([f"{prefix}{p}/part-0.parquet" for p in parts])
+    return StagedSet.of_files([path for _, path in sorted(class_files(out).items())])
 
 
 def grid_rows(labels: torch.Tensor, per_class: int = 10, max_classes: int = 20) -> torch.Tensor:
