@@ -33,12 +33,13 @@ INLINE_LIMIT = 512 * 2**20  # sets up to this size travel inside the job config 
 
 def set_source(path: str, kind: str = "parquet") -> dict:
     """How evaluation workers get the distilled set: the arrays themselves when small (workers on other
-    nodes need no shared file system), else the path (then out_dir must be on shared storage)."""
+    nodes need no shared file system), else the path (then out_dir must be on shared storage). The size comes
+    from the files' shapes: a large set is never read here."""
     if kind == "parquet":
-        from raydd.outputs import read_distilled
+        from raydd.outputs import image_nbytes, read_distilled
 
-        s = read_distilled(path)
-        if s.images.numel() <= INLINE_LIMIT:
+        if image_nbytes(path) <= INLINE_LIMIT:
+            s = read_distilled(path)
             return {"kind": "arrays", "x": s.images.numpy(), "y": s.labels.numpy(), "path": path}
     return {"kind": kind, "path": path}
 

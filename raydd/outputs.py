@@ -82,6 +82,17 @@ def class_files(out: str | Path) -> dict[int, str]:
             for i in fs.get_file_info(pafs.FileSelector(f"{root}/parquet")) if i.base_name.startswith("class_idx=")}
 
 
+def image_nbytes(out: str | Path) -> int:
+    """Bytes of a complete written set's images as uint8 arrays (every row's image_shape), no image read."""
+    total = 0
+    for path in class_files(out).values():
+        fs, root = store_filesystem(path)
+        with fs.open_input_file(root) as fh:
+            shapes = pq.ParquetFile(fh).read(columns=["image_shape"]).column("image_shape").to_pylist()
+        total += sum(int(np.prod(s)) for s in shapes)
+    return total
+
+
 def read_distilled(out: str | Path, classes: list[int] | None = None, per_class: int = 0) -> DistilledSet:
     """Read back what write_distilled wrote (canonical (label, slot) order): every class, or only `classes` (their
     files alone are read), and of each all rows or the `per_class` lowest slots (a figure's few images of a large

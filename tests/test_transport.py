@@ -4,6 +4,7 @@ import pytest
 import torch
 
 import raydd.jobs as jobs
+import raydd.outputs as outputs
 from raydd.distributed.data import check_complete
 from raydd.generate import DistilledSet
 from raydd.outputs import write_distilled
@@ -21,9 +22,13 @@ def test_small_sets_travel_inline_and_large_ones_by_path_with_the_same_content(w
     path, ds = written
     inline = jobs.set_source(str(path))
     assert inline["kind"] == "arrays"
+    assert outputs.image_nbytes(path) == ds.images.numel()
     monkeypatch.setattr(jobs, "INLINE_LIMIT", 10)               # this set is now "large"
+    read = outputs.read_distilled
+    monkeypatch.setattr(outputs, "read_distilled", lambda *a, **k: pytest.fail("a large set was read to size it"))
     by_path = jobs.set_source(str(path))
     assert by_path == {"kind": "parquet", "path": str(path)}
+    monkeypatch.setattr(outputs, "read_distilled", read)
     for source in (inline, by_path):
         x, y = jobs.load_set(source, None, None)
         order = torch.argsort(y * 10 + torch.arange(len(y)))
