@@ -1,7 +1,8 @@
 """What a method's `run(ctx, cfg)` receives: the run config, the real data, the backbone spec, and
-the verbs methods need — `generate` (sharded sampling), `map` (any model over rows on the actors),
-`train` / `train_cached` (training jobs), `real_classifier` and `set_classifier` (classifiers on real
-data or on a set), `run_method` (another method's set) — plus logging.
+the verbs methods need — `generate` (sharded sampling), `map` (any model over rows on the actors; `map_set` when
+its answer is a set), `real_rows` (real images picked as a set), `train` / `train_cached` (training jobs),
+`real_classifier` and `set_classifier` (classifiers on real data or on a set), `run_method` (another method's
+set) — plus logging.
 
 The verbs go to a runner: `LocalRunner` (in-process, plain PyTorch: unit tests, benchmarks) or
 `raydd.distributed.runner.RayRunner` (Ray Data / Ray Train). Method code never sees which.
@@ -22,7 +23,8 @@ import torch
 from raydd.config import Config, SamplerConfig
 from raydd.data import RealData
 from raydd.jobs import real_classifier, real_datasets, set_classifier_loop, streams
-from raydd.generate import BackboneSpec, DistilledSet, GuidanceFactory, generate_local, make_rows, map_units
+from raydd.generate import (HEAVY, BackboneSpec, DistilledSet, GuidanceFactory, StagedSet, generate_local, make_rows,
+                            map_units, rows_to_set)
 from raydd.train_hooks import TrainHooks, TrainResult, run_local
 
 
@@ -47,6 +49,14 @@ class LocalRunner:
 
     def map(self, udf: type, udf_kwargs: dict, columns: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         return map_units(udf(**udf_kwargs), columns)
+
+    def map_set(self, udf: type, udf_kwargs: dict, columns: dict[str, np.ndarray]) -> tuple[DistilledSet, dict]:
+        out = self.map(udf, udf_kwargs, columns)
+        return rows_to_set(out), {k: v for k, v in out.items() if k not in HEAVY}
+
+    def real_rows(self, part, idx: np.ndarray, slots: np.ndarray) -> DistilledSet:
+        picked = part.take(torch.as_tensor(idx))
+        return DistilledSet(images=picked.x, labels=picked.y, slots=torch.as_tensor(slots))
 
     def train(self, loop: Callable[[dict, TrainHooks], None], config: dict, name: str, num_workers: int | None = None,
               cpus_per_worker: float | None = None, resume_key: str | None = None, callbacks: list | None = None,
@@ -100,6 +110,12 @@ def train_cached(runner, cache_dir: Path, kind: str, loop: Callable[[dict, Train
     return path
 
 
+def in_row_order(out: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """A map's output sorted by its "row" column (the pool returns units in any order)."""
+    order = np.argsort(out["row"])
+    return {k: v[order] for k, v in out.items()}
+
+
 class NullTracker:
     def log_metrics(self, metrics: dict, step: int | None = None) -> None:
         pass
@@ -151,17 +167,32 @@ class Context:
                  unit: np.ndarray | None = None) -> dict[str, np.ndarray]:
         """`map` over N rows (every column [N, ...]) with its output back in row order (the pool returns units in
         any order). unit [N]: the rows processed together (default: chunks of compute.batch_size)."""
+        return in_row_order(self.map(udf, udf_kwargs, self.numbered(columns, unit)))
+
+    def map_set(self, udf: type, udf_kwargs: dict, columns: dict[str, np.ndarray],
+                unit: np.ndarray | None = None) -> tuple[DistilledSet | StagedSet, dict[str, np.ndarray]]:
+        """map_rows for a UDF whose answer rows are a set's (class_idx, slot, image, latent, score; CaO2's latent
+        optimisation): (that set, its other columns in row order). On Ray the set is a StagedSet: the UDF's units
+        stay in a stage's files and no image comes back to the driver."""
+        result, light = self.runner.map_set(udf, udf_kwargs, self.numbered(columns, unit))
+        return result, in_row_order(light)
+
+    def numbered(self, columns: dict[str, np.ndarray], unit: np.ndarray | None) -> dict[str, np.ndarray]:
+        """columns + "row" (0..N-1) and "unit" (given, or chunks of compute.batch_size rows)."""
         n = len(next(iter(columns.values())))
         unit = np.arange(n) // self.cfg.compute.batch_size if unit is None else unit
-        out = self.map(udf, udf_kwargs, {"row": np.arange(n), "unit": unit, **columns})
-        order = np.argsort(out["row"])
-        return {k: v[order] for k, v in out.items()}
+        return {"row": np.arange(n), "unit": unit, **columns}
 
     def actor_resources(self) -> dict:
         """A map UDF's share of an actor (its `gpus` and `threads` arguments): compute.gpus_per_actor, and
         compute.cpus_per_actor threads."""
         c = self.cfg.compute
         return {"gpus": c.gpus_per_actor, "threads": max(1, int(c.cpus_per_actor))}
+
+    def real_rows(self, idx: np.ndarray, slots: np.ndarray, part: str = "train") -> DistilledSet | StagedSet:
+        """Rows idx of a real split as a set with these slots (random's picks): on Ray staged under the run's scratch
+        dir (raydd.generate.stage_rows: one pass over a store's split, the driver holds a batch); in process, read."""
+        return self.runner.real_rows(self.data.part(part), idx, slots)
 
     def map_real(self, udf: type, udf_kwargs: dict, per_class: int = 0) -> dict[str, np.ndarray]:
         """A callable class over the real train split's rows (class_idx, unit = class, image uint8 [C, H, W]), the

@@ -59,6 +59,14 @@ class Split:
     def take(self, idx) -> "Split":
         return Split(self.x[idx], self.y[idx])
 
+    def take_batches(self, idx: np.ndarray, batch_size: int = 256) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        """Rows idx a batch at a time, as a store's (StoredPart.take_batches): (their places in idx [b], their
+        images uint8 [b, C, H, W])."""
+        idx = np.asarray(idx, dtype=np.int64)
+        for s in range(0, len(idx), batch_size):
+            k = np.arange(s, min(s + batch_size, len(idx)))
+            yield k, self.x[torch.from_numpy(idx[k])].numpy()
+
 
 def stored_images(column, shape: tuple[int, int, int]) -> np.ndarray:
     """A store's image column (each row uint8 [C, H, W] as bytes) -> uint8 [N, C, H, W], writable."""
@@ -431,11 +439,11 @@ def store_manifest(location: str) -> dict:
         return json.loads(f.read())
 
 
-def read_store_split(location: str, split: str, size: int, channels: int,
-                     positions: np.ndarray | None = None) -> Split:
-    """A prepared store's split (raydd.prepare) -> Split in (class, file-name) order, as load_image_folder decodes
-    it; with `positions` (raydd.data.part_positions) only those rows, read batch by batch, so reading a part
-    (the val hold-out) holds that part and one batch, not the whole split."""
+def store_batches(location: str, split: str, size: int, channels: int, positions: np.ndarray | None = None,
+                  batch_size: int = 256) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """A prepared store's split (raydd.prepare) in one pass, batch by batch in stored order: (the rows' places in
+    the split [b], their images uint8 [b, C, H, W]), of every row or only of `positions`; nothing beyond a batch
+    is held."""
     import pyarrow.dataset as pads
 
     fs, path = store_filesystem(location)
@@ -443,17 +451,25 @@ def read_store_split(location: str, split: str, size: int, channels: int,
     offsets = class_offsets(counts)                                                  # [C]
     keep = np.zeros(sum(counts), dtype=bool)
     keep[slice(None) if positions is None else positions] = True
-    pos, images = [], []
     for batch in pads.dataset(f"{path}/{split}", filesystem=fs, format="parquet").to_batches(
-            columns=["label", "index", "image"], batch_size=256):
+            columns=["label", "index", "image"], batch_size=batch_size):
         p = offsets[batch.column("label").to_numpy()] + batch.column("index").to_numpy()   # [b] row of the split
         mine = np.flatnonzero(keep[p])
-        pos.append(p[mine])
-        images += batch.column("image").take(mine).to_pylist()
-    order = np.argsort(np.concatenate(pos), kind="stable")
-    x = np.frombuffer(b"".join(images[i] for i in order), dtype=np.uint8).reshape(-1, channels, size, size)
-    labels = class_labels(counts)[np.concatenate(pos)[order]]
-    return Split(torch.from_numpy(x.copy()), torch.from_numpy(labels.astype(np.int64)))
+        if len(mine):
+            yield p[mine], stored_images(batch.column("image").take(mine).to_pylist(), (channels, size, size))
+
+
+def read_store_split(location: str, split: str, size: int, channels: int,
+                     positions: np.ndarray | None = None) -> Split:
+    """A prepared store's split -> Split in (class, file-name) order, as load_image_folder decodes it; with
+    `positions` (raydd.data.part_positions) only those rows (store_batches), so reading a part (the val hold-out)
+    holds that part and one batch, not the whole split."""
+    counts = store_manifest(location)["counts"][split]
+    want = np.arange(sum(counts)) if positions is None else np.unique(positions)        # sorted
+    x = np.empty((len(want), channels, size, size), np.uint8)
+    for p, images in store_batches(location, split, size, channels, positions):
+        x[np.searchsorted(want, p)] = images
+    return Split(torch.from_numpy(x), torch.from_numpy(class_labels(counts)[want].astype(np.int64)))
 
 
 def _complete_store(cfg: DataConfig) -> str:
@@ -488,6 +504,15 @@ class StoreReader:
         rows = read_store_split(self.location, stored, self.cfg.image_size, self.cfg.channels, want)  # sorted
         return rows if idx is None else rows.take(torch.from_numpy(np.argsort(np.argsort(want))))
 
+    def take_batches(self, name: str, idx: np.ndarray) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        """Rows idx of split `name` in one pass over the store, a batch at a time in stored order: (their places
+        in idx [b], their images uint8 [b, C, H, W])."""
+        stored, positions = self._where(name)
+        want = positions[np.asarray(idx)]
+        order = np.argsort(want)
+        for p, images in store_batches(self.location, stored, self.cfg.image_size, self.cfg.channels, want):
+            yield order[np.searchsorted(want[order], p)], images
+
 
 @dataclass
 class StoredPart:
@@ -504,6 +529,10 @@ class StoredPart:
 
     def take(self, idx: torch.Tensor) -> Split:
         return self.store.read(self.name, idx)
+
+    def take_batches(self, idx: np.ndarray) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        """Rows idx, a batch at a time in one pass over the store (StoreReader.take_batches)."""
+        return self.store.take_batches(self.name, idx)
 
 
 def stored_rows(part: str, counts: dict[str, list[int]], cfg: DataConfig, has_val: bool) -> tuple[str, np.ndarray]:

@@ -16,6 +16,7 @@ fetch what they keep.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import io
 import os
@@ -69,9 +70,14 @@ class DistilledSet:
         for c in s.labels.unique().tolist():
             yield c, s.take(torch.nonzero(s.labels == c).flatten())
 
+    def columns(self, key: str) -> dict[str, np.ndarray]:
+        """The columns a map UDF reads this set's `key` ("image" or "latent") from (raydd.generate.heavy_column): the
+        arrays themselves ({} for latents a set does not have)."""
+        value = self.images if key == "image" else self.latents
+        return {} if value is None else {key: value.numpy()}
+
     def image_columns(self) -> dict[str, np.ndarray]:
-        """The columns a map UDF reads this set's images from (raydd.generate.images_of): the images themselves."""
-        return {"image": self.images.numpy()}
+        return self.columns("image")
 
     def latent_std(self) -> float | None:
         return None if self.latents is None else float(self.latents.float().std())
@@ -166,12 +172,20 @@ def read_rows(files: np.ndarray, pos: np.ndarray, keys: tuple[str, ...], like: s
     return out
 
 
+def heavy_column(batch: dict[str, np.ndarray], key: str) -> np.ndarray | None:
+    """Column `key` ("image" / "latent") of a map UDF's batch: its own, or read from the rows its "unit_file"/"pos"
+    columns point at (a StagedSet's columns(key)), here on the actor instead of being shipped from the driver; None
+    when the rows have none (real images carry no latent)."""
+    if key in batch:
+        return np.array(batch[key])                                      # a writable copy
+    if "unit_file" not in batch:
+        return None
+    return read_rows(batch["unit_file"], batch["pos"], (key,)).get(key)
+
+
 def images_of(batch: dict[str, np.ndarray]) -> np.ndarray:
-    """uint8 [N,C,H,W] of a map UDF's batch: its "image" column, or the rows its "unit_file"/"pos" columns point at (a
-    StagedSet's image_columns), read here on the actor instead of being shipped from the driver."""
-    if "image" in batch:
-        return np.array(batch["image"])                                  # a writable copy
-    return read_rows(batch["unit_file"], batch["pos"], ("image",))["image"]
+    """uint8 [N,C,H,W] of a map UDF's batch (heavy_column)."""
+    return heavy_column(batch, "image")
 
 
 @dataclass
@@ -268,9 +282,12 @@ class StagedSet:
         lat = self.read_columns(slice(None), ("latent",)).get("latent")
         return None if lat is None else torch.from_numpy(lat)
 
-    def image_columns(self) -> dict[str, np.ndarray]:
-        """Where a map UDF reads each row's image (raydd.generate.images_of): no image crosses the driver."""
+    def columns(self, key: str = "image") -> dict[str, np.ndarray]:
+        """Where a map UDF reads each row's image or latent (raydd.generate.heavy_column): none crosses the driver."""
         return {"unit_file": self.files(), "pos": self.pos}
+
+    def image_columns(self) -> dict[str, np.ndarray]:
+        return self.columns("image")
 
     def latent_std(self) -> float | None:
         """std of every latent value (as torch.std: n - 1), a file at a time."""
@@ -329,6 +346,23 @@ def make_rows(num_classes: int, per_class: int, run_seed: int, unit_size: int, b
     seed = np.array([sample_seed(run_seed, int(c), int(s), stream) for c, s in zip(cls, slot)], dtype=np.int64)
     unit = cls.copy() if by_class else np.arange(len(cls), dtype=np.int64) // unit_size
     return {"class_idx": cls, "slot": slot, "seed": seed, "unit": unit}
+
+
+def own_stage(stage_dir: str, stage_host: str) -> str:
+    """The stage a map UDF writes its finished units to itself: stage_dir when it is a URI (every node reaches it)
+    or the actor runs on stage_host (the driver's machine: a plain path is not shared between machines); else ""
+    (the units' columns go back whole and the driver writes them, raydd.distributed.data.map_ray)."""
+    return stage_dir if stage_dir and ("://" in stage_dir or stage_host == socket.gethostname()) else ""
+
+
+def keep_units(stage_dir: str, out: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """A map UDF's answer: without a stage, its columns whole; with one, each unit saved there (save_unit) and the
+    columns other than HEAVY only."""
+    if not stage_dir:
+        return out
+    for u in np.unique(out["unit"]):
+        save_unit(stage_dir, {k: v[out["unit"] == u] for k, v in out.items()})
+    return {k: v for k, v in out.items() if k not in HEAVY}
 
 
 def map_units(fn: Callable[[dict[str, np.ndarray]], dict[str, np.ndarray]],
@@ -408,8 +442,7 @@ class SampleBatches:
         """stage_dir: write each finished unit there and return its light columns only, when the stage is a URI
         (every node reaches it) or this actor runs on stage_host (the driver's machine: a plain path is not shared
         between machines). Elsewhere the unit's columns go back whole and the driver writes them."""
-        mine = "://" in stage_dir or stage_host == socket.gethostname()
-        self.stage_dir = stage_dir if stage_dir and mine else ""
+        self.stage_dir = own_stage(stage_dir, stage_host)
         self.device = actor_device(gpus, threads)
         self.spec, self.sampler = spec, sampler
         self.backbone = spec.load(self.device)
@@ -419,12 +452,7 @@ class SampleBatches:
         self.class_ids = torch.tensor(spec.class_ids or list(range(spec.num_classes)), dtype=torch.long)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        out = map_units(self.run_unit, batch)
-        if not self.stage_dir:
-            return out
-        for u in np.unique(out["unit"]):
-            save_unit(self.stage_dir, {k: v[out["unit"] == u] for k, v in out.items()})
-        return {k: v for k, v in out.items() if k not in HEAVY}
+        return keep_units(self.stage_dir, map_units(self.run_unit, batch))
 
     def run_unit(self, rows: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         labels = torch.from_numpy(rows["class_idx"])
@@ -474,6 +502,23 @@ def random_picks(y: torch.Tensor, ipc: int, seed: int) -> torch.Tensor:
         g = torch.Generator().manual_seed(sample_seed(seed, c, 0, "random"))
         picks.append(idx[torch.randperm(len(idx), generator=g)[:ipc]])
     return torch.cat(picks)                                                        # [C * ipc]
+
+
+def stage_rows(part, idx: np.ndarray, slots: np.ndarray, stage_dir: str) -> StagedSet:
+    """Rows idx of a real split (held, or a store's: raydd.data.StoredPart) with the given slots -> unit files under
+    stage_dir, written in one pass over the split (take_batches) as a file per (batch, class), so the driver holds a
+    batch and a later class-by-class read (write_distilled) a class -> a StagedSet over them (no latents, no
+    scores)."""
+    idx, slots = np.asarray(idx, dtype=np.int64), np.asarray(slots, dtype=np.int64)
+    labels = part.y.numpy()[idx]
+    per_batch, units = int(labels.max()) + 1, []                      # unit of (batch b, class c): b * per_batch + c
+    for b, (k, images) in enumerate(part.take_batches(idx)):
+        for c in np.unique(labels[k]).tolist():
+            m = labels[k] == c
+            units.append(b * per_batch + c)
+            save_unit(stage_dir, {"unit": np.full(m.sum(), units[-1]), "class_idx": labels[k][m], "slot": slots[k][m],
+                                  "image": images[m], "score": np.full(m.sum(), np.nan, np.float32)})
+    return dataclasses.replace(StagedSet.read(stage_dir, np.array(units)), scores=None)
 
 
 def random_subset(train, ipc: int, seed: int) -> DistilledSet:

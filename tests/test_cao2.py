@@ -372,3 +372,48 @@ def test_timm_imagenet_selector_loads_from_the_local_hf_cache(tmp_path):
 def test_timm_selector_on_non_imagenet_classes_is_a_clear_error(digits_cfg, spec):
     with pytest.raises(ConfigError, match="needs ImageNet classes"):
         run_cao2(digits_cfg, spec, selector="timm:resnet18.tv_in1k", optimize=False)
+
+
+@pytest.mark.slow
+@pytest.mark.ray
+def test_on_ray_the_optimised_set_stays_in_the_actors_unit_files_and_equals_the_local_run(digits_cfg, spec,
+                                                                                         shared_cache, tmp_path,
+                                                                                         monkeypatch):
+    """#20 item 3/5: on the actor pool the latent optimisation reads the kept rows from their unit files and writes
+    the optimised set to its own stage; the driver sends and receives no image or latent and reads only the
+    before/after grid's rows: the same set as in process."""
+    import ray
+
+    import raydd.distributed.runner as runner_mod
+    from raydd.distributed.cluster import init_ray
+    from raydd.distributed.runner import RayRunner
+    from raydd.generate import HEAVY, StagedSet
+
+    cfg = dataclasses.replace(digits_cfg, cache_dir=shared_cache, ipc=1)
+    cfg.sampler = dataclasses.replace(cfg.sampler, steps=2)
+    fields = dict(iterations=3, lr=1e-2)
+    local, _, _ = run_cao2(cfg, spec, **fields)
+    sent, received, taken = [], [], []
+    map_ray, take = runner_mod.map_ray, StagedSet.take
+
+    def recording_map_ray(udf, kwargs, columns, *args, **kw):
+        out = map_ray(udf, kwargs, columns, *args, **kw)
+        if udf.__name__ == "LatentOptBatches":
+            sent.append(set(columns)), received.append(set(out))
+        return out
+
+    monkeypatch.setattr(runner_mod, "map_ray", recording_map_ray)
+    monkeypatch.setattr(StagedSet, "take", lambda self, idx: taken.append(len(idx)) or take(self, idx))
+    init_ray(cfg.compute)
+    try:
+        ctx = Context(cfg, load_real(cfg.data), spec, runner=RayRunner(cfg, tmp_path), tracker=RecordingTracker(),
+                      scratch=tmp_path)
+        out = get_method("cao2").run(ctx, make_method_config(get_method("cao2").Config, fields, "cao2"))
+    finally:
+        ray.shutdown()
+    assert isinstance(out, StagedSet) and len(sent) == 1
+    assert not sent[0] & set(HEAVY) and not received[0] & set(HEAVY)       # pointers in, light columns out
+    assert taken == [10, 10]                                               # the grid's rows: kept, then optimised
+    assert torch.equal(out.labels, local.labels) and torch.equal(out.slots, local.slots)
+    assert torch.equal(out.images, local.images) and torch.equal(out.latents, local.latents)
+    assert torch.equal(out.scores, local.scores)

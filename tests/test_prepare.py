@@ -358,6 +358,43 @@ def test_from_a_store_a_random_subset_reads_only_its_picks(tmp_path):
     assert data.describe() == "splits read when used (so far: none)"
 
 
+def test_on_ray_random_stages_its_picks_in_one_pass_over_the_store_and_holds_no_set(tmp_path, monkeypatch):
+    """#20 item 5: `random` on the cluster runner reads its picks in one pass over the store, a batch at a time, and
+    writes them to unit files a (batch, class) each; the driver keeps rows of those files (a StagedSet), never the
+    set: the same set as the held split's picks, and the same written output."""
+    import raydd.data
+    from raydd.context import Context
+    from raydd.distributed.runner import RayRunner
+    from raydd.generate import StagedSet, random_subset
+    from raydd.methods import get_method
+    from raydd.outputs import read_distilled, write_distilled
+    from raydd.prepare import load_data
+
+    root = make_folder(tmp_path / "folder", per_class=(10, 2))
+    cfg = dataclasses.replace(cfg_for(root, tmp_path / "store"), ipc=3, seed=1)
+    load_data(cfg)
+    data, decoded = load_real(cfg.data), load_real(dataclasses.replace(cfg.data, store=""))
+    passes, batches, read = [], [], raydd.data.store_batches
+
+    def counting(*args, **kwargs):
+        passes.append(1)
+        for p, images in read(*args, **{**kwargs, "batch_size": 4}):      # small batches: several per pass
+            batches.append(len(p))
+            yield p, images
+
+    monkeypatch.setattr(raydd.data, "store_batches", counting)
+    monkeypatch.setattr(raydd.data.StoredPart, "take", lambda *a: pytest.fail("the picks were read whole"))
+    ctx = Context(cfg, data, None, runner=RayRunner(cfg, tmp_path / "scratch"), scratch=tmp_path / "scratch")
+    out = get_method("random").run(ctx, get_method("random").Config())
+    want = random_subset(decoded.train, 3, seed=1)
+    assert isinstance(out, StagedSet) and passes == [1] and max(batches) <= 4 and sum(batches) == len(want)
+    assert all(len(np.unique(out.labels.numpy()[out.units == u])) == 1 for u in np.unique(out.units))  # a class a file
+    assert torch.equal(out.images, want.images) and torch.equal(out.labels, want.labels)
+    assert torch.equal(out.slots, want.slots) and out.scores is None and out.latents is None
+    a, b = write_distilled(out, tmp_path / "a", data.class_names), write_distilled(want, tmp_path / "b", data.class_names)
+    assert torch.equal(read_distilled(a).images, read_distilled(b).images)
+
+
 @pytest.mark.slow
 def test_the_digits_go_through_a_store_that_holds_the_held_splits_in_class_order_and_stream(tmp_path):
     """#20 item 5: the digits world goes through the same plane, a small store (`data.store` with the digits): each

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+import socket
 from pathlib import Path
 from typing import Callable
 
@@ -12,7 +13,7 @@ import ray
 from raydd.config import Config, SamplerConfig
 from raydd.distributed.data import generate_ray, map_ray, stage_key
 from raydd.distributed.train import fit
-from raydd.generate import BackboneSpec, DistilledSet, GuidanceFactory
+from raydd.generate import BackboneSpec, DistilledSet, GuidanceFactory, StagedSet, stage_rows
 from raydd.train_hooks import TrainHooks
 
 
@@ -38,10 +39,28 @@ class RayRunner:
 
     def map(self, udf: type, udf_kwargs: dict, columns: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         """Like generate, each finished unit is kept under the run's scratch dir, so a rerun after the
-        driver died resumes the stage. The key: the udf, its kwargs and the bytes of every input column."""
+        driver died resumes the stage."""
+        return map_ray(udf, udf_kwargs, columns, self.cfg.compute, self.map_stage(udf, udf_kwargs, columns))
+
+    def map_set(self, udf: type, udf_kwargs: dict, columns: dict[str, np.ndarray]) -> tuple[StagedSet, dict]:
+        """map for a UDF whose answer rows are a set's and that writes its units itself (stage_dir / stage_host, as
+        SampleBatches): (the StagedSet over the stage's unit files, the light columns). The driver writes the units
+        of actors on other machines as they arrive and keeps none."""
+        stage = self.map_stage(udf, udf_kwargs, columns)
+        light = map_ray(udf, udf_kwargs | {"stage_dir": stage, "stage_host": socket.gethostname()}, columns,
+                        self.cfg.compute, stage, light=True)
+        return StagedSet.read(stage, np.unique(columns["unit"])), light
+
+    def real_rows(self, part, idx: np.ndarray, slots: np.ndarray) -> StagedSet:
+        """Rows idx of a real split as a set, staged under the run's scratch dir (raydd.generate.stage_rows)."""
+        key = stage_key(np.asarray(idx), np.asarray(slots))
+        return stage_rows(part, idx, slots, str(Path(self.scratch) / f"real-{key}"))
+
+    def map_stage(self, udf: type, udf_kwargs: dict, columns: dict[str, np.ndarray]) -> str:
+        """<scratch>/map-<udf>-<key>; the key: the udf, its kwargs and the bytes of every input column."""
         digest = {k: hashlib.sha256(np.ascontiguousarray(v).tobytes()).hexdigest() for k, v in columns.items()}
         key = stage_key(udf.__qualname__, tuple(sorted(udf_kwargs.items())), digest)
-        return map_ray(udf, udf_kwargs, columns, self.cfg.compute, str(Path(self.scratch) / f"map-{udf.__name__}-{key}"))
+        return str(Path(self.scratch) / f"map-{udf.__name__}-{key}")
 
     def train(self, loop: Callable[[dict, TrainHooks], None], config: dict, name: str,
               num_workers: int | None = None, cpus_per_worker: float | None = None, resume_key: str | None = None,

@@ -37,7 +37,7 @@ from raydd.data import subset_classes
 from raydd.generate import DistilledSet, StagedSet
 from raydd.methods import get_method, register_method
 from raydd.objectives.latent_opt import NULL_COND, LatentOptBatches
-from raydd.outputs import image_grid
+from raydd.outputs import grid_rows, image_grid
 from raydd.sampling import sample_seed
 from raydd.selection import SelectorScores, confidence_selection, load_selector
 from raydd.students import pretrained_timm
@@ -161,24 +161,25 @@ def select(ctx, cfg: Config, pool: DistilledSet | StagedSet) -> DistilledSet | S
     return pool.subset(idx, slots=torch.arange(ipc).repeat(C), scores=conf[idx])     # rows: nothing read yet
 
 
-def optimize(ctx, cfg: Config, kept: DistilledSet | StagedSet) -> DistilledSet:
-    """Stage 2: condition-aware latent optimisation of the kept latents on the actors, then decode."""
+def optimize(ctx, cfg: Config, kept: DistilledSet | StagedSet) -> DistilledSet | StagedSet:
+    """Stage 2: condition-aware latent optimisation of the kept latents on the actors, then decode. The actors read
+    the kept rows and write the optimised set (on Ray: the driver reads only the before/after grid's images)."""
     T = ctx.cfg.sampler.train_timesteps
     t_hat = max(1, min(round(cfg.t_hat * T), T - 1))                             # T_hat in true timesteps
     class_ids = torch.tensor(ctx.spec.class_ids)
     cond = class_ids[kept.labels] if cfg.condition == "true" else torch.full_like(kept.labels, NULL_COND)
+    nan = torch.full((len(kept),), float("nan"))
     cols = {"class_idx": kept.labels.numpy(), "slot": kept.slots.numpy(), "cond": cond.numpy(),
+            "score": (nan if kept.scores is None else kept.scores).numpy(),
             "seed": np.array([sample_seed(ctx.cfg.seed, int(c), int(s), "cao2-opt")       # fixed eps, t draws
                               for c, s in zip(kept.labels, kept.slots)], dtype=np.int64)}
-    latents = kept.latents                                    # [N, c, h, w] (of a StagedSet: read once, here)
-    if latents is not None:
-        cols["latent"] = latents.float().numpy()
-    else:                                                     # real images (generator=random): the UDF encodes them
-        cols["image"] = kept.images.numpy()
-    out = ctx.map_rows(LatentOptBatches, dict(spec=ctx.spec, sampler=ctx.cfg.sampler, iterations=cfg.iterations,
-                                              lr=cfg.lr, lam=cfg.lam, t_hat=t_hat, eta=cfg.eta,
-                                              precision=ctx.cfg.compute.precision, **ctx.actor_resources()), cols)
-    after = torch.from_numpy(np.ascontiguousarray(out["image"]))                   # uint8 [N, C, H, W]
+    # the kept latents [N, c, h, w], or real images (generator=random) that the UDF encodes: of a StagedSet, where
+    # the actors read them
+    cols |= kept.columns("latent") or kept.columns("image")
+    optimized, out = ctx.map_set(LatentOptBatches, dict(spec=ctx.spec, sampler=ctx.cfg.sampler,
+                                                        iterations=cfg.iterations, lr=cfg.lr, lam=cfg.lam, t_hat=t_hat,
+                                                        eta=cfg.eta, precision=ctx.cfg.compute.precision,
+                                                        **ctx.actor_resources()), cols)     # (label, slot) order
     curve = out["loss_curve"].mean(axis=0)                                         # mean over images [iterations]
     for k, v in enumerate(curve):
         ctx.log_metrics({"cao2/latent_loss": float(v)}, step=k)
@@ -186,14 +187,14 @@ def optimize(ctx, cfg: Config, kept: DistilledSet | StagedSet) -> DistilledSet:
                      "cao2/objective_after": float(out["objective_after"].mean()),
                      "cao2/objective_improved_frac": float((out["objective_after"] < out["objective_before"]).mean()),
                      "cao2/t_hat": t_hat, "cao2/eta": cfg.eta})
-    k = min(ctx.cfg.ipc, 5)                                   # before | after, a row per class
-    show = [torch.nonzero(kept.labels == c).flatten()[:k] for c in range(ctx.data.num_classes)]
-    before = kept.take(torch.cat(show)).images.split([len(i) for i in show])       # only the grid's are read
-    grid = torch.cat([torch.cat([b, after[i]]) for b, i in zip(before, show)])
-    labels = torch.arange(ctx.data.num_classes).repeat_interleave(2 * k)
+    k = min(ctx.cfg.ipc, 5)                                   # before | after, a row per class (of the first 20)
+    rows = grid_rows(optimized.labels, per_class=k)           # both sets in (label, slot) order: the same rows
+    before, after = kept.sorted().take(rows), optimized.take(rows)                # only the grid's are read
+    by_class = [before.labels == c for c in before.labels.unique()]
+    grid = torch.cat([torch.cat([before.images[m], after.images[m]]) for m in by_class])
+    labels = torch.cat([before.labels[m].repeat(2) for m in by_class])
     ctx.tracker.log_images("cao2_before_after", image_grid(grid, labels, per_class=2 * k, names=ctx.data.class_names))
-    return DistilledSet(after, kept.labels, kept.slots, torch.from_numpy(out["latent"]).to(torch.float16),
-                        kept.scores)
+    return optimized if kept.scores is not None else dataclasses.replace(optimized, scores=None)
 
 
 @register_method("cao2", Config, check=check)

@@ -20,7 +20,7 @@ import torch
 
 from raydd.config import SamplerConfig
 from raydd.diffusion import Schedule, make_schedule, q_sample
-from raydd.generate import map_units
+from raydd.generate import heavy_column, keep_units, map_units, own_stage
 from raydd.sampling import to_uint8
 
 
@@ -90,16 +90,19 @@ NULL_COND = -1   # cond of a row optimised with the null class: the backbone's n
 
 
 class LatentOptBatches:
-    """rows {unit, class_idx, slot, seed, cond (backbone class ids, or NULL_COND), latent [N,C,H,W] (or image
-    uint8, encoded here)} ->
-    rows + {latent: optimised float32, image: decoded uint8, loss_curve [N, iterations],
+    """rows {unit, class_idx, slot, seed, score, cond (backbone class ids, or NULL_COND), latent [N,C,H,W] (or image
+    uint8, encoded here; either given, or read here from the rows a StagedSet's unit_file/pos columns point at)} ->
+    rows + {latent: optimised float16 (as a sampled set's), image: decoded uint8, loss_curve [N, iterations],
     objective_before / objective_after [N]: `expected_objective` at the start and at the end}.
-    Constructor: load the frozen backbone once (like raydd.generate.SampleBatches)."""
+    Constructor: load the frozen backbone once (like raydd.generate.SampleBatches). stage_dir / stage_host: as
+    SampleBatches, each finished unit is written there and only the light columns are returned."""
 
     def __init__(self, spec, sampler: SamplerConfig, iterations: int, lr: float, lam: float, t_hat: int,
-                 eta: float, gpus: float = 0.0, threads: int = 0, precision: str = "fp32"):
+                 eta: float, gpus: float = 0.0, threads: int = 0, precision: str = "fp32", stage_dir: str = "",
+                 stage_host: str = ""):
         from raydd.generate import actor_device, autocast_for
 
+        self.stage_dir = own_stage(stage_dir, stage_host)
         self.device = actor_device(gpus, threads)
         self.backbone = spec.load(self.device)
         self.schedule = make_schedule(sampler)   # the full 1000-step schedule
@@ -107,16 +110,17 @@ class LatentOptBatches:
         self.autocast = autocast_for(precision, self.device)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        return map_units(self.run_unit, batch)
+        return keep_units(self.stage_dir, map_units(self.run_unit, batch))
 
     def run_unit(self, rows: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         from raydd.protocols import to_float
 
-        if "latent" in rows:
-            x = torch.from_numpy(np.array(rows["latent"], dtype=np.float32)).to(self.device)
+        latents = heavy_column(rows, "latent")
+        if latents is not None:
+            x = torch.from_numpy(latents.astype(np.float32)).to(self.device)
         else:                                    # real images (a generator without latents): encode them
             with torch.no_grad():
-                images = to_float(torch.from_numpy(np.array(rows["image"])).to(self.device))   # [-1, 1]
+                images = to_float(torch.from_numpy(heavy_column(rows, "image")).to(self.device))   # [-1, 1]
                 x = self.backbone.vae.encode(images).float()
         y = torch.from_numpy(rows["cond"]).long().to(self.device)
         y = torch.where(y == NULL_COND, self.backbone.num_classes, y)     # the loaded DiT's own null class
@@ -127,6 +131,6 @@ class LatentOptBatches:
                                             self.opts["lam"]).cpu().numpy() for z in (x, x_bar))
         with torch.no_grad():
             images = to_uint8(self.backbone.vae.decode(x_bar))
-        keep = {k: v for k, v in rows.items() if k not in ("latent", "image")}
-        return {**keep, "latent": x_bar.cpu().numpy(), "image": images.cpu().numpy(),
+        keep = {k: v for k, v in rows.items() if k not in ("latent", "image", "unit_file", "pos")}
+        return {**keep, "latent": x_bar.to(torch.float16).cpu().numpy(), "image": images.cpu().numpy(),
                 "loss_curve": curve.numpy().astype(np.float32), "objective_before": before, "objective_after": after}
