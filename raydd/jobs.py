@@ -14,15 +14,18 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import statistics
 import time
 from dataclasses import asdict
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from raydd.config import Config, DataConfig, EvalConfig, config_hash
-from raydd.data import RealData, Split, StreamedSplit, load_distilled_folder, load_real, stream_spec, streamed_split
+from raydd.data import (RealData, Split, StreamedSplit, load_distilled_folder, load_real, store_manifest, stream_spec,
+                        streamed_split)
 from raydd.generate import random_subset
 from raydd.protocols import dd_ranking, epochs_for, fit_student, split_accuracy, train_student, train_teacher
 from raydd.train_hooks import TrainHooks
@@ -56,6 +59,38 @@ def load_set(source: dict, data: RealData, dcfg: DataConfig):
         return s.images, s.labels
     split = load_distilled_folder(source["path"], data.class_names, dcfg.image_size, dcfg.channels)
     return split.x, split.y
+
+
+def set_dataset(path: str) -> "ray.data.Dataset":
+    """A written set (raydd.outputs, a path or a URI) as a Ray Dataset for the evaluation workers' StreamedSplit:
+    rows label (from the class file's name), pos (-1: a set is never taken by position) and image (uint8 [C, H, W]
+    bytes), read a class file at a time in another file order each epoch; nothing is read until a worker
+    iterates. Its tasks ask for no CPU, two at a time, as the real splits' streams (part_dataset)."""
+    import ray
+
+    from raydd.outputs import class_files
+
+    light = {"num_cpus": 0, "concurrency": 2}
+    return (ray.data.read_parquet(sorted(class_files(path).values()), columns=["image"], include_paths=True,
+                                  partitioning=None, **light,
+                                  shuffle=ray.data.FileShuffleConfig(seed=0, reseed_after_execution=True))
+            .map_batches(_set_rows, batch_format="numpy", **light))
+
+
+def _set_rows(batch: dict) -> dict:
+    """map_batches: a written set's class-file rows -> the rows StreamedSplit reads."""
+    label = np.array([int(re.search(r"class_idx=(\d+)", p).group(1)) for p in batch["path"]], dtype=np.int64)
+    return {"label": label, "pos": np.full(len(label), -1, np.int64), "image": batch["image"]}
+
+
+def synthetic_split(source: dict, hooks: TrainHooks, data: RealData, dcfg: DataConfig) -> Split | StreamedSplit:
+    """The distilled set in an evaluation worker: streamed from the job's "syn" dataset when it has one (a set too
+    large to travel inline, evaluate_set), holding a shuffle buffer, else held (load_set)."""
+    stream = hooks.dataset("syn")
+    if stream is None:
+        return Split(*load_set(source, data, dcfg))
+    labels = np.repeat(np.arange(len(source["counts"])), source["counts"])
+    return StreamedSplit(stream, labels, (dcfg.channels, dcfg.image_size, dcfg.image_size))
 
 
 def load_teacher(path: str, arch: str, data: RealData, dcfg: DataConfig) -> torch.nn.Module:
@@ -148,13 +183,13 @@ def eval_loop(config: dict, hooks: TrainHooks) -> None:
     data = load_real(dcfg, train=not streamed and (ecfg.split == "val" or any(j["kind"] != "syn" for j in jobs)))
     target = real_split(dcfg, hooks, data, ecfg.split, "eval")
     real = real_train(dcfg, hooks, data) if any(j["kind"] != "syn" for j in jobs) else None
-    syn = load_set(config["source"], data, dcfg) if config.get("source") else None
+    syn = synthetic_split(config["source"], hooks, data, dcfg) if config.get("source") else None
     teacher = load_teacher(config["teacher"], ecfg.teacher_arch, data, dcfg) if config.get("teacher") else None
     done: dict[int, dict] = {}
     if hooks.restore_dir() and Path(hooks.restore_dir(), "results.json").exists():
         done = {int(i): r for i, r in json.loads(Path(hooks.restore_dir(), "results.json").read_text()).items()}
     restored = len(done)
-    n_syn = len(syn[1]) if syn is not None else 0
+    n_syn = len(syn) if syn is not None else 0
 
     def cost(i: int) -> int:
         epochs, n = _job_epochs_and_size(jobs[i], n_syn, len(real) if real else 0, data.num_classes, ecfg)
@@ -162,7 +197,7 @@ def eval_loop(config: dict, hooks: TrainHooks) -> None:
 
     def run(job: dict) -> dict:
         if job["kind"] == "syn":
-            train = Split(*syn)
+            train = syn
         elif job["kind"] == "real":
             train = real
         else:  # "random": a fresh random real subset per repeat (from a stream: one pass that keeps the picks)
@@ -176,8 +211,9 @@ def eval_loop(config: dict, hooks: TrainHooks) -> None:
                           teacher=teacher if soft else None, device=hooks.device,
                           log=lambda line, tag=tag: print(tag, line, flush=True))
         return {**job, **{k: res[k] for k in ("best_acc", "final_acc", "images_per_s", "train_s", "epochs", "curve")},
-                "threads": torch.get_num_threads(), "eval_streamed": isinstance(target, StreamedSplit)} | (
-                    {} if job["kind"] == "syn" else {"streamed": streamed})
+                "threads": torch.get_num_threads(), "eval_streamed": isinstance(target, StreamedSplit),
+                # streamed: the distilled set (syn), or the real train split the job read
+                "streamed": isinstance(train, StreamedSplit) if job["kind"] == "syn" else streamed}
 
     # A round with fewer jobs than workers (the last of 3 seeds on 2 workers) leaves some workers waiting in
     # all_gather, which costs no CPU: the busy workers on their node take over their threads (one digits
@@ -345,6 +381,9 @@ def evaluate_set(cfg: Config, source: dict, runner, max_workers: int = 1, stages
     p = cfg.compute.parallel_jobs
     workers = max(1, min(len(jobs), max_workers if p <= 0 else p))
     streams = real_datasets(cfg, *(["train"] if any(j["kind"] != "syn" for j in jobs) else []), "eval")
+    if source["kind"] == "parquet":          # too large to travel inline (set_source): every worker streams it
+        config["source"] = source | {"counts": store_manifest(source["path"])["counts"]}
+        streams["syn"] = set_dataset(source["path"])
     if streams and p <= 0:
         # some of the stream's Ray Data tasks ask for a CPU: workers holding every CPU left them pending forever
         # (two 1-CPU nodes, two workers); leave one

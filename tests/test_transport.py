@@ -188,3 +188,35 @@ def test_a_written_set_reads_as_a_staged_set_and_a_union_writes_class_by_class(t
     assert torch.equal(u.scores, merged.scores)
     no_latents = DistilledSet(new.images, new.labels, new.slots)                      # a real-image side: no latents
     assert read_distilled(write_distilled(SetUnion(w, no_latents), tmp_path / "v", ["a", "b", "c"])).latents is None
+
+
+@pytest.mark.slow
+@pytest.mark.ray
+def test_a_set_too_large_to_travel_inline_streams_to_the_students(digits_cfg, tmp_path, monkeypatch):
+    """#20 item 5: a set over INLINE_LIMIT is neither read by the driver nor held by the students: every evaluation
+    worker streams it (a Ray Dataset of its class files, through the worker's shuffle buffer), labels and all."""
+    import dataclasses
+
+    import ray
+
+    from raydd.data import load_real
+    from raydd.distributed.cluster import init_ray
+    from raydd.distributed.runner import RayRunner
+
+    cfg = dataclasses.replace(digits_cfg, ipc=20)
+    cfg.eval = dataclasses.replace(cfg.eval, ranking=False)
+    train = load_real(cfg.data).train
+    keep = torch.cat([torch.nonzero(train.y == c).flatten()[:20] for c in range(10)])       # 20 real digits a class
+    ds = DistilledSet(train.x[keep], train.y[keep], torch.arange(20).repeat(10))
+    path = write_distilled(ds, tmp_path / "set", [str(c) for c in range(10)])
+    monkeypatch.setattr(jobs, "INLINE_LIMIT", 10)                                          # "large"
+    source = jobs.set_source(str(path))
+    assert source == {"kind": "parquet", "path": str(path)}
+    init_ray(cfg.compute)
+    try:
+        summary = jobs.evaluate_set(cfg, source, RayRunner(cfg, tmp_path / "scratch"))
+    finally:
+        ray.shutdown()
+    (job,) = summary["jobs"]
+    assert job["kind"] == "syn" and job["streamed"] is True
+    assert job["best_acc"] > 0.3                                      # 10 classes: wrong labels would give ~0.1
