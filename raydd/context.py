@@ -22,7 +22,7 @@ import torch
 
 from raydd.config import Config, SamplerConfig
 from raydd.data import RealData
-from raydd.jobs import real_classifier, real_datasets, set_classifier_loop, streams
+from raydd.jobs import real_classifier, real_datasets, set_classifier_loop, set_source, streamed_set, streams
 from raydd.generate import (HEAVY, BackboneSpec, DistilledSet, GuidanceFactory, StagedSet, generate_local, make_rows,
                             map_units, rows_to_set)
 from raydd.train_hooks import TrainHooks, TrainResult, run_local
@@ -229,12 +229,12 @@ class Context:
         streamed to it with a store (the driver reads no real split)."""
         metrics = dst.with_suffix(".json")
         if not dst.exists():
-            config = {"set_path": str(set_dir), "arch": arch, "num_classes": self.data.num_classes,
-                      "eval": asdict(self.cfg.eval), "epochs": epochs, "seed": self.cfg.seed}
-            if evaluate:
-                config["data"] = asdict(self.cfg.data)
+            source, syn = streamed_set(set_source(str(set_dir)))                # inline when small, else streamed
+            config = {"source": source, "data": asdict(self.cfg.data), "arch": arch, "evaluate": evaluate,
+                      "num_classes": self.data.num_classes, "eval": asdict(self.cfg.eval), "epochs": epochs,
+                      "seed": self.cfg.seed}
             result = self.train(set_classifier_loop, config, name=f"{self.cfg.resolved_run_name()}-{dst.stem}",
-                                num_workers=1, datasets=real_datasets(self.cfg, "eval") if evaluate else None)
+                                num_workers=1, datasets=(real_datasets(self.cfg, "eval") if evaluate else {}) | syn)
             metrics.write_text(json.dumps(result.metrics, default=str))
             tmp = dst.with_name(dst.name + ".partial")
             shutil.copyfile(Path(result.checkpoint_dir) / "model.safetensors", tmp)

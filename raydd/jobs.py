@@ -27,7 +27,7 @@ from raydd.config import Config, DataConfig, EvalConfig, config_hash
 from raydd.data import (RealData, Split, StreamedSplit, load_distilled_folder, load_real, store_manifest, stream_spec,
                         streamed_split)
 from raydd.generate import random_subset
-from raydd.protocols import dd_ranking, epochs_for, fit_student, split_accuracy, train_student, train_teacher
+from raydd.protocols import dd_ranking, epochs_for, fit_student, split_accuracy, train_teacher
 from raydd.train_hooks import TrainHooks
 
 
@@ -81,6 +81,15 @@ def _set_rows(batch: dict) -> dict:
     """map_batches: a written set's class-file rows -> the rows StreamedSplit reads."""
     label = np.array([int(re.search(r"class_idx=(\d+)", p).group(1)) for p in batch["path"]], dtype=np.int64)
     return {"label": label, "pos": np.full(len(label), -1, np.int64), "image": batch["image"]}
+
+
+def streamed_set(source: dict) -> tuple[dict, dict]:
+    """(source, datasets) for a Train job that trains on a distilled set (set_source): a set too large to travel
+    inline (a "parquet" source) streams to every worker as the job's "syn" dataset (set_dataset), the counts of its
+    classes added to the source for the labels; any other source goes as it is, with no dataset."""
+    if source["kind"] != "parquet":
+        return source, {}
+    return source | {"counts": store_manifest(source["path"])["counts"]}, {"syn": set_dataset(source["path"])}
 
 
 def synthetic_split(source: dict, hooks: TrainHooks, data: RealData, dcfg: DataConfig) -> Split | StreamedSplit:
@@ -252,22 +261,20 @@ def eval_loop(config: dict, hooks: TrainHooks) -> None:
 
 
 def set_classifier_loop(config: dict, hooks: TrainHooks) -> None:
-    """Train a classifier on a distilled set (config: set_path, arch, num_classes, eval, epochs, seed): LGD's
-    θ_{i−1}. Hard labels, the eval protocol's recipe; saves model.safetensors. With config["data"] it also reports
-    "eval_acc", its top-1 on eval.split: streamed from the job's "eval" dataset (a store), else held here."""
+    """Train a classifier on a distilled set (config: source (set_source, streamed_set), data, arch, num_classes,
+    eval, epochs, seed, evaluate): LGD's θ_{i−1}. Hard labels, the eval protocol's recipe; saves model.safetensors.
+    With config["evaluate"] it also reports "eval_acc", its top-1 on eval.split: streamed from the job's "eval"
+    dataset (a store), else held here."""
     import tempfile
 
     from safetensors.torch import save_file
 
-    from raydd.outputs import read_distilled
-
-    s, ecfg = read_distilled(config["set_path"]), EvalConfig(**config["eval"])
-    res = train_student(s.images, s.labels, None, None, student=config["arch"], num_classes=config["num_classes"],
-                        cfg=ecfg, epochs=config["epochs"], seed=config["seed"], device=hooks.device,
-                        return_model=True)
-    metrics = {"train_s": res["train_s"], "epochs": res["epochs"]}
-    if config.get("data"):
-        dcfg = DataConfig(**config["data"])
+    dcfg, ecfg = DataConfig(**config["data"]), EvalConfig(**config["eval"])
+    train = synthetic_split(config["source"], hooks, None, dcfg)
+    res = fit_student(train, None, student=config["arch"], num_classes=config["num_classes"], cfg=ecfg,
+                      epochs=config["epochs"], seed=config["seed"], device=hooks.device, return_model=True)
+    metrics = {"train_s": res["train_s"], "epochs": res["epochs"], "streamed": isinstance(train, StreamedSplit)}
+    if config["evaluate"]:
         held = None if hooks.dataset("eval") is not None else load_real(dcfg, train=ecfg.split == "val")
         target = real_split(dcfg, hooks, held, ecfg.split, "eval")
         metrics |= {"eval_acc": split_accuracy(res["model"], target, device=hooks.device),
@@ -381,9 +388,8 @@ def evaluate_set(cfg: Config, source: dict, runner, max_workers: int = 1, stages
     p = cfg.compute.parallel_jobs
     workers = max(1, min(len(jobs), max_workers if p <= 0 else p))
     streams = real_datasets(cfg, *(["train"] if any(j["kind"] != "syn" for j in jobs) else []), "eval")
-    if source["kind"] == "parquet":          # too large to travel inline (set_source): every worker streams it
-        config["source"] = source | {"counts": store_manifest(source["path"])["counts"]}
-        streams["syn"] = set_dataset(source["path"])
+    config["source"], syn = streamed_set(source)
+    streams |= syn
     if streams and p <= 0:
         # some of the stream's Ray Data tasks ask for a CPU: workers holding every CPU left them pending forever
         # (two 1-CPU nodes, two workers); leave one

@@ -194,11 +194,13 @@ def test_a_written_set_reads_as_a_staged_set_and_a_union_writes_class_by_class(t
 @pytest.mark.ray
 def test_a_set_too_large_to_travel_inline_streams_to_the_students(digits_cfg, tmp_path, monkeypatch):
     """#20 item 5: a set over INLINE_LIMIT is neither read by the driver nor held by the students: every evaluation
-    worker streams it (a Ray Dataset of its class files, through the worker's shuffle buffer), labels and all."""
+    worker streams it (a Ray Dataset of its class files, through the worker's shuffle buffer), labels and all, and
+    so does the job that trains a classifier on a set (LGD's θ_{i−1})."""
     import dataclasses
 
     import ray
 
+    from raydd.context import Context
     from raydd.data import load_real
     from raydd.distributed.cluster import init_ray
     from raydd.distributed.runner import RayRunner
@@ -214,9 +216,13 @@ def test_a_set_too_large_to_travel_inline_streams_to_the_students(digits_cfg, tm
     assert source == {"kind": "parquet", "path": str(path)}
     init_ray(cfg.compute)
     try:
-        summary = jobs.evaluate_set(cfg, source, RayRunner(cfg, tmp_path / "scratch"))
+        runner = RayRunner(cfg, tmp_path / "scratch")
+        summary = jobs.evaluate_set(cfg, source, runner)
+        ctx = Context(cfg, load_real(cfg.data), None, runner=runner, scratch=tmp_path / "scratch")
+        _, theta = ctx.set_classifier(path, "convnet_d1", 2, tmp_path / "theta.safetensors", evaluate=True)  # LGD's θ
     finally:
         ray.shutdown()
     (job,) = summary["jobs"]
     assert job["kind"] == "syn" and job["streamed"] is True
     assert job["best_acc"] > 0.3                                      # 10 classes: wrong labels would give ~0.1
+    assert theta["streamed"] is True and theta["eval_acc"] > 0.3
