@@ -24,8 +24,8 @@ from raydd.distill import build_parser, log, log_curves, run_cli, summary_metric
 def evaluate_folder(folder: str, cfg) -> dict:
     from raydd.distributed.cluster import cluster_cpus, init_ray
     from raydd.distributed.runner import RayRunner
-    from raydd.jobs import INLINE_LIMIT, evaluate_set
-    from raydd.outputs import image_grid
+    from raydd.jobs import INLINE_LIMIT, evaluate_set, set_source
+    from raydd.outputs import image_grid, read_distilled
     from raydd.tracking import Tracker, check_reachable
 
     uri = "://" in folder
@@ -33,11 +33,15 @@ def evaluate_folder(folder: str, cfg) -> dict:
         raise DataError(f"distilled set {folder} is not a directory")
     check_reachable(cfg.tracking)
     data = load_data(cfg)
-    syn = (read_output(folder, data.class_names) if uri else                                # bad files fail here
-           load_distilled_folder(folder, data.class_names, cfg.data.image_size, cfg.data.channels))
-    counts = [int((syn.y == c).sum()) for c in range(data.num_classes)]
+    if uri:                      # our output: its manifest is checked and counted, only the grid's images are read
+        counts = output_counts(folder, data.class_names)
+        shown = read_distilled(folder, classes=list(range(20)), per_class=10)
+        syn = Split(shown.images, shown.labels)
+    else:                        # an ImageFolder, decoded and held here (bad files fail here)
+        syn = load_distilled_folder(folder, data.class_names, cfg.data.image_size, cfg.data.channels)
+        counts = [int((syn.y == c).sum()) for c in range(data.num_classes)]
     cfg.ipc = max(counts)
-    log(f"evaluating {folder}: {len(syn.y)} images, IPC {cfg.ipc} (per class {min(counts)}..{max(counts)})")
+    log(f"evaluating {folder}: {sum(counts)} images, IPC {cfg.ipc} (per class {min(counts)}..{max(counts)})")
     init_ray(cfg.compute)
     tracker = Tracker(cfg.tracking, f"eval-{posixpath.basename(folder.rstrip('/'))}",
                       tags={"raydd_eval": str(folder), "kind": "evaluate", "split": cfg.eval.split,
@@ -49,8 +53,8 @@ def evaluate_folder(folder: str, cfg) -> dict:
         t0 = time.time()
         runner = RayRunner(cfg, None)   # no scratch dir: nothing is written next to the user's folder
         max_workers = int(cluster_cpus() // max(cfg.compute.cpus_per_worker, 1e-9))
-        source = {"kind": "parquet" if uri else "folder", "path": where}
-        if syn.x.numel() <= INLINE_LIMIT:   # already read and checked here: ship the arrays to the workers
+        source = set_source(folder) if uri else {"kind": "folder", "path": where}   # (large: streamed to them)
+        if not uri and syn.x.numel() <= INLINE_LIMIT:   # already read and checked here: ship the arrays
             source |= {"kind": "arrays", "x": syn.x.numpy(), "y": syn.y.numpy()}
         summary = evaluate_set(cfg, source, runner, max_workers)
         metrics = {"time_eval_s": time.time() - t0} | summary_metrics(summary)
@@ -67,20 +71,17 @@ def evaluate_folder(folder: str, cfg) -> dict:
     return {"run_id": tracker.run_id, "summary": summary, "metrics": metrics}
 
 
-def read_output(uri: str, class_names: list[str]) -> Split:
-    """raydd's output on a storage URI: its parquet, whose labels are positions in the class list its manifest
-    names (which must be the preset's)."""
-    from raydd.outputs import read_distilled
-
+def output_counts(uri: str, class_names: list[str]) -> list[int]:
+    """The images per class of raydd's output on a storage URI, from its manifest, whose classes must be the
+    preset's (its parquet's labels are positions in that list)."""
     try:
-        classes = store_manifest(uri)["classes"]
+        manifest = store_manifest(uri)
     except (FileNotFoundError, OSError):
         raise DataError(f"distilled set {uri}: no manifest.json there; a set on a URI is read as raydd's output "
                         f"(parquet + manifest.json), an ImageFolder from a local directory") from None
-    if classes != class_names:
+    if (classes := manifest["classes"]) != class_names:
         raise DataError(f"distilled set {uri} has classes {classes[:5]}..., not the preset's {class_names[:5]}...")
-    s = read_distilled(uri)
-    return Split(s.images, s.labels)
+    return manifest["counts"]
 
 
 def evaluate_redundancy(folder: str, cfg, k: int) -> dict:
