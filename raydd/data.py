@@ -77,10 +77,35 @@ class StreamedSplit:
     """A split streamed from Ray Data (a Train worker's dataset shard, raydd.distributed.store.part_dataset),
     rows: label, pos (the row's place in the split), image (uint8 [C, H, W] bytes). It holds its labels and one
     shuffle buffer of at most `buffer_bytes`, never the images. An epoch's order: the dataset's file order
-    (shuffled anew each epoch) through a local shuffle buffer seeded from the caller's generator."""
+    (shuffled anew each epoch) through a local shuffle buffer seeded from the caller's generator. keep: the rows
+    (positions) of a subset streamed on its own (subset)."""
 
-    def __init__(self, source, labels: np.ndarray, shape: tuple[int, int, int], buffer_bytes: int = 512 * 2**20):
+    def __init__(self, source, labels: np.ndarray, shape: tuple[int, int, int], buffer_bytes: int = 512 * 2**20,
+                 keep: np.ndarray | None = None):
         self.source, self.labels, self.shape, self.buffer_bytes = source, labels, tuple(shape), buffer_bytes
+        self.keep = keep
+
+    def subset(self, positions: np.ndarray) -> "StreamedSplit":
+        """The rows at `positions`, still streamed (each epoch passes over the whole stream and keeps them): a
+        subset too large to hold, e.g. DD-Ranking's random reference at a large IPC."""
+        positions = np.asarray(positions, dtype=np.int64)
+        return StreamedSplit(self.source, self.labels[positions], self.shape, self.buffer_bytes, keep=positions)
+
+    def _kept(self, stream: Iterator[dict], batch_size: int) -> Iterator[dict]:
+        """The stream's batches; of a subset, only its rows, gathered again into batches of batch_size."""
+        if self.keep is None:
+            yield from stream
+            return
+        held: dict | None = None
+        for b in stream:
+            m = np.isin(b["pos"], self.keep)
+            mine = {k: v[m] for k, v in b.items()}
+            held = mine if held is None else {k: np.concatenate([held[k], mine[k]]) for k in held}
+            while len(held["pos"]) >= batch_size:
+                yield {k: v[:batch_size] for k, v in held.items()}
+                held = {k: v[batch_size:] for k, v in held.items()}
+        if held is not None and len(held["pos"]):
+            yield held
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -94,14 +119,16 @@ class StreamedSplit:
 
     def batches(self, batch_size: int, generator: torch.Generator) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         seed = int(torch.randint(2**31 - 1, (1,), generator=generator))
-        buffer = max(batch_size, min(len(self), self.buffer_bytes // math.prod(self.shape)))
-        for k, b in enumerate(self.source.iter_batches(batch_size=batch_size, batch_format="numpy",
-                                                       local_shuffle_buffer_size=buffer, local_shuffle_seed=seed)):
+        rows = len(self) if self.keep is None else math.inf           # a subset's stream has more rows than it
+        buffer = max(batch_size, min(rows, self.buffer_bytes // math.prod(self.shape)))
+        stream = self.source.iter_batches(batch_size=batch_size, batch_format="numpy",
+                                          local_shuffle_buffer_size=buffer, local_shuffle_seed=seed)
+        for k, b in enumerate(self._kept(stream, batch_size)):
             if len(b["label"]) > 1 or k == 0:                      # as epoch_starts: no trailing batch of one
                 yield self._tensors(b)
 
     def ordered(self, batch_size: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        for b in self.source.iter_batches(batch_size=batch_size, batch_format="numpy"):
+        for b in self._kept(self.source.iter_batches(batch_size=batch_size, batch_format="numpy"), batch_size):
             yield self._tensors(b)
 
     def take(self, positions: np.ndarray) -> Split:

@@ -13,6 +13,7 @@ are cached by config hash under <cache_dir>, so repeated runs only train the dis
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import statistics
@@ -26,7 +27,7 @@ import torch
 from raydd.config import Config, DataConfig, EvalConfig, config_hash
 from raydd.data import (RealData, Split, StreamedSplit, load_distilled_folder, load_real, store_manifest, stream_spec,
                         streamed_split)
-from raydd.generate import random_subset
+from raydd.generate import random_picks, random_subset
 from raydd.protocols import dd_ranking, epochs_for, fit_student, split_accuracy, train_teacher
 from raydd.train_hooks import TrainHooks
 
@@ -209,6 +210,9 @@ def eval_loop(config: dict, hooks: TrainHooks) -> None:
             train = syn
         elif job["kind"] == "real":
             train = real
+        elif isinstance(real, StreamedSplit) and job["ipc"] * data.num_classes * math.prod(real.shape) > config["hold"]:
+            # "random" too large to hold (over INLINE_LIMIT, as a set): its picks streamed on their own
+            train = real.subset(random_picks(real.y, job["ipc"], job["seed"]).numpy())
         else:  # "random": a fresh random real subset per repeat (from a stream: one pass that keeps the picks)
             r = random_subset(real, job["ipc"], seed=job["seed"])
             train = Split(r.images, r.labels)
@@ -221,8 +225,8 @@ def eval_loop(config: dict, hooks: TrainHooks) -> None:
                           log=lambda line, tag=tag: print(tag, line, flush=True))
         return {**job, **{k: res[k] for k in ("best_acc", "final_acc", "images_per_s", "train_s", "epochs", "curve")},
                 "threads": torch.get_num_threads(), "eval_streamed": isinstance(target, StreamedSplit),
-                # streamed: the distilled set (syn), or the real train split the job read
-                "streamed": isinstance(train, StreamedSplit) if job["kind"] == "syn" else streamed}
+                "train_streamed": isinstance(train, StreamedSplit)} | (      # (the set, or a random subset)
+                    {} if job["kind"] == "syn" else {"streamed": streamed})        # the real split came as a stream
 
     # A round with fewer jobs than workers (the last of 3 seeds on 2 workers) leaves some workers waiting in
     # all_gather, which costs no CPU: the busy workers on their node take over their threads (one digits
@@ -384,7 +388,8 @@ def evaluate_set(cfg: Config, source: dict, runner, max_workers: int = 1, stages
                     jobs += [{"kind": kind, "student": s, "seed": r, "protocol": protocol, "ipc": cfg.ipc}
                              | ({"stage": last} if last > 1 else {}) for r in range(e.seeds)]
     teacher = ensure_teacher(cfg, runner) if any(j["protocol"] == "soft" for j in jobs) else ""
-    config = {"data": asdict(cfg.data), "eval": asdict(e), "jobs": jobs, "source": source, "teacher": teacher}
+    config = {"data": asdict(cfg.data), "eval": asdict(e), "jobs": jobs, "source": source, "teacher": teacher,
+              "hold": INLINE_LIMIT}                              # a random reference's subset larger than this streams
     p = cfg.compute.parallel_jobs
     workers = max(1, min(len(jobs), max_workers if p <= 0 else p))
     streams = real_datasets(cfg, *(["train"] if any(j["kind"] != "syn" for j in jobs) else []), "eval")

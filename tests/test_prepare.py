@@ -210,6 +210,11 @@ def test_a_streamed_split_gives_each_row_once_an_epoch_and_the_same_random_picks
     picks = random_picks(held.y, 3, seed=5)
     taken = stream.take(picks.numpy())
     assert torch.equal(taken.x, held.x[picks]) and torch.equal(taken.y, held.y[picks])
+    sub = stream.subset(picks.numpy())                 # too large to hold: the picks streamed on their own
+    batches = list(sub.batches(4, torch.Generator().manual_seed(0)))
+    assert len(sub) == 6 and [len(y) for _, y in batches] == [4, 2]          # gathered again into whole batches
+    x, y = torch.cat([b[0] for b in batches]), torch.cat([b[1] for b in batches])
+    assert key(x, y) == key(held.x[picks], held.y[picks])
     model = create_student("convnet_d1", num_classes=2, in_chans=3, image_size=16)
     assert split_accuracy(model, stream) == split_accuracy(model, held)
 
@@ -312,10 +317,13 @@ def test_with_a_store_the_dit_trainings_the_igds_estimator_and_lgds_theta_stream
 
 
 @pytest.mark.slow
-def test_with_a_store_the_teacher_and_the_real_references_stream_the_train_split_and_students_the_test_split(tmp_path):
+def test_with_a_store_the_teacher_and_the_real_references_stream_the_train_split_and_students_the_test_split(tmp_path,
+                                                                                                              monkeypatch):
     """#20 item 2: the Train jobs that train on the real train split (the teacher; DD-Ranking's real and random
     references) take it as a Ray Dataset (`datasets=`, hooks.dataset) and no worker holds it. Random references
-    train on the same picks as without a store, so they give the same accuracy."""
+    train on the same picks as without a store, so they give the same accuracy; a random subset too large to hold
+    (over INLINE_LIMIT) streams on its own."""
+    import raydd.jobs
     from raydd.distributed.cluster import init_ray
     from raydd.distributed.runner import RayRunner
     from raydd.jobs import evaluate_set, real_classifier
@@ -341,6 +349,13 @@ def test_with_a_store_the_teacher_and_the_real_references_stream_the_train_split
         assert all(j["eval_streamed"] is streamed for j in summary["jobs"])   # the test split too, syn jobs too
     random = {s: [j["best_acc"] for j in runs[s][1]["jobs"] if j["kind"] == "random"] for s in runs}
     assert random[True] == random[False]
+    assert not any(j["train_streamed"] for s in runs for j in runs[s][1]["jobs"] if j["kind"] == "random")
+    monkeypatch.setattr(raydd.jobs, "INLINE_LIMIT", 0)                       # every random subset is "large" now
+    cfg = cfg_for(root, str(tmp_path / "store"), "ipc=2", "eval.students=[convnet_d1]",
+                  "eval.seeds=1", "eval.epochs=2", f"cache_dir={tmp_path / 'large'}")
+    summary = evaluate_set(cfg, source, RayRunner(cfg, tmp_path / "scratch-large"))
+    (job,) = [j for j in summary["jobs"] if j["kind"] == "random"]
+    assert job["train_streamed"] is True and job["epochs"] == 2 and 0.0 <= job["best_acc"] <= 1.0
 
 
 def test_from_a_store_a_random_subset_reads_only_its_picks(tmp_path):

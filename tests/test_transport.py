@@ -223,6 +223,6 @@ def test_a_set_too_large_to_travel_inline_streams_to_the_students(digits_cfg, tm
     finally:
         ray.shutdown()
     (job,) = summary["jobs"]
-    assert job["kind"] == "syn" and job["streamed"] is True
+    assert job["kind"] == "syn" and job["train_streamed"] is True
     assert job["best_acc"] > 0.3                                      # 10 classes: wrong labels would give ~0.1
     assert theta["streamed"] is True and theta["eval_acc"] > 0.3
