@@ -24,7 +24,7 @@ from raydd.config import Config, SamplerConfig
 from raydd.data import RealData
 from raydd.jobs import real_classifier, real_datasets, set_classifier_loop, set_source, streamed_set, streams
 from raydd.generate import (HEAVY, BackboneSpec, DistilledSet, GuidanceFactory, StagedSet, generate_local, make_rows,
-                            map_units, rows_to_set)
+                            map_units, real_set, rows_to_set)
 from raydd.train_hooks import TrainHooks, TrainResult, run_local
 
 
@@ -55,8 +55,7 @@ class LocalRunner:
         return rows_to_set(out), {k: v for k, v in out.items() if k not in HEAVY}
 
     def real_rows(self, part, idx: np.ndarray, slots: np.ndarray) -> DistilledSet:
-        picked = part.take(torch.as_tensor(idx))
-        return DistilledSet(images=picked.x, labels=picked.y, slots=torch.as_tensor(slots))
+        return real_set(part, idx, slots)
 
     def train(self, loop: Callable[[dict, TrainHooks], None], config: dict, name: str, num_workers: int | None = None,
               cpus_per_worker: float | None = None, resume_key: str | None = None, callbacks: list | None = None,

@@ -104,9 +104,9 @@ def open_unit(file: str):
     fs, root = stage_filesystem(posixpath.dirname(str(file)))
     with fs.open_input_file(f"{root}/{posixpath.basename(str(file))}") as fh:
         if str(file).endswith(".parquet"):
-            from raydd.outputs import ClassFile
+            from raydd.outputs import ClassFile, class_of_file
 
-            yield ClassFile(fh, int(re.search(r"class_idx=(\d+)", str(file)).group(1)))
+            yield ClassFile(fh, class_of_file(file))
             return
         with np.load(fh, allow_pickle=False) as z:
             yield z
@@ -521,8 +521,14 @@ def stage_rows(part, idx: np.ndarray, slots: np.ndarray, stage_dir: str) -> Stag
     return dataclasses.replace(StagedSet.read(stage_dir, np.array(units)), scores=None)
 
 
+def real_set(part, idx, slots) -> DistilledSet:
+    """Rows idx of a real split (held, streamed: one pass, or a store's: only those rows are read) as a set with
+    the given slots, in memory."""
+    picked = part.take(torch.as_tensor(idx))
+    return DistilledSet(images=picked.x, labels=picked.y, slots=torch.as_tensor(slots))
+
+
 def random_subset(train, ipc: int, seed: int) -> DistilledSet:
-    """`ipc` real images per class (raydd.generate.random_picks) from a split: held, streamed (one pass) or a
-    store's (raydd.data.StoredPart: only the picked rows are read)."""
-    picked = train.take(random_picks(train.y, ipc, seed))
-    return DistilledSet(images=picked.x, labels=picked.y, slots=torch.arange(ipc).repeat(len(picked) // ipc))
+    """`ipc` real images per class (raydd.generate.random_picks) from a split, in memory (real_set)."""
+    picks = random_picks(train.y, ipc, seed)
+    return real_set(train, picks, torch.arange(ipc).repeat(len(picks) // ipc))

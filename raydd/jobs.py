@@ -15,7 +15,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import re
 import statistics
 import time
 from dataclasses import asdict
@@ -62,34 +61,14 @@ def load_set(source: dict, data: RealData, dcfg: DataConfig):
     return split.x, split.y
 
 
-def set_dataset(path: str) -> "ray.data.Dataset":
-    """A written set (raydd.outputs, a path or a URI) as a Ray Dataset for the evaluation workers' StreamedSplit:
-    rows label (from the class file's name), pos (-1: a set is never taken by position) and image (uint8 [C, H, W]
-    bytes), read a class file at a time in another file order each epoch; nothing is read until a worker
-    iterates. Its tasks ask for no CPU, two at a time, as the real splits' streams (part_dataset)."""
-    import ray
-
-    from raydd.outputs import class_files
-
-    light = {"num_cpus": 0, "concurrency": 2}
-    return (ray.data.read_parquet(sorted(class_files(path).values()), columns=["image"], include_paths=True,
-                                  partitioning=None, **light,
-                                  shuffle=ray.data.FileShuffleConfig(seed=0, reseed_after_execution=True))
-            .map_batches(_set_rows, batch_format="numpy", **light))
-
-
-def _set_rows(batch: dict) -> dict:
-    """map_batches: a written set's class-file rows -> the rows StreamedSplit reads."""
-    label = np.array([int(re.search(r"class_idx=(\d+)", p).group(1)) for p in batch["path"]], dtype=np.int64)
-    return {"label": label, "pos": np.full(len(label), -1, np.int64), "image": batch["image"]}
-
-
 def streamed_set(source: dict) -> tuple[dict, dict]:
     """(source, datasets) for a Train job that trains on a distilled set (set_source): a set too large to travel
     inline (a "parquet" source) streams to every worker as the job's "syn" dataset (set_dataset), the counts of its
     classes added to the source for the labels; any other source goes as it is, with no dataset."""
     if source["kind"] != "parquet":
         return source, {}
+    from raydd.distributed.store import set_dataset
+
     return source | {"counts": store_manifest(source["path"])["counts"]}, {"syn": set_dataset(source["path"])}
 
 
@@ -388,12 +367,12 @@ def evaluate_set(cfg: Config, source: dict, runner, max_workers: int = 1, stages
                     jobs += [{"kind": kind, "student": s, "seed": r, "protocol": protocol, "ipc": cfg.ipc}
                              | ({"stage": last} if last > 1 else {}) for r in range(e.seeds)]
     teacher = ensure_teacher(cfg, runner) if any(j["protocol"] == "soft" for j in jobs) else ""
+    source, syn = streamed_set(source)                           # a large set streams to every worker
     config = {"data": asdict(cfg.data), "eval": asdict(e), "jobs": jobs, "source": source, "teacher": teacher,
               "hold": INLINE_LIMIT}                              # a random reference's subset larger than this streams
     p = cfg.compute.parallel_jobs
     workers = max(1, min(len(jobs), max_workers if p <= 0 else p))
     streams = real_datasets(cfg, *(["train"] if any(j["kind"] != "syn" for j in jobs) else []), "eval")
-    config["source"], syn = streamed_set(source)
     streams |= syn
     if streams and p <= 0:
         # some of the stream's Ray Data tasks ask for a CPU: workers holding every CPU left them pending forever

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import io
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -71,6 +72,11 @@ def write_distilled(ds: DistilledSet | StagedSet, out: str | Path, class_names: 
     return out if "://" in str(out) else Path(root)
 
 
+def class_of_file(path: str) -> int:
+    """The class of a written set's class file (or folder): the <c> of its parquet/class_idx=<c>."""
+    return int(re.search(r"class_idx=(\d+)", str(path)).group(1))
+
+
 def class_files(out: str | Path) -> dict[int, str]:
     """A complete written set's class files {class: path}, paths as `out` is given (a URI stays a URI);
     FileNotFoundError when the set is not complete."""
@@ -78,7 +84,7 @@ def class_files(out: str | Path) -> dict[int, str]:
     if fs.get_file_info(f"{root}/manifest.json").type != pafs.FileType.File:
         raise FileNotFoundError(f"{out} is not a complete distilled set (no manifest.json)")
     base = str(out).rstrip("/") if "://" in str(out) else root
-    return {int(i.base_name.split("=")[1]): f"{base}/parquet/{i.base_name}/part-0.parquet"
+    return {class_of_file(i.base_name): f"{base}/parquet/{i.base_name}/part-0.parquet"
             for i in fs.get_file_info(pafs.FileSelector(f"{root}/parquet")) if i.base_name.startswith("class_idx=")}
 
 

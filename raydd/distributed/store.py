@@ -242,3 +242,25 @@ def map_part(cfg, part: str, per_class: int, udf: type, udf_kwargs: dict) -> dic
                        num_gpus=c.gpus_per_actor, memory=int(c.memory_per_actor_gib * 2**30) or None))
     outs = list(ds.iter_batches(batch_size=None, batch_format="numpy"))
     return {k: np.concatenate([o[k] for o in outs]) for k in outs[0]}
+
+
+def set_dataset(path: str) -> "ray.data.Dataset":
+    """A written set (raydd.outputs, a path or a URI) as a Ray Dataset for a Train worker's raydd.data.StreamedSplit
+    (the students, LGD's θ_{i−1}): rows label (from the class file's name), pos (-1: a set is never taken by position) and image (uint8 [C, H, W]
+    bytes), read a class file at a time in another file order each epoch; nothing is read until a worker
+    iterates. Its tasks ask for no CPU, two at a time, as part_dataset's."""
+    from raydd.outputs import class_files
+
+    light = {"num_cpus": 0, "concurrency": 2}
+    return (ray.data.read_parquet(sorted(class_files(path).values()), columns=["image"], include_paths=True,
+                                  partitioning=None, **light,
+                                  shuffle=ray.data.FileShuffleConfig(seed=0, reseed_after_execution=True))
+            .map_batches(_set_rows, batch_format="numpy", **light))
+
+
+def _set_rows(batch: dict) -> dict:
+    """map_batches: a written set's class-file rows -> the rows StreamedSplit reads."""
+    from raydd.outputs import class_of_file
+
+    label = np.array([class_of_file(p) for p in batch["path"]], dtype=np.int64)
+    return {"label": label, "pos": np.full(len(label), -1, np.int64), "image": batch["image"]}
