@@ -618,26 +618,3 @@ def load_real(cfg: DataConfig, train: bool = True) -> RealData:
     if cfg.dataset == "digits" and not cfg.store:
         return load_digits_data(cfg)
     return load_imagefolder_data(cfg, train)       # a shard source always has a store (config.validate)
-
-
-def load_distilled_folder(path: str | Path, class_names: list[str], size: int, channels: int) -> Split:
-    """A distilled ImageFolder (ours or another repo's): <path>/<class>/*.png. Folder names must be the
-    preset's class names (e.g. wnids, or '0'..'9' for digits) or class indices (0, 1, ... / 00000)."""
-    root = Path(path).expanduser()
-    if not root.is_dir():
-        raise DataError(f"distilled set {root} is not a directory")
-    folders = sorted(p.name for p in root.iterdir() if p.is_dir())
-    if not folders:
-        raise DataError(f"distilled set {root} has no class directories")
-    if all(f in class_names for f in folders):
-        names = [c for c in class_names if c in folders]
-        labels = [class_names.index(c) for c in names]
-    elif all(f.isdigit() and int(f) < len(class_names) for f in folders):
-        names, labels = folders, [int(f) for f in folders]
-    else:
-        unknown = [f for f in folders if f not in class_names][:10]
-        raise DataError(f"distilled set {root}: class folders {unknown} are neither the preset's class names "
-                        f"({class_names[:10]}{' ...' if len(class_names) > 10 else ''}) nor class indices")
-    split = load_image_folder(root, names, size, channels, folder_names=names)
-    split.y = torch.tensor(labels, dtype=torch.int64)[split.y]
-    return split

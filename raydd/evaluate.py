@@ -11,12 +11,14 @@ from __future__ import annotations
 import dataclasses
 import json
 import posixpath
+import shutil
 import sys
 import time
+import uuid
 from pathlib import Path
 
 from raydd.config import load_config, run_params
-from raydd.data import DataError, Split, load_distilled_folder, store_manifest
+from raydd.data import DataError, store_manifest
 from raydd.prepare import load_data
 from raydd.distill import build_parser, log, log_curves, run_cli, summary_metrics
 
@@ -24,8 +26,8 @@ from raydd.distill import build_parser, log, log_curves, run_cli, summary_metric
 def evaluate_folder(folder: str, cfg) -> dict:
     from raydd.distributed.cluster import cluster_cpus, init_ray
     from raydd.distributed.runner import RayRunner
-    from raydd.jobs import INLINE_LIMIT, evaluate_set, set_source
-    from raydd.outputs import image_grid, read_distilled
+    from raydd.jobs import evaluate_set, set_source
+    from raydd.outputs import FolderSet, image_grid, read_distilled, write_distilled
     from raydd.tracking import Tracker, check_reachable
 
     uri = "://" in folder
@@ -33,38 +35,40 @@ def evaluate_folder(folder: str, cfg) -> dict:
         raise DataError(f"distilled set {folder} is not a directory")
     check_reachable(cfg.tracking)
     data = load_data(cfg)
-    if uri:                      # our output: its manifest is checked and counted, only the grid's images are read
-        counts = output_counts(folder, data.class_names)
-        shown = read_distilled(folder, classes=list(range(20)), per_class=10)
-        syn = Split(shown.images, shown.labels)
-    else:                        # an ImageFolder, decoded and held here (bad files fail here)
-        syn = load_distilled_folder(folder, data.class_names, cfg.data.image_size, cfg.data.channels)
-        counts = [int((syn.y == c).sum()) for c in range(data.num_classes)]
-    cfg.ipc = max(counts)
-    log(f"evaluating {folder}: {sum(counts)} images, IPC {cfg.ipc} (per class {min(counts)}..{max(counts)})")
-    init_ray(cfg.compute)
-    tracker = Tracker(cfg.tracking, f"eval-{posixpath.basename(folder.rstrip('/'))}",
-                      tags={"raydd_eval": str(folder), "kind": "evaluate", "split": cfg.eval.split,
-                            "preset": cfg.preset, "ipc": str(cfg.ipc), "smoke": str(cfg.smoke).lower()})
+    # An ImageFolder is read a class at a time into raydd's output format in the cache's work dir (parquet, no PNGs),
+    # then evaluated as our output is: no process holds more than a class of it, or a set too large to travel
+    # inline, which then streams to the students from there. Unreadable files fail here, before Ray starts.
+    out = folder if uri else str(cfg.resolved_cache_dir() / "work" / f"eval-{uuid.uuid4().hex[:12]}")
     try:
-        where = folder if uri else str(Path(folder).resolve())
-        tracker.log_params(run_params(cfg) | {"folder": where})
-        tracker.log_images("distilled_grid", image_grid(syn.x, syn.y, names=data.class_names))
-        t0 = time.time()
-        runner = RayRunner(cfg, None)   # no scratch dir: nothing is written next to the user's folder
-        max_workers = int(cluster_cpus() // max(cfg.compute.cpus_per_worker, 1e-9))
-        source = set_source(folder) if uri else {"kind": "folder", "path": where}   # (large: streamed to them)
-        if not uri and syn.x.numel() <= INLINE_LIMIT:   # already read and checked here: ship the arrays
-            source |= {"kind": "arrays", "x": syn.x.numpy(), "y": syn.y.numpy()}
-        summary = evaluate_set(cfg, source, runner, max_workers)
-        metrics = {"time_eval_s": time.time() - t0} | summary_metrics(summary)
-        tracker.log_metrics(metrics)
-        log_curves(tracker, summary)
-        tracker.log_dict({"folder": str(folder), "summary": summary}, "result.json")
-        tracker.end("FINISHED")
-    except BaseException as e:
-        tracker.end_after(e)
-        raise
+        if not uri:
+            write_distilled(FolderSet(folder, data.class_names, cfg.data.image_size, cfg.data.channels), out,
+                            data.class_names, pngs=False)
+        counts = output_counts(out, data.class_names)
+        cfg.ipc = max(counts)
+        log(f"evaluating {folder}: {sum(counts)} images, IPC {cfg.ipc} (per class {min(counts)}..{max(counts)})")
+        shown = read_distilled(out, classes=list(range(20)), per_class=10)   # the grid's images, no more
+        init_ray(cfg.compute)
+        tracker = Tracker(cfg.tracking, f"eval-{posixpath.basename(folder.rstrip('/'))}",
+                          tags={"raydd_eval": str(folder), "kind": "evaluate", "split": cfg.eval.split,
+                                "preset": cfg.preset, "ipc": str(cfg.ipc), "smoke": str(cfg.smoke).lower()})
+        try:
+            tracker.log_params(run_params(cfg) | {"folder": folder if uri else str(Path(folder).resolve())})
+            tracker.log_images("distilled_grid", image_grid(shown.images, shown.labels, names=data.class_names))
+            t0 = time.time()
+            runner = RayRunner(cfg, None)   # no scratch dir: nothing is written next to the user's folder
+            max_workers = int(cluster_cpus() // max(cfg.compute.cpus_per_worker, 1e-9))
+            summary = evaluate_set(cfg, set_source(out), runner, max_workers)   # (large: streamed to them)
+            metrics = {"time_eval_s": time.time() - t0} | summary_metrics(summary)
+            tracker.log_metrics(metrics)
+            log_curves(tracker, summary)
+            tracker.log_dict({"folder": str(folder), "summary": summary}, "result.json")
+            tracker.end("FINISHED")
+        except BaseException as e:
+            tracker.end_after(e)
+            raise
+    finally:
+        if not uri:
+            shutil.rmtree(out, ignore_errors=True)
     for s, r in summary["students"].items():
         log(f"  {s:16s} {r['protocol']}-label acc {100 * r['acc_mean']:.1f} +- {100 * r['acc_std']:.1f} "
             f"({len(r['accs'])} seeds)  " + "  ".join(f"{k}={v:.3f}" for k, v in summary["ranking"].get(s, {}).items()))

@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 from raydd.config import Config, DataConfig, EvalConfig, config_hash
-from raydd.data import (RealData, Split, StreamedSplit, load_distilled_folder, load_real, store_manifest, stream_spec,
+from raydd.data import (RealData, Split, StreamedSplit, load_real, store_manifest, stream_spec,
                         streamed_split)
 from raydd.generate import random_picks, random_subset
 from raydd.protocols import dd_ranking, epochs_for, fit_student, split_accuracy, train_teacher
@@ -34,37 +34,33 @@ from raydd.train_hooks import TrainHooks
 INLINE_LIMIT = 512 * 2**20  # sets up to this size travel inside the job config (no shared file system needed)
 
 
-def set_source(path: str, kind: str = "parquet") -> dict:
-    """How evaluation workers get the distilled set: the arrays themselves when small (workers on other
-    nodes need no shared file system), else the path (then out_dir must be on shared storage). The size comes
-    from the files' shapes: a large set is never read here."""
-    if kind == "parquet":
-        from raydd.outputs import image_nbytes, read_distilled
+def set_source(path: str) -> dict:
+    """How evaluation workers get a written set (our output at `path`): the arrays themselves when small (workers on
+    other nodes need no shared file system), else the path, from which they stream it (streamed_set; then it must
+    be on shared storage). The size comes from the files' shapes: a large set is never read here."""
+    from raydd.outputs import image_nbytes, read_distilled
 
-        if image_nbytes(path) <= INLINE_LIMIT:
-            s = read_distilled(path)
-            return {"kind": "arrays", "x": s.images.numpy(), "y": s.labels.numpy(), "path": path}
-    return {"kind": kind, "path": path}
+    if image_nbytes(path) <= INLINE_LIMIT:
+        s = read_distilled(path)
+        return {"kind": "arrays", "x": s.images.numpy(), "y": s.labels.numpy(), "path": path}
+    return {"kind": "parquet", "path": path}
 
 
-def load_set(source: dict, data: RealData, dcfg: DataConfig):
-    """source: {"kind": "arrays", "x", "y"}, {"kind": "parquet", "path"} (ours) or {"kind": "folder", "path"}."""
+def load_set(source: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    """source (set_source): {"kind": "arrays", "x", "y"} or {"kind": "parquet", "path"} (our output) -> (x, y)."""
     if source["kind"] == "arrays":
         # copies: arrays from Ray's object store are read-only, and torch warns about (and may write to) them
         return torch.from_numpy(source["x"].copy()), torch.from_numpy(source["y"].copy())
-    if source["kind"] == "parquet":
-        from raydd.outputs import read_distilled
+    from raydd.outputs import read_distilled
 
-        s = read_distilled(source["path"])
-        return s.images, s.labels
-    split = load_distilled_folder(source["path"], data.class_names, dcfg.image_size, dcfg.channels)
-    return split.x, split.y
+    s = read_distilled(source["path"])
+    return s.images, s.labels
 
 
 def streamed_set(source: dict) -> tuple[dict, dict]:
     """(source, datasets) for a Train job that trains on a distilled set (set_source): a set too large to travel
     inline (a "parquet" source) streams to every worker as the job's "syn" dataset (set_dataset), the counts of its
-    classes added to the source for the labels; any other source goes as it is, with no dataset."""
+    classes added to the source for the labels; a small one (its arrays) goes as it is, with no dataset."""
     if source["kind"] != "parquet":
         return source, {}
     from raydd.distributed.store import set_dataset
@@ -77,7 +73,7 @@ def synthetic_split(source: dict, hooks: TrainHooks, data: RealData, dcfg: DataC
     large to travel inline, evaluate_set), holding a shuffle buffer, else held (load_set)."""
     stream = hooks.dataset("syn")
     if stream is None:
-        return Split(*load_set(source, data, dcfg))
+        return Split(*load_set(source))
     labels = np.repeat(np.arange(len(source["counts"])), source["counts"])
     return StreamedSplit(stream, labels, (dcfg.channels, dcfg.image_size, dcfg.image_size))
 

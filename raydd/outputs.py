@@ -13,6 +13,7 @@ import io
 import json
 import re
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 import pyarrow as pa
@@ -21,7 +22,7 @@ import pyarrow.parquet as pq
 import torch
 from PIL import Image
 
-from raydd.data import store_filesystem
+from raydd.data import DataError, list_image_files, read_image, store_filesystem
 from raydd.generate import DistilledSet, StagedSet
 
 
@@ -30,10 +31,12 @@ def to_pil(img: np.ndarray) -> Image.Image:
     return Image.fromarray(img[0]) if img.shape[0] == 1 else Image.fromarray(np.transpose(img, (1, 2, 0)))
 
 
-def write_distilled(ds: DistilledSet | StagedSet, out: str | Path, class_names: list[str],
-                    extra: dict | None = None) -> str | Path:
+def write_distilled(ds: DistilledSet | StagedSet | FolderSet, out: str | Path, class_names: list[str],
+                    extra: dict | None = None, pngs: bool = True) -> str | Path:
     """The set -> <out>/ (a path or a URI), a class at a time (`classes()`): of a StagedSet, one class's images and
-    the unit files they are in are held, and every unit file is read once. Returns out (a Path for a local path)."""
+    the unit files they are in are held, and every unit file is read once; of a FolderSet, one class's images.
+    pngs=False leaves out images/ (a set converted from an ImageFolder has its PNGs already). Returns out (a Path
+    for a local path)."""
     fs, root = store_filesystem(str(out))
     if fs.get_file_info(f"{root}/manifest.json").type != pafs.FileType.NotFound:
         fs.delete_file(f"{root}/manifest.json")                            # first: the old set is incomplete now
@@ -44,9 +47,10 @@ def write_distilled(ds: DistilledSet | StagedSet, out: str | Path, class_names: 
         with fs.open_output_stream(path) as f:
             f.write(data)
 
+    counts = [0] * len(class_names)
     for c, part in ds.classes():                                       # this class's rows, in slot order
-        for folder in (f"{root}/parquet/class_idx={c}", f"{root}/images/{class_names[c]}"):
-            fs.create_dir(folder, recursive=True)
+        counts[c] = len(part)
+        fs.create_dir(f"{root}/parquet/class_idx={c}", recursive=True)
         images = part.images.numpy()
         cols = {
             "slot": pa.array(part.slots.numpy()),
@@ -62,12 +66,14 @@ def write_distilled(ds: DistilledSet | StagedSet, out: str | Path, class_names: 
         table = io.BytesIO()
         pq.write_table(pa.table(cols), table)
         put(f"{root}/parquet/class_idx={c}/part-0.parquet", table.getvalue())
+        if not pngs:
+            continue
+        fs.create_dir(f"{root}/images/{class_names[c]}", recursive=True)
         for img, slot in zip(images, part.slots.tolist()):
             png = io.BytesIO()
             to_pil(img).save(png, format="PNG")
             put(f"{root}/images/{class_names[c]}/{slot}.png", png.getvalue())
-    counts = torch.bincount(ds.labels, minlength=len(class_names)).tolist()
-    manifest = {"classes": class_names, "counts": counts, "num_images": len(ds), **(extra or {})}
+    manifest = {"classes": class_names, "counts": counts, "num_images": sum(counts), **(extra or {})}
     put(f"{root}/manifest.json", json.dumps(manifest, indent=1).encode())   # last: the set is complete
     return out if "://" in str(out) else Path(root)
 
@@ -141,6 +147,61 @@ class ClassFile:
         shape = t.column(f"{key}_shape")[0].as_py()
         dtype = np.uint8 if key == "image" else np.float16
         return np.frombuffer(b"".join(t.column(key).to_pylist()), dtype).reshape(-1, *shape).copy()
+
+
+def natural_key(name: str) -> list:
+    """Sort key of a file name by its numbers' values: 2.png before 10.png (the order of our <slot>.png files)."""
+    return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", name)]
+
+
+class FolderSet:
+    """A distilled ImageFolder (<root>/<class>/*.png, ours or another repo's) read a class at a time (`classes()`,
+    as a StagedSet), so writing it as raydd's output (write_distilled) holds one class. Class folders are the
+    preset's class names (wnids, or 0..9 for digits) or class indices (0, 1, ... / 00000); a class's slots are its
+    file names in natural order (our images/<class>/<slot>.png keeps its slots). Every unreadable file is named,
+    together, after the last class: a writer of the set never completes it."""
+
+    def __init__(self, path: str | Path, class_names: list[str], size: int, channels: int):
+        self.root, self.size, self.channels = Path(path).expanduser(), size, channels
+        if not self.root.is_dir():
+            raise DataError(f"distilled set {self.root} is not a directory")
+        folders = sorted(p.name for p in self.root.iterdir() if p.is_dir())
+        if not folders:
+            raise DataError(f"distilled set {self.root} has no class directories")
+        if all(f in class_names for f in folders):
+            labels = [class_names.index(f) for f in folders]
+        elif all(f.isdigit() and int(f) < len(class_names) for f in folders):
+            labels = [int(f) for f in folders]
+        else:
+            unknown = [f for f in folders if f not in class_names][:10]
+            raise DataError(f"distilled set {self.root}: class folders {unknown} are neither the preset's class names "
+                            f"({class_names[:10]}{' ...' if len(class_names) > 10 else ''}) nor class indices")
+        if len(set(labels)) < len(labels):
+            raise DataError(f"distilled set {self.root}: class folders {folders} name a class twice")
+        self.folders = sorted(zip(labels, folders))                       # [(label, folder name)], label order
+
+    def classes(self) -> Iterator[tuple[int, DistilledSet]]:
+        """(label, the class's images [n, C, size, size] with slots 0..n-1 in file-name order), in label order."""
+        bad, n = [], 0
+        for c, folder in self.folders:
+            images = []
+            for f in sorted(list_image_files(self.root / folder), key=lambda f: natural_key(f.name)):
+                try:
+                    images.append(read_image(f, self.size, self.channels))
+                except DataError as e:
+                    bad.append(str(e))
+            n += len(images)
+            if images and not bad:
+                yield c, DistilledSet(torch.stack(images), torch.full((len(images),), c), torch.arange(len(images)))
+        if bad:
+            raise DataError(f"{len(bad)} unreadable image(s) under {self.root}:\n  " + "\n  ".join(bad[:20]))
+        if not n:
+            raise DataError(f"no images found under {self.root} in {[f for _, f in self.folders][:5]}")
+
+    def read(self) -> DistilledSet:
+        """The whole set, held (small sets: a test, the redundancy diagnostic, LGD's seed set)."""
+        parts = [part for _, part in self.classes()]
+        return DistilledSet(*(torch.cat([getattr(p, k) for p in parts]) for k in ("images", "labels", "slots")))
 
 
 def written_set(out: str | Path) -> StagedSet:

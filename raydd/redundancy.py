@@ -17,7 +17,6 @@ the (student, increment, seed) jobs on Ray Train workers.
 from __future__ import annotations
 
 import json
-import re
 import tempfile
 from pathlib import Path
 from typing import Callable
@@ -99,33 +98,19 @@ def redundancy_figure(r: np.ndarray, title: str = ""):
 # --------------------------------------------------------------------------------------------
 # Loading any distilled set with its slot order
 # --------------------------------------------------------------------------------------------
-def _natural_key(name: str) -> list:
-    return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", name)]
-
-
 def load_with_slots(path: str | Path, class_names: list[str], size: int, channels: int
                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(images uint8 [N,C,H,W], labels [N], slots [N]) of our output dir (its parquet, real slots;
-    also when given its images/ folder) or of any ImageFolder (slots: natural file-name order)."""
-    from raydd.data import list_image_files, load_distilled_folder
-    from raydd.outputs import read_distilled
+    also when given its images/ folder) or of any ImageFolder (slots: natural file-name order, FolderSet)."""
+    from raydd.outputs import FolderSet, read_distilled
 
     root = Path(path).expanduser()
     for d in (root, root.parent):
         if (d / "manifest.json").exists() and (d / "parquet").is_dir():
             s = read_distilled(d)
             return s.images, s.labels, s.slots
-    split = load_distilled_folder(root, class_names, size, channels)
-    slots = torch.empty_like(split.y)
-    for c in split.y.unique().tolist():                 # files of a class load in list_image_files order
-        folder = root / class_names[c] if (root / class_names[c]).is_dir() else next(
-            p for p in root.iterdir() if p.is_dir() and p.name.isdigit() and int(p.name) == c)
-        names = [f.stem for f in list_image_files(folder)]
-        order = sorted(range(len(names)), key=lambda j: _natural_key(names[j]))
-        rank = torch.empty(len(names), dtype=torch.int64)
-        rank[torch.tensor(order)] = torch.arange(len(names))
-        slots[split.y == c] = rank
-    return split.x, split.y, slots
+    s = FolderSet(root, class_names, size, channels).read()
+    return s.images, s.labels, s.slots
 
 
 def redundancy_loop(config: dict, hooks) -> None:

@@ -4,10 +4,10 @@ import torch
 from PIL import Image
 
 from raydd.config import DataConfig
-from raydd.data import (DataError, load_digits_data, load_distilled_folder, load_imagefolder_data, resolve_classes,
-                        subset_classes)
+from raydd import outputs
+from raydd.data import DataError, load_digits_data, load_imagefolder_data, resolve_classes, subset_classes
 from raydd.generate import DistilledSet
-from raydd.outputs import read_distilled, write_distilled
+from raydd.outputs import FolderSet, read_distilled, write_distilled
 
 
 def test_digits_split_is_stratified_disjoint_and_deterministic():
@@ -71,13 +71,39 @@ def test_corrupt_image_is_reported_by_path(tmp_path):
 
 def test_distilled_folder_by_name_or_index(tmp_path):
     _folder(tmp_path / "named", ["3", "7"], n=2, size=16)
-    s = load_distilled_folder(tmp_path / "named", [str(i) for i in range(10)], 16, 1)
-    assert sorted(s.y.tolist()) == [3, 3, 7, 7]
+    s = FolderSet(tmp_path / "named", [str(i) for i in range(10)], 16, 1).read()
+    assert s.labels.tolist() == [3, 3, 7, 7] and s.images.shape == (4, 1, 16, 16)
     _folder(tmp_path / "idx", ["00001", "00004"], n=1, size=16)
-    assert sorted(load_distilled_folder(tmp_path / "idx", list("abcdefghij"), 16, 1).y.tolist()) == [1, 4]
+    assert FolderSet(tmp_path / "idx", list("abcdefghij"), 16, 1).read().labels.tolist() == [1, 4]
     _folder(tmp_path / "odd", ["cat"], n=1)
     with pytest.raises(DataError, match="neither the preset's class names"):
-        load_distilled_folder(tmp_path / "odd", ["0", "1"], 16, 1)
+        FolderSet(tmp_path / "odd", ["0", "1"], 16, 1)
+    _folder(tmp_path / "twice", ["1", "01"], n=1)
+    with pytest.raises(DataError, match=r"class folders \['01', '1'\] name a class twice"):
+        FolderSet(tmp_path / "twice", ["a", "b"], 16, 1)
+
+
+def test_an_imagefolder_is_written_as_our_output_a_class_at_a_time_with_its_slots(tmp_path, monkeypatch):
+    """#20: `raydd.evaluate` on an ImageFolder converts it class by class (FolderSet -> write_distilled), so no
+    process holds the whole folder; our own images/ folder comes back with its slots (10.png after 9.png)."""
+    g = torch.Generator().manual_seed(0)
+    ds = DistilledSet(torch.randint(0, 255, (36, 1, 8, 8), generator=g, dtype=torch.uint8),
+                      torch.arange(3).repeat_interleave(12), torch.arange(12).repeat(3))
+    ours = write_distilled(ds, tmp_path / "ours", ["a", "b", "c"])
+    reads = []
+    read_image = outputs.read_image
+    monkeypatch.setattr(outputs, "read_image", lambda f, *a: reads.append(f.parent.name) or read_image(f, *a))
+    folder = FolderSet(ours / "images", ["a", "b", "c"], 8, 1)
+    first, part = next(folder.classes())
+    assert first == 0 and set(reads) == {"a"} and len(part) == 12      # the first class, before the next is read
+    back = read_distilled(write_distilled(folder, tmp_path / "back", ["a", "b", "c"], pngs=False))
+    assert torch.equal(back.images, ds.images) and torch.equal(back.slots, ds.slots)
+    assert torch.equal(back.labels, ds.labels) and not (tmp_path / "back" / "images").exists()
+    (ours / "images" / "c" / "broken.png").write_bytes(b"not a png")
+    (ours / "images" / "a" / "bad.png").write_bytes(b"nor this")
+    with pytest.raises(DataError, match=r"2 unreadable image\(s\) under .*images:\n  unreadable image .*a/bad\.png"):
+        write_distilled(FolderSet(ours / "images", ["a", "b", "c"], 8, 1), tmp_path / "broken", ["a", "b", "c"])
+    assert not (tmp_path / "broken" / "manifest.json").exists()         # incomplete: never marked complete
 
 
 def test_write_read_roundtrip_is_atomic(tmp_path):

@@ -30,7 +30,7 @@ def test_small_sets_travel_inline_and_large_ones_by_path_with_the_same_content(w
     assert by_path == {"kind": "parquet", "path": str(path)}
     monkeypatch.setattr(outputs, "read_distilled", read)
     for source in (inline, by_path):
-        x, y = jobs.load_set(source, None, None)
+        x, y = jobs.load_set(source)
         order = torch.argsort(y * 10 + torch.arange(len(y)))
         assert torch.equal(y[order], ds.labels) and torch.equal(x[order], ds.images)
 
