@@ -252,9 +252,9 @@ def set_dataset(path: str) -> "ray.data.Dataset":
     from raydd.outputs import class_files
 
     light = {"num_cpus": 0, "concurrency": 2}
-    return (ray.data.read_parquet(sorted(class_files(path).values()), columns=["image"], include_paths=True,
-                                  partitioning=None, **light,
+    return (ray.data.read_parquet(sorted(class_files(path).values()), include_paths=True, partitioning=None, **light,
                                   shuffle=ray.data.FileShuffleConfig(seed=0, reseed_after_execution=True))
+            .select_columns(["image", "path"])                           # pushed into the read: no latent read
             .map_batches(_set_rows, batch_format="numpy", **light))
 
 
