@@ -2,6 +2,7 @@
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -30,3 +31,25 @@ def test_two_local_rays_started_together_get_different_dashboard_ports():
         assert p.returncode == 0, err[-2000:]
     ports = [next(line.split()[1] for line in out.splitlines() if line.startswith("PORT")) for out, _ in outs]
     assert ports[0] != ports[1] and preferred in ports, (preferred, ports)
+
+
+def test_a_local_start_starts_its_own_ray_even_where_ray_start_left_a_cluster_address(tmp_path):
+    """Ray's ray.init() without an address joins the cluster named in <temp dir>/ray/ray_current_cluster (what
+    `ray start` writes) and there refused num_cpus; raydd's local start (no compute.ray_address, no RAY_ADDRESS)
+    starts its own Ray, as documented."""
+    import shutil
+    import tempfile
+
+    short = tempfile.mkdtemp(prefix="rl", dir="/tmp")          # Ray's socket paths must stay under 108 bytes
+    try:
+        (Path(short) / "ray").mkdir()
+        (Path(short) / "ray" / "ray_current_cluster").write_text("127.0.0.1:1")   # a `ray start` cluster's address
+        env = dict(os.environ, RAY_TMPDIR=short)
+        env.pop("RAY_ADDRESS", None)
+        code = ("import ray\nfrom raydd.config import ComputeConfig\nfrom raydd.distributed.cluster import init_ray, "
+                "shutdown\ninit_ray(ComputeConfig(num_cpus=1))\nprint('CPUS', ray.cluster_resources()['CPU'], "
+                "flush=True)\nshutdown()\n")
+        p = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+        assert p.returncode == 0 and "CPUS 1.0" in p.stdout, (p.stdout + p.stderr)[-2000:]
+    finally:
+        shutil.rmtree(short, ignore_errors=True)

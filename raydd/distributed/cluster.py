@@ -45,8 +45,10 @@ def init_ray(compute: ComputeConfig) -> None:
         with file_lock(Path(tempfile.gettempdir()) / "raydd-local-ray-start.lock"):
             port = _free_port(compute.dashboard_port)
             os.environ["RAY_API_SERVER_ADDRESS"] = f"http://127.0.0.1:{port}"
-            ray.init(num_cpus=compute.num_cpus or None, include_dashboard=True, dashboard_host="127.0.0.1",
-                     dashboard_port=port, log_to_driver=True, configure_logging=True, logging_level="WARNING")
+            # address="local": a new Ray, as documented, even when a `ray start` cluster runs on this machine (Ray's
+            # own default joins the latest one, and fails there on num_cpus): joining one is compute.ray_address=auto
+            ray.init(address="local", num_cpus=compute.num_cpus or None, include_dashboard=True,
+                     dashboard_host="127.0.0.1", dashboard_port=port, log_to_driver=True, configure_logging=True, logging_level="WARNING")
             _wait_listening(port, timeout_s=90)
     ctx = ray.data.DataContext.get_current()
     # on a terminal, Ray Data's progress bars; elsewhere (CI, `ray job logs`, a file) it would print a
