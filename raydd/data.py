@@ -59,6 +59,10 @@ class Split:
     def take(self, idx) -> "Split":
         return Split(self.x[idx], self.y[idx])
 
+    def subset(self, positions: np.ndarray) -> "Split":
+        """The rows at `positions`, held (as StreamedSplit.subset streams them)."""
+        return self.take(torch.as_tensor(np.asarray(positions, dtype=np.int64)))
+
     def take_batches(self, idx: np.ndarray, batch_size: int = 256) -> Iterator[tuple[np.ndarray, np.ndarray]]:
         """Rows idx a batch at a time, as a store's (StoredPart.take_batches): (their places in idx [b], their
         images uint8 [b, C, H, W])."""

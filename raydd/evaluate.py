@@ -27,7 +27,7 @@ def evaluate_folder(folder: str, cfg) -> dict:
     from raydd.distributed.cluster import cluster_cpus, init_ray
     from raydd.distributed.runner import RayRunner
     from raydd.jobs import evaluate_set, set_source
-    from raydd.outputs import FolderSet, image_grid, read_distilled, write_distilled
+    from raydd.outputs import image_grid, read_distilled
     from raydd.tracking import Tracker, check_reachable
 
     uri = "://" in folder
@@ -35,14 +35,8 @@ def evaluate_folder(folder: str, cfg) -> dict:
         raise DataError(f"distilled set {folder} is not a directory")
     check_reachable(cfg.tracking)
     data = load_data(cfg)
-    # An ImageFolder is read a class at a time into raydd's output format in the cache's work dir (parquet, no PNGs),
-    # then evaluated as our output is: no process holds more than a class of it, or a set too large to travel
-    # inline, which then streams to the students from there. Unreadable files fail here, before Ray starts.
-    out = folder if uri else str(cfg.resolved_cache_dir() / "work" / f"eval-{uuid.uuid4().hex[:12]}")
+    out, scratch = as_output(folder, cfg, data.class_names)
     try:
-        if not uri:
-            write_distilled(FolderSet(folder, data.class_names, cfg.data.image_size, cfg.data.channels), out,
-                            data.class_names, pngs=False)
         counts = output_counts(out, data.class_names)
         cfg.ipc = max(counts)
         log(f"evaluating {folder}: {sum(counts)} images, IPC {cfg.ipc} (per class {min(counts)}..{max(counts)})")
@@ -67,12 +61,32 @@ def evaluate_folder(folder: str, cfg) -> dict:
             tracker.end_after(e)
             raise
     finally:
-        if not uri:
-            shutil.rmtree(out, ignore_errors=True)
+        if scratch:
+            shutil.rmtree(scratch, ignore_errors=True)
     for s, r in summary["students"].items():
         log(f"  {s:16s} {r['protocol']}-label acc {100 * r['acc_mean']:.1f} +- {100 * r['acc_std']:.1f} "
             f"({len(r['accs'])} seeds)  " + "  ".join(f"{k}={v:.3f}" for k, v in summary["ranking"].get(s, {}).items()))
     return {"run_id": tracker.run_id, "summary": summary, "metrics": metrics}
+
+
+def as_output(folder: str, cfg, class_names: list[str]) -> tuple[str, str | None]:
+    """(our output for the set a user names, a scratch dir to remove after): a URI or a local dir with our
+    manifest.json is our output itself; any other dir is an ImageFolder, read a class at a time into our output
+    format (parquet, no PNGs) under the cache's work dir, so no process holds more than a class of it (or more than
+    a set that travels inline; a larger one streams to the students from there). Unreadable files fail here,
+    before Ray starts."""
+    from raydd.outputs import FolderSet, write_distilled
+
+    if "://" in folder or Path(folder, "manifest.json").exists():
+        return folder, None
+    scratch = str(cfg.resolved_cache_dir() / "work" / f"eval-{uuid.uuid4().hex[:12]}")
+    try:
+        write_distilled(FolderSet(folder, class_names, cfg.data.image_size, cfg.data.channels), scratch, class_names,
+                        pngs=False)
+    except BaseException:
+        shutil.rmtree(scratch, ignore_errors=True)
+        raise
+    return scratch, scratch
 
 
 def output_counts(uri: str, class_names: list[str]) -> list[int]:
@@ -91,46 +105,61 @@ def output_counts(uri: str, class_names: list[str]) -> list[int]:
 def evaluate_redundancy(folder: str, cfg, k: int) -> dict:
     """The redundancy diagnostic (raydd.redundancy) on a distilled set: per student, the K x K
     cross-increment accuracy matrix (mean over eval.seeds) and its off-diagonal mean, logged to MLflow
-    as metrics and a heatmap figure."""
+    as metrics and a heatmap figure. The set goes to the workers as to the students (raydd.jobs.set_source:
+    inline when small, else streamed); the driver reads its labels and slots."""
     from raydd.distributed.cluster import cluster_cpus, init_ray
     from raydd.distributed.runner import RayRunner
-    from raydd.redundancy import (load_with_slots, matrices_from_results, off_diagonal_mean, redundancy_figure,
-                                  redundancy_loop, report_lines, split_increments)
+    from raydd.jobs import set_source, streamed_set
+    from raydd.outputs import written_set
+    from raydd.redundancy import (matrices_from_results, off_diagonal_mean, redundancy_figure, redundancy_loop,
+                                  report_lines, split_increments)
     from raydd.tracking import Tracker, check_reachable
 
+    if "://" not in folder and not Path(folder).is_dir():
+        raise DataError(f"distilled set {folder} is not a directory")
     check_reachable(cfg.tracking)
     data = load_data(cfg)
-    x, y, slots = load_with_slots(folder, data.class_names, cfg.data.image_size, cfg.data.channels)
-    split_increments(y, slots, k)                                  # too few images per class fails here
-    log(f"redundancy of {folder}: {len(y)} images, K={k} increments, {cfg.eval.students} x {cfg.eval.seeds} seed(s)")
-    root = Path(folder).resolve()
-    name = root.parent.name if root.name == "images" else root.name    # our <out>/images -> <out>'s name
-    init_ray(cfg.compute)
-    tracker = Tracker(cfg.tracking, f"redundancy-{name}",
-                      tags={"raydd_redundancy": str(folder), "preset": cfg.preset})
+    out, scratch = as_output(folder, cfg, data.class_names)
     try:
-        tracker.log_params(run_params(cfg) | {"folder": str(root), "redundancy_k": k})
-        jobs = [{"student": s, "a": a, "seed": r}                 # train on increment a, seed r
-                for s in cfg.eval.students for a in range(k) for r in range(cfg.eval.seeds)]
-        config = {"path": str(root), "data": dataclasses.asdict(cfg.data),
-                  "eval": dataclasses.asdict(cfg.eval), "k": k, "jobs": jobs}
-        p = cfg.compute.parallel_jobs
-        workers = max(1, min(len(jobs), int(cluster_cpus() // max(cfg.compute.cpus_per_worker, 1e-9)) if p <= 0 else p))
-        result = RayRunner(cfg, root).train(redundancy_loop, config, name=f"redundancy-{name}", num_workers=workers)
-        results = json.loads(Path(result.checkpoint_dir, "results.json").read_text())
-        matrices = matrices_from_results(results, k)
-        metrics = {}
-        for s, r in matrices.items():
-            metrics[f"redundancy/{s}"] = off_diagonal_mean(r)
-            metrics |= {f"redundancy_{a}_{b}/{s}": float(r[a, b]) for a in range(k) for b in range(k)}
-            tracker.log_figure(redundancy_figure(r, f"{name} ({s})"), f"redundancy_{s}.png")
-        tracker.log_metrics(metrics)
-        tracker.log_dict({"folder": str(folder), "k": k, "matrices": {s: r.tolist() for s, r in matrices.items()},
-                          "jobs": results}, "redundancy.json")
-        tracker.end("FINISHED")
-    except BaseException as e:
-        tracker.end_after(e)
-        raise
+        rows = written_set(out).sorted()                               # labels and slots, in (class, slot) order
+        parts = split_increments(rows.labels, rows.slots, k)           # too few images per class fails here
+        log(f"redundancy of {folder}: {len(rows)} images, K={k} increments, "
+            f"{cfg.eval.students} x {cfg.eval.seeds} seed(s)")
+        root = Path(folder.rstrip("/"))
+        name = root.parent.name if root.name == "images" else root.name    # our <out>/images -> <out>'s name
+        init_ray(cfg.compute)
+        tracker = Tracker(cfg.tracking, f"redundancy-{name}", tags={"raydd_redundancy": str(folder), "preset": cfg.preset})
+        try:
+            tracker.log_params(run_params(cfg) | {"folder": folder if "://" in folder else str(root.resolve()),
+                                                  "redundancy_k": k})
+            jobs = [{"student": s, "a": a, "seed": r}                 # train on increment a, seed r
+                    for s in cfg.eval.students for a in range(k) for r in range(cfg.eval.seeds)]
+            source, datasets = streamed_set(set_source(out))
+            config = {"source": source, "parts": [p.tolist() for p in parts], "num_classes": data.num_classes,
+                      "data": dataclasses.asdict(cfg.data), "eval": dataclasses.asdict(cfg.eval), "jobs": jobs}
+            p, most = cfg.compute.parallel_jobs, int(cluster_cpus() // max(cfg.compute.cpus_per_worker, 1e-9))
+            workers = max(1, min(len(jobs), most if p <= 0 else p))
+            if datasets and p <= 0:                                    # as evaluate_set: leave the stream a CPU
+                workers = max(1, min(workers, most - 1))
+            result = RayRunner(cfg, None).train(redundancy_loop, config, name=f"redundancy-{name}",
+                                                num_workers=workers, datasets=datasets)
+            results = json.loads(Path(result.checkpoint_dir, "results.json").read_text())
+            matrices = matrices_from_results(results, k)
+            metrics = {}
+            for s, r in matrices.items():
+                metrics[f"redundancy/{s}"] = off_diagonal_mean(r)
+                metrics |= {f"redundancy_{a}_{b}/{s}": float(r[a, b]) for a in range(k) for b in range(k)}
+                tracker.log_figure(redundancy_figure(r, f"{name} ({s})"), f"redundancy_{s}.png")
+            tracker.log_metrics(metrics)
+            tracker.log_dict({"folder": str(folder), "k": k, "matrices": {s: r.tolist() for s, r in matrices.items()},
+                              "jobs": results}, "redundancy.json")
+            tracker.end("FINISHED")
+        except BaseException as e:
+            tracker.end_after(e)
+            raise
+    finally:
+        if scratch:
+            shutil.rmtree(scratch, ignore_errors=True)
     for s, r in matrices.items():
         report_lines(r, s, log)
     return {"run_id": tracker.run_id, "matrices": matrices, "metrics": metrics}

@@ -68,7 +68,7 @@ def streamed_set(source: dict) -> tuple[dict, dict]:
     return source | {"counts": store_manifest(source["path"])["counts"]}, {"syn": set_dataset(source["path"])}
 
 
-def synthetic_split(source: dict, hooks: TrainHooks, data: RealData, dcfg: DataConfig) -> Split | StreamedSplit:
+def synthetic_split(source: dict, hooks: TrainHooks, dcfg: DataConfig) -> Split | StreamedSplit:
     """The distilled set in an evaluation worker: streamed from the job's "syn" dataset when it has one (a set too
     large to travel inline, evaluate_set), holding a shuffle buffer, else held (load_set)."""
     stream = hooks.dataset("syn")
@@ -168,7 +168,7 @@ def eval_loop(config: dict, hooks: TrainHooks) -> None:
     data = load_real(dcfg, train=not streamed and (ecfg.split == "val" or any(j["kind"] != "syn" for j in jobs)))
     target = real_split(dcfg, hooks, data, ecfg.split, "eval")
     real = real_train(dcfg, hooks, data) if any(j["kind"] != "syn" for j in jobs) else None
-    syn = synthetic_split(config["source"], hooks, data, dcfg) if config.get("source") else None
+    syn = synthetic_split(config["source"], hooks, dcfg) if config.get("source") else None
     teacher = load_teacher(config["teacher"], ecfg.teacher_arch, data, dcfg) if config.get("teacher") else None
     done: dict[int, dict] = {}
     if hooks.restore_dir() and Path(hooks.restore_dir(), "results.json").exists():
@@ -249,7 +249,7 @@ def set_classifier_loop(config: dict, hooks: TrainHooks) -> None:
     from safetensors.torch import save_file
 
     dcfg, ecfg = DataConfig(**config["data"]), EvalConfig(**config["eval"])
-    train = synthetic_split(config["source"], hooks, None, dcfg)
+    train = synthetic_split(config["source"], hooks, dcfg)
     res = fit_student(train, None, student=config["arch"], num_classes=config["num_classes"], cfg=ecfg,
                       epochs=config["epochs"], seed=config["seed"], device=hooks.device, return_model=True)
     metrics = {"train_s": res["train_s"], "epochs": res["epochs"], "streamed": isinstance(train, StreamedSplit)}

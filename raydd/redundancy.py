@@ -25,8 +25,8 @@ import numpy as np
 import torch
 
 from raydd.config import ConfigError, DataConfig, EvalConfig
-from raydd.data import DataError
-from raydd.protocols import accuracy, epochs_for, train_student
+from raydd.data import DataError, Split, StreamedSplit
+from raydd.protocols import epochs_for, fit_student, split_accuracy
 
 
 def split_increments(labels: torch.Tensor, slots: torch.Tensor, k: int) -> list[torch.Tensor]:
@@ -46,13 +46,13 @@ def split_increments(labels: torch.Tensor, slots: torch.Tensor, k: int) -> list[
     return [torch.cat(p) for p in parts]
 
 
-def redundancy_row(images: torch.Tensor, labels: torch.Tensor, parts: list[torch.Tensor], a: int, *,
-                   student: str, num_classes: int, cfg: EvalConfig, epochs: int, seed: int,
-                   device: str | torch.device = "cpu") -> list[float]:
-    """Train on increment a (uint8 images [N,C,H,W], labels [N]); accuracy on every increment b -> [K]."""
-    res = train_student(images[parts[a]], labels[parts[a]], None, None, student=student, num_classes=num_classes,
-                        cfg=cfg, epochs=epochs, seed=seed, device=device, return_model=True)
-    return [accuracy(res["model"], images[p], labels[p], device=device) for p in parts]
+def redundancy_row(split: Split | StreamedSplit, parts: list, a: int, *, student: str, num_classes: int,
+                   cfg: EvalConfig, epochs: int, seed: int, device: str | torch.device = "cpu") -> list[float]:
+    """Train on increment a of a split, held or streamed (parts: each increment's row positions in it); accuracy on
+    every increment b -> [K]. A streamed split passes over its stream for each epoch and each b (nothing held)."""
+    res = fit_student(split.subset(parts[a]), None, student=student, num_classes=num_classes, cfg=cfg, epochs=epochs,
+                      seed=seed, device=device, return_model=True)
+    return [split_accuracy(res["model"], split.subset(p), device=device) for p in parts]
 
 
 def redundancy_matrix(images: torch.Tensor, labels: torch.Tensor, slots: torch.Tensor, k: int, *, student: str,
@@ -62,7 +62,7 @@ def redundancy_matrix(images: torch.Tensor, labels: torch.Tensor, slots: torch.T
     the increment's IPC."""
     parts = split_increments(labels, slots, k)
     epochs = epochs or epochs_for(max(1, len(parts[0]) // max(1, len(labels.unique()))), cfg)
-    rows = [[redundancy_row(images, labels, parts, a, student=student, num_classes=num_classes, cfg=cfg,
+    rows = [[redundancy_row(Split(images, labels), parts, a, student=student, num_classes=num_classes, cfg=cfg,
                             epochs=epochs, seed=s, device=device) for s in range(seeds)] for a in range(k)]
     return np.asarray(rows).mean(axis=1)                                    # [K, seeds, K] -> [K, K]
 
@@ -100,36 +100,33 @@ def redundancy_figure(r: np.ndarray, title: str = ""):
 # --------------------------------------------------------------------------------------------
 def load_with_slots(path: str | Path, class_names: list[str], size: int, channels: int
                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(images uint8 [N,C,H,W], labels [N], slots [N]) of our output dir (its parquet, real slots;
-    also when given its images/ folder) or of any ImageFolder (slots: natural file-name order, FolderSet)."""
+    """(images uint8 [N,C,H,W], labels [N], slots [N]) of our output dir (its parquet, real slots) or of any
+    ImageFolder (slots: natural file-name order, FolderSet; our images/ folder keeps its slots)."""
     from raydd.outputs import FolderSet, read_distilled
 
     root = Path(path).expanduser()
-    for d in (root, root.parent):
-        if (d / "manifest.json").exists() and (d / "parquet").is_dir():
-            s = read_distilled(d)
-            return s.images, s.labels, s.slots
-    s = FolderSet(root, class_names, size, channels).read()
+    s = read_distilled(root) if (root / "manifest.json").exists() else FolderSet(root, class_names, size, channels).read()
     return s.images, s.labels, s.slots
 
 
 def redundancy_loop(config: dict, hooks) -> None:
-    """Training loop: config {"path", "data", "eval", "k", "jobs": [{student, a, seed}]}; each worker
-    takes jobs[rank::world_size]; rank 0 reports results.json (one accuracy row per job)."""
-    from raydd.data import load_real
+    """Training loop: config {"source" (raydd.jobs.set_source: inline, or streamed as the job's "syn" dataset),
+    "parts" (each increment's row positions in the set's (class, slot) order), "num_classes", "data", "eval",
+    "jobs": [{student, a, seed}]}; each worker takes jobs[rank::world_size]; rank 0 reports results.json (one
+    accuracy row per job)."""
+    from raydd.jobs import synthetic_split
 
     dcfg, ecfg = DataConfig(**config["data"]), EvalConfig(**config["eval"])
-    data = load_real(dcfg)
-    images, labels, slots = load_with_slots(config["path"], data.class_names, dcfg.image_size, dcfg.channels)
-    parts = split_increments(labels, slots, config["k"])
-    epochs = epochs_for(max(1, len(parts[0]) // data.num_classes), ecfg)
+    split = synthetic_split(config["source"], hooks, dcfg)
+    parts, num_classes = [np.asarray(p, dtype=np.int64) for p in config["parts"]], config["num_classes"]
+    epochs = epochs_for(max(1, len(parts[0]) // num_classes), ecfg)
     results = []
     for job in config["jobs"][hooks.world_rank::hooks.world_size]:
-        row = redundancy_row(images, labels, parts, job["a"], student=job["student"], num_classes=data.num_classes,
+        row = redundancy_row(split, parts, job["a"], student=job["student"], num_classes=num_classes,
                              cfg=ecfg, epochs=epochs, seed=job["seed"], device=hooks.device)
         print(f"[redundancy {job['student']} increment {job['a']} seed {job['seed']}] "
               + " ".join(f"{100 * v:.1f}" for v in row), flush=True)
-        results.append({**job, "row": row})
+        results.append({**job, "row": row, "streamed": isinstance(split, StreamedSplit)})
     gathered = [r for part in hooks.all_gather(results) for r in part]
     with tempfile.TemporaryDirectory() as d:
         if hooks.world_rank == 0:

@@ -246,21 +246,34 @@ def map_part(cfg, part: str, per_class: int, udf: type, udf_kwargs: dict) -> dic
 
 def set_dataset(path: str) -> "ray.data.Dataset":
     """A written set (raydd.outputs, a path or a URI) as a Ray Dataset for a Train worker's raydd.data.StreamedSplit
-    (the students, LGD's θ_{i−1}): rows label (from the class file's name), pos (-1: a set is never taken by position) and image (uint8 [C, H, W]
-    bytes), read a class file at a time in another file order each epoch; nothing is read until a worker
-    iterates. Its tasks ask for no CPU, two at a time, as part_dataset's."""
+    (the students, LGD's θ_{i−1}, the redundancy diagnostic): rows label (from the class file's name), pos (the row's
+    place in the set's (class, slot) order, so a worker can stream a subset of it) and image (uint8 [C, H, W]
+    bytes), read a class file at a time in another file order each epoch; nothing is read until a worker iterates
+    (here only the slot columns are). Its tasks ask for no CPU, two at a time, as part_dataset's."""
+    from raydd.data import class_offsets
+    from raydd.generate import open_unit
     from raydd.outputs import class_files
 
+    files = class_files(path)
+    slots = {}                                                       # class -> its slots, sorted: [n_c]
+    for c, f in files.items():
+        with open_unit(f) as z:                                      # a ClassFile: reads the slot column alone
+            slots[c] = np.sort(z["slot"])
+    counts = [len(slots.get(c, [])) for c in range(max(files) + 1)]
     light = {"num_cpus": 0, "concurrency": 2}
-    return (ray.data.read_parquet(sorted(class_files(path).values()), include_paths=True, partitioning=None, **light,
+    return (ray.data.read_parquet(sorted(files.values()), include_paths=True, partitioning=None, **light,
                                   shuffle=ray.data.FileShuffleConfig(seed=0, reseed_after_execution=True))
-            .select_columns(["image", "path"])                           # pushed into the read: no latent read
-            .map_batches(_set_rows, batch_format="numpy", **light))
+            .select_columns(["slot", "image", "path"])                   # pushed into the read: no latent read
+            .map_batches(_set_rows, fn_kwargs={"slots": slots, "offsets": class_offsets(counts)},
+                         batch_format="numpy", **light))
 
 
-def _set_rows(batch: dict) -> dict:
-    """map_batches: a written set's class-file rows -> the rows StreamedSplit reads."""
+def _set_rows(batch: dict, slots: dict[int, np.ndarray], offsets: np.ndarray) -> dict:
+    """map_batches: a written set's class-file rows -> the rows StreamedSplit reads (pos: the class's offset + the
+    slot's rank in its class)."""
     from raydd.outputs import class_of_file
 
     label = np.array([class_of_file(p) for p in batch["path"]], dtype=np.int64)
-    return {"label": label, "pos": np.full(len(label), -1, np.int64), "image": batch["image"]}
+    pos = np.array([offsets[c] + np.searchsorted(slots[c], s) for c, s in zip(label.tolist(), batch["slot"].tolist())],
+                   dtype=np.int64)
+    return {"label": label, "pos": pos, "image": batch["image"]}
