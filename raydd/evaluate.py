@@ -8,6 +8,7 @@ With --redundancy K: LGD's redundancy diagnostic instead (K x K cross-increment 
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import posixpath
@@ -16,6 +17,7 @@ import sys
 import time
 import uuid
 from pathlib import Path
+from typing import Iterator
 
 from raydd.config import load_config, run_params
 from raydd.data import DataError, store_manifest
@@ -35,8 +37,7 @@ def evaluate_folder(folder: str, cfg) -> dict:
         raise DataError(f"distilled set {folder} is not a directory")
     check_reachable(cfg.tracking)
     data = load_data(cfg)
-    out, scratch = as_output(folder, cfg, data.class_names)
-    try:
+    with as_output(folder, cfg, data.class_names) as out:
         counts = output_counts(out, data.class_names)
         cfg.ipc = max(counts)
         log(f"evaluating {folder}: {sum(counts)} images, IPC {cfg.ipc} (per class {min(counts)}..{max(counts)})")
@@ -60,33 +61,30 @@ def evaluate_folder(folder: str, cfg) -> dict:
         except BaseException as e:
             tracker.end_after(e)
             raise
-    finally:
-        if scratch:
-            shutil.rmtree(scratch, ignore_errors=True)
     for s, r in summary["students"].items():
         log(f"  {s:16s} {r['protocol']}-label acc {100 * r['acc_mean']:.1f} +- {100 * r['acc_std']:.1f} "
             f"({len(r['accs'])} seeds)  " + "  ".join(f"{k}={v:.3f}" for k, v in summary["ranking"].get(s, {}).items()))
     return {"run_id": tracker.run_id, "summary": summary, "metrics": metrics}
 
 
-def as_output(folder: str, cfg, class_names: list[str]) -> tuple[str, str | None]:
-    """(our output for the set a user names, a scratch dir to remove after): a URI or a local dir with our
-    manifest.json is our output itself; any other dir is an ImageFolder, read a class at a time into our output
-    format (parquet, no PNGs) under the cache's work dir, so no process holds more than a class of it (or more than
-    a set that travels inline; a larger one streams to the students from there). Unreadable files fail here,
-    before Ray starts."""
+@contextlib.contextmanager
+def as_output(folder: str, cfg, class_names: list[str]) -> Iterator[str]:
+    """Our output for the set a user names: a URI or a local dir with our manifest.json is our output itself; any
+    other dir is an ImageFolder, read a class at a time into our output format (parquet, no PNGs) under the cache's
+    work dir for the `with` block, so no process holds more than a class of it (or more than a set that travels
+    inline; a larger one streams to the workers from there). Unreadable files fail here, before Ray starts."""
     from raydd.outputs import FolderSet, write_distilled
 
     if "://" in folder or Path(folder, "manifest.json").exists():
-        return folder, None
+        yield folder
+        return
     scratch = str(cfg.resolved_cache_dir() / "work" / f"eval-{uuid.uuid4().hex[:12]}")
     try:
         write_distilled(FolderSet(folder, class_names, cfg.data.image_size, cfg.data.channels), scratch, class_names,
                         pngs=False)
-    except BaseException:
+        yield scratch
+    finally:
         shutil.rmtree(scratch, ignore_errors=True)
-        raise
-    return scratch, scratch
 
 
 def output_counts(uri: str, class_names: list[str]) -> list[int]:
@@ -119,8 +117,7 @@ def evaluate_redundancy(folder: str, cfg, k: int) -> dict:
         raise DataError(f"distilled set {folder} is not a directory")
     check_reachable(cfg.tracking)
     data = load_data(cfg)
-    out, scratch = as_output(folder, cfg, data.class_names)
-    try:
+    with as_output(folder, cfg, data.class_names) as out:
         rows = written_set(out).sorted()                               # labels and slots, in (class, slot) order
         parts = split_increments(rows.labels, rows.slots, k)           # too few images per class fails here
         log(f"redundancy of {folder}: {len(rows)} images, K={k} increments, "
@@ -157,9 +154,6 @@ def evaluate_redundancy(folder: str, cfg, k: int) -> dict:
         except BaseException as e:
             tracker.end_after(e)
             raise
-    finally:
-        if scratch:
-            shutil.rmtree(scratch, ignore_errors=True)
     for s, r in matrices.items():
         report_lines(r, s, log)
     return {"run_id": tracker.run_id, "matrices": matrices, "metrics": metrics}

@@ -32,7 +32,7 @@ def test_redundancy_cli_logs_the_matrix_of_a_folder_of_copies(tmp_path, monkeypa
     monkeypatch.setenv("RAYDD_CACHE", str(tmp_path / "cache"))
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
     monkeypatch.setattr(jobs, "INLINE_LIMIT", 10)                     # this set is "large": it streams
-    rc = main([str(tmp_path / "set"), "--redundancy", "2", "--smoke", f"tracking.uri={uri}", "eval.epochs=30",
+    rc = main([str(tmp_path / "set"), "--redundancy", "2", "--smoke", f"tracking.uri={uri}", "eval.epochs=10",
                "compute.num_cpus=2"])
     assert rc == 0
     (run,) = mlflow.MlflowClient(uri).search_runs([mlflow.MlflowClient(uri).get_experiment_by_name("raydd")
