@@ -33,8 +33,6 @@ def evaluate_folder(folder: str, cfg) -> dict:
     from raydd.tracking import Tracker, check_reachable
 
     uri = "://" in folder
-    if not uri and not Path(folder).is_dir():
-        raise DataError(f"distilled set {folder} is not a directory")
     check_reachable(cfg.tracking)
     data = load_data(cfg)
     with as_output(folder, cfg, data.class_names) as out:
@@ -113,8 +111,6 @@ def evaluate_redundancy(folder: str, cfg, k: int) -> dict:
                                   report_lines, split_increments)
     from raydd.tracking import Tracker, check_reachable
 
-    if "://" not in folder and not Path(folder).is_dir():
-        raise DataError(f"distilled set {folder} is not a directory")
     check_reachable(cfg.tracking)
     data = load_data(cfg)
     with as_output(folder, cfg, data.class_names) as out:
@@ -170,6 +166,8 @@ def main(argv: list[str] | None = None) -> int:
 
     def body():
         cfg = load_config(args.preset, args.overrides, smoke=args.smoke, method="evaluate")
+        if "://" not in args.folder and not Path(args.folder).is_dir():     # before MLflow, the data and Ray
+            raise DataError(f"distilled set {args.folder} is not a directory")
         if args.redundancy:
             evaluate_redundancy(args.folder, cfg, args.redundancy)
         else:

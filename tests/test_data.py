@@ -215,3 +215,18 @@ def test_evaluating_a_set_on_a_uri_reads_our_output_and_names_what_is_wrong(tmp_
         output_counts(f"file://{tmp_path}/images", ["a", "b"])
     with pytest.raises(DataError, match=r"has classes \['a', 'b'\]\.\.\., not the preset's \['0', '1'\]"):
         output_counts(uri, ["0", "1"])
+
+
+@pytest.mark.parametrize("extra", [[], ["--redundancy", "2"]])
+def test_evaluate_on_a_missing_folder_fails_before_the_data_mlflow_or_ray(tmp_path, monkeypatch, capsys, extra):
+    """Both raydd.evaluate modes check the folder first: a path that is not a directory ends with exit 2 and one
+    line naming it, before the tracking store is checked or the real data loaded."""
+    from raydd import evaluate, tracking
+
+    def heavy(*a, **k):
+        raise AssertionError("heavy work started before the folder was checked")
+
+    monkeypatch.setattr(evaluate, "load_data", heavy)
+    monkeypatch.setattr(tracking, "check_reachable", heavy)
+    rc = evaluate.main([str(tmp_path / "nosuch"), "--smoke", *extra])
+    assert rc == 2 and f"distilled set {tmp_path / 'nosuch'} is not a directory" in capsys.readouterr().err
