@@ -57,6 +57,11 @@ class LocalRunner:
     def real_rows(self, part, idx: np.ndarray, slots: np.ndarray) -> DistilledSet:
         return real_set(part, idx, slots)
 
+    def map_part(self, part: str, per_class: int, udf: type, udf_kwargs: dict) -> dict[str, np.ndarray]:
+        from raydd.distributed.store import map_part
+
+        return map_part(self.cfg, part, per_class, udf, udf_kwargs)
+
     def train(self, loop: Callable[[dict, TrainHooks], None], config: dict, name: str, num_workers: int | None = None,
               cpus_per_worker: float | None = None, resume_key: str | None = None, callbacks: list | None = None,
               datasets: dict | None = None):
@@ -199,9 +204,7 @@ class Context:
         through an actor pool (raydd.distributed.store.map_part) and no process holds the split; else the held
         split goes through `map`. Rows arrive in batches that may mix classes, in any order."""
         if streams(self.cfg):
-            from raydd.distributed.store import map_part
-
-            return map_part(self.cfg, "train", per_class, udf, udf_kwargs)
+            return self.runner.map_part("train", per_class, udf, udf_kwargs)
         x, y = self.data.train.x, self.data.train.y
         keep = torch.cat([torch.nonzero(y == c).flatten()[: per_class or None] for c in range(self.data.num_classes)])
         return self.map(udf, udf_kwargs, {"class_idx": y[keep].numpy(), "unit": y[keep].numpy(), "image": x[keep].numpy()})

@@ -382,12 +382,35 @@ class BackboneSpec:
     class_ids: list[int] = field(default_factory=list)  # label -> backbone class id
 
     def load(self, device: str | torch.device = "cpu"):
+        """The frozen backbone on `device`. In a warm actor (keep_backbone) the last one loaded is kept, and the next
+        stage's UDF with the same spec takes it instead of loading it again."""
+        if _kept is None:
+            return self.load_fresh(device)
+        key = (repr(self), str(device))
+        if key not in _kept:
+            _kept.clear()                                  # one backbone at a time: the old one goes first
+            _kept[key] = self.load_fresh(device)
+        return _kept[key]
+
+    def load_fresh(self, device: str | torch.device = "cpu"):
         from raydd.backbone import load_backbone
 
         model = load_backbone(self.cfg, num_classes=self.num_classes, channels=self.channels,
                               image_size=self.image_size, device=device)
         model.eval().requires_grad_(False)
         return model
+
+
+# The backbone a warm actor keeps between stages (raydd.distributed.pool), by (spec, device); None in any other
+# process, where every load is fresh. Stages share it read-only: it is frozen, and a fine-tune (a Train job) ends
+# the pool before it runs.
+_kept: dict | None = None
+
+
+def keep_backbone() -> None:
+    """From now on this process keeps the last backbone it loaded (a warm actor's constructor calls this)."""
+    global _kept
+    _kept = {} if _kept is None else _kept
 
 
 GuidanceFactory = Callable[[Any, torch.device], Guidance]  # (backbone, device) -> Guidance

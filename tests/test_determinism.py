@@ -54,6 +54,53 @@ def test_actor_killed_mid_run_changes_nothing(ray_local, digits_cfg, spec, tmp_p
     assert torch.equal(calm.images, faulty.images) and torch.equal(calm.latents, faulty.latents)
 
 
+@pytest.mark.timeout(300)
+def test_a_runners_stages_share_a_warm_pool_which_a_train_job_releases(ray_local, digits_cfg, spec, tmp_path):
+    """Consecutive stages run in the same actor processes with the backbone loaded once in each; sampling there
+    equals sampling in a pool of its own, bit for bit; a Train job then runs although the pool held both CPUs."""
+    from raydd.distributed.data import generate_ray, map_ray
+    from raydd.distributed.runner import RayRunner
+    from raydd.generate import make_rows
+
+    class Loaded:           # (defined here: pickled by value, the workers cannot import tests/)
+        """A map stage that answers, for each row, which process ran it and which backbone object it held."""
+
+        def __init__(self, spec):
+            self.backbone = spec.load("cpu")
+
+        def __call__(self, batch):
+            import os
+
+            import numpy as np
+
+            n = len(batch["unit"])
+            return {"unit": batch["unit"], "pid": np.full(n, os.getpid()), "model": np.full(n, id(self.backbone))}
+
+    compute = dataclasses.replace(digits_cfg.compute, num_actors=2, cpus_per_actor=1, share_stages=False)
+    cfg = dataclasses.replace(digits_cfg, compute=compute, sampler=dataclasses.replace(digits_cfg.sampler, steps=4))
+    runner = RayRunner(cfg, tmp_path)
+    rows = make_rows(num_classes=10, per_class=2, run_seed=5, unit_size=5)                   # 4 units
+
+    def processes(stage):
+        return set(zip(stage["pid"].tolist(), stage["model"].tolist()))
+
+    cold = processes(map_ray(Loaded, {"spec": spec}, rows, compute))         # no runner: a pool of its own ...
+    alone = generate_ray(spec, cfg.sampler, rows, compute)
+    first = processes(runner.map(Loaded, {"spec": spec}, rows))              # ... which ended with its stage
+    warm = runner.generate(spec, rows)
+    second = processes(runner.map(Loaded, {"spec": spec}, {**rows, "seed": rows["seed"] + 1}))
+    assert len({pid for pid, _ in first}) == 2 and first == second
+    assert not {pid for pid, _ in cold} & {pid for pid, _ in first}
+    assert torch.equal(warm.sorted().images, alone.images) and torch.equal(warm.sorted().latents, alone.latents)
+
+    def ran(config, hooks):                 # nested: pickled by value for the Ray workers
+        open(config["marker"], "w").close()
+
+    assert len(runner.pool.actors) == 2                                     # it holds both CPUs
+    runner.train(ran, {"marker": str(tmp_path / "ran")}, name="after-the-pool", num_workers=1, cpus_per_worker=1)
+    assert (tmp_path / "ran").exists() and runner.pool.actors == []
+
+
 def test_train_job_restores_from_checkpoint_after_worker_failure(ray_local, tmp_path):
     """A Ray Train worker that crashes once is restarted (FailureConfig) from its last checkpoint."""
     from raydd.distributed.train import fit

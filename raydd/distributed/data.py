@@ -1,8 +1,9 @@
-"""Ray Data sharding: rows (class, slot, seed, unit) through an actor pool.
+"""Sharded sampling and map stages: rows (class, slot, seed, unit) through an actor pool (raydd.distributed.pool).
 
-Each actor builds `raydd.generate.SampleBatches` once (frozen backbone + guidance models) and then
-denoises whole units. One input block == one unit, so a unit is never split across batches and the
-output does not depend on how many actors ran (checked by tests/test_determinism.py).
+Each actor builds a stage's callable class (`raydd.generate.SampleBatches`: frozen backbone + guidance models) once
+and then denoises whole units. One call == one unit, so a unit is never split and the output does not depend on
+how many actors ran (checked by tests/test_determinism.py). Units are kept in a stage dir as they finish, so a driver
+that dies mid-stage resumes where it stopped.
 """
 from __future__ import annotations
 
@@ -13,12 +14,9 @@ import tempfile
 from pathlib import Path
 
 import numpy as np
-import pyarrow as pa
-import ray
-from ray.data.extensions import ArrowTensorArray
 
 from raydd.config import ComputeConfig, FaultConfig, SamplerConfig
-from raydd.errors import RayddError
+from raydd.distributed.pool import WarmPool
 from raydd.locks import file_lock
 from raydd.generate import (HEAVY, BackboneSpec, DistilledSet, GuidanceFactory, SampleBatches, StagedSet, open_unit,
                              remove_stale_temps, rows_to_set, save_unit, stage_units, unit_exists,
@@ -47,10 +45,12 @@ class FaultySampleBatches(SampleBatches):
 
 
 def map_ray(udf: type, udf_kwargs: dict, columns: dict[str, np.ndarray], compute: ComputeConfig,
-            stage_dir: str | None = None, fail_driver_after: int = -1, light: bool = False) -> dict[str, np.ndarray]:
+            stage_dir: str | None = None, fail_driver_after: int = -1, light: bool = False,
+            pool: WarmPool | None = None) -> dict[str, np.ndarray]:
     """Run a callable class (constructor loads models once per actor; __call__: dict of numpy columns ->
-    dict of numpy columns) over `columns` on an actor pool. Rows with the same `unit` form one block,
-    so they are always processed together, whatever the number of actors.
+    dict of numpy columns) over `columns` on an actor pool: `pool` (a runner's, kept warm from stage to stage), else
+    one started for this stage. Rows with the same `unit` go to an actor together, so a unit is always processed
+    whole, whatever the number of actors.
 
     With stage_dir (a path or a URI), every finished unit is saved there as it arrives (temp file + rename), and units
     already there are not run again: a driver that dies mid-stage resumes where it stopped. A unit the udf wrote
@@ -58,7 +58,7 @@ def map_ray(udf: type, udf_kwargs: dict, columns: dict[str, np.ndarray], compute
     other than raydd.generate.HEAVY only; the images and latents stay in the unit files.
     fail_driver_after >= 0 (fault injection, sampling stages only): the driver exits after saving that many."""
     if stage_dir is None:
-        return _map_units(udf, udf_kwargs, columns, compute, None, fail_driver_after, light=False)
+        return _map_units(udf, udf_kwargs, columns, compute, None, fail_driver_after, False, pool)
     # processes that need the same stage at once (sweep trials sharing a pool) take turns: the first samples,
     # the others wait, then find every unit done (a local file lock: one machine or a shared POSIX file system;
     # for a URI stage, the driver machine's temp dir)
@@ -68,11 +68,11 @@ def map_ray(udf: type, udf_kwargs: dict, columns: dict[str, np.ndarray], compute
     with file_lock(home / f".{name}.lock",                                          # hidden: globs list stages only
                    on_wait=lambda: print(f"[raydd] waiting for another process running stage {name} ...",
                                          flush=True)):
-        return _map_units(udf, udf_kwargs, columns, compute, stage_dir, fail_driver_after, light)
+        return _map_units(udf, udf_kwargs, columns, compute, stage_dir, fail_driver_after, light, pool)
 
 
 def _map_units(udf: type, udf_kwargs: dict, columns: dict[str, np.ndarray], compute: ComputeConfig,
-               stage_dir: str | None, fail_driver_after: int, light: bool) -> dict[str, np.ndarray]:
+               stage_dir: str | None, fail_driver_after: int, light: bool, pool: WarmPool | None) -> dict[str, np.ndarray]:
     def wanted(key: str) -> bool:
         return not (light and key in HEAVY)
 
@@ -94,67 +94,23 @@ def _map_units(udf: type, udf_kwargs: dict, columns: dict[str, np.ndarray], comp
               f"{len(np.unique(columns['unit'][todo]))} to go", flush=True)
     saved = 0
 
-    if todo.any():
-        def block(m: np.ndarray) -> pa.Table:  # tensors (latents [N,C,H,W]) as Ray's Arrow tensor columns
-            return pa.table({k: ArrowTensorArray.from_numpy(v[m]) if v.ndim > 1 else v[m] for k, v in columns.items()})
-
-        blocks = [block(todo & (columns["unit"] == u)) for u in np.unique(columns["unit"][todo])]
-        ds = ray.data.from_arrow(blocks).map_batches(
-            udf,
-            fn_constructor_kwargs=udf_kwargs,
-            batch_size=max(len(b) for b in blocks),
-            compute=ray.data.ActorPoolStrategy(size=compute.num_actors),
-            num_cpus=compute.cpus_per_actor,
-            num_gpus=compute.gpus_per_actor,
-            memory=int(compute.memory_per_actor_gib * 2**30) or None,     # bytes Ray reserves per actor
-            # no max_restarts / max_task_retries: Ray Data's actor pools already default both to -1 (a lost
-            # actor is replaced and its unfinished units re-run), and passing them is deprecated in Ray 2.60
-        )
-        parts: dict[int, list[dict[str, np.ndarray]]] = {}   # a unit may arrive in more than one batch
-        for batch in _batches_or_init_error(ds, udf):
-            for u in np.unique(batch["unit"]):
-                part = {k: v[batch["unit"] == u] for k, v in batch.items()}
-                done.append(kept(part))
-                if stage_dir is not None:
-                    # the driver writes the units it receives whole (the actor wrote the others), part by part
-                    if int(u) in parts or not unit_exists(stage_dir, int(u)):
-                        parts.setdefault(int(u), []).append(part)
-                        save_unit(stage_dir, {k: np.concatenate([p[k] for p in parts[int(u)]]) for k in part})
-                    saved += 1
-                    if 0 <= fail_driver_after <= saved:           # fault injection: the driver dies here
-                        print(f"[raydd] fault injection: driver exits after saving {saved} unit(s)", flush=True)
-                        os._exit(3)
-    return {k: np.concatenate([d[k] for d in done]) for k in done[0]}
-
-
-def _batches_or_init_error(ds, udf: type):
-    """ds's batches. When the actors cannot even be built (weights that do not load, a bad guidance model),
-    Ray ends the stage with an ActorDiedError whose text is the constructor's whole traceback: raise its
-    last line, the constructor's own error, instead (the traceback is in the actor's log above it)."""
+    units = [{k: v[columns["unit"] == u] for k, v in columns.items()} for u in np.unique(columns["unit"][todo])]
+    own = pool is None                                                  # a pool for this stage alone
+    pool = WarmPool(compute) if own else pool
     try:
-        yield from ds.iter_batches(batch_size=None, batch_format="numpy")
-    except ray.exceptions.ActorDiedError as e:
-        if not e.actor_init_failed:
-            raise
-        last = str(e).strip().splitlines()[-1]                    # "<ErrorType>: <message>"
-        msg = f"the {udf.__name__} actors could not start: {last}"
-        if last.split(":", 1)[0].rsplit(".", 1)[-1] in _bad_input_names():   # e.g. CheckpointError: bad weights
-            raise ActorStartError(msg) from None
-        raise RuntimeError(msg) from None
-
-
-def _bad_input_names() -> set[str]:
-    """Names of every RayddError class (an actor's constructor error arrives as text)."""
-    todo, names = [RayddError], set()
-    while todo:
-        cls = todo.pop()
-        names.add(cls.__name__)
-        todo.extend(cls.__subclasses__())
-    return names
-
-
-class ActorStartError(RayddError, RuntimeError):
-    """The actors could not start because of bad input (weights that do not fit, a missing file)."""
+        for answer in pool.map(udf, udf_kwargs, units):                 # one unit's answer, whole
+            done.append(kept(answer))
+            if stage_dir is not None:
+                if not unit_exists(stage_dir, int(answer["unit"][0])):   # the actor did not write it: not its machine
+                    save_unit(stage_dir, answer)
+                saved += 1
+                if 0 <= fail_driver_after <= saved:                     # fault injection: the driver dies here
+                    print(f"[raydd] fault injection: driver exits after saving {saved} unit(s)", flush=True)
+                    os._exit(3)
+    finally:
+        if own:
+            pool.release()
+    return {k: np.concatenate([d[k] for d in done]) for k in done[0]}
 
 
 def stage_key(*parts) -> str:
@@ -189,12 +145,12 @@ def _fingerprint(obj):
 def generate_ray(spec: BackboneSpec, sampler: SamplerConfig, rows: dict[str, np.ndarray], compute: ComputeConfig,
                  guidance_factory: GuidanceFactory | None = None, scratch: str | Path | None = None,
                  post_step_factory=None, stages: str | Path | None = None,
-                 faults: FaultConfig = FaultConfig()) -> DistilledSet | StagedSet:
+                 faults: FaultConfig = FaultConfig(), pool: WarmPool | None = None) -> DistilledSet | StagedSet:
     """Sample `rows` on the actor pool. The stage is kept under `stages` (else `scratch`), keyed by its content
     (rows with their seeds, sampler, backbone, guidance and post-step recipes, precision): every run that
     asks for the same samples reuses the finished units (a sweep whose trials differ after sampling samples
     once; a rerun after the driver died resumes). Then the result is a StagedSet: the images stay in the stage's
-    unit files, which the actors write. Without a place to keep it, a DistilledSet in memory."""
+    unit files, which the actors write. Without a place to keep it, a DistilledSet in memory. pool: as map_ray's."""
     kwargs = dict(spec=spec, sampler=sampler, guidance_factory=guidance_factory, gpus=compute.gpus_per_actor,
                   threads=max(1, int(compute.cpus_per_actor)), precision=compute.precision,
                   post_step_factory=post_step_factory)
@@ -204,7 +160,7 @@ def generate_ray(spec: BackboneSpec, sampler: SamplerConfig, rows: dict[str, np.
         kwargs.update(fail_after=faults.actor_after, marker=str(Path(scratch or ".") / "actor_fault_injected"))
     home = stages if stages is not None else scratch
     if home is None:                                                   # nothing kept: the rows come back whole
-        out = map_ray(udf, kwargs, rows, compute, fail_driver_after=faults.driver_after)
+        out = map_ray(udf, kwargs, rows, compute, fail_driver_after=faults.driver_after, pool=pool)
         check_complete(rows, out)
         return rows_to_set(out)
     key = stage_key({k: v.tolist() for k, v in rows.items()}, sampler, spec, guidance_factory, post_step_factory,
@@ -214,7 +170,7 @@ def generate_ray(spec: BackboneSpec, sampler: SamplerConfig, rows: dict[str, np.
     # the actors on this machine (any, for a URI) write their units there; the driver receives (class, slot, seed,
     # unit, score)
     kwargs.update(stage_dir=stage_dir, stage_host=socket.gethostname())
-    out = map_ray(udf, kwargs, rows, compute, stage_dir, fail_driver_after=faults.driver_after, light=True)
+    out = map_ray(udf, kwargs, rows, compute, stage_dir, fail_driver_after=faults.driver_after, light=True, pool=pool)
     check_complete(rows, out)
     return StagedSet.read(stage_dir, np.unique(rows["unit"]))
 

@@ -12,6 +12,7 @@ import ray
 
 from raydd.config import Config, SamplerConfig
 from raydd.distributed.data import generate_ray, map_ray, stage_key
+from raydd.distributed.pool import WarmPool
 from raydd.distributed.train import fit
 from raydd.generate import BackboneSpec, DistilledSet, GuidanceFactory, StagedSet, stage_rows
 from raydd.train_hooks import TrainHooks
@@ -21,10 +22,15 @@ class RayRunner:
     """max_train_failures: how often a Ray Train job restarts after a worker dies (FailureConfig). A sweep
     trial passes 0: Tune stopping the trial kills its Train workers, and a job that restarts then reserves a
     new placement group that nothing frees until the sweep ends (Ray Train registers a worker group's
-    placement group for cleanup only once the group has started); Tune restarts a failed trial instead."""
+    placement group for cleanup only once the group has started); Tune restarts a failed trial instead.
+
+    Sampling and map stages that follow one another run in one warm actor pool (raydd.distributed.pool): its actors
+    keep their processes and the backbone. Any other Ray work (a Train job, a Ray Data pass over the real data)
+    releases it first, so the pool never holds the CPUs or GPUs that work waits for."""
 
     def __init__(self, cfg: Config, scratch: Path | None, max_train_failures: int = 2):
         self.cfg, self.scratch, self.max_train_failures = cfg, scratch, max_train_failures
+        self.pool = WarmPool(cfg.compute)
 
     def generate(self, spec: BackboneSpec, rows: dict[str, np.ndarray],
                  guidance_factory: GuidanceFactory | None = None, post_step_factory=None,
@@ -35,12 +41,13 @@ class RayRunner:
         stages = (self.cfg.compute.stages or self.cfg.resolved_cache_dir() / "stages") if share else None
         return generate_ray(spec, sampler or self.cfg.sampler, rows, self.cfg.compute, guidance_factory,
                             scratch=self.scratch, post_step_factory=post_step_factory, stages=stages,
-                            faults=self.cfg.faults)
+                            faults=self.cfg.faults, pool=self.pool)
 
     def map(self, udf: type, udf_kwargs: dict, columns: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         """Like generate, each finished unit is kept under the run's scratch dir, so a rerun after the
         driver died resumes the stage."""
-        return map_ray(udf, udf_kwargs, columns, self.cfg.compute, self.map_stage(udf, udf_kwargs, columns))
+        return map_ray(udf, udf_kwargs, columns, self.cfg.compute, self.map_stage(udf, udf_kwargs, columns),
+                       pool=self.pool)
 
     def map_set(self, udf: type, udf_kwargs: dict, columns: dict[str, np.ndarray]) -> tuple[StagedSet, dict]:
         """map for a UDF whose answer rows are a set's and that writes its units itself (stage_dir / stage_host, as
@@ -48,8 +55,15 @@ class RayRunner:
         of actors on other machines as they arrive and keeps none."""
         stage = self.map_stage(udf, udf_kwargs, columns)
         light = map_ray(udf, udf_kwargs | {"stage_dir": stage, "stage_host": socket.gethostname()}, columns,
-                        self.cfg.compute, stage, light=True)
+                        self.cfg.compute, stage, light=True, pool=self.pool)
         return StagedSet.read(stage, np.unique(columns["unit"])), light
+
+    def map_part(self, part: str, per_class: int, udf: type, udf_kwargs: dict) -> dict[str, np.ndarray]:
+        """udf over a store's part, streamed through Ray Data's own actor pool (raydd.distributed.store.map_part)."""
+        from raydd.distributed.store import map_part
+
+        self.pool.release()
+        return map_part(self.cfg, part, per_class, udf, udf_kwargs)
 
     def real_rows(self, part, idx: np.ndarray, slots: np.ndarray) -> StagedSet:
         """Rows idx of a real split as a set, staged under the run's scratch dir (raydd.generate.stage_rows)."""
@@ -69,6 +83,7 @@ class RayRunner:
         rerun of the run after the driver died continues from the last one (the scratch dir goes with the run).
         callbacks: Ray Train UserCallbacks, run on the Train controller after every report. datasets: Ray
         Datasets the loop streams (hooks.dataset)."""
+        self.pool.release()
         c = self.cfg.compute
         cpus = cpus_per_worker or c.cpus_per_worker
         if datasets:
