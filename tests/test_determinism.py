@@ -101,6 +101,41 @@ def test_a_runners_stages_share_a_warm_pool_which_a_train_job_releases(ray_local
     assert (tmp_path / "ran").exists() and runner.pool.actors == []
 
 
+def test_a_stage_that_waits_for_another_process_running_it_gives_its_pools_actors_back(ray_local, digits_cfg, tmp_path):
+    """Sweep trials take turns on a shared stage: the one waiting must not hold actors the running one may need."""
+    import fcntl
+    import threading
+    import time
+
+    import numpy as np
+
+    from raydd.distributed.data import map_ray
+    from raydd.distributed.pool import WarmPool
+
+    class Echo:             # (defined here: pickled by value, the workers cannot import tests/)
+        def __call__(self, batch):
+            return batch
+
+    compute = dataclasses.replace(digits_cfg.compute, num_actors=1, cpus_per_actor=1)
+    cols = {"unit": np.array([0, 0, 1]), "x": np.array([1.0, 2.0, 3.0])}
+    pool = WarmPool(compute)
+    map_ray(Echo, {}, cols, compute, pool=pool)
+    assert len(pool.actors) == 1
+    stage, out = tmp_path / "map-echo", {}
+    with open(tmp_path / ".map-echo.lock", "w") as held:                   # another process runs the stage
+        fcntl.flock(held, fcntl.LOCK_EX)
+        waiter = threading.Thread(target=lambda: out.update(map_ray(Echo, {}, cols, compute, str(stage), pool=pool)))
+        waiter.start()
+        deadline = time.time() + 60
+        while pool.actors and time.time() < deadline:
+            time.sleep(0.2)
+        assert pool.actors == [] and waiter.is_alive()                       # released while it waits
+        fcntl.flock(held, fcntl.LOCK_UN)
+    waiter.join(120)
+    assert sorted(out["x"].tolist()) == [1.0, 2.0, 3.0] and len(pool.actors) == 1   # then it ran, on a new actor
+    pool.release()
+
+
 def test_train_job_restores_from_checkpoint_after_worker_failure(ray_local, tmp_path):
     """A Ray Train worker that crashes once is restarted (FailureConfig) from its last checkpoint."""
     from raydd.distributed.train import fit

@@ -65,9 +65,13 @@ def map_ray(udf: type, udf_kwargs: dict, columns: dict[str, np.ndarray], compute
     name = posixpath.basename(stage_dir)
     home = Path(tempfile.gettempdir()) / "raydd-stage-locks" if "://" in stage_dir else Path(stage_dir).parent
     home.mkdir(parents=True, exist_ok=True)
-    with file_lock(home / f".{name}.lock",                                          # hidden: globs list stages only
-                   on_wait=lambda: print(f"[raydd] waiting for another process running stage {name} ...",
-                                         flush=True)):
+
+    def waiting() -> None:
+        print(f"[raydd] waiting for another process running stage {name} ...", flush=True)
+        if pool is not None:
+            pool.release()                     # the waiting process's actors are idle: the other one may need them
+
+    with file_lock(home / f".{name}.lock", on_wait=waiting):                       # hidden: globs list stages only
         return _map_units(udf, udf_kwargs, columns, compute, stage_dir, fail_driver_after, light, pool)
 
 
