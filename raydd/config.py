@@ -108,7 +108,7 @@ class ComputeConfig:
     ray_address: str = ""          # "" = start a local Ray (or join RAY_ADDRESS if set)
     num_cpus: int = 0              # local Ray only: CPUs to give it (0 = all)
     dashboard_port: int = 8265     # local Ray only: the dashboard's port on 127.0.0.1 (taken: a free one)
-    num_actors: int = 1            # sampling actors (Ray Data ActorPoolStrategy size)
+    num_actors: int = 1            # sampling actors (raydd.distributed.pool), and map_part's Ray Data pool
     cpus_per_actor: float = 1.0
     gpus_per_actor: float = 0.0
     memory_per_actor_gib: float = 0.0  # host memory Ray reserves per sampling/map actor (0 = none), so a node runs

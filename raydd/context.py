@@ -5,7 +5,7 @@ its answer is a set), `real_rows` (real images picked as a set), `train` / `trai
 set) — plus logging.
 
 The verbs go to a runner: `LocalRunner` (in-process, plain PyTorch: unit tests, benchmarks) or
-`raydd.distributed.runner.RayRunner` (Ray Data / Ray Train). Method code never sees which.
+`raydd.distributed.runner.RayRunner` (Ray actors, Ray Data, Ray Train). Method code never sees which.
 """
 from __future__ import annotations
 

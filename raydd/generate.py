@@ -1,8 +1,9 @@
 """Turning rows (class, slot, seed) into samples: the plain-PyTorch core of the sharded sampler.
 
-`SampleBatches` is a callable class with the shape Ray Data's `map_batches` wants (constructor loads
-the backbone and guidance models once; __call__ maps a dict of numpy columns to a dict of numpy
-columns), but it imports no Ray: the same object runs in-process in unit tests.
+`SampleBatches` is a callable class, the shape every stage's work has (constructor loads the backbone and
+guidance models once; __call__ maps a dict of numpy columns to a dict of numpy columns). It imports no Ray:
+the actor pool (raydd.distributed.pool) builds it in each actor, and the same object runs in-process in unit
+tests.
 
 Rows carry a `unit` id. A unit is the set of rows always denoised together in one batch (a fixed
 chunk of `batch_size` rows for slot-wise sampling, a whole class for CGS). Because a unit's
