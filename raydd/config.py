@@ -39,7 +39,8 @@ class DataConfig:
     root: str = ""                 # imagefolder: dir with train/<class>/... and optionally val/<class>/...;
                                    #   webdataset: dir or URI of tar shards, each sample an image (.jpg/.jpeg/.png/
                                    #   .webp) and its integer label (.cls); huggingface: a dataset's parquet files
-                                   #   as the hub lays them out (columns image, label); the split of a file is named
+                                   #   as the hub lays them out, or save_to_disk's .arrow files (columns image,
+                                   #   label); the split of a file is named
                                    #   by its folder or name (train/, val/, *-validation-*: raydd.data.source_files)
     source_classes: str = "imagenet1k"  # webdataset / huggingface: the class of each integer label, in label order:
                                    #   a subset name (imagenet1k: the 1000 wnids sorted, ImageNet's label order)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import functools
 import math
+import posixpath
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
@@ -391,7 +392,9 @@ def folder_classes(cfg: DataConfig) -> tuple[Path, list[str], bool]:
     return root, resolve_classes(cfg.classes, available), (root / "val").is_dir()
 
 
-SHARD_SOURCES = {"webdataset": ".tar", "huggingface": ".parquet"}     # data.dataset -> its files' extension
+# data.dataset -> its files' extensions: a Hugging Face dataset as the hub lays it out (parquet) or as
+# datasets.save_to_disk writes it (Arrow IPC stream files, data-00000-of-00001.arrow)
+SHARD_SOURCES = {"webdataset": (".tar",), "huggingface": (".parquet", ".arrow")}
 SPLIT_NAMES = {"train": "train", "val": "val", "validation": "val"}
 
 
@@ -402,7 +405,7 @@ def source_files(dataset: str, root: str) -> dict[str, list[str]]:
     held-out test split, as an ImageFolder's val/). A file's split is the first word of its path under root (folders,
     then its name split at - _ .) that names one: train/0000.tar, val/0000.tar, imagenet1k-validation-0001.tar
     (timm's ImageNet WebDataset), data/train-00000-of-00294.parquet (a Hugging Face dataset's parquet files as the
-    hub lays them out). Files no split names are train when none is named train (a folder of shards); others
+    hub lays them out), train/data-00000-of-00004.arrow (datasets.save_to_disk's). Files no split names are train when none is named train (a folder of shards); others
     (test) are left out."""
     import re
 
@@ -421,7 +424,10 @@ def source_files(dataset: str, root: str) -> dict[str, list[str]]:
     if not split["train"]:
         split["train"] = unnamed
     if not split["train"]:
-        raise DataError(f"data.root {root} has no {dataset} files (*{ext}) for a train split")
+        raise DataError(f"data.root {root} has no {dataset} files ({' or '.join('*' + e for e in ext)}) for a train "
+                        f"split")
+    if len(kinds := {posixpath.splitext(f)[1] for v in split.values() for f in v}) > 1:
+        raise DataError(f"data.root {root} mixes {' and '.join(sorted(kinds))} files: give one layout's folder")
     return {k: sorted(v) for k, v in split.items() if v}
 
 

@@ -135,16 +135,35 @@ def make_hf_parquet(folder, out) -> None:
         pq.write_table(table, out / "data" / f"{name}.parquet")
 
 
+def make_hf_saved(folder, out) -> None:
+    """The same images as make_hf_parquet, as `datasets` itself saves a DatasetDict (save_to_disk: Arrow IPC stream
+    files, train in two of them, next to its JSON files)."""
+    import datasets
+
+    files = {s: sorted((folder / s).glob("*/*.JPEG"), key=lambda f: f.name) for s in ("train", "val")}
+    features = datasets.Features({"image": datasets.Image(), "label": datasets.Value("int64")})
+
+    def part(images, test=False):
+        return datasets.Dataset.from_dict({"image": [{"bytes": f.read_bytes(), "path": f.name} for f in images],
+                                           "label": [-1 if test else SOURCE.index(f.parent.name) for f in images]},
+                                          features=features)
+
+    saved = datasets.DatasetDict({"train": part(files["train"]), "validation": part(files["val"]),
+                                  "test": part(files["val"][:2], test=True)})
+    saved.save_to_disk(str(out), num_shards={"train": 2, "validation": 1, "test": 1})
+
+
 def by_content(split) -> list[tuple[int, bytes]]:
     return sorted(zip(split.y.tolist(), (x.numpy().tobytes() for x in split.x)))
 
 
 @pytest.mark.ray
-def test_a_hugging_face_datasets_parquet_files_prepare_into_a_store_of_the_same_images_in_a_fixed_order(tmp_path):
+@pytest.mark.parametrize("layout", [make_hf_parquet, make_hf_saved], ids=["hub-parquet", "save_to_disk"])
+def test_a_hugging_face_dataset_prepares_into_a_store_of_the_same_images_in_a_fixed_order(tmp_path, layout):
     from raydd.prepare import load_data
 
     folder = make_folder(tmp_path / "folder")
-    make_hf_parquet(folder, tmp_path / "hf")
+    layout(folder, tmp_path / "hf")
     hf = ["data.dataset=huggingface", "data.val_fraction=0"]      # every train image in train: compare them all
     first = load_data(cfg_for(tmp_path / "hf", tmp_path / "store1", *hf, f"data.source_classes={','.join(SOURCE)}"))
     second = load_data(cfg_for(tmp_path / "hf", tmp_path / "store2", *hf, f"data.source_classes={','.join(SOURCE)}"))
@@ -171,6 +190,11 @@ def test_a_hugging_face_datasets_parquet_files_prepare_into_a_store_of_the_same_
       "val": ["data/validation-00000-of-00001.parquet"]}),
     ("huggingface", ["default/train/0000.parquet", "default/validation/0000.parquet"],
      {"train": ["default/train/0000.parquet"], "val": ["default/validation/0000.parquet"]}),
+    ("huggingface", ["dataset_dict.json", "train/data-00000-of-00002.arrow", "train/data-00001-of-00002.arrow",
+                     "train/state.json", "validation/data-00000-of-00001.arrow", "test/data-00000-of-00001.arrow"],
+     {"train": ["train/data-00000-of-00002.arrow", "train/data-00001-of-00002.arrow"],
+      "val": ["validation/data-00000-of-00001.arrow"]}),
+    ("huggingface", ["data-00000-of-00001.arrow", "state.json"], {"train": ["data-00000-of-00001.arrow"]}),
 ])
 def test_a_shard_sources_splits_come_from_its_folders_or_file_names(tmp_path, dataset, names, want):
     from raydd.data import source_files
@@ -179,3 +203,13 @@ def test_a_shard_sources_splits_come_from_its_folders_or_file_names(tmp_path, da
         (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
         (tmp_path / name).write_bytes(b"")
     assert source_files(dataset, str(tmp_path)) == {k: [f"{tmp_path}/{n}" for n in v] for k, v in want.items()}
+
+
+def test_a_folder_with_both_hugging_face_layouts_is_refused(tmp_path):
+    from raydd.data import DataError, source_files
+
+    for name in ("data/train-00000-of-00001.parquet", "train/data-00000-of-00001.arrow"):
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_bytes(b"")
+    with pytest.raises(DataError, match=r"mixes \.arrow and \.parquet files"):
+        source_files("huggingface", str(tmp_path))

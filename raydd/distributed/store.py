@@ -6,6 +6,7 @@ from pathlib import Path
 
 import numpy as np
 import ray
+from ray.data.datasource import FileBasedDatasource
 
 from raydd.data import DataError, list_image_files, read_image
 
@@ -92,8 +93,8 @@ def _wds_rows(batch: dict, files: list[str], light: bool) -> dict:
 
 
 def _hf_rows(batch: dict, files: list[str], light: bool) -> dict:
-    """map_batches: a Hugging Face dataset's parquet rows (label, image {bytes, path}; read_parquet's path and
-    row_hash, the latter from the file and the row's place in it) -> the rows _wds_rows gives."""
+    """map_batches: a Hugging Face dataset's rows (label, image {bytes, path}; the reader's path and row_hash, which
+    with the file orders its rows) -> the rows _wds_rows gives."""
     number = {posixpath.basename(f): i for i, f in enumerate(files)}
     paths, hashes = batch["path"], batch["row_hash"]
     rows = {"id": np.array([f"{number[posixpath.basename(p)]:07d}\t{h:020d}".encode() for p, h in zip(paths, hashes)]),
@@ -104,13 +105,37 @@ def _hf_rows(batch: dict, files: list[str], light: bool) -> dict:
     return rows
 
 
+class ArrowStreams(FileBasedDatasource):
+    """Arrow IPC stream files (datasets.save_to_disk's data-*.arrow), read by Ray Data's file-based reader, one read
+    task per file; Ray 2.60 has no reader for them (read_parquet reads the hub's layout). Rows as read_parquet's with
+    include_row_hash: the file's columns (`columns` only), path and row_hash, here the row's place in its file."""
+
+    _FILE_EXTENSIONS = ["arrow"]
+
+    def __init__(self, paths: list[str], columns: list[str] | None = None):
+        super().__init__(paths, include_paths=True)
+        self.columns = columns
+
+    def _read_stream(self, f, path: str):
+        import pyarrow as pa
+
+        start = 0
+        for batch in pa.ipc.open_stream(f):
+            table = pa.Table.from_batches([batch.select(self.columns) if self.columns else batch])
+            yield table.append_column("row_hash", pa.array(np.arange(start, start + len(table)), pa.int64()))
+            start += len(table)
+
+
 def _samples(dataset: str, files: list[str], light: bool) -> "ray.data.Dataset":
-    """A shard source's samples through Ray Data's own reader, as rows id, name, src (+ data unless light: the
+    """A shard source's samples through Ray Data's readers, as rows id, name, src (+ data unless light: the
     first pass reads no image into a row)."""
     kwargs = {"fn_kwargs": {"files": files, "light": light}, "batch_format": "numpy"}
     if dataset == "webdataset":
         ds = ray.data.read_webdataset(files, decoder=None, fileselect=_is_label_member if light else None)
         return ds.map_batches(_wds_rows, **kwargs)
+    if files[0].endswith(".arrow"):                                         # source_files: one layout, not both
+        ds = ray.data.read_datasource(ArrowStreams(files, columns=["label"] if light else None))
+        return ds.map_batches(_hf_rows, **kwargs)
     ds = ray.data.read_parquet(files, include_paths=True, include_row_hash=True)
     return (ds.select_columns(["label", "path", "row_hash"]) if light else ds).map_batches(_hf_rows, **kwargs)
 
