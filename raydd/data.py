@@ -405,8 +405,9 @@ def source_files(dataset: str, root: str) -> dict[str, list[str]]:
     held-out test split, as an ImageFolder's val/). A file's split is the first word of its path under root (folders,
     then its name split at - _ .) that names one: train/0000.tar, val/0000.tar, imagenet1k-validation-0001.tar
     (timm's ImageNet WebDataset), data/train-00000-of-00294.parquet (a Hugging Face dataset's parquet files as the
-    hub lays them out), train/data-00000-of-00004.arrow (datasets.save_to_disk's). Files no split names are train when none is named train (a folder of shards); others
-    (test) are left out."""
+    hub lays them out), train/data-00000-of-00004.arrow (datasets.save_to_disk's). Files no split names are train
+    when none is named train (a folder of shards); others (test) are left out. One layout per root: parquet and
+    arrow files together are an error."""
     import re
 
     from pyarrow import fs as pafs
