@@ -77,7 +77,10 @@ class WarmPool:
         if not self.actors:
             c = self.compute
             options = dict(num_cpus=c.cpus_per_actor, num_gpus=c.gpus_per_actor,
-                           memory=int(c.memory_per_actor_gib * 2**30) or None)   # bytes Ray reserves per actor
+                           memory=int(c.memory_per_actor_gib * 2**30) or None,   # bytes Ray reserves per actor
+                           # spread over the nodes, as Ray Data's actor pools were; and an explicit strategy keeps
+                           # them out of a sweep trial's placement group, which holds only the trial's memory token
+                           scheduling_strategy="SPREAD")
             actors = [StageActor.options(**options).remote() for _ in range(c.num_actors)]
             self.starting = {a.pid.remote(): a for a in actors}
         self.stages += 1
