@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import os
 import traceback
+import weakref
 from typing import Iterator
 
 import numpy as np
@@ -61,6 +62,8 @@ class WarmPool:
     that have started: on a full cluster a stage runs on the actors it got, instead of waiting for the others (two
     pools each waiting for the other's CPUs would never finish)."""
 
+    live: "weakref.WeakSet[WarmPool]" = weakref.WeakSet()    # this process's pools with actors
+
     def __init__(self, compute: ComputeConfig):
         self.compute, self.stages = compute, 0
         self.ready: list = []                             # started actors
@@ -83,6 +86,7 @@ class WarmPool:
                            scheduling_strategy="SPREAD")
             actors = [StageActor.options(**options).remote() for _ in range(c.num_actors)]
             self.starting = {a.pid.remote(): a for a in actors}
+            WarmPool.live.add(self)
         self.stages += 1
         stage, work = f"stage-{self.stages}", ray.put((udf, udf_kwargs))          # shipped once, not per unit
         todo, idle, running = list(reversed(units)), list(self.ready), {}
@@ -102,6 +106,13 @@ class WarmPool:
                 if isinstance(e.cause, (ActorStartError, ActorStartBug)):
                     raise e.cause from None               # one line; the constructor's traceback is in the log
                 raise
+
+    @classmethod
+    def release_all(cls) -> None:
+        """Release every pool of this process: before other Ray work, an idle pool of another runner (a test's second
+        context, an earlier run's) must not hold the CPUs that work waits for."""
+        for pool in list(cls.live):
+            pool.release()
 
     def release(self) -> None:
         """Stop the actors: their CPUs, GPUs and memory go back to Ray."""

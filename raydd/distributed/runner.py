@@ -26,7 +26,7 @@ class RayRunner:
 
     Sampling and map stages that follow one another run in one warm actor pool (raydd.distributed.pool): its actors
     keep their processes and the backbone. Any other Ray work (a Train job, a Ray Data pass over the real data)
-    releases it first, so the pool never holds the CPUs or GPUs that work waits for."""
+    releases it, and any other pool of this process, first, so no pool holds the CPUs or GPUs that work waits for."""
 
     def __init__(self, cfg: Config, scratch: Path | None, max_train_failures: int = 2):
         self.cfg, self.scratch, self.max_train_failures = cfg, scratch, max_train_failures
@@ -62,7 +62,7 @@ class RayRunner:
         """udf over a store's part, streamed through Ray Data's own actor pool (raydd.distributed.store.map_part)."""
         from raydd.distributed.store import map_part
 
-        self.pool.release()
+        WarmPool.release_all()
         return map_part(self.cfg, part, per_class, udf, udf_kwargs)
 
     def real_rows(self, part, idx: np.ndarray, slots: np.ndarray) -> StagedSet:
@@ -83,7 +83,7 @@ class RayRunner:
         rerun of the run after the driver died continues from the last one (the scratch dir goes with the run).
         callbacks: Ray Train UserCallbacks, run on the Train controller after every report. datasets: Ray
         Datasets the loop streams (hooks.dataset)."""
-        self.pool.release()
+        WarmPool.release_all()
         c = self.cfg.compute
         cpus = cpus_per_worker or c.cpus_per_worker
         if datasets:
