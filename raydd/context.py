@@ -57,6 +57,9 @@ class LocalRunner:
     def real_rows(self, part, idx: np.ndarray, slots: np.ndarray) -> DistilledSet:
         return real_set(part, idx, slots)
 
+    def release_pools(self) -> None:
+        """Nothing to release: in process there are no actors (RayRunner.release_pools)."""
+
     def map_part(self, part: str, per_class: int, udf: type, udf_kwargs: dict) -> dict[str, np.ndarray]:
         from raydd.distributed.store import map_part
 
@@ -79,8 +82,8 @@ def train_cached(runner, cache_dir: Path, kind: str, loop: Callable[[dict, Train
     """Run a training job once per config: its final checkpoint directory is kept at
     <cache_dir>/<kind>/<config hash>/ (copied to a temp name, then renamed: a cached entry is complete).
     Processes that need the same entry at once (concurrent sweep trials) take turns on a lock file: the
-    first trains, the others wait and reuse its result (a local file lock: one machine or a shared POSIX
-    file system). Ray Train's own checkpoint copies of the job are removed once the entry is in place.
+    first trains, the others give back their warm actors, wait and reuse its result (a local file lock: one
+    machine or a shared POSIX file system). Ray Train's own checkpoint copies of the job are removed once the entry is in place.
     datasets: () -> the Ray Datasets the loop streams, called only when the job runs (a cached entry lists no
     files); not part of the key (they are the config's data, streamed)."""
     import time
@@ -91,8 +94,11 @@ def train_cached(runner, cache_dir: Path, kind: str, loop: Callable[[dict, Train
     path = Path(cache_dir) / kind / config_hash(config)
     locks = Path(cache_dir) / ".locks"                   # beside the entries, so <kind>/ lists entries only
     locks.mkdir(parents=True, exist_ok=True)
-    with file_lock(locks / f"{kind}-{path.name}.lock",
-                   on_wait=lambda: log(f"waiting for another process training {kind} (cached as {path}) ...")):
+    def waiting() -> None:
+        log(f"waiting for another process training {kind} (cached as {path}) ...")
+        runner.release_pools()                 # this process's idle actors: the other one's job may need them
+
+    with file_lock(locks / f"{kind}-{path.name}.lock", on_wait=waiting):
         if not (path / ".complete").exists():
             log(f"training {kind} (cached as {path}) ...")
             t0 = time.time()

@@ -136,6 +136,48 @@ def test_a_stage_that_waits_for_another_process_running_it_gives_its_pools_actor
     pool.release()
 
 
+def test_a_run_that_waits_for_another_process_training_a_cached_job_gives_its_pools_actors_back(
+        ray_local, digits_cfg, tmp_path):
+    """Two trials need the same cached job (IGDS's estimator): the one waiting must not hold actors the
+    training one may need."""
+    import fcntl
+    import threading
+    import time
+
+    import numpy as np
+
+    from raydd.config import config_hash
+    from raydd.context import train_cached
+    from raydd.distributed.runner import RayRunner
+
+    class Echo:
+        def __call__(self, batch):
+            return batch
+
+    cfg = dataclasses.replace(digits_cfg, compute=dataclasses.replace(digits_cfg.compute, num_actors=1,
+                                                                      cpus_per_actor=1))
+    runner = RayRunner(cfg, tmp_path / "scratch")
+    runner.map(Echo, {}, {"unit": np.array([0]), "x": np.array([1.0])})
+    assert len(runner.pool.actors) == 1
+    config, out = {"steps": 1}, {}
+    entry = tmp_path / "cache" / "jobs" / config_hash(config)
+    (tmp_path / "cache" / ".locks").mkdir(parents=True)
+    with open(tmp_path / "cache" / ".locks" / f"jobs-{entry.name}.lock", "w") as held:   # another trains it
+        fcntl.flock(held, fcntl.LOCK_EX)
+        waiter = threading.Thread(target=lambda: out.update(
+            path=train_cached(runner, tmp_path / "cache", "jobs", lambda c, h: None, config, log=lambda m: None)))
+        waiter.start()
+        deadline = time.time() + 60
+        while runner.pool.actors and time.time() < deadline:
+            time.sleep(0.2)
+        assert runner.pool.actors == [] and waiter.is_alive()              # released while it waits
+        entry.mkdir(parents=True)                                          # the other process's job is cached
+        (entry / ".complete").write_text("")
+        fcntl.flock(held, fcntl.LOCK_UN)
+    waiter.join(60)
+    assert out["path"] == entry                                            # and it used that entry
+
+
 def test_train_job_restores_from_checkpoint_after_worker_failure(ray_local, tmp_path):
     """A Ray Train worker that crashes once is restarted (FailureConfig) from its last checkpoint."""
     from raydd.distributed.train import fit

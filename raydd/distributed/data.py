@@ -68,8 +68,7 @@ def map_ray(udf: type, udf_kwargs: dict, columns: dict[str, np.ndarray], compute
 
     def waiting() -> None:
         print(f"[raydd] waiting for another process running stage {name} ...", flush=True)
-        if pool is not None:
-            pool.release()                     # the waiting process's actors are idle: the other one may need them
+        WarmPool.release_all()                 # the waiting process's actors are idle: the other one may need them
 
     with file_lock(home / f".{name}.lock", on_wait=waiting):                       # hidden: globs list stages only
         return _map_units(udf, udf_kwargs, columns, compute, stage_dir, fail_driver_after, light, pool)

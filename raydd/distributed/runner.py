@@ -62,7 +62,7 @@ class RayRunner:
         """udf over a store's part, streamed through Ray Data's own actor pool (raydd.distributed.store.map_part)."""
         from raydd.distributed.store import map_part
 
-        WarmPool.release_all()
+        self.release_pools()
         return map_part(self.cfg, part, per_class, udf, udf_kwargs)
 
     def real_rows(self, part, idx: np.ndarray, slots: np.ndarray) -> StagedSet:
@@ -83,7 +83,7 @@ class RayRunner:
         rerun of the run after the driver died continues from the last one (the scratch dir goes with the run).
         callbacks: Ray Train UserCallbacks, run on the Train controller after every report. datasets: Ray
         Datasets the loop streams (hooks.dataset)."""
-        WarmPool.release_all()
+        self.release_pools()
         c = self.cfg.compute
         cpus = cpus_per_worker or c.cpus_per_worker
         if datasets:
@@ -96,6 +96,11 @@ class RayRunner:
                    num_workers=num_workers or c.train_workers, cpus_per_worker=cpus,
                    gpus_per_worker=c.gpus_per_worker, memory_gib_per_worker=c.memory_per_worker_gib,
                    max_failures=self.max_train_failures, callbacks=callbacks, datasets=datasets)
+
+    def release_pools(self) -> None:
+        """Stop this process's warm pools (the runner's and any other's): before other Ray work, and before waiting
+        for another process (a cached job it trains, a stage it runs), which may need those CPUs or GPUs."""
+        WarmPool.release_all()
 
     def max_cpus_per_worker(self) -> float:
         """CPUs for each of compute.train_workers workers of a job that may use the whole cluster (the tiny
