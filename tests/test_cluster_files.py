@@ -98,6 +98,20 @@ def test_autoscaler_installs_raydd_and_uses_token_auth(autoscaler):
     assert "~/.ray/auth_token" in mounts  # every node gets the cluster token
 
 
+def test_autoscaler_nodes_share_raydd_s_cache_on_a_mounted_file_system(autoscaler):
+    """Ray Train's checkpoints and raydd's cached models must be at one path every node sees (a local path on
+    the head fails the first checkpoint a worker node writes): each host mounts an NFS file system before its
+    container starts, the container mounts it at the same path, and RAYDD_CACHE points into it."""
+    path, cfg = autoscaler
+    options = cfg["docker"]["run_options"]
+    (cache,) = [o.split("=", 1)[1] for o in options if o.startswith("-e RAYDD_CACHE=")]
+    (volume,) = [o.split()[1] for o in options if o.startswith("-v ")]
+    host, inside = volume.split(":")
+    assert host == inside and cache.startswith(inside.rstrip("/") + "/"), (volume, cache)
+    init = " ".join(cfg["initialization_commands"])
+    assert "mount -t nfs" in init and f" {host})" in init, init     # mounted on every host, head included
+
+
 def test_autoscaler_config_passes_rays_own_schema(autoscaler):
     # the exact check `ray up` runs before it touches the cloud
     from ray.autoscaler._private.util import prepare_config, validate_config
@@ -157,6 +171,21 @@ def test_kuberay_gpu_workers_autoscale_from_zero(kuberay):
                 assert int(limits["nvidia.com/gpu"]) >= 1
                 gpu_groups.append(g["groupName"])
     assert gpu_groups, f"{path.name}: no worker group with nvidia.com/gpu limits"
+
+
+def test_kuberay_pods_share_raydd_s_cache_on_a_read_write_many_claim(kuberay):
+    """As on the VMs: every pod, head and workers, mounts one claim and RAYDD_CACHE points into it."""
+    _, doc = kuberay
+    spec = _cluster_spec(doc)
+    pods = [spec["headGroupSpec"]["template"]["spec"]] + [g["template"]["spec"] for g in spec["workerGroupSpecs"]]
+    for pod in pods:
+        claims = {v["name"]: v["persistentVolumeClaim"]["claimName"] for v in pod["volumes"]
+                  if "persistentVolumeClaim" in v}
+        for c in pod["containers"]:
+            (cache,) = [e["value"] for e in c["env"] if e["name"] == "RAYDD_CACHE"]
+            mounted = [m for m in c["volumeMounts"] if m["name"] in claims]
+            assert any(cache.startswith(m["mountPath"].rstrip("/") + "/") for m in mounted), (c["name"], cache)
+            assert {claims[m["name"]] for m in mounted} == {"raydd-shared"}
 
 
 def test_kuberay_images_match_the_declared_ray_version(kuberay):
