@@ -171,6 +171,9 @@ class EvalConfig:
     real_acc: dict = field(default_factory=dict)  # {student: top-1 in [0, 1]}: DD-Ranking's acc(real, hard) as given
                                    #   (e.g. a published number), instead of training that student on the whole
                                    #   real train split (at ImageNet-1K, a full ResNet-18 training)
+    real_checkpoint: dict = field(default_factory=dict)  # {student: a safetensors state dict of that student}
+                                   #   trained on the real data (another run's, a shared one): scored on the
+                                   #   eval split for acc(real, hard) instead of training it
 
 
 @dataclass
@@ -430,6 +433,12 @@ def validate(cfg: Config) -> None:
          f"eval.randaugment={cfg.eval.randaugment} must be [num_ops >= 0, magnitude in 0..30] (e.g. [1, 6])"),
         (all(isinstance(v, (int, float)) and 0 <= v <= 1 for v in cfg.eval.real_acc.values()),
          f"eval.real_acc={cfg.eval.real_acc}: accuracies are fractions in [0, 1], e.g. {{resnet18: 0.87}}"),
+        (not (both := sorted(set(cfg.eval.real_acc) & set(cfg.eval.real_checkpoint))),
+         f"eval.real_acc and eval.real_checkpoint both give {both}: give one reference per student"),
+        (not (missing := {s: p for s, p in cfg.eval.real_checkpoint.items()
+                          if not str(p).endswith(".safetensors") or not Path(str(p)).is_file()}),
+         f"eval.real_checkpoint: {missing} not a .safetensors file; allowed: the path of a student's state dict "
+         f"saved with safetensors, e.g. {{resnet18: /models/resnet18-real.safetensors}}"),
         (cfg.eval.color_jitter >= 0 and cfg.eval.lighting >= 0 and cfg.eval.shuffle_patches >= 0,
          "eval.color_jitter, eval.lighting and eval.shuffle_patches must be >= 0"),
         (cfg.backbone.hidden_size % cfg.backbone.heads == 0, "backbone.hidden_size must be divisible by backbone.heads"),

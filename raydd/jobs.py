@@ -121,6 +121,8 @@ def _job_epochs_and_size(job: dict, n_syn: int, n_real: int, num_classes: int, e
     """(epochs, training-set size) of one job: its cost is about their product. A job's own "epochs"
     (a stage of a sweep trial) overrides the protocol's."""
     soft = job["protocol"] == "soft"
+    if job.get("checkpoint"):                          # a given real-data student: scored, not trained
+        return 0, 0
     if job["kind"] == "real":
         n, ipc = n_real, n_real // num_classes
     else:
@@ -150,6 +152,11 @@ def round_threads(peers: list[tuple[str, int]], busy: int, rank: int) -> int:
     return share + int(busy_here.index(rank) < extra)
 
 
+def trains_on_real(job: dict) -> bool:
+    """A real reference or a random subset trains on the real train split; a given checkpoint does not."""
+    return job["kind"] != "syn" and not job.get("checkpoint")
+
+
 def eval_loop(config: dict, hooks: TrainHooks) -> None:
     """config: {"data", "eval", "jobs": [{kind, student, seed, protocol, ipc[, stage, epochs]}], "source",
     "teacher"} (+ "fault": {"after_rounds", "marker"} in tests: rank 0 dies once after that many rounds).
@@ -165,9 +172,9 @@ def eval_loop(config: dict, hooks: TrainHooks) -> None:
     # only real and random-subset jobs, and a val split held out of train, need the train split in this worker;
     # given as streams (a store), neither it nor the evaluation split is ever held
     streamed = hooks.dataset("train") is not None
-    data = load_real(dcfg, train=not streamed and (ecfg.split == "val" or any(j["kind"] != "syn" for j in jobs)))
+    data = load_real(dcfg, train=not streamed and (ecfg.split == "val" or any(map(trains_on_real, jobs))))
     target = real_split(dcfg, hooks, data, ecfg.split, "eval")
-    real = real_train(dcfg, hooks, data) if any(j["kind"] != "syn" for j in jobs) else None
+    real = real_train(dcfg, hooks, data) if any(map(trains_on_real, jobs)) else None
     syn = synthetic_split(config["source"], hooks, dcfg) if config.get("source") else None
     teacher = load_teacher(config["teacher"], ecfg.teacher_arch, data, dcfg) if config.get("teacher") else None
     done: dict[int, dict] = {}
@@ -181,6 +188,11 @@ def eval_loop(config: dict, hooks: TrainHooks) -> None:
         return epochs * n
 
     def run(job: dict) -> dict:
+        if job.get("checkpoint"):                     # the user's student trained on the real data: only scored
+            model = load_teacher(job["checkpoint"], job["student"], data, dcfg).to(hooks.device)
+            acc = split_accuracy(model, target, device=hooks.device)
+            return {**job, "best_acc": acc, "final_acc": acc, "given": True,
+                    "eval_streamed": isinstance(target, StreamedSplit)}
         if job["kind"] == "syn":
             train = syn
         elif job["kind"] == "real":
@@ -282,7 +294,7 @@ def teacher_loop(config: dict, hooks: TrainHooks) -> None:
 
 def _ref_key(kind: str, student: str, cfg: Config, protocol: str) -> str:
     e = asdict(cfg.eval)
-    relevant = {k: e[k] for k in e if k not in ("students", "ranking", "teacher", "real_acc")}
+    relevant = {k: e[k] for k in e if k not in ("students", "ranking", "teacher", "real_acc", "real_checkpoint")}
     ipc = cfg.ipc if kind == "random" else 0
     return config_hash(kind, student, protocol, ipc, cfg.data, relevant)
 
@@ -356,6 +368,10 @@ def evaluate_set(cfg: Config, source: dict, runner, max_workers: int = 1, stages
                     continue
                 if kind == "real" and s in e.real_acc:               # given by the user: nothing to train
                     cached[(kind, s, protocol)] = [{"best_acc": float(e.real_acc[s]), "given": True}]
+                elif kind == "real" and s in e.real_checkpoint:      # the user's trained student: scored only
+                    cached[(kind, s, protocol)] = []
+                    jobs += [{"kind": kind, "student": s, "seed": 0, "protocol": protocol, "ipc": cfg.ipc,
+                              "checkpoint": e.real_checkpoint[s]} | ({"stage": last} if last > 1 else {})]
                 elif f.exists():
                     cached[(kind, s, protocol)] = json.loads(f.read_text())
                 else:
@@ -368,7 +384,7 @@ def evaluate_set(cfg: Config, source: dict, runner, max_workers: int = 1, stages
               "hold": INLINE_LIMIT}                              # a random reference's subset larger than this streams
     p = cfg.compute.parallel_jobs
     workers = max(1, min(len(jobs), max_workers if p <= 0 else p))
-    streams = real_datasets(cfg, *(["train"] if any(j["kind"] != "syn" for j in jobs) else []), "eval")
+    streams = real_datasets(cfg, *(["train"] if any(map(trains_on_real, jobs)) else []), "eval")
     streams |= syn
     if streams and p <= 0:
         # some of the stream's Ray Data tasks ask for a CPU: workers holding every CPU left them pending forever

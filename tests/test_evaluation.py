@@ -281,6 +281,43 @@ def test_a_given_real_data_accuracy_replaces_the_real_reference_training(digits_
     assert len(list((tmp_path / "references").glob("*.json"))) == 1                    # the random reference only
 
 
+def test_a_given_real_data_checkpoint_is_scored_on_the_eval_split_instead_of_trained(digits_cfg, tmp_path):
+    """#20 item 4, the other way to give the real reference: a student trained on the real data elsewhere (a
+    safetensors state dict) is scored on the eval split; no student trains on the real train split, and nothing
+    is cached for it."""
+    import dataclasses
+
+    from safetensors.torch import save_file
+
+    from raydd.config import ConfigError, load_config
+    from raydd.context import LocalRunner
+    from raydd.data import load_real
+    from raydd.generate import random_subset
+    from raydd.jobs import evaluate_set
+    from raydd.protocols import fit_student, split_accuracy
+
+    data = load_real(digits_cfg.data)
+    model = fit_student(data.train, None, student="convnet_d1", num_classes=data.num_classes, cfg=digits_cfg.eval,
+                        epochs=1, seed=3, return_model=True)["model"]
+    path = tmp_path / "convnet_d1-real.safetensors"
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path))
+    subset = random_subset(data.train, 2, seed=0)
+    cfg = dataclasses.replace(digits_cfg, cache_dir=str(tmp_path), eval=dataclasses.replace(
+        digits_cfg.eval, students=["convnet_d1"], seeds=1, epochs=2, ranking=True,
+        real_checkpoint={"convnet_d1": str(path)}))
+    summary = evaluate_set(cfg, {"kind": "arrays", "x": subset.images.numpy(), "y": subset.labels.numpy()},
+                           LocalRunner(cfg))
+    (real,) = [j for j in summary["jobs"] if j["kind"] == "real"]
+    assert real["given"] and "train_s" not in real                                  # scored, not trained
+    r = summary["ranking"]["convnet_d1"]
+    assert r["acc_real_hard"] == split_accuracy(model, data.test) > 0.5              # that student's test top-1
+    assert len(list((tmp_path / "references").glob("*.json"))) == 1                    # the random reference only
+    with pytest.raises(ConfigError, match="not a .safetensors file"):
+        load_config("digits", [f"eval.real_checkpoint={{convnet_d1: {tmp_path / 'none.safetensors'}}}"])
+    with pytest.raises(ConfigError, match="give one reference per student"):
+        load_config("digits", [f"eval.real_checkpoint={{convnet_d1: {path}}}", "eval.real_acc={convnet_d1: 0.9}"])
+
+
 def test_accuracy_predicts_without_autograd_in_batches_that_shrink_with_the_image():
     """At 256 px, 512 images a batch is 17 GiB for one convnet_d1 layer's output alone, by arithmetic (the scale
     bench was killed by Ray's memory monitor): prediction runs in batches of ~4 M input values, under no_grad."""
