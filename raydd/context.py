@@ -83,7 +83,8 @@ def train_cached(runner, cache_dir: Path, kind: str, loop: Callable[[dict, Train
     <cache_dir>/<kind>/<config hash>/ (copied to a temp name, then renamed: a cached entry is complete).
     Processes that need the same entry at once (concurrent sweep trials) take turns on a lock file: the
     first trains, the others give back their warm actors, wait and reuse its result (a local file lock: one
-    machine or a shared POSIX file system). Ray Train's own checkpoint copies of the job are removed once the entry is in place.
+    machine or a shared POSIX file system). Ray Train's own checkpoint copies of the job are removed once the
+    entry is in place.
     datasets: () -> the Ray Datasets the loop streams, called only when the job runs (a cached entry lists no
     files); not part of the key (they are the config's data, streamed)."""
     import time
@@ -94,6 +95,7 @@ def train_cached(runner, cache_dir: Path, kind: str, loop: Callable[[dict, Train
     path = Path(cache_dir) / kind / config_hash(config)
     locks = Path(cache_dir) / ".locks"                   # beside the entries, so <kind>/ lists entries only
     locks.mkdir(parents=True, exist_ok=True)
+
     def waiting() -> None:
         log(f"waiting for another process training {kind} (cached as {path}) ...")
         runner.release_pools()                 # this process's idle actors: the other one's job may need them

@@ -158,7 +158,7 @@ def trains_on_real(job: dict) -> bool:
 
 
 def eval_loop(config: dict, hooks: TrainHooks) -> None:
-    """config: {"data", "eval", "jobs": [{kind, student, seed, protocol, ipc[, stage, epochs]}], "source",
+    """config: {"data", "eval", "jobs": [{kind, student, seed, protocol, ipc[, stage, epochs, checkpoint]}], "source",
     "teacher"} (+ "fault": {"after_rounds", "marker"} in tests: rank 0 dies once after that many rounds).
 
     Jobs run stage by stage (a job's "stage", default 1; a sweep trial's stages train the students for
