@@ -311,7 +311,10 @@ def test_train_cached_trains_once_when_two_need_it_at_once(tmp_path):
 
     calls, logs = [], []
 
-    class SlowRunner:                     # stands in for LocalRunner / RayRunner: only `train` is used
+    class SlowRunner:                     # stands in for LocalRunner / RayRunner: only these two are used
+        def release_pools(self):
+            pass
+
         def train(self, loop, config, name, cpus_per_worker=None, datasets=None):
             calls.append(name)
             time.sleep(1.0)
