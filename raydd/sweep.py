@@ -233,7 +233,10 @@ def sweep(method: str, base: Config, final_eval, *, trials: int, max_concurrent:
     data = load_data(base)
     check_backbone(base)                                          # missing weights fail here
     path = str(Path(storage).expanduser().resolve()) if "://" not in storage else storage
-    sweep_dir = Path(path) / name if "://" not in storage else Path(name)
+    # the trials' outputs and work dirs: next to Tune's state, or for a URI under the cache, which every node of a
+    # multi-node cluster must share anyway (cached models, Ray Train's checkpoints); a path relative to a trial's
+    # working directory would land on whichever node ran it
+    sweep_dir = Path(path) / name if "://" not in storage else base.resolved_cache_dir() / "sweeps" / name
     exists = ray.tune.Tuner.can_restore(f"{path}/{name}")
     if resume and not exists:
         raise ConfigError(f"--resume: no sweep named {name!r} in {path}; start it without --resume")

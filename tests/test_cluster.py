@@ -107,7 +107,7 @@ def test_a_sweep_on_an_autoscaling_cluster_brings_workers_up_and_lets_idle_ones_
         env = dict(os.environ, RAYDD_CACHE=str(smoke_cache), MLFLOW_TRACKING_URI=f"sqlite:///{tmp_path / 'mlflow.db'}")
         env.pop("RAY_ADDRESS", None)
         cmd = [sys.executable, "-m", "raydd.sweep", "--method", "dit", "--smoke", "--trials", "1", "--name", "auto",
-               "--storage", str(tmp_path / "tune"), "compute.ray_address=auto"]
+               "--storage", f"file://{tmp_path / 'tune'}", "compute.ray_address=auto"]    # a URI, as on a cluster
         p = subprocess.run(cmd, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=900)
         assert p.returncode == 0, (p.stdout + p.stderr)[-4000:]
         ray.init(address="auto")
@@ -123,6 +123,10 @@ def test_a_sweep_on_an_autoscaling_cluster_brings_workers_up_and_lets_idle_ones_
     finally:
         ray.shutdown()
         cluster.shutdown()
+    # Tune's state is on the URI; the sets are under the cache, which the nodes of a real cluster share
+    assert (tmp_path / "tune" / "auto").is_dir() and not (tmp_path / "auto").exists()
+    sets = smoke_cache / "sweeps" / "auto"
+    assert len(list(sets.glob("trials/auto-trial-*/manifest.json"))) == 1 and (sets / "auto-best" / "manifest.json").exists()
     mlflow.set_tracking_uri(env["MLFLOW_TRACKING_URI"])
     (parent,) = mlflow.search_runs(experiment_names=["raydd"], filter_string="tags.raydd_run = 'auto'", output_format="list")
     assert parent.info.status == "FINISHED" and parent.data.metrics["trials_total"] == 1
