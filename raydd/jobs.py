@@ -78,7 +78,9 @@ def synthetic_split(source: dict, hooks: TrainHooks, dcfg: DataConfig) -> Split 
     return StreamedSplit(stream, labels, (dcfg.channels, dcfg.image_size, dcfg.image_size))
 
 
-def load_teacher(path: str, arch: str, data: RealData, dcfg: DataConfig) -> torch.nn.Module:
+def load_student(path: str, arch: str, data: RealData, dcfg: DataConfig) -> torch.nn.Module:
+    """A student of `arch` from its safetensors state dict (the soft protocol's teacher, a given real-data
+    reference), frozen, in eval mode."""
     from safetensors.torch import load_file
 
     from raydd.students import create_student
@@ -176,7 +178,7 @@ def eval_loop(config: dict, hooks: TrainHooks) -> None:
     target = real_split(dcfg, hooks, data, ecfg.split, "eval")
     real = real_train(dcfg, hooks, data) if any(map(trains_on_real, jobs)) else None
     syn = synthetic_split(config["source"], hooks, dcfg) if config.get("source") else None
-    teacher = load_teacher(config["teacher"], ecfg.teacher_arch, data, dcfg) if config.get("teacher") else None
+    teacher = load_student(config["teacher"], ecfg.teacher_arch, data, dcfg) if config.get("teacher") else None
     done: dict[int, dict] = {}
     if hooks.restore_dir() and Path(hooks.restore_dir(), "results.json").exists():
         done = {int(i): r for i, r in json.loads(Path(hooks.restore_dir(), "results.json").read_text()).items()}
@@ -189,7 +191,7 @@ def eval_loop(config: dict, hooks: TrainHooks) -> None:
 
     def run(job: dict) -> dict:
         if job.get("checkpoint"):                     # the user's student trained on the real data: only scored
-            model = load_teacher(job["checkpoint"], job["student"], data, dcfg).to(hooks.device)
+            model = load_student(job["checkpoint"], job["student"], data, dcfg).to(hooks.device)
             acc = split_accuracy(model, target, device=hooks.device)
             return {**job, "best_acc": acc, "final_acc": acc, "given": True,
                     "eval_streamed": isinstance(target, StreamedSplit)}
