@@ -708,12 +708,33 @@ def load_vae(source: str, scale: float = 0.18215) -> IdentityVAE | SDVAE:
     if source == "tiny":
         raise ValueError("backbone.vae='tiny' is not loaded by load_vae: train (or reuse) the cached tiny VAE first "
                          "(raydd.distill.ensure_backbone) and pass its saved directory")
+    path, subfolder = _vae_location(source)
+    vae = _from_pretrained_strict(AutoencoderKL, path, subfolder, "VAE")
+    return SDVAE(vae.eval(), scale=scale)
+
+
+def _vae_location(source: str) -> tuple[Path, str | None]:
+    """A VAE source (hub id or local dir) -> (the dir, "vae" when it is a pipeline's subfolder, else None)."""
     path = _resolve(source, "VAE source")
     if not path.is_dir():
         raise CheckpointError(f"VAE source {path} must be a diffusers AutoencoderKL dir or hub id, not a file")
-    subfolder = _find_model_dir(path, "vae")
-    vae = _from_pretrained_strict(AutoencoderKL, path, subfolder, "VAE")
-    return SDVAE(vae.eval(), scale=scale)
+    return path, _find_model_dir(path, "vae")
+
+
+def vae_fingerprint(source: str) -> str:
+    """sha256 of a VAE's files (its config and weights, wherever they came from: a hub id's snapshot or a local
+    dir, a pipeline's vae/ or a bare model dir): what keys latents encoded with it (raydd.prepare.latent_location)."""
+    import hashlib
+
+    path, subfolder = _vae_location(source)
+    folder = path / subfolder if subfolder else path
+    digest = hashlib.sha256()
+    for f in sorted(p for p in folder.rglob("*") if p.is_file()):
+        digest.update(str(f.relative_to(folder)).encode())
+        with open(f, "rb") as fh:
+            for block in iter(lambda: fh.read(2**24), b""):
+                digest.update(block)
+    return digest.hexdigest()
 
 
 def load_backbone(cfg: BackboneConfig, num_classes: int, channels: int, image_size: int,

@@ -58,6 +58,11 @@ class DataConfig:
     store: str = ""                # where prepared stores live (a directory or a pyarrow URI: s3://...); the data
                                    #   is decoded once into <store>/<key> (raydd.prepare) and read from there;
                                    #   "" = every process decodes the ImageFolder itself (other sources need one)
+    latents: bool = False          # with a store and a latent backbone (backbone.vae not identity): the train split is
+                                   #   also kept as the VAE's latents (fp16 [c, h, w], posterior mean x scale), encoded
+                                   #   once on the actor pool (GPUs when compute.gpus_per_actor > 0) into
+                                   #   <store>/<key>/latents/<VAE key>/ (raydd.prepare.prepare_latents); fine-tunes and
+                                   #   RSM's class means read them instead of encoding every batch
 
 
 @dataclass
@@ -406,6 +411,9 @@ def validate(cfg: Config) -> None:
         (cfg.data.dataset == "digits" or cfg.data.root, f"data.root must be set when data.dataset={cfg.data.dataset}"),
         (cfg.data.dataset in ("digits", "imagefolder") or cfg.data.store,
          f"data.dataset={cfg.data.dataset} needs data.store=DIR_OR_URI: its files are decoded once into a store"),
+        (not cfg.data.latents or (cfg.data.store and cfg.backbone.vae != "identity"),
+         f"data.latents=true needs data.store=DIR_OR_URI and a latent backbone (backbone.vae: tiny, a hub id or a "
+         f"diffusers dir; not identity); got data.store={cfg.data.store!r}, backbone.vae={cfg.backbone.vae!r}"),
         (1 <= cfg.sampler.steps <= cfg.sampler.train_timesteps,
          f"sampler.steps={cfg.sampler.steps} must be in [1, sampler.train_timesteps={cfg.sampler.train_timesteps}]"),
         (0 < cfg.sampler.beta_start < cfg.sampler.beta_end < 1, "need 0 < sampler.beta_start < sampler.beta_end < 1"),
@@ -502,14 +510,17 @@ def config_hash(*parts: Any, length: int = 12) -> str:
 def _content(obj: Any) -> Any:
     """What a key hashes. data.store says where the real data is read from, not what it is (a store reads back
     byte-identical to decoding), so it is left out wherever a data config appears: turning a store on retrains
-    nothing. Except for the digits: their store holds each split in class order, not scikit-learn's, which changes
-    the order a model trains in, so there a store counts (by that, not by where it is)."""
+    nothing. data.latents too: the jobs that read stored latents say so in their own configs (a fine-tune's
+    stored_latents), so turning it on retrains only those. Except for the digits: their store holds each split in
+    class order, not scikit-learn's, which changes the order a model trains in, so there a store counts (by that,
+    not by where it is)."""
     if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
         obj = dataclasses.asdict(obj)
     if isinstance(obj, dict):
         if {f.name for f in dataclasses.fields(DataConfig)} <= obj.keys():            # a data config
             in_class_order = obj["dataset"] == "digits" and bool(obj["store"])
-            obj = {k: v for k, v in obj.items() if k != "store"} | ({"store": "class order"} if in_class_order else {})
+            obj = {k: v for k, v in obj.items() if k not in ("store", "latents")} | (
+                {"store": "class order"} if in_class_order else {})
         return {k: _content(v) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):
         return [_content(v) for v in obj]

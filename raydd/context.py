@@ -60,10 +60,10 @@ class LocalRunner:
     def release_pools(self) -> None:
         """Nothing to release: in process there are no actors (RayRunner.release_pools)."""
 
-    def map_part(self, part: str, per_class: int, udf: type, udf_kwargs: dict) -> dict[str, np.ndarray]:
+    def map_part(self, part: str, per_class: int, udf: type, udf_kwargs: dict, latents: str = "") -> dict[str, np.ndarray]:
         from raydd.distributed.store import map_part
 
-        return map_part(self.cfg, part, per_class, udf, udf_kwargs)
+        return map_part(self.cfg, part, per_class, udf, udf_kwargs, latents)
 
     def train(self, loop: Callable[[dict, TrainHooks], None], config: dict, name: str, num_workers: int | None = None,
               cpus_per_worker: float | None = None, resume_key: str | None = None, callbacks: list | None = None,
@@ -206,13 +206,14 @@ class Context:
         dir (raydd.generate.stage_rows: one pass over a store's split, the driver holds a batch); in process, read."""
         return self.runner.real_rows(self.data.part(part), idx, slots)
 
-    def map_real(self, udf: type, udf_kwargs: dict, per_class: int = 0) -> dict[str, np.ndarray]:
+    def map_real(self, udf: type, udf_kwargs: dict, per_class: int = 0, latents: str = "") -> dict[str, np.ndarray]:
         """A callable class over the real train split's rows (class_idx, unit = class, image uint8 [C, H, W]), the
         first `per_class` of each class (0: all), e.g. per-class sums. With a store it streams from the store
         through an actor pool (raydd.distributed.store.map_part) and no process holds the split; else the held
-        split goes through `map`. Rows arrive in batches that may mix classes, in any order."""
+        split goes through `map`. Rows arrive in batches that may mix classes, in any order. latents: the
+        split's stored latents (stored_latents), as a column latent float16 [c, h, w] instead of image."""
         if streams(self.cfg):
-            return self.runner.map_part("train", per_class, udf, udf_kwargs)
+            return self.runner.map_part("train", per_class, udf, udf_kwargs, latents)
         x, y = self.data.train.x, self.data.train.y
         keep = torch.cat([torch.nonzero(y == c).flatten()[: per_class or None] for c in range(self.data.num_classes)])
         return self.map(udf, udf_kwargs, {"class_idx": y[keep].numpy(), "unit": y[keep].numpy(), "image": x[keep].numpy()})
@@ -222,11 +223,22 @@ class Context:
         return self.runner.train(loop, config, name, num_workers, cpus_per_worker, datasets=datasets)
 
     def train_cached(self, kind: str, loop: Callable[[dict, TrainHooks], None], config: dict,
-                     cpus_per_worker: float | None = None, reads: tuple[str, ...] = ()) -> Path:
+                     cpus_per_worker: float | None = None, reads: tuple[str, ...] = (), latents: str = "") -> Path:
         """A training job run once per config (reference models, estimators, selectors, fine-tunes). reads: the
-        real splits the loop reads with raydd.jobs.real_split ("train", "val"); with a store they stream to it."""
+        real splits the loop reads with raydd.jobs.real_split ("train", "val"); with a store they stream to it.
+        latents: "train" streams the split's stored latents (stored_latents) instead of its images."""
         return train_cached(self.runner, self.cfg.resolved_cache_dir(), kind, loop, config, cpus_per_worker,
-                            datasets=lambda: real_datasets(self.cfg, *reads))
+                            datasets=lambda: real_datasets(self.cfg, *reads, latents=latents))
+
+    def stored_latents(self) -> str:
+        """With data.latents: the location of the train split's latents under the backbone's VAE, encoded on the
+        actor pool the first time (raydd.prepare.prepare_latents); else "" (each job encodes as it reads)."""
+        from raydd.prepare import prepare_latents
+
+        if not self.cfg.data.latents:
+            return ""
+        self.runner.release_pools()                      # the encoding's actors need the CPUs / GPUs
+        return prepare_latents(self.cfg, self.spec.cfg.vae, self.spec.cfg.vae_scale)
 
     def real_classifier(self, arch: str = "", epochs: int = 0) -> Path:
         """A classifier trained on the real train split, cached (raydd.jobs.real_classifier)."""

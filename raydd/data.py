@@ -73,28 +73,31 @@ class Split:
             yield k, self.x[torch.from_numpy(idx[k])].numpy()
 
 
-def stored_images(column, shape: tuple[int, int, int]) -> np.ndarray:
-    """A store's image column (each row uint8 [C, H, W] as bytes) -> uint8 [N, C, H, W], writable."""
-    return np.frombuffer(b"".join(column), dtype=np.uint8).reshape(-1, *shape).copy()
+def stored_images(column, shape: tuple[int, int, int], dtype: str = "uint8") -> np.ndarray:
+    """A store's image column (each row uint8 [C, H, W] as bytes) -> uint8 [N, C, H, W], writable; or its latent
+    column (dtype float16: [c, h, w] each) -> float16 [N, c, h, w]."""
+    return np.frombuffer(b"".join(column), dtype=dtype).reshape(-1, *shape).copy()
 
 
 class StreamedSplit:
     """A split streamed from Ray Data (a Train worker's dataset shard, raydd.distributed.store.part_dataset),
-    rows: label, pos (the row's place in the split), image (uint8 [C, H, W] bytes). It holds its labels and one
-    shuffle buffer of at most `buffer_bytes`, never the images. An epoch's order: the dataset's file order
+    rows: label, pos (the row's place in the split), image (uint8 [C, H, W] bytes), or with column="latent",
+    dtype="float16" the split's stored latents (float16 [c, h, w] bytes, yielded as such). It holds its labels and
+    one shuffle buffer of at most `buffer_bytes`, never the images. An epoch's order: the dataset's file order
     (shuffled anew each epoch) through a local shuffle buffer seeded from the caller's generator. keep: the rows
     (positions) of a subset streamed on its own (subset)."""
 
     def __init__(self, source, labels: np.ndarray, shape: tuple[int, int, int], buffer_bytes: int = 512 * 2**20,
-                 keep: np.ndarray | None = None):
+                 keep: np.ndarray | None = None, column: str = "image", dtype: str = "uint8"):
         self.source, self.labels, self.shape, self.buffer_bytes = source, labels, tuple(shape), buffer_bytes
-        self.keep = keep
+        self.keep, self.column, self.dtype = keep, column, dtype
 
     def subset(self, positions: np.ndarray) -> "StreamedSplit":
         """The rows at `positions`, still streamed (each epoch passes over the whole stream and keeps them): a
         subset too large to hold, e.g. DD-Ranking's random reference at a large IPC."""
         positions = np.asarray(positions, dtype=np.int64)
-        return StreamedSplit(self.source, self.labels[positions], self.shape, self.buffer_bytes, keep=positions)
+        return StreamedSplit(self.source, self.labels[positions], self.shape, self.buffer_bytes, keep=positions,
+                             column=self.column, dtype=self.dtype)
 
     def _kept(self, stream: Iterator[dict], batch_size: int) -> Iterator[dict]:
         """The stream's batches; of a subset, only its rows, gathered again into batches of batch_size."""
@@ -120,12 +123,14 @@ class StreamedSplit:
         return torch.from_numpy(self.labels.astype(np.int64))
 
     def _tensors(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
-        return torch.from_numpy(stored_images(batch["image"], self.shape)), torch.from_numpy(batch["label"].astype(np.int64))
+        x = stored_images(batch[self.column], self.shape, self.dtype)
+        return torch.from_numpy(x), torch.from_numpy(batch["label"].astype(np.int64))
 
     def batches(self, batch_size: int, generator: torch.Generator) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         seed = int(torch.randint(2**31 - 1, (1,), generator=generator))
         rows = len(self) if self.keep is None else math.inf           # a subset's stream has more rows than it
-        buffer = max(batch_size, min(rows, self.buffer_bytes // math.prod(self.shape)))
+        row_bytes = math.prod(self.shape) * np.dtype(self.dtype).itemsize
+        buffer = max(batch_size, min(rows, self.buffer_bytes // row_bytes))
         stream = self.source.iter_batches(batch_size=batch_size, batch_format="numpy",
                                           local_shuffle_buffer_size=buffer, local_shuffle_seed=seed)
         for k, b in enumerate(self._kept(stream, batch_size)):
@@ -140,10 +145,11 @@ class StreamedSplit:
         """The rows at `positions` (of this split), in that order, from one pass over the stream."""
         positions = np.asarray(positions)
         where = {int(p): i for i, p in enumerate(positions)}
-        x = torch.empty((len(positions), *self.shape), dtype=torch.uint8)
+        x = torch.from_numpy(np.empty((len(positions), *self.shape), dtype=self.dtype))
         for b in self.source.iter_batches(batch_size=1024, batch_format="numpy"):
-            for j in np.flatnonzero(np.isin(b["pos"], positions)):
-                x[where[int(b["pos"][j])]] = torch.from_numpy(np.frombuffer(b["image"][j], np.uint8).reshape(self.shape).copy())
+            mine = np.flatnonzero(np.isin(b["pos"], positions))
+            rows = torch.from_numpy(stored_images(b[self.column][mine], self.shape, self.dtype))
+            x[torch.tensor([where[int(p)] for p in b["pos"][mine]], dtype=torch.long)] = rows
         return Split(x, torch.from_numpy(self.labels[positions].astype(np.int64)))
 
 
@@ -590,10 +596,13 @@ def stream_spec(cfg: DataConfig, part: str = "train") -> dict:
     return {"part": part, "counts": store_manifest(_complete_store(cfg))["counts"], "has_val": has_val}
 
 
-def streamed_split(source, spec: dict, cfg: DataConfig) -> StreamedSplit:
-    """A worker's StreamedSplit of the split in `spec` (stream_spec), its labels computed, not read."""
+def streamed_split(source, spec: dict, cfg: DataConfig, latent_shape: tuple[int, int, int] | None = None) -> StreamedSplit:
+    """A worker's StreamedSplit of the split in `spec` (stream_spec), its labels computed, not read; with
+    latent_shape [c, h, w], of the split's stored latents (a part_dataset with latents=)."""
     folder, positions = stored_rows(spec["part"], spec["counts"], cfg, spec["has_val"])
     labels = class_labels(spec["counts"][folder])[positions]
+    if latent_shape:
+        return StreamedSplit(source, labels, latent_shape, column="latent", dtype="float16")
     return StreamedSplit(source, labels, (cfg.channels, cfg.image_size, cfg.image_size))
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import importlib
 import math
 from dataclasses import asdict
+from pathlib import Path
 from typing import Callable
 
 import numpy as np
@@ -246,17 +247,27 @@ def finetune_config(backbone_source: str, data: DataConfig, sampler: SamplerConf
             "term_modules": sorted({LOSS_TERMS[k].__module__ for k in terms if k in LOSS_TERMS})}
 
 
+def finetune(ctx, config: dict) -> Path:
+    """finetune_loop on the real train split as a cached Ray Train job (ctx.train_cached) -> its entry dir. With
+    data.latents the job streams the split's stored latents (ctx.stored_latents, encoded once) instead of encoding
+    every batch, and its config says so (stored_latents: part of the key, as fp16 rounds the latents; absent
+    otherwise, so older entries keep their keys)."""
+    latents = ctx.stored_latents()
+    config = config | ({"stored_latents": True} if latents else {})
+    return ctx.train_cached("finetune", finetune_loop, config, reads=("train",), latents=latents)
+
+
 def finetune_loop(config: dict, hooks: TrainHooks) -> None:
     """Fine-tune a DiT on the real train split: L = L_simple + L_vlb + sum_k lambda_k * term_k.
     peft="difffit" adds DiffFit's gammas and trains them with biases, norms and the label table. The split is
     held, or streamed from the store (the job's dataset "train": no worker holds it), epoch after epoch
     (raydd.data.endless_batches); each batch is encoded on the worker's device as it comes, as DiT's train.py
-    does. Data-parallel across workers (DDP via hooks.prepare_model); reports a diffusers model dir
+    does, or with stored_latents the stream is the split's latents (no VAE is loaded). Data-parallel across workers (DDP via hooks.prepare_model); reports a diffusers model dir
     `transformer/` (the EMA weights, gammas folded) as the final checkpoint, loadable with
     backbone.source=<dir>/transformer."""
     from raydd.backbone import add_difffit_gammas, drop_labels, fold_difffit_gammas, load_transformer, load_vae, \
         save_transformer
-    from raydd.data import StreamedSplit, endless_batches, load_real
+    from raydd.data import StreamedSplit, endless_batches, load_real, stream_spec, streamed_split
     from raydd.jobs import real_train
 
     for module in config.get("term_modules", []):                         # registers the terms here
@@ -267,9 +278,14 @@ def finetune_loop(config: dict, hooks: TrainHooks) -> None:
     dcfg, scfg = DataConfig(**config["data"]), SamplerConfig(**config["sampler"])
     torch.manual_seed(config["seed"])
     data = load_real(dcfg, train=hooks.dataset("train") is None)
-    train = real_train(dcfg, hooks, data)                                  # held, or streamed from the store
     model = load_transformer(config["backbone_source"])                    # one shared embedder (backbone.py)
     null_class, channels = int(model.config.num_embeds_ada_norm), int(model.config.in_channels)
+    stored = bool(config.get("stored_latents"))
+    if stored:                                                             # float16 [c, h, w]: the DiT's input
+        side = int(model.config.sample_size)
+        train = streamed_split(hooks.dataset("train"), stream_spec(dcfg), dcfg, latent_shape=(channels, side, side))
+    else:
+        train = real_train(dcfg, hooks, data)                              # held, or streamed from the store
     class_ids = torch.tensor(data.backbone_class_ids(null_class))          # label -> backbone class id [C]
     if config["peft"] == "difffit":
         add_difffit_gammas(model)
@@ -280,7 +296,7 @@ def finetune_loop(config: dict, hooks: TrainHooks) -> None:
                             weight_decay=config["weight_decay"])
     net = hooks.prepare_model(model)
     device = hooks.device
-    vae = load_vae(config["vae"], config["vae_scale"]).to(device).eval()
+    vae = None if stored else load_vae(config["vae"], config["vae_scale"]).to(device).eval()
     ema = EMA(model, config["ema"])
     # the logged rows (the loss curve) are kept with the model as history.json
     loop = TrainLoop(hooks, "finetune", config["steps"], {"model": model, "opt": opt, "ema": ema},
@@ -293,11 +309,11 @@ def finetune_loop(config: dict, hooks: TrainHooks) -> None:
 
     def final(d: str) -> dict:                                            # the EMA weights, gammas folded
         save_transformer(fold_difffit_gammas(ema.copy_to(model)).cpu(), f"{d}/transformer")
-        return {"streamed": isinstance(train, StreamedSplit)}
+        return {"streamed": isinstance(train, StreamedSplit), "stored_latents": stored}
 
     for step in loop.steps():
-        images, labels = next(batches)                                    # uint8 [B, C, H, W], [B]
-        x0 = encode_real(vae, images, device)                             # [B, c, h, w] latents
+        x, labels = next(batches)                                         # uint8 [B, C, H, W] or fp16 latents, [B]
+        x0 = x.to(device).float() if stored else encode_real(vae, x, device)   # [B, c, h, w] latents
         B = len(labels)
         t = torch.randint(0, scfg.train_timesteps, (B,), generator=gen).to(device)
         noise = torch.randn(x0.shape, generator=gen).to(device)

@@ -106,16 +106,18 @@ def streams(cfg: Config) -> bool:
     return bool(cfg.data.store)
 
 
-def real_datasets(cfg: Config, *keys: str) -> dict:
+def real_datasets(cfg: Config, *keys: str, latents: str = "") -> dict:
     """The real splits a Train job reads, as Ray Datasets (raydd.distributed.store.part_dataset) when the data has
     a store, else {} (each worker holds what it reads). keys: "train" (the train split), "val" (its hold-out) and
-    "eval" (eval.split: the val hold-out or the test split); the loop reads each with real_split."""
+    "eval" (eval.split: the val hold-out or the test split); the loop reads each with real_split. latents: the
+    location of the train split's stored latents (raydd.prepare.prepare_latents): "train" streams those."""
     if not streams(cfg):
         return {}
     from raydd.distributed.store import part_dataset
 
     split_of = {"train": "train", "val": "val", "eval": cfg.eval.split}
-    return {key: part_dataset(cfg.data, stream_spec(cfg.data, split_of[key]), seed=cfg.data.split_seed)
+    return {key: part_dataset(cfg.data, stream_spec(cfg.data, split_of[key]), seed=cfg.data.split_seed,
+                              latents=latents if key == "train" else "")
             for key in keys}
 
 

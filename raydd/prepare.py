@@ -11,6 +11,10 @@ dataset and source_classes). Unreadable files are named and fail the store; it i
 manifest.json exists, which is written last. distill / sweep / evaluate / compare prepare a missing store
 themselves when data.store is set (`load_data`).
 
+With data.latents=true and a latent backbone.vae (a hub id or a diffusers dir), the train split is also encoded
+by that VAE on the actor pool into <data.store>/<key>/latents/<VAE key>/ (prepare_latents), which fine-tunes and
+RSM's class means then read instead of encoding every batch.
+
 Rows: label (position in the class list), index (the file's place in its class: file-name order; in a shard
 source, (file, WebDataset key or parquet row hash) order), path (the file, or file:key, for error messages), image
 (uint8 [C, H, W] bytes), error ("" or why the file could not be read). Read by `raydd.data.read_store_split`
@@ -104,6 +108,54 @@ def _write_store(d: DataConfig, location: str) -> str:
     return location
 
 
+def latent_location(d: DataConfig, vae: str, vae_scale: float) -> str:
+    """<store location>/latents/<VAE key>: the train split's latents under this VAE (keyed by its files and
+    scale), beside the images they were encoded from."""
+    from raydd.backbone import vae_fingerprint
+
+    return f"{store_location(d)}/latents/{config_hash('latents-v1', vae_fingerprint(vae), float(vae_scale))}"
+
+
+def prepare_latents(cfg: Config, vae: str, vae_scale: float) -> str:
+    """With data.latents: the store's train split encoded by the VAE `vae` (a resolved source: hub id or dir), written
+    unless complete (as prepare_store: a lock file, the manifest last); returns its location, or "" when
+    data.latents is off. The image store must be complete. On Ray (started unless running): the images stream from
+    the store through compute.num_actors actors (compute.gpus_per_actor GPUs each), which write each row's
+    posterior mean x scale as fp16 [c, h, w] bytes: rows label, index (as the image rows), latent."""
+    import contextlib
+
+    from raydd.data import _complete_store
+    from raydd.distributed.cluster import init_ray
+    from raydd.locks import file_lock
+
+    if not cfg.data.latents:
+        return ""
+    images = _complete_store(cfg.data)
+    location = latent_location(cfg.data, vae, vae_scale)              # a missing VAE fails here, before Ray
+    init_ray(cfg.compute)                                              # (a run's Ray is up already)
+    local = "://" not in location
+    if local:
+        Path(location).parent.mkdir(parents=True, exist_ok=True)
+    with file_lock(f"{location}.lock") if local else contextlib.nullcontext():
+        if not is_complete(location):
+            _write_latents(cfg, images, location, vae, vae_scale)
+    return location
+
+
+def _write_latents(cfg: Config, images: str, location: str, vae: str, vae_scale: float) -> None:
+    from raydd.distributed.store import write_latent_split
+
+    fs, path = store_filesystem(location)
+    fs.create_dir(path, recursive=True)
+    fs.delete_dir_contents(path, missing_dir_ok=True)                  # what an interrupted prepare left
+    print(f"[raydd] prepare: latents of {images}/train under VAE {vae} (scale {vae_scale}) -> {location}", flush=True)
+    shape = write_latent_split(cfg, f"{images}/train", f"{location}/train", vae, vae_scale)
+    manifest = {"vae": vae, "vae_scale": float(vae_scale), "shape": list(shape), "dtype": "float16",
+                "images": images}
+    with fs.open_output_stream(f"{path}/manifest.json") as f:         # last: the latents are complete
+        f.write(json.dumps(manifest, indent=1).encode())
+
+
 def load_data(cfg: Config) -> RealData:
     """The run's real data. With data.store set (files: an ImageFolder or a shard source), read from its store; a
     missing store is prepared first, which starts Ray (unknown classes and a missing root fail before that)."""
@@ -131,6 +183,11 @@ def main(argv: list[str] | None = None) -> int:
         data = load_data(cfg)
         print(f"{store_location(cfg.data)}: {len(data.train)} train / {len(data.val)} val / {len(data.test)} test "
               f"images of {data.num_classes} classes (read back)")
+        if cfg.data.latents and cfg.backbone.vae == "tiny":
+            print("[raydd] prepare: latents under backbone.vae=tiny are encoded by the first run, once it has "
+                  "trained the tiny VAE")
+        elif cfg.data.latents:
+            print(f"latents: {prepare_latents(cfg, cfg.backbone.vae, cfg.backbone.vae_scale)}")
     return run_cli(body)
 
 

@@ -35,10 +35,19 @@ def test_smoke_section_and_overrides_win():
     ("compute.memory_per_actor_gib=-1", "memory_per_actor_gib, cpus_per_worker"),
     ("eval.real_acc={resnet18: 87.1}", "accuracies are fractions in [0, 1]"),
     ("compute.stages=ftp://host/stages", "allowed: a path, or a URI of file, s3, gs"),
+    ("data.latents=true", "data.latents=true needs data.store=DIR_OR_URI and a latent backbone"),
 ])
 def test_bad_overrides_name_the_problem(override, expected):
     with pytest.raises(ConfigError, match=expected.replace("(", r"\(").replace("[", r"\[")):
         load_config("digits", [override])
+
+
+def test_stored_latents_need_a_store_and_a_latent_backbone(tmp_path):
+    with pytest.raises(ConfigError, match="backbone.vae='identity'"):
+        load_config("digits", ["data.latents=true", f"data.store={tmp_path}"])
+    with pytest.raises(ConfigError, match="data.store=''"):
+        load_config("digits-latent", ["data.latents=true"])
+    assert load_config("digits-latent", ["data.latents=true", f"data.store={tmp_path}"]).data.latents is True
 
 
 def test_a_stage_location_needs_shared_stages_and_a_path_is_made_absolute(tmp_path, monkeypatch):

@@ -138,6 +138,8 @@ def test_turning_a_store_on_changes_no_cache_key():
     assert config_hash({"data": dc.asdict(with_store)}) == config_hash({"data": dc.asdict(cfg.data)})
     assert config_hash(dc.replace(cfg.data, image_size=32)) != config_hash(cfg.data)   # the content still counts
     assert config_hash({"store": "a"}) != config_hash({"store": "b"})                 # elsewhere "store" is kept
+    # stored latents: only the jobs that read them change (raydd.finetune.finetune adds stored_latents)
+    assert config_hash(dc.replace(with_store, latents=True)) == config_hash(with_store)
     assert DataConfig().store == ""
     # the digits' store holds the splits in class order, which trains differently: it counts, wherever it is
     assert config_hash(dc.replace(digits, store="/a")) == config_hash(dc.replace(digits, store="s3://b"))
@@ -246,6 +248,63 @@ def test_with_a_store_per_class_statistics_stream_and_the_driver_holds_no_image(
     hx, hy = ims3.real_reference(held, K=3)
     assert torch.equal(x, hx) and torch.equal(y, hy) and len(y) == 6
     assert stored.data.describe() == "splits read when used (so far: none)"
+
+
+def test_stored_latents_are_the_vaes_encodings_keyed_by_the_vae_and_mu_c_and_the_fine_tune_read_them(tmp_path):
+    """#20 item 1, data.latents: the store's train split encoded once by the backbone's VAE on the actor pool
+    (fp16 [c, h, w] rows, keyed by the VAE's files and scale, reused when complete); RSM's class means mu_c sum
+    the stored latents, and the RSM fine-tune streams them and loads no VAE."""
+    import os
+
+    import pyarrow.parquet as pq
+
+    from raydd.autoencoder import tiny_vae
+    from raydd.backbone import load_vae, save_transformer, tiny_dit
+    from raydd.context import Context
+    from raydd.data import class_labels, part_positions, read_store_split, store_manifest
+    from raydd.distributed.runner import RayRunner
+    from raydd.generate import BackboneSpec
+    from raydd.methods import rsm_cgs
+    from raydd.prepare import latent_location, load_data, store_location
+    from raydd.protocols import to_float
+
+    root = make_folder(tmp_path / "folder", per_class=(12, 2))
+    torch.manual_seed(0)
+    vae_dir, dit = tmp_path / "vae", tmp_path / "dit" / "transformer"
+    tiny_vae(3, 16, 8).save_pretrained(vae_dir)                              # 3 px -> 4 latent channels, side / 4
+    save_transformer(tiny_dit(2, 4, 4, hidden_size=32, depth=1, heads=2, patch_size=2), str(dit))
+    cfg = cfg_for(root, tmp_path / "store", "data.latents=true", f"backbone.vae={vae_dir}", "backbone.vae_scale=0.5",
+                  f"backbone.source={dit}", f"cache_dir={tmp_path / 'cache'}")
+    data = load_data(cfg)
+    spec = BackboneSpec(cfg.backbone, num_classes=2, channels=3, image_size=16, class_ids=[0, 1])
+    ctx = Context(cfg, data, spec, runner=RayRunner(cfg, tmp_path / "scratch"))
+
+    location = ctx.stored_latents()
+    assert location == latent_location(cfg.data, str(vae_dir), 0.5) != latent_location(cfg.data, str(vae_dir), 0.25)
+    assert location.startswith(store_location(cfg.data) + "/latents/")
+    assert store_manifest(location)["shape"] == [4, 4, 4]
+    rows = pq.read_table(f"{location}/train").to_pydict()
+    order = np.lexsort((rows["index"], rows["label"]))                       # (class, file) order, as the images
+    z = np.stack([np.frombuffer(rows["latent"][i], np.float16).reshape(4, 4, 4) for i in order])   # [20, 4, 4, 4]
+    images = read_store_split(store_location(cfg.data), "train", 16, 3)
+    with torch.no_grad():
+        expected = load_vae(str(vae_dir), 0.5).encode(to_float(images.x)).numpy()
+    np.testing.assert_allclose(z.astype(np.float32), expected, rtol=2e-3, atol=2e-3)
+    assert np.array_equal(np.array(rows["label"])[order], images.y.numpy())
+    written = os.path.getmtime(f"{location}/manifest.json")
+    assert ctx.stored_latents() == location and os.path.getmtime(f"{location}/manifest.json") == written
+
+    counts = store_manifest(store_location(cfg.data))["counts"]["train"]
+    train = part_positions(counts, cfg.data, has_val=True)["train"]          # the train part of the train folder
+    labels = class_labels(counts)
+    mu = rsm_cgs.real_class_means(ctx, rsm_cgs.Config())                     # [2, 4, 4, 4]
+    want = np.stack([z[train[labels[train] == c]].astype(np.float64).mean(0) for c in (0, 1)])
+    np.testing.assert_allclose(mu, want, rtol=1e-5, atol=1e-6)               # the stored fp16 latents, summed
+
+    tuned = rsm_cgs.rsm_finetune(ctx, rsm_cgs.Config(ft_steps=2, ft_batch=4))
+    entry = Path(tuned.cfg.source).parent
+    assert {"streamed": True, "stored_latents": True}.items() <= json.loads((entry / "metrics.json").read_text()).items()
+    assert all(np.isfinite(r["loss"]) for r in json.loads((entry / "history.json").read_text()))
 
 
 def test_endless_batches_give_every_row_once_an_epoch_epoch_after_epoch():

@@ -58,12 +58,12 @@ class RayRunner:
                         self.cfg.compute, stage, light=True, pool=self.pool)
         return StagedSet.read(stage, np.unique(columns["unit"])), light
 
-    def map_part(self, part: str, per_class: int, udf: type, udf_kwargs: dict) -> dict[str, np.ndarray]:
+    def map_part(self, part: str, per_class: int, udf: type, udf_kwargs: dict, latents: str = "") -> dict[str, np.ndarray]:
         """udf over a store's part, streamed through Ray Data's own actor pool (raydd.distributed.store.map_part)."""
         from raydd.distributed.store import map_part
 
         self.release_pools()
-        return map_part(self.cfg, part, per_class, udf, udf_kwargs)
+        return map_part(self.cfg, part, per_class, udf, udf_kwargs, latents)
 
     def real_rows(self, part, idx: np.ndarray, slots: np.ndarray) -> StagedSet:
         """Rows idx of a real split as a set, staged under the run's scratch dir (raydd.generate.stage_rows)."""

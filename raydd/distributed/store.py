@@ -213,58 +213,115 @@ def write_shard_split(dataset: str, files: list[str], source_names: list[str], c
      .write_parquet(dest))
 
 
-def _keep_part(batch: dict, where: np.ndarray, offsets: np.ndarray) -> dict:
+class EncodeLatents:
+    """map_batches actor: a store's image rows -> rows label, index, latent (the VAE's posterior mean x scale,
+    fp16 [c, h, w] bytes). Loads the VAE once, on the actor's GPU when it holds one."""
+
+    def __init__(self, vae: str, vae_scale: float, shape: tuple[int, int, int], gpus: float = 0.0, batch: int = 64):
+        from raydd.backbone import load_vae
+        from raydd.generate import actor_device
+
+        self.device, self.shape, self.batch = actor_device(gpus), shape, batch
+        self.vae = load_vae(vae, vae_scale).to(self.device).eval()
+
+    def __call__(self, rows: dict) -> dict:
+        import torch
+
+        from raydd.data import stored_images
+        from raydd.protocols import to_float
+
+        x = torch.from_numpy(stored_images(rows["image"], self.shape))                  # uint8 [b, C, H, W]
+        with torch.no_grad():
+            z = torch.cat([self.vae.encode(to_float(b).to(self.device)).half().cpu() for b in x.split(self.batch)])
+        return {"label": rows["label"], "index": rows["index"],
+                "latent": np.array([r.numpy().tobytes() for r in z], dtype=object)}
+
+
+def write_latent_split(cfg, src: str, dest: str, vae: str, vae_scale: float) -> tuple[int, int, int]:
+    """A store's image folder `src` -> its latents under `dest` (raydd.prepare.prepare_latents), encoded by
+    compute.num_actors actors as the images stream past; returns the latent shape [c, h, w]."""
+    from raydd.backbone import load_vae
+
+    d, c = cfg.data, cfg.compute
+    codec = load_vae(vae, vae_scale)                                   # only its shape is wanted here
+    side = d.image_size // codec.downscale_factor
+    shape = (codec.latent_channels, side, side)
+    (ray.data.read_parquet(src).select_columns(["label", "index", "image"])
+     .map_batches(EncodeLatents, fn_constructor_kwargs={"vae": vae, "vae_scale": vae_scale,
+                                                        "shape": (d.channels, d.image_size, d.image_size),
+                                                        "gpus": c.gpus_per_actor},
+                  batch_size=256, batch_format="numpy", **actor_pool(c))
+     .write_parquet(dest))
+    return shape
+
+
+def actor_pool(c) -> dict:
+    """map_batches' arguments for a pool of compute.num_actors actors sized as the sampling actors."""
+    return {"compute": ray.data.ActorPoolStrategy(size=c.num_actors), "num_cpus": c.cpus_per_actor,
+            "num_gpus": c.gpus_per_actor, "memory": int(c.memory_per_actor_gib * 2**30) or None}
+
+
+def _keep_part(batch: dict, where: np.ndarray, offsets: np.ndarray, column: str) -> dict:
     """map_batches: the rows of one part, pos = a row's place in the part (-1 in `where`: not in it)."""
     pos = where[offsets[batch["label"]] + batch["index"]]
     mine = pos >= 0
-    return {"label": batch["label"][mine], "pos": pos[mine], "image": batch["image"][mine]}
+    return {"label": batch["label"][mine], "pos": pos[mine], column: batch[column][mine]}
 
 
-def part_dataset(cfg, spec: dict, seed: int = 0, per_class: int = 0) -> "ray.data.Dataset":
+def part_dataset(cfg, spec: dict, seed: int = 0, per_class: int = 0, latents: str = "") -> "ray.data.Dataset":
     """A split of a store (spec: raydd.data.stream_spec; a part of its train folder, or the root's own val/) as a
     Ray Dataset for Train jobs (their `datasets=`): rows label, pos, image. Each epoch reads the files in another
     order (seeded by `seed`), then the worker's local shuffle buffer mixes them (raydd.data.StreamedSplit);
     nothing is materialised (a block-order shuffle would hold the whole split in the object store). Nothing is
-    read until a worker iterates. per_class > 0: only the first `per_class` rows of each class.
+    read until a worker iterates. per_class > 0: only the first `per_class` rows of each class. latents: the
+    location of the train split's latents (raydd.prepare.prepare_latents): rows label, pos, latent instead.
 
     Its tasks ask for no CPU, two at a time: the Train workers that read it hold the CPUs, and a stream whose
     tasks asked for one waited forever when they held them all (two 1-CPU nodes, two workers)."""
     from raydd.data import _complete_store, cap_per_class, class_labels, class_offsets, stored_rows
 
     folder, positions = stored_rows(spec["part"], spec["counts"], cfg, spec["has_val"])
+    if latents and folder != "train":
+        raise ValueError(f"latents are kept for the store's train folder only, not for {spec['part']} ({folder}/)")
     counts = spec["counts"][folder]
     positions = cap_per_class(positions, class_labels(counts), per_class)
     where = np.full(int(sum(counts)), -1, dtype=np.int32)           # [rows of the folder]: 4 B a row
     where[positions] = np.arange(len(positions))
     offsets = class_offsets(counts)
     light = {"num_cpus": 0, "concurrency": 2}
-    return (ray.data.read_parquet(f"{_complete_store(cfg)}/{folder}", **light,
+    column = "latent" if latents else "image"
+    return (ray.data.read_parquet(f"{latents or _complete_store(cfg)}/{folder}", **light,
                                   shuffle=ray.data.FileShuffleConfig(seed=seed, reseed_after_execution=True))
-            .map_batches(_keep_part, fn_kwargs={"where": where, "offsets": offsets}, batch_format="numpy", **light))
+            .select_columns(["label", "index", column])                  # pushed into the read
+            .map_batches(_keep_part, fn_kwargs={"where": where, "offsets": offsets, "column": column},
+                         batch_format="numpy", **light))
 
 
-def _class_rows(batch: dict, shape: tuple[int, int, int]) -> dict:
-    """map_batches: stored rows -> the rows ctx.map's callables take: class_idx, unit (= the class), image uint8
-    [N, C, H, W]."""
+def _class_rows(batch: dict, column: str, shape: tuple[int, int, int], dtype: str) -> dict:
+    """map_batches: stored rows -> the rows ctx.map's callables take: class_idx, unit (= the class), and image
+    uint8 [N, C, H, W] or latent float16 [N, c, h, w]."""
     from raydd.data import stored_images
 
-    return {"class_idx": batch["label"], "unit": batch["label"], "image": stored_images(batch["image"], shape)}
+    return {"class_idx": batch["label"], "unit": batch["label"], column: stored_images(batch[column], shape, dtype)}
 
 
-def map_part(cfg, part: str, per_class: int, udf: type, udf_kwargs: dict) -> dict:
+def map_part(cfg, part: str, per_class: int, udf: type, udf_kwargs: dict, latents: str = "") -> dict:
     """`udf` (a callable class, as for ctx.map) over the first `per_class` rows of each class of a store's part (0:
     all), streamed from the store through an actor pool (compute.num_actors, as sampling): no process holds the
     part. -> the udf's output columns, concatenated; they should be small (per-class sums, scores), as the driver
-    holds them. Batches mix classes and arrive in any order: the udf must not depend on either (sums do not)."""
-    from raydd.data import stream_spec
+    holds them. Batches mix classes and arrive in any order: the udf must not depend on either (sums do not).
+    latents: the train split's latents (raydd.prepare.prepare_latents) stream instead, as a column "latent"."""
+    from raydd.data import store_manifest, stream_spec
 
-    shape = (cfg.data.channels, cfg.data.image_size, cfg.data.image_size)
-    c = cfg.compute
-    ds = (part_dataset(cfg.data, stream_spec(cfg.data, part), per_class=per_class)
-          .map_batches(_class_rows, fn_kwargs={"shape": shape}, batch_format="numpy", num_cpus=0, concurrency=2)
+    if latents:
+        rows = {"column": "latent", "shape": tuple(store_manifest(latents)["shape"]), "dtype": "float16"}
+    else:
+        rows = {"column": "image", "shape": (cfg.data.channels, cfg.data.image_size, cfg.data.image_size),
+                "dtype": "uint8"}
+    ds = (part_dataset(cfg.data, stream_spec(cfg.data, part), per_class=per_class, latents=latents)
+          .map_batches(_class_rows, fn_kwargs=rows, batch_format="numpy", num_cpus=0, concurrency=2)
           .map_batches(udf, fn_constructor_kwargs=udf_kwargs, batch_size=256, batch_format="numpy",
-                       compute=ray.data.ActorPoolStrategy(size=c.num_actors), num_cpus=c.cpus_per_actor,
-                       num_gpus=c.gpus_per_actor, memory=int(c.memory_per_actor_gib * 2**30) or None))
+                       **actor_pool(cfg.compute)))
     outs = list(ds.iter_batches(batch_size=None, batch_format="numpy"))
     return {k: np.concatenate([o[k] for o in outs]) for k in outs[0]}
 

@@ -31,7 +31,7 @@ import torch
 
 import raydd.objectives.inversion  # noqa: F401  registers the fine-tuning loss term "im"
 from raydd.config import ConfigError
-from raydd.finetune import finetune_config, finetune_loop
+from raydd.finetune import finetune, finetune_config
 from raydd.generate import BackboneSpec, DistilledSet, StagedSet
 from raydd.methods import register_method
 from raydd.sampling import sample_seed
@@ -93,7 +93,7 @@ def im_finetune(ctx, cfg: Config) -> BackboneSpec:
                              term_options={"im": {"inversion_steps": cfg.inversion_steps, "im_matrix": cfg.im_matrix}},
                              seed=cfg.finetune_seed, ema=cfg.ema, latent_size=b.latent_size, vae=b.vae,
                              vae_scale=b.vae_scale)
-    path = ctx.train_cached("finetune", finetune_loop, config, reads=("train",))
+    path = finetune(ctx, config)
     curve = json.loads((path / ("history.json" if (path / "history.json").exists() else "metrics.json")).read_text())
     for h in curve if isinstance(curve, list) else [curve]:              # the curve: loss, mse, vb, im
         ctx.log_metrics({f"finetune/{k}": v for k, v in h.items() if k != "step"}, step=int(h["step"]))

@@ -24,7 +24,7 @@ import torch
 
 import raydd.objectives.sparsity  # noqa: F401  registers the fine-tuning loss term "rsm"
 from raydd.config import ConfigError
-from raydd.finetune import finetune_config, finetune_loop
+from raydd.finetune import finetune, finetune_config
 from raydd.generate import BackboneSpec, DistilledSet
 from raydd.methods import register_method
 from raydd.objectives.dpp import (ON, ClassLatentSums, cgs_post_step, class_means, mean_distance,
@@ -73,16 +73,17 @@ def rsm_finetune(ctx, cfg: Config) -> BackboneSpec:
                              batch=cfg.ft_batch, lr=cfg.ft_lr, peft=cfg.peft, terms={"rsm": cfg.lam},
                              seed=ctx.cfg.seed, ema=cfg.ft_ema, latent_size=b.latent_size, vae=b.vae,
                              vae_scale=b.vae_scale)
-    path = ctx.train_cached("finetune", finetune_loop, config, reads=("train",))
+    path = finetune(ctx, config)
     return dataclasses.replace(ctx.spec, cfg=dataclasses.replace(b, source=str(path / "transformer"), checkpoint=""))
 
 
 def real_class_means(ctx, cfg: Config) -> np.ndarray:
     """mu_c [C, c, h, w]: mean clean latent of each class's real train images (the first mu_max_per_class), encoded
-    on the actor pool, streamed from the store when there is one."""
-    b = ctx.spec.cfg
-    sums = ctx.map_real(ClassLatentSums, dict(vae=b.vae, vae_scale=b.vae_scale, gpus=ctx.cfg.compute.gpus_per_actor),
-                        per_class=cfg.mu_max_per_class)
+    on the actor pool, streamed from the store when there is one; with data.latents, summed from the stored ones."""
+    b, latents = ctx.spec.cfg, ctx.stored_latents()
+    sums = ctx.map_real(ClassLatentSums, dict(vae="" if latents else b.vae, vae_scale=b.vae_scale,
+                                              gpus=ctx.cfg.compute.gpus_per_actor),
+                        per_class=cfg.mu_max_per_class, latents=latents)
     return class_means(sums, ctx.data.num_classes)
 
 

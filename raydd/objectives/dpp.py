@@ -125,14 +125,15 @@ class ClassLatentSums:
     """ctx.map UDF: real images (rows with class_idx, unit, image uint8 [C, H, W]) -> per class present in the
     batch: class_idx, unit, the sum of its VAE-encoded clean latents [c, h, w] (float64) and their count.
     Sums, not means, so a class whose rows arrive in several batches still averages exactly
-    (`class_means` adds them up). Loads the VAE once per actor."""
+    (`class_means` adds them up). Loads the VAE once per actor; vae="": the rows bring their latents already
+    (a column latent [c, h, w]: the store's, data.latents)."""
 
     def __init__(self, vae: str, vae_scale: float, gpus: float = 0.0, batch: int = 64):
         from raydd.backbone import load_vae
         from raydd.generate import actor_device
 
         self.device, self.batch = actor_device(gpus), batch
-        self.vae = load_vae(vae, vae_scale).to(self.device).eval()
+        self.vae = load_vae(vae, vae_scale).to(self.device).eval() if vae else None
 
     @torch.no_grad()
     def __call__(self, cols: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -141,8 +142,11 @@ class ClassLatentSums:
         out: dict[str, list] = {"class_idx": [], "unit": [], "sum": [], "count": []}
         for c in np.unique(cols["class_idx"]):
             m = cols["class_idx"] == c
-            x = torch.from_numpy(np.ascontiguousarray(cols["image"][m]))
-            z = torch.cat([self.vae.encode(to_float(b).to(self.device)).double() for b in x.split(self.batch)])
+            if self.vae is None:
+                z = torch.from_numpy(cols["latent"][m]).double()                     # [n, c, h, w]
+            else:
+                x = torch.from_numpy(np.ascontiguousarray(cols["image"][m]))
+                z = torch.cat([self.vae.encode(to_float(b).to(self.device)).double() for b in x.split(self.batch)])
             for k, v in (("class_idx", c), ("unit", cols["unit"][m][0]), ("sum", z.sum(0).cpu().numpy()),
                          ("count", len(z))):
                 out[k].append(v)
