@@ -189,7 +189,7 @@ def train_tiny_backbone(config: dict, hooks: TrainHooks) -> None:
         ema.update(model, step)
         loop.end_step(step, len(labels),
                       metrics=lambda: {"loss": loss.item(), "mse": losses["mse"].mean().item(),
-                                       "vb": float(losses["vb"].mean())}, final=final)
+                                       "vb": losses["vb"].detach().mean().item()}, final=final)
 
 
 # --------------------------------------------------------------------------------------------
