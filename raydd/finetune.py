@@ -262,9 +262,9 @@ def finetune_loop(config: dict, hooks: TrainHooks) -> None:
     peft="difffit" adds DiffFit's gammas and trains them with biases, norms and the label table. The split is
     held, or streamed from the store (the job's dataset "train": no worker holds it), epoch after epoch
     (raydd.data.endless_batches); each batch is encoded on the worker's device as it comes, as DiT's train.py
-    does, or with stored_latents the stream is the split's latents (no VAE is loaded). Data-parallel across workers (DDP via hooks.prepare_model); reports a diffusers model dir
-    `transformer/` (the EMA weights, gammas folded) as the final checkpoint, loadable with
-    backbone.source=<dir>/transformer."""
+    does, or with stored_latents the stream is the split's latents (no VAE is loaded). Data-parallel across
+    workers (DDP via hooks.prepare_model); reports a diffusers model dir `transformer/` (the EMA weights, gammas
+    folded) as the final checkpoint, loadable with backbone.source=<dir>/transformer."""
     from raydd.backbone import add_difffit_gammas, drop_labels, fold_difffit_gammas, load_transformer, load_vae, \
         save_transformer
     from raydd.data import StreamedSplit, endless_batches, load_real, stream_spec, streamed_split

@@ -271,7 +271,7 @@ def test_stored_latents_are_the_vaes_encodings_keyed_by_the_vae_and_mu_c_and_the
     root = make_folder(tmp_path / "folder", per_class=(12, 2))
     torch.manual_seed(0)
     vae_dir, dit = tmp_path / "vae", tmp_path / "dit" / "transformer"
-    tiny_vae(3, 16, 8).save_pretrained(vae_dir)                              # 3 px -> 4 latent channels, side / 4
+    tiny_vae(3, 16, 8).save_pretrained(vae_dir)                              # RGB -> 4 latent channels, side / 4
     save_transformer(tiny_dit(2, 4, 4, hidden_size=32, depth=1, heads=2, patch_size=2), str(dit))
     cfg = cfg_for(root, tmp_path / "store", "data.latents=true", f"backbone.vae={vae_dir}", "backbone.vae_scale=0.5",
                   f"backbone.source={dit}", f"cache_dir={tmp_path / 'cache'}")
