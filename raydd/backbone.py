@@ -47,6 +47,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import functools
 import math
 import os
 import pickle
@@ -92,6 +93,12 @@ class IdentityVAE(nn.Module):
         return z
 
 
+def downscale_factor(vae_config) -> int:
+    """An AutoencoderKL's side ratio: each down block but the last halves the side (4 blocks -> 8x: 256 px ->
+    32x32 latents)."""
+    return 2 ** (len(vae_config["block_out_channels"]) - 1)
+
+
 class SDVAE(nn.Module):
     """Stable Diffusion's AutoencoderKL as used by DiT: latents = scale * posterior.
 
@@ -106,8 +113,7 @@ class SDVAE(nn.Module):
         self.vae = vae
         self.scale = float(scale)
         self.latent_channels = int(vae.config.latent_channels)
-        # each down block but the last halves the side: 4 blocks -> 8x (256 px -> 32x32 latents)
-        self.downscale_factor = 2 ** (len(vae.config.block_out_channels) - 1)
+        self.downscale_factor = downscale_factor(vae.config)
 
     def encode(self, x: Tensor, generator: torch.Generator | None = None) -> Tensor:
         # x: [B, 3, H, W] in [-1, 1] -> [B, latent_channels, H/f, W/f]
@@ -721,9 +727,19 @@ def _vae_location(source: str) -> tuple[Path, str | None]:
     return path, _find_model_dir(path, "vae")
 
 
+def vae_latent_shape(source: str, image_size: int) -> tuple[int, int, int]:
+    """[c, h, w] of a VAE's latents of image_size px images, from its config alone (no weights are loaded)."""
+    path, subfolder = _vae_location(source)
+    config = AutoencoderKL.load_config(str(path), subfolder=subfolder)
+    side = image_size // downscale_factor(config)
+    return int(config["latent_channels"]), side, side
+
+
+@functools.lru_cache(maxsize=None)
 def vae_fingerprint(source: str) -> str:
     """sha256 of a VAE's files (its config and weights, wherever they came from: a hub id's snapshot or a local
-    dir, a pipeline's vae/ or a bare model dir): what keys latents encoded with it (raydd.prepare.latent_location)."""
+    dir, a pipeline's vae/ or a bare model dir): what keys latents encoded with it (raydd.prepare.latent_location).
+    Hashed once a process (a run asks for its latents at each stage that reads them; SD's VAE is 335 MB)."""
     import hashlib
 
     path, subfolder = _vae_location(source)

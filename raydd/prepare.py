@@ -51,18 +51,38 @@ def is_complete(location: str) -> bool:
 
 
 def prepare_store(d: DataConfig) -> str:
-    """Write the store of `d` unless it is complete; returns its location. Needs a running Ray. Two commands that
-    prepare one local store take turns on a lock file (the second finds it complete)."""
+    """Write the store of `d` unless it is complete; returns its location. Needs a running Ray."""
+    return _unless_complete(store_location(d), lambda location: _write_store(d, location))
+
+
+def _unless_complete(location: str, write) -> str:
+    """write(location) unless `location` is complete (its manifest.json exists); returns the location. Two commands
+    that write one local location take turns on a lock file (the second finds it complete)."""
     import contextlib
 
     from raydd.locks import file_lock
 
-    location = store_location(d)
     local = "://" not in location
     if local:
         Path(location).parent.mkdir(parents=True, exist_ok=True)
     with file_lock(f"{location}.lock") if local else contextlib.nullcontext():
-        return location if is_complete(location) else _write_store(d, location)
+        if not is_complete(location):
+            write(location)
+    return location
+
+
+def _emptied(location: str):
+    """(filesystem, path) of `location`, created and emptied of what an interrupted write left."""
+    fs, path = store_filesystem(location)
+    fs.create_dir(path, recursive=True)
+    fs.delete_dir_contents(path, missing_dir_ok=True)
+    return fs, path
+
+
+def _complete(fs, path: str, manifest: dict) -> None:
+    """Write manifest.json, last: what is under `path` is complete."""
+    with fs.open_output_stream(f"{path}/manifest.json") as f:
+        f.write(json.dumps(manifest, indent=1).encode())
 
 
 def _write_store(d: DataConfig, location: str) -> str:
@@ -72,9 +92,7 @@ def _write_store(d: DataConfig, location: str) -> str:
     from raydd.distributed.store import write_digits_split, write_folder_split, write_shard_split
 
     root, classes, has_val = source_classes(d)
-    fs, path = store_filesystem(location)
-    fs.create_dir(path, recursive=True)
-    fs.delete_dir_contents(path, missing_dir_ok=True)                  # what an interrupted prepare left
+    fs, path = _emptied(location)
     shards = d.dataset in SHARD_SOURCES
     if d.dataset == "digits":
         sources = {"train": "scikit-learn's digits"}
@@ -102,10 +120,8 @@ def _write_store(d: DataConfig, location: str) -> str:
         counts[split] = np.bincount(meta.column("label").to_numpy(), minlength=len(classes)).tolist()
     manifest = {"root": str(root), "classes": classes, "image_size": d.image_size, "channels": d.channels,
                 "counts": counts}
-    with fs.open_output_stream(f"{path}/manifest.json") as f:         # last: the store is complete
-        f.write(json.dumps(manifest, indent=1).encode())
+    _complete(fs, path, manifest)
     print(f"[raydd] prepare: done, {sum(map(sum, counts.values()))} images in {location}", flush=True)
-    return location
 
 
 def latent_location(d: DataConfig, vae: str, vae_scale: float) -> str:
@@ -122,38 +138,27 @@ def prepare_latents(cfg: Config, vae: str, vae_scale: float) -> str:
     data.latents is off. The image store must be complete. On Ray (started unless running): the images stream from
     the store through compute.num_actors actors (compute.gpus_per_actor GPUs each), which write each row's
     posterior mean x scale as fp16 [c, h, w] bytes: rows label, index (as the image rows), latent."""
-    import contextlib
-
     from raydd.data import _complete_store
     from raydd.distributed.cluster import init_ray
-    from raydd.locks import file_lock
 
     if not cfg.data.latents:
         return ""
     images = _complete_store(cfg.data)
     location = latent_location(cfg.data, vae, vae_scale)              # a missing VAE fails here, before Ray
     init_ray(cfg.compute)                                              # (a run's Ray is up already)
-    local = "://" not in location
-    if local:
-        Path(location).parent.mkdir(parents=True, exist_ok=True)
-    with file_lock(f"{location}.lock") if local else contextlib.nullcontext():
-        if not is_complete(location):
-            _write_latents(cfg, images, location, vae, vae_scale)
-    return location
+    return _unless_complete(location, lambda location: _write_latents(cfg, images, location, vae, vae_scale))
 
 
 def _write_latents(cfg: Config, images: str, location: str, vae: str, vae_scale: float) -> None:
+    from raydd.backbone import vae_latent_shape
     from raydd.distributed.store import write_latent_split
 
-    fs, path = store_filesystem(location)
-    fs.create_dir(path, recursive=True)
-    fs.delete_dir_contents(path, missing_dir_ok=True)                  # what an interrupted prepare left
+    fs, path = _emptied(location)
     print(f"[raydd] prepare: latents of {images}/train under VAE {vae} (scale {vae_scale}) -> {location}", flush=True)
-    shape = write_latent_split(cfg, f"{images}/train", f"{location}/train", vae, vae_scale)
-    manifest = {"vae": vae, "vae_scale": float(vae_scale), "shape": list(shape), "dtype": "float16",
-                "images": images}
-    with fs.open_output_stream(f"{path}/manifest.json") as f:         # last: the latents are complete
-        f.write(json.dumps(manifest, indent=1).encode())
+    shape = vae_latent_shape(vae, cfg.data.image_size)
+    write_latent_split(cfg, f"{images}/train", f"{location}/train", vae, vae_scale)
+    _complete(fs, path, {"vae": vae, "vae_scale": float(vae_scale), "shape": list(shape), "dtype": "float16",
+                         "images": images})
 
 
 def load_data(cfg: Config) -> RealData:

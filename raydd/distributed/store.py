@@ -237,22 +237,16 @@ class EncodeLatents:
                 "latent": np.array([r.numpy().tobytes() for r in z], dtype=object)}
 
 
-def write_latent_split(cfg, src: str, dest: str, vae: str, vae_scale: float) -> tuple[int, int, int]:
+def write_latent_split(cfg, src: str, dest: str, vae: str, vae_scale: float) -> None:
     """A store's image folder `src` -> its latents under `dest` (raydd.prepare.prepare_latents), encoded by
-    compute.num_actors actors as the images stream past; returns the latent shape [c, h, w]."""
-    from raydd.backbone import load_vae
-
+    compute.num_actors actors as the images stream past."""
     d, c = cfg.data, cfg.compute
-    codec = load_vae(vae, vae_scale)                                   # only its shape is wanted here
-    side = d.image_size // codec.downscale_factor
-    shape = (codec.latent_channels, side, side)
     (ray.data.read_parquet(src).select_columns(["label", "index", "image"])
      .map_batches(EncodeLatents, fn_constructor_kwargs={"vae": vae, "vae_scale": vae_scale,
                                                         "shape": (d.channels, d.image_size, d.image_size),
                                                         "gpus": c.gpus_per_actor},
                   batch_size=256, batch_format="numpy", **actor_pool(c))
      .write_parquet(dest))
-    return shape
 
 
 def actor_pool(c) -> dict:
